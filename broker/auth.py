@@ -1,0 +1,222 @@
+"""Tokens and permissions: JWT verification with a pinned algorithm, minting, ACL checks.
+
+No I/O. ``TokenVerifier.verify`` turns a JWT into an ``Identity`` or raises
+``Unauthorized`` with a one-line reason fit for an HTTP 401 body or an ``error`` frame.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from .errors import BadRequest, Forbidden, TokenExpired, Unauthorized
+from .topics import any_covers, inbox_owner, pattern_inbox_owner
+
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA")
+ALGORITHMS = HMAC_ALGORITHMS + KEY_ALGORITHMS
+
+
+@dataclass(frozen=True)
+class Acl:
+    """What a token allows: ``None`` leaves an action unrestricted, a tuple allows only
+    the topics its patterns cover (an empty tuple allows nothing)."""
+
+    pub: tuple[str, ...] | None = None
+    sub: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The authenticated user behind a connection, taken from a verified token."""
+
+    id: str
+    name: str
+    exp: float | None = None
+    acl: Acl = field(default_factory=Acl)
+    admin: bool = False
+
+    def user_json(self) -> dict[str, str]:
+        """The ``{"id", "name"}`` object the protocol sends for this user."""
+        return {"id": self.id, "name": self.name}
+
+    def check_publish(self, topic: str) -> None:
+        """Raise ``Forbidden`` unless this user may publish to the (valid) ``topic``."""
+        if topic.startswith("$"):
+            raise Forbidden(f"topic {topic!r} is reserved for the broker")
+        if self.acl.pub is not None and not any_covers(self.acl.pub, topic):
+            raise Forbidden(f"your token does not allow publishing to {topic!r}")
+
+    def check_subscribe(self, pattern: str) -> None:
+        """Raise ``Forbidden`` unless this user may subscribe to the (valid) ``pattern``."""
+        owner = pattern_inbox_owner(pattern)
+        if owner is not None:
+            if owner == self.id:
+                return  # one's own inbox is always allowed
+            raise Forbidden(f"{pattern!r} is another user's inbox")
+        if self.acl.sub is not None and not any_covers(self.acl.sub, pattern):
+            raise Forbidden(f"your token does not allow subscribing to {pattern!r}")
+
+    def may_receive(self, topic: str) -> bool:
+        """False for topics in another user's inbox, which this user never receives."""
+        owner = inbox_owner(topic)
+        return owner is None or owner == self.id
+
+
+def _parse_acl(raw: Any) -> Acl:
+    if raw is None:
+        return Acl()
+    if not isinstance(raw, dict):
+        raise Unauthorized("invalid token: claim 'acl' must be an object")
+    lists: dict[str, tuple[str, ...] | None] = {}
+    for action in ("pub", "sub"):
+        value = raw.get(action)
+        if value is None:
+            lists[action] = None
+            continue
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise Unauthorized(f"invalid token: claim 'acl.{action}' must be a list of patterns")
+        lists[action] = tuple(value)
+    return Acl(pub=lists["pub"], sub=lists["sub"])
+
+
+def identity_from_claims(claims: dict[str, Any]) -> Identity:
+    """Build an ``Identity`` from verified claims; raise ``Unauthorized`` if unusable."""
+    raw_id = claims.get("sub", claims.get("id"))
+    if raw_id is None or isinstance(raw_id, (dict, list, bool)):
+        raise Unauthorized("invalid token: no user id ('sub' or 'id' claim)")
+    user_id = str(raw_id)
+    if not user_id or any(c in user_id for c in "/+#"):
+        raise Unauthorized("invalid token: user id is empty or contains '/', '+' or '#'")
+    name = claims.get("name")
+    if name is None:
+        name = user_id
+    elif not isinstance(name, str):
+        name = str(name)
+    exp = claims.get("exp")
+    admin = claims.get("admin", False) is True
+    return Identity(
+        id=user_id,
+        name=name,
+        exp=float(exp) if exp is not None else None,
+        acl=_parse_acl(claims.get("acl")),
+        admin=admin,
+    )
+
+
+class TokenVerifier:
+    """Verify JWTs with exactly one algorithm and key (no ``alg`` from the token is
+    trusted), plus optional audience, issuer and required ``exp``."""
+
+    def __init__(
+        self,
+        key: str | bytes,
+        algorithm: str = "HS256",
+        *,
+        audience: str | None = None,
+        issuer: str | None = None,
+        require_exp: bool = False,
+        leeway: float = 0,
+    ) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unsupported algorithm {algorithm!r}")
+        self.key = key
+        self.algorithm = algorithm
+        self.audience = audience
+        self.issuer = issuer
+        self.require_exp = require_exp
+        self.leeway = leeway
+
+    def verify(self, token: object) -> Identity:
+        """The identity in a valid ``token``; ``Unauthorized`` with the reason otherwise."""
+        if not isinstance(token, str) or not token:
+            raise Unauthorized("missing token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthorized("malformed token") from None
+        alg = header.get("alg")
+        if alg != self.algorithm:
+            raise Unauthorized(f"invalid algorithm {alg!r} (this server accepts {self.algorithm})")
+        # PyJWT insists that `sub` is a string; the protocol accepts numbers and
+        # stringifies them (identity_from_claims), as it does for the `id` claim.
+        options: jwt.types.Options = {
+            "require": ["exp"] if self.require_exp else [],
+            "verify_sub": False,
+        }
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=[self.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options=options,
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenExpired("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("token not yet valid") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("invalid signature") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("invalid audience") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized("invalid issuer") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"token has no '{exc.claim}' claim") from None
+        except jwt.InvalidKeyError:
+            raise Unauthorized("invalid key for this algorithm") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {exc}") from None
+        return identity_from_claims(claims)
+
+
+def parse_bearer(header: str) -> str:
+    """The token in an ``Authorization: Bearer <jwt>`` header value, else ``Unauthorized``."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise Unauthorized("Authorization header must use the Bearer scheme")
+    token = token.strip()
+    if not token:
+        raise Unauthorized("empty bearer token")
+    return token
+
+
+def mint_token(
+    key: str | bytes,
+    user_id: str,
+    name: str | None = None,
+    *,
+    ttl: float | None = 3600,
+    algorithm: str = "HS256",
+    pub: list[str] | None = None,
+    sub: list[str] | None = None,
+    admin: bool = False,
+    extra: dict[str, Any] | None = None,
+    now: float | None = None,
+) -> str:
+    """A signed token for ``user_id`` (``ttl`` None: no ``exp``); ``pub``/``sub`` become
+    the ``acl`` claim when given."""
+    if not user_id or any(c in user_id for c in "/+#"):
+        raise BadRequest("user id must be non-empty and contain no '/', '+' or '#'")
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, Any] = {"sub": user_id, "name": name or user_id, "iat": issued}
+    if ttl is not None:
+        claims["exp"] = issued + int(ttl)
+    acl: dict[str, list[str]] = {}
+    if pub is not None:
+        acl["pub"] = list(pub)
+    if sub is not None:
+        acl["sub"] = list(sub)
+    if acl:
+        claims["acl"] = acl
+    if admin:
+        claims["admin"] = True
+    if extra:
+        claims.update(extra)
+    return jwt.encode(claims, key, algorithm=algorithm)

@@ -1,0 +1,1044 @@
+"""The asyncio client library: connect, subscribe, publish, and survive reconnects.
+
+    async with Client("ws://127.0.0.1:8765/ws", token) as client:
+        await client.subscribe("scores/#")
+        seq = await client.publish("scores/uk", {"home": 2, "away": 1})
+        async for msg in client:
+            print(msg.topic, msg.data)
+
+One ``Client`` owns one WebSocket at a time and a background task that reads it. Requests
+carry ids and many may be in flight at once (pipelining); replies are matched by id.
+
+Reconnection. After a dropped connection, a broker restart (close ``1001``) or a
+slow-consumer close (``4008``) the client reconnects by itself, trying its URLs in turn with
+exponential backoff and full jitter, authenticates again (asking ``token_provider`` for a
+fresh token when there is one) and re-subscribes every subscription with ``since`` = the
+last seq it delivered for it and the ``epoch`` it was seen under. Messages are deduplicated
+by seq, so a consumer sees every message exactly once across reconnects while the broker's
+history still holds them; when it does not (the broker answers ``recovered: false``) the
+client emits a ``Gap`` event and calls ``on_gap``.
+
+Requests in flight when the connection drops:
+
+* ``publish`` whose frame was written: fails with ``ConnectionLost`` (the broker may or may
+  not have recorded it; it is *not* retried, which could publish it twice). A publish whose
+  frame could not be written at all is sent again on the next connection.
+* ``subscribe``, ``unsubscribe``, ``presence``, ``stats``: idempotent, sent again on the
+  next connection; the caller just waits a little longer.
+
+Giving up. A refused token (HTTP ``401``, ``error unauthorized``, close ``4001``) and an
+expired one (close ``4003``) without a ``token_provider`` are final: pending calls, the
+message iterator and every later call raise ``Unauthorized`` / ``TokenExpired``. So does a
+lost connection with ``reconnect=False`` (``ConnectionLost``) or one that does not come back
+within ``reconnect_timeout`` (``ConnectionFailed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Self
+
+import jwt
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidStatus,
+    InvalidURI,
+    WebSocketException,
+)
+from websockets.uri import parse_uri
+
+from .errors import (
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_UNAUTHORIZED,
+    BrokerError,
+    ConnectionFailed,
+    ConnectionLost,
+    Forbidden,
+    RequestTimeout,
+    TokenExpired,
+    Unauthorized,
+    error_for_code,
+)
+from .topics import matches, validate_pattern, validate_topic
+
+__all__ = [
+    "Client",
+    "Event",
+    "Gap",
+    "Message",
+    "PresenceEvent",
+    "PresenceUser",
+    "Subscription",
+    "TokenProvider",
+    "User",
+]
+
+logger = logging.getLogger("broker.client")
+
+#: A callable returning a token, plain or awaitable; called at every (re)connect and refresh.
+TokenProvider = Callable[[], str | Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A user as the broker names it: ``id`` (a string) and display ``name``."""
+
+    id: str
+    name: str
+
+    @classmethod
+    def from_json(cls, raw: Any) -> User:
+        """Build from the protocol's ``{"id", "name"}`` object (tolerant of odd input)."""
+        if not isinstance(raw, dict):
+            return cls(id="", name="")
+        uid = str(raw.get("id", ""))
+        return cls(id=uid, name=str(raw.get("name", uid)))
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A published message: ``topic``, broker-wide ``seq``, JSON ``data``, ``sender``, ``ts`` (ms)."""
+
+    topic: str
+    seq: int
+    data: Any
+    sender: User
+    ts: int
+
+    @property
+    def time(self) -> datetime:
+        """The broker's receive time as an aware UTC ``datetime``."""
+        return datetime.fromtimestamp(self.ts / 1000, tz=UTC)
+
+    def to_json(self) -> dict[str, Any]:
+        """The message as the protocol's ``msg`` object (without ``op``)."""
+        return {
+            "topic": self.topic,
+            "seq": self.seq,
+            "data": self.data,
+            "from": {"id": self.sender.id, "name": self.sender.name},
+            "ts": self.ts,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEvent:
+    """A ``join`` or ``leave`` on a topic subscribed to with ``presence=True``."""
+
+    kind: str  # "join" or "leave"
+    topic: str
+    user: User
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Resuming ``pattern`` after a reconnect could not recover every missed message."""
+
+    pattern: str
+    since: int | None
+    epoch: str | None
+    new_epoch: str | None
+
+    @property
+    def epoch_changed(self) -> bool:
+        """True when the broker's history started over (e.g. a memory broker restarted)."""
+        return self.epoch is not None and self.epoch != self.new_epoch
+
+    def describe(self) -> str:
+        """One line for humans."""
+        if self.epoch_changed:
+            return (
+                f"the broker's history started over (epoch {self.epoch} -> {self.new_epoch}); "
+                f"messages on {self.pattern!r} may have been missed"
+            )
+        return (
+            f"messages on {self.pattern!r} after seq {self.since} are no longer all in the "
+            "broker's history; some were missed"
+        )
+
+
+#: What ``Client.events()`` yields.
+Event = Message | PresenceEvent | Gap
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """The broker's answer to ``subscribe``: latest ``seq``, history ``epoch``, ``recovered``."""
+
+    pattern: str
+    seq: int
+    epoch: str
+    recovered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceUser:
+    """One entry of a ``presence`` answer."""
+
+    id: str
+    name: str
+    connections: int
+
+
+@dataclass
+class _SubState:
+    pattern: str
+    presence: bool
+    # Resume point: the highest seq delivered (or known covered) for this pattern.
+    watermark: int | None = None
+    epoch: str | None = None
+    # While a replay may still be arriving: the ``seq`` of the sub's ``ok``.
+    replay_until: int | None = None
+    # A ``last`` replay that has not delivered anything yet is redone as is on resume.
+    last: int | None = None
+    # The broker answered: resume this subscription on every new connection.
+    confirmed: bool = False
+
+
+@dataclass
+class _Request:
+    frame: dict[str, Any]
+    future: asyncio.Future[dict[str, Any]]
+    retry: bool  # idempotent: send again on the next connection
+    generation: int = -1  # the connection it was last written to
+    written: bool = False
+    on_reply: Callable[[dict[str, Any]], None] | None = None
+
+
+class _End:
+    """Queue sentinel: the client is closed or failed."""
+
+
+_END = _End()
+
+
+class _Fatal(Exception):
+    """Internal: stop reconnecting and fail the client with ``error``."""
+
+    def __init__(self, error: BrokerError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _check_url(url: str) -> str:
+    try:
+        parse_uri(url)
+    except InvalidURI as exc:
+        raise ValueError(f"invalid broker URL {url!r}: {exc}") from None
+    return url
+
+
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` claim of ``token`` read without verifying it (None when absent or unreadable)."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    exp = claims.get("exp")
+    return float(exp) if isinstance(exp, (int, float)) else None
+
+
+def _unauthorized(message: str) -> Unauthorized:
+    cls = TokenExpired if "expired" in message.lower() else Unauthorized
+    return cls(message)
+
+
+class Client:
+    """An asyncio connection to a broker that reconnects and resumes by itself.
+
+    ``urls`` is one URL or a list tried in turn (cluster). Give either a ``token`` or a
+    ``token_provider`` (called at every connect, and before the token expires to refresh it
+    in place on the live connection, at ``refresh_at`` of its lifetime).
+
+    Incoming messages are queued without bound until the iterator takes them, so a slow
+    consumer grows memory here rather than being cut off by the broker. ``on_gap`` is
+    called when a resume could not recover everything, ``on_error`` with errors that answer
+    no request (a refused ``ack=False`` publish, a resumed subscription refused), and
+    ``on_state`` with ``"connected"``, ``"disconnected"`` (reconnecting) or ``"failed"``.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        token: str | None = None,
+        *,
+        token_provider: TokenProvider | None = None,
+        ca_file: str | None = None,
+        reconnect: bool = True,
+        auth_header: bool = False,
+        connect_timeout: float = 10.0,
+        request_timeout: float | None = 30.0,
+        reconnect_timeout: float | None = None,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+        refresh_at: float = 0.8,
+        dedupe_window: int = 100_000,
+        on_gap: Callable[[Gap], None] | None = None,
+        on_error: Callable[[BrokerError], None] | None = None,
+        on_state: Callable[[str], None] | None = None,
+    ) -> None:
+        url_list = [urls] if isinstance(urls, str) else list(urls)
+        if not url_list:
+            raise ValueError("at least one broker URL is needed")
+        self.urls = [_check_url(u) for u in url_list]
+        if token is None and token_provider is None:
+            raise ValueError("a token or a token_provider is needed")
+        self._token = token
+        self._token_provider = token_provider
+        self._ssl: ssl.SSLContext | None = None
+        if ca_file is not None:
+            self._ssl = ssl.create_default_context(cafile=ca_file)
+        self.reconnect = reconnect
+        self.auth_header = auth_header
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.refresh_at = refresh_at
+        self.on_gap = on_gap
+        self.on_error = on_error
+        self.on_state = on_state
+
+        #: The authenticated user, from ``hello``.
+        self.user: User | None = None
+        #: The broker's ``server`` string from ``hello`` (``broker/<version>``).
+        self.server: str | None = None
+        #: The URL of the current (or last) connection.
+        self.url: str | None = None
+        #: The broker's history epoch, from the latest ``sub`` answer.
+        self.epoch: str | None = None
+        #: How many times the client has reconnected.
+        self.reconnects = 0
+
+        self._ws: ClientConnection | None = None
+        self._generation = 0
+        self._ready = asyncio.Event()
+        self._next_id = 0
+        self._pending: dict[int, _Request] = {}
+        self._subs: dict[str, _SubState] = {}
+        self._events: asyncio.Queue[Event | _End] = asyncio.Queue()
+        self._seen: set[int] = set()
+        self._seen_order: deque[int] = deque()
+        self._dedupe_window = dedupe_window
+        self._failure: BrokerError | None = None
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._url_index = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the first connection (each URL tried once); ``ConnectionFailed`` if none answers."""
+        if self._supervisor is not None:
+            return
+        errors: list[str] = []
+        for _ in self.urls:
+            try:
+                ws = await self._open_next()
+            except ConnectionFailed as exc:
+                errors.append(exc.message)
+                continue
+            except _Fatal as exc:
+                raise exc.error from None
+            self._supervisor = asyncio.create_task(
+                self._supervise(ws), name="broker-client"
+            )
+            await self._ready_ws()
+            return
+        raise ConnectionFailed("; ".join(errors))
+
+    async def close(self) -> None:
+        """Close the connection; pending calls fail and iterators end."""
+        if self._closing:
+            return
+        self._closing = True
+        self._ready.clear()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2)
+        for task in (self._supervisor, self._refresher):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self._fail_pending(
+            lambda req: ConnectionLost("the client was closed"), everything=True
+        )
+        self._events.put_nowait(_END)
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is open and authenticated."""
+        return self._ready.is_set()
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """The patterns this client is subscribed to (kept across reconnects)."""
+        return list(self._subs)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until a connection is open and authenticated (raises the final error if any)."""
+        await self._ready_ws(timeout)
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        pattern: str,
+        since: int | None = None,
+        epoch: str | None = None,
+        last: int | None = None,
+        presence: bool = False,
+    ) -> Subscription:
+        """Subscribe to a topic or pattern, replaying history ``since`` a seq or the ``last`` N."""
+        validate_pattern(pattern)
+        if since is not None and last is not None:
+            raise ValueError("since and last are exclusive")
+        for name, value in (("since", since), ("last", last)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer")
+        state = _SubState(pattern, presence, watermark=since, epoch=epoch, last=last)
+        self._subs[pattern] = state
+        sent_since, sent_epoch = since, epoch
+        fields: dict[str, Any] = {"topic": pattern}
+        if since is not None:
+            fields["since"] = since
+            if epoch is not None:
+                fields["epoch"] = epoch
+        if last is not None:
+            fields["last"] = last
+        if presence:
+            fields["presence"] = True
+        try:
+            reply = await self._request(
+                "sub",
+                fields,
+                retry=True,
+                on_reply=lambda r: self._apply_sub_reply(
+                    state, sent_since, sent_epoch, r, False
+                ),
+            )
+        except BaseException:
+            if self._subs.get(pattern) is state:
+                del self._subs[pattern]
+            raise
+        return Subscription(
+            pattern,
+            int(reply.get("seq", 0)),
+            str(reply.get("epoch", "")),
+            bool(reply.get("recovered", True)),
+        )
+
+    async def unsubscribe(self, pattern: str) -> None:
+        """Drop the subscription to ``pattern`` (fine when there is none)."""
+        self._subs.pop(pattern, None)
+        await self._request("unsub", {"topic": pattern}, retry=True)
+
+    async def publish(
+        self, topic: str, data: Any, *, ack: bool = True, echo: bool = False
+    ) -> int | None:
+        """Publish ``data`` (any JSON value) to ``topic``; the seq once recorded, None if ``ack=False``."""
+        validate_topic(topic)
+        fields: dict[str, Any] = {"topic": topic, "data": data}
+        if echo:
+            fields["echo"] = True
+        if not ack:
+            await self._send_unacked({"op": "pub", **fields})
+            return None
+        reply = await self._request("pub", fields, retry=False)
+        return int(reply["seq"])
+
+    async def presence(self, topic: str) -> list[PresenceUser]:
+        """Who holds a subscription to exactly ``topic`` now."""
+        reply = await self._request("presence", {"topic": topic}, retry=True)
+        users = reply.get("users") or []
+        return [
+            PresenceUser(
+                str(u.get("id", "")),
+                str(u.get("name", "")),
+                int(u.get("connections", 0)),
+            )
+            for u in users
+            if isinstance(u, dict)
+        ]
+
+    async def stats(self) -> dict[str, Any]:
+        """Server-wide figures (the token needs ``admin``)."""
+        reply = await self._request("stats", {}, retry=True)
+        return {k: v for k, v in reply.items() if k not in ("op", "id")}
+
+    async def refresh_token(self, token: str | None = None) -> float | None:
+        """Replace the token on the live connection (from ``token_provider`` when not given); its new ``exp``."""
+        new = token if token is not None else await self._get_token()
+        reply = await self._request("auth", {"token": new}, retry=False)
+        self._token = new
+        exp = reply.get("exp")
+        return float(exp) if isinstance(exp, (int, float)) else None
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self.messages()
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Messages from every subscription, each once, until the client closes or fails."""
+        async for event in self.events():
+            if isinstance(event, Message):
+                yield event
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Messages plus presence ``join``/``leave`` and resume ``Gap`` events."""
+        while True:
+            item = await self._events.get()
+            if isinstance(item, _End):
+                self._events.put_nowait(item)  # let other iterators end too
+                if self._failure is not None:
+                    raise self._failure
+                return
+            yield item
+
+    async def next_message(self, timeout: float | None = None) -> Message:
+        """The next message (``RequestTimeout`` after ``timeout`` seconds)."""
+        try:
+            return await asyncio.wait_for(anext(self.messages()), timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no message within {timeout:g}s") from None
+        except StopAsyncIteration:
+            raise ConnectionLost("the client was closed") from None
+
+    # -- internals: requests -------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closing:
+            raise ConnectionLost("the client is closed")
+        if self._supervisor is None:
+            raise ConnectionFailed(
+                "not connected: use 'async with Client(...)' or connect()"
+            )
+
+    async def _ready_ws(self, timeout: float | None = None) -> ClientConnection:
+        while True:
+            self._check_usable()
+            if self._ready.is_set() and self._ws is not None:
+                return self._ws
+            waiter = asyncio.create_task(self._ready.wait())
+            assert self._supervisor is not None
+            done, _ = await asyncio.wait(
+                {waiter, self._supervisor},
+                timeout=timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if waiter not in done:
+                waiter.cancel()
+                if not done:
+                    raise RequestTimeout(
+                        f"not connected to the broker within {timeout:g}s"
+                    )
+
+    async def _request(
+        self,
+        op: str,
+        fields: dict[str, Any],
+        *,
+        retry: bool,
+        on_reply: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        rid = self._new_id()
+        frame = {"op": op, "id": rid, **fields}
+        loop = asyncio.get_running_loop()
+        req = _Request(frame, loop.create_future(), retry, on_reply=on_reply)
+        deadline = (
+            None if self.request_timeout is None else loop.time() + self.request_timeout
+        )
+        try:
+            while not req.future.done():
+                remaining = (
+                    None if deadline is None else max(deadline - loop.time(), 0.001)
+                )
+                ws = await self._ready_ws(remaining)
+                generation = self._generation
+                self._pending[rid] = req
+                req.generation = generation
+                try:
+                    await ws.send(orjson.dumps(frame).decode())
+                except ConnectionClosed:
+                    # Not written: safe to send again on the next connection.
+                    if not retry:
+                        self._pending.pop(rid, None)
+                        continue
+                    break  # the next session resends retryable requests
+                req.written = True
+                if (
+                    generation != self._generation
+                    and not retry
+                    and not req.future.done()
+                ):
+                    # The connection dropped while we were writing: outcome unknown.
+                    self._pending.pop(rid, None)
+                    raise ConnectionLost(
+                        f"connection lost before the broker answered this {op}; "
+                        "it may or may not have been done"
+                    )
+                break
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.001)
+            try:
+                return await asyncio.wait_for(asyncio.shield(req.future), remaining)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no answer from the broker to {op} within {self.request_timeout:g}s"
+                ) from None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def _send_unacked(self, frame: dict[str, Any]) -> None:
+        data = orjson.dumps(frame).decode()
+        while True:
+            ws = await self._ready_ws(self.request_timeout)
+            try:
+                await ws.send(data)
+                return
+            except ConnectionClosed:
+                continue
+
+    def _fail_pending(
+        self, make_error: Callable[[_Request], BrokerError], *, everything: bool
+    ) -> None:
+        for rid, req in list(self._pending.items()):
+            if everything or (req.written and not req.retry):
+                del self._pending[rid]
+                if not req.future.done():
+                    req.future.set_exception(make_error(req))
+                    req.future.exception()  # mark retrieved: the caller may be gone
+
+    # -- internals: connections ----------------------------------------------------------
+
+    async def _get_token(self) -> str:
+        if self._token_provider is None:
+            assert self._token is not None
+            return self._token
+        try:
+            value = self._token_provider()
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:
+            raise ConnectionFailed(f"token_provider failed: {exc!r}") from exc
+        if not isinstance(value, str) or not value:
+            raise _Fatal(Unauthorized("token_provider returned no token"))
+        return value
+
+    async def _open_next(self) -> ClientConnection:
+        """Connect and authenticate to the next URL; ``ConnectionFailed`` or ``_Fatal``."""
+        url = self.urls[self._url_index % len(self.urls)]
+        self._url_index += 1
+        token = await self._get_token()
+        headers = {"Authorization": f"Bearer {token}"} if self.auth_header else None
+        options: dict[str, Any] = {}
+        if self._ssl is not None and url.startswith("wss:"):
+            options["ssl"] = self._ssl  # else the system's default trust store
+        try:
+            ws = await connect(
+                url,
+                additional_headers=headers,
+                open_timeout=self.connect_timeout,
+                max_size=None,
+                compression=None,
+                close_timeout=2,
+                **options,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            body = (
+                exc.response.body.decode("utf-8", "replace").strip()
+                if exc.response.body
+                else ""
+            )
+            if status == 401:
+                raise _Fatal(_unauthorized(body or "token refused")) from None
+            if status == 403:
+                raise _Fatal(
+                    Forbidden(body or "connection refused (HTTP 403)")
+                ) from None
+            raise ConnectionFailed(f"{url}: HTTP {status} {body}".strip()) from None
+        except (TimeoutError, OSError, WebSocketException) as exc:
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, asyncio.TimeoutError):
+                reason = f"no answer within {self.connect_timeout:g}s"
+            raise ConnectionFailed(f"cannot connect to {url}: {reason}") from None
+        try:
+            if not self.auth_header:
+                await ws.send(orjson.dumps({"op": "auth", "token": token}).decode())
+            raw = await asyncio.wait_for(ws.recv(), self.connect_timeout)
+            frame = orjson.loads(raw)
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            if code == CLOSE_UNAUTHORIZED:
+                raise _Fatal(
+                    _unauthorized(exc.rcvd.reason if exc.rcvd else "")
+                ) from None
+            raise ConnectionFailed(
+                f"{url}: connection closed during authentication"
+            ) from None
+        except (TimeoutError, orjson.JSONDecodeError):
+            await ws.close()
+            raise ConnectionFailed(f"{url}: no hello from the broker") from None
+        if frame.get("op") == "error":
+            await ws.close()
+            message = str(frame.get("message", "refused"))
+            if frame.get("code") == "unauthorized":
+                raise _Fatal(_unauthorized(message))
+            raise ConnectionFailed(f"{url}: {message}")
+        if frame.get("op") != "hello":
+            await ws.close()
+            raise ConnectionFailed(f"{url}: expected hello, got {frame.get('op')!r}")
+        self.user = User.from_json(frame.get("user"))
+        self.server = str(frame.get("server", ""))
+        self.url = url
+        self._token = token
+        return ws
+
+    async def _reopen(self) -> ClientConnection:
+        """Reconnect with backoff and jitter until it works, times out or is refused."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempt = 0
+        last_error = "connection lost"
+        while True:
+            if (
+                self.reconnect_timeout is not None
+                and loop.time() - started > self.reconnect_timeout
+            ):
+                raise _Fatal(
+                    ConnectionFailed(
+                        f"could not reconnect within {self.reconnect_timeout:g}s: {last_error}"
+                    )
+                )
+            delay = min(self.backoff_max, self.backoff_initial * 2**attempt)
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            attempt += 1
+            try:
+                return await self._open_next()
+            except ConnectionFailed as exc:
+                last_error = exc.message
+                logger.debug("reconnect attempt %d failed: %s", attempt, exc.message)
+
+    def _set_state(self, state: str) -> None:
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:  # a callback must not kill the connection
+                logger.exception("on_state callback failed")
+
+    async def _supervise(self, ws: ClientConnection) -> None:
+        try:
+            while True:
+                close_error = await self._session(ws)
+                if self._closing:
+                    return
+                if isinstance(close_error, _Fatal):
+                    raise close_error
+                if not self.reconnect:
+                    raise _Fatal(close_error)
+                self._set_state("disconnected")
+                ws = await self._reopen()
+                self.reconnects += 1
+        except _Fatal as exc:
+            self._fail(exc.error)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: fail loudly rather than hang
+            logger.exception("broker client crashed")
+            self._fail(BrokerError(f"client error: {exc!r}"))
+
+    def _fail(self, error: BrokerError) -> None:
+        self._failure = error
+        self._ready.clear()
+        self._fail_pending(lambda req: error, everything=True)
+        self._events.put_nowait(_END)
+        self._set_state("failed")
+
+    async def _session(self, ws: ClientConnection) -> BrokerError | _Fatal:
+        """Run one connection until it closes; return why it closed."""
+        self._ws = ws
+        self._generation += 1
+        generation = self._generation
+        await self._resume(ws, generation)
+        self._ready.set()
+        self._set_state("connected")
+        self._schedule_refresh()
+        last_auth_error: str | None = None
+        try:
+            async for raw in ws:
+                frame = orjson.loads(raw)
+                if not isinstance(frame, dict):
+                    continue
+                if frame.get("op") == "error" and frame.get("code") == "unauthorized":
+                    last_auth_error = str(frame.get("message", ""))
+                try:
+                    self._dispatch(frame)
+                except (TypeError, ValueError, KeyError) as exc:
+                    logger.warning(
+                        "ignored a malformed frame from the broker (%s): %r", exc, frame
+                    )
+        except ConnectionClosed:
+            pass
+        except orjson.JSONDecodeError:
+            await ws.close()
+        finally:
+            self._ready.clear()
+            self._generation += 1  # requests written from now on went nowhere
+            if self._refresher is not None:
+                self._refresher.cancel()
+                self._refresher = None
+        code = ws.close_code
+        reason = ws.close_reason or ""
+        lost = ConnectionLost(
+            f"connection to {self.url} lost (close {code}{': ' + reason if reason else ''}) "
+            "before the broker answered; the publish may or may not have been recorded"
+        )
+        self._fail_pending(lambda req: lost, everything=False)
+        if code == CLOSE_UNAUTHORIZED:
+            return _Fatal(_unauthorized(last_auth_error or reason or "token refused"))
+        if code == CLOSE_TOKEN_EXPIRED and self._token_provider is None:
+            return _Fatal(TokenExpired(reason or "token expired"))
+        if code == CLOSE_SLOW_CONSUMER:
+            logger.warning("closed by the broker as a slow consumer; resuming")
+        return ConnectionLost(f"connection to {self.url} lost (close {code})")
+
+    async def _resume(self, ws: ClientConnection, generation: int) -> None:
+        """Re-subscribe confirmed subscriptions and resend retryable requests."""
+        loop = asyncio.get_running_loop()
+        frames: list[dict[str, Any]] = []
+        for state in self._subs.values():
+            if not state.confirmed:
+                continue
+            fields: dict[str, Any] = {"op": "sub", "topic": state.pattern}
+            if state.watermark is not None:
+                fields["since"] = state.watermark
+                if state.epoch is not None:
+                    fields["epoch"] = state.epoch
+            elif state.last is not None:
+                fields["last"] = state.last
+            if state.presence:
+                fields["presence"] = True
+            rid = self._new_id()
+            fields["id"] = rid
+            since, epoch = state.watermark, state.epoch
+            req = _Request(
+                fields, loop.create_future(), retry=True, generation=generation
+            )
+            req.on_reply = lambda r, s=state, a=since, e=epoch: self._apply_sub_reply(
+                s, a, e, r, True
+            )
+            req.future.add_done_callback(
+                lambda f: f.exception() if not f.cancelled() else None
+            )
+            self._pending[rid] = req
+            frames.append(fields)
+        for req in list(self._pending.values()):
+            if req.retry and req.generation != generation:
+                req.generation = generation
+                frames.append(req.frame)
+        try:
+            for frame in frames:
+                await ws.send(orjson.dumps(frame).decode())
+        except ConnectionClosed:
+            pass  # the session's read loop sees the close at once
+
+    def _schedule_refresh(self) -> None:
+        if self._token_provider is None or self._token is None:
+            return
+        exp = token_expiry(self._token)
+        if exp is None:
+            return
+        lifetime = exp - time.time()
+        if lifetime <= 1:
+            return  # nothing to gain; the broker closes with 4003 and we reconnect
+        delay = max(lifetime * self.refresh_at, 0.5)
+        self._refresher = asyncio.create_task(
+            self._refresh_after(delay), name="broker-refresh"
+        )
+
+    async def _refresh_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.refresh_token()
+        except _Fatal as exc:
+            self._report_error(exc.error)
+        except BrokerError as exc:
+            self._report_error(exc)
+        except Exception as exc:  # noqa: BLE001 - the user's token_provider failed
+            self._report_error(Unauthorized(f"token refresh failed: {exc!r}"))
+        else:
+            self._refresher = None
+            self._schedule_refresh()
+
+    # -- internals: incoming frames ------------------------------------------------------
+
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        op = frame.get("op")
+        if op == "msg":
+            self._on_msg(frame)
+        elif op in ("ok", "error"):
+            rid = frame.get("id")
+            req = self._pending.pop(rid, None) if isinstance(rid, int) else None
+            if req is None:
+                if op == "error":
+                    self._report_error(
+                        error_for_code(
+                            str(frame.get("code")), str(frame.get("message", ""))
+                        )
+                    )
+                return
+            if op == "ok":
+                if req.on_reply is not None:
+                    req.on_reply(frame)
+                if not req.future.done():
+                    req.future.set_result(frame)
+            else:
+                code = str(frame.get("code"))
+                message = str(frame.get("message", ""))
+                err = (
+                    _unauthorized(message)
+                    if code == "unauthorized"
+                    else error_for_code(code, message, rid)
+                )
+                err.request_id = rid
+                if req.on_reply is not None and req.frame.get("op") == "sub":
+                    self._on_sub_refused(req.frame, err)
+                if not req.future.done():
+                    req.future.set_exception(err)
+        elif op in ("join", "leave"):
+            self._events.put_nowait(
+                PresenceEvent(
+                    str(op),
+                    str(frame.get("topic", "")),
+                    User.from_json(frame.get("user")),
+                )
+            )
+
+    def _report_error(self, error: BrokerError) -> None:
+        if self.on_error is not None:
+            try:
+                self.on_error(error)
+            except Exception:
+                logger.exception("on_error callback failed")
+        else:
+            logger.warning("broker error: %s: %s", error.code, error.message)
+
+    def _remember(self, seq: int) -> bool:
+        """False when ``seq`` was already delivered."""
+        if seq in self._seen:
+            return False
+        self._seen.add(seq)
+        self._seen_order.append(seq)
+        while len(self._seen_order) > self._dedupe_window:
+            self._seen.discard(self._seen_order.popleft())
+        return True
+
+    def _on_msg(self, frame: dict[str, Any]) -> None:
+        seq = frame.get("seq")
+        topic = frame.get("topic")
+        if not isinstance(seq, int) or not isinstance(topic, str):
+            return
+        for state in self._subs.values():
+            if not state.confirmed:
+                continue
+            if state.replay_until is not None and seq > state.replay_until:
+                # The first message past the sub's ok: its replay is complete.
+                state.watermark = max(state.watermark or 0, state.replay_until)
+                state.replay_until = None
+                state.last = None
+            if matches(state.pattern, topic):
+                state.watermark = max(state.watermark or 0, seq)
+                state.last = None
+        if not self._remember(seq):
+            return
+        ts = frame.get("ts")
+        self._events.put_nowait(
+            Message(
+                topic=topic,
+                seq=seq,
+                data=frame.get("data"),
+                sender=User.from_json(frame.get("from")),
+                ts=int(ts) if isinstance(ts, (int, float)) else 0,
+            )
+        )
+
+    def _note_epoch(self, epoch: str) -> None:
+        if self.epoch is not None and epoch != self.epoch:
+            # History started over: seqs restart, old ones mean nothing now.
+            self._seen.clear()
+            self._seen_order.clear()
+        self.epoch = epoch
+
+    def _apply_sub_reply(
+        self,
+        state: _SubState,
+        since: int | None,
+        epoch: str | None,
+        reply: dict[str, Any],
+        resumed: bool,
+    ) -> None:
+        """Update a subscription's resume point from its ``ok`` (``since``/``epoch`` as sent)."""
+        new_epoch = str(reply.get("epoch", ""))
+        seq = int(reply.get("seq", 0))
+        recovered = bool(reply.get("recovered", True))
+        self._note_epoch(new_epoch)
+        state.epoch = new_epoch
+        state.confirmed = True
+        if since is None and state.last is None:
+            state.watermark = max(state.watermark or 0, seq)  # live from here on
+            return
+        state.replay_until = seq  # replayed messages follow, up to about ``seq``
+        if recovered:
+            return
+        if since is not None and (epoch != new_epoch or since > seq):
+            # Another history, or since beyond it: the broker replays all it retains.
+            state.watermark = 0
+        if resumed:
+            gap = Gap(state.pattern, since, epoch, new_epoch)
+            self._events.put_nowait(gap)
+            if self.on_gap is None:
+                logger.warning("%s", gap.describe())
+                return
+            try:
+                self.on_gap(gap)
+            except Exception:
+                logger.exception("on_gap callback failed")
+
+    def _on_sub_refused(self, frame: dict[str, Any], error: BrokerError) -> None:
+        pattern = frame.get("topic")
+        state = self._subs.get(pattern) if isinstance(pattern, str) else None
+        if state is not None and state.confirmed:
+            # A resumed subscription the broker no longer allows (e.g. a new token's ACL).
+            del self._subs[state.pattern]
+            self._report_error(error)

@@ -1,0 +1,201 @@
+"""The hub: who is subscribed to what on this node, presence, and fan-out.
+
+No sockets here: a subscriber is anything with an ``identity``, ``deliver(message)`` and
+``send(frame)`` (the server's ``Session``). ``fanout`` finds subscribers through the
+``TopicIndex`` (never by scanning every subscription) and hands each the same encoded
+frame; it never awaits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .auth import Identity
+from .protocol import Message, encode_presence_event
+from .store import Draft
+from .topics import TopicIndex, inbox_owner, is_pattern, matches
+
+PresenceListener = Callable[[str, str, dict[str, str]], None]
+
+
+class Subscriber(Protocol):
+    """What the hub needs from a connection."""
+
+    identity: Identity
+    id: int
+
+    def deliver(self, message: Message) -> None:
+        """Queue a live message for this connection."""
+
+    def send(self, frame: bytes) -> None:
+        """Queue a protocol frame (replies, presence events)."""
+
+
+@dataclass
+class Subscription:
+    """One pattern held by one connection."""
+
+    pattern: str
+    presence: bool = False
+    #: Every matching message with a larger seq has reached the connection through this
+    #: subscription (live or replay): used to skip duplicates when another one replays.
+    covered_from: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return not is_pattern(self.pattern)
+
+
+@dataclass(slots=True)
+class _Present:
+    """A user subscribed to a topic on this node: display name and connection count."""
+
+    name: str
+    connections: int = 1
+
+
+class Hub:
+    """Subscriptions of this node's connections, presence per topic, and fan-out."""
+
+    def __init__(self, on_presence: PresenceListener | None = None) -> None:
+        #: Called with ("join"|"leave", topic, user) when a user's first local
+        #: subscription to a topic appears or their last one goes. By default the hub
+        #: announces it to local watchers; a cluster first makes it cluster-wide.
+        self.on_presence: PresenceListener = on_presence or self.announce
+        self.index: TopicIndex[Subscriber] = TopicIndex()
+        self.subscriptions: dict[Subscriber, dict[str, Subscription]] = {}
+        #: The highest seq fanned out on this node.
+        self.last_seq = 0
+        # topic -> user id -> the user's name and connections subscribed to it
+        self._present: dict[str, dict[str, _Present]] = {}
+        # topic -> connections subscribed to exactly that topic with presence: true
+        self._watchers: dict[str, set[Subscriber]] = {}
+        self.delivered = 0
+        #: Called with the seconds each ``fanout`` call took (metrics), when set.
+        self.observe_fanout: Callable[[float], None] | None = None
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    def attach(self, conn: Subscriber) -> None:
+        """Start tracking a connection (after authentication)."""
+        self.subscriptions.setdefault(conn, {})
+
+    def subscribe(self, conn: Subscriber, sub: Subscription) -> Subscription | None:
+        """Add or replace ``conn``'s subscription to ``sub.pattern``; return the old one."""
+        subs = self.subscriptions.setdefault(conn, {})
+        old = subs.get(sub.pattern)
+        if old is not None:
+            self._forget(conn, old, announce=False)
+        subs[sub.pattern] = sub
+        self.index.add(sub.pattern, conn)
+        if sub.exact:
+            if sub.presence:
+                self._watchers.setdefault(sub.pattern, set()).add(conn)
+            if old is None:
+                self._join(conn, sub.pattern)
+        return old
+
+    def unsubscribe(self, conn: Subscriber, pattern: str) -> bool:
+        """Drop ``conn``'s subscription to ``pattern``; False when there was none."""
+        sub = self.subscriptions.get(conn, {}).pop(pattern, None)
+        if sub is None:
+            return False
+        self._forget(conn, sub, announce=True)
+        return True
+
+    def detach(self, conn: Subscriber) -> None:
+        """Drop every subscription of a closed connection."""
+        for sub in list(self.subscriptions.pop(conn, {}).values()):
+            self._forget(conn, sub, announce=True)
+
+    def _forget(self, conn: Subscriber, sub: Subscription, announce: bool) -> None:
+        self.index.remove(sub.pattern, conn)
+        if not sub.exact:
+            return
+        watchers = self._watchers.get(sub.pattern)
+        if watchers is not None:
+            watchers.discard(conn)
+            if not watchers:
+                del self._watchers[sub.pattern]
+        if announce:
+            self._leave(conn, sub.pattern)
+
+    # -- presence --------------------------------------------------------------------
+
+    def _join(self, conn: Subscriber, topic: str) -> None:
+        users = self._present.setdefault(topic, {})
+        ident = conn.identity
+        entry = users.get(ident.id)
+        if entry is None:
+            users[ident.id] = _Present(ident.name)
+            self.on_presence("join", topic, ident.user_json())
+        else:
+            entry.connections += 1
+
+    def _leave(self, conn: Subscriber, topic: str) -> None:
+        users = self._present.get(topic)
+        ident = conn.identity
+        if users is None or ident.id not in users:
+            return
+        entry = users[ident.id]
+        entry.connections -= 1
+        if entry.connections <= 0:
+            del users[ident.id]
+            if not users:
+                del self._present[topic]
+            self.on_presence("leave", topic, ident.user_json())
+
+    def announce(self, op: str, topic: str, user: dict[str, str]) -> None:
+        """Send a ``join``/``leave`` for ``user`` to this node's watchers of ``topic``
+        (never to the user's own connections)."""
+        watchers = self._watchers.get(topic)
+        if not watchers:
+            return
+        frame = encode_presence_event(op, topic, user)
+        for conn in watchers:
+            if conn.identity.id != user["id"]:
+                conn.send(frame)
+
+    def presence(self, topic: str) -> list[dict[str, object]]:
+        """Users subscribed to exactly ``topic`` on this node, with connection counts."""
+        users = self._present.get(topic, {})
+        return [
+            {"id": uid, "name": entry.name, "connections": entry.connections}
+            for uid, entry in sorted(users.items())
+        ]
+
+    # -- fan-out ---------------------------------------------------------------------
+
+    def fanout(self, committed: list[tuple[Message, Draft]]) -> None:
+        """Deliver committed messages, in seq order, to every matching connection."""
+        started = time.perf_counter()
+        match = self.index.match
+        delivered = 0
+        for msg, draft in committed:
+            if msg.seq <= self.last_seq:
+                continue  # already fanned out (cluster redelivery)
+            self.last_seq = msg.seq
+            targets = match(msg.topic)
+            if not targets:
+                continue
+            owner = inbox_owner(msg.topic)
+            origin = 0 if draft.echo else draft.origin
+            for conn in targets:
+                if conn.id == origin or (owner is not None and conn.identity.id != owner):
+                    continue
+                conn.deliver(msg)
+                delivered += 1
+        self.delivered += delivered
+        if self.observe_fanout is not None:
+            self.observe_fanout(time.perf_counter() - started)
+
+    def covered(self, conn: Subscriber, topic: str, seq: int, besides: str | None) -> bool:
+        """True when ``conn`` already got message ``seq`` on ``topic`` through a
+        subscription other than ``besides``."""
+        for sub in self.subscriptions.get(conn, {}).values():
+            if sub.pattern != besides and seq > sub.covered_from and matches(sub.pattern, topic):
+                return True
+        return False

@@ -1,0 +1,261 @@
+"""The wire protocol as plain data: parse client frames into requests, encode server frames.
+
+No I/O. ``parse_request`` validates one text frame and returns one of the request classes
+below or raises ``BadRequest``; the ``encode_*`` functions build the exact bytes of server
+frames. A published message is encoded once (``Message.frame``) and those same bytes go to
+every subscriber.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import orjson
+
+from .errors import BadRequest, BrokerError
+from .topics import is_pattern, validate_pattern, validate_topic
+
+RequestId = Union[int, float, str]
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Auth:
+    """``auth``: authenticate (first frame) or refresh the token."""
+
+    token: str
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True)
+class Sub:
+    """``sub``: subscribe to a topic or pattern, optionally replaying history."""
+
+    id: RequestId
+    topic: str
+    since: int | None = None
+    epoch: str | None = None
+    last: int | None = None
+    presence: bool = False
+
+
+@dataclass(frozen=True)
+class Unsub:
+    """``unsub``: drop the subscription to ``topic``."""
+
+    id: RequestId
+    topic: str
+
+
+@dataclass(frozen=True)
+class Pub:
+    """``pub``: publish ``data`` (already JSON-encoded, as bytes) to ``topic``."""
+
+    topic: str
+    data: bytes
+    id: RequestId | None = None
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class Presence:
+    """``presence``: who holds a subscription to exactly ``topic``."""
+
+    id: RequestId
+    topic: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    """``stats``: server-wide figures (admin only)."""
+
+    id: RequestId
+
+
+Request = Union[Auth, Sub, Unsub, Pub, Presence, Stats]
+
+
+def _request_id(frame: dict[str, Any]) -> RequestId | None:
+    rid = frame.get("id")
+    if rid is None:
+        if "id" in frame:
+            raise BadRequest("'id' must be a number or a string")
+        return None
+    if isinstance(rid, bool) or not isinstance(rid, (int, float, str)):
+        raise BadRequest("'id' must be a number or a string")
+    return rid
+
+
+def _require_id(rid: RequestId | None, op: str) -> RequestId:
+    if rid is None:
+        raise BadRequest(f"'{op}' requires an 'id'")
+    return rid
+
+
+def _optional_bool(frame: dict[str, Any], name: str) -> bool:
+    value = frame.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be a boolean")
+    return value
+
+
+def _optional_count(frame: dict[str, Any], name: str) -> int | None:
+    value = frame.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"'{name}' must be a non-negative integer")
+    return value
+
+
+def parse_request(raw: str | bytes) -> Request:
+    """Parse one client frame (``bytes`` means a binary frame, which is refused)."""
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raise BadRequest("binary frames are not supported; send JSON text frames")
+    try:
+        frame = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise BadRequest("frame must be a JSON object")
+    rid = _request_id(frame)
+    try:
+        return _parse_op(frame, rid)
+    except BadRequest as exc:
+        exc.request_id = rid
+        raise
+
+
+def _parse_op(frame: dict[str, Any], rid: RequestId | None) -> Request:
+    op = frame.get("op")
+    if not isinstance(op, str):
+        raise BadRequest("frame has no 'op'")
+    if op == "pub":
+        topic = validate_topic(frame.get("topic"))
+        data = frame.get("data", _MISSING)
+        if data is _MISSING:
+            raise BadRequest("'pub' requires 'data'")
+        return Pub(topic=topic, data=orjson.dumps(data), id=rid, echo=_optional_bool(frame, "echo"))
+    if op == "sub":
+        rid = _require_id(rid, op)
+        pattern = validate_pattern(frame.get("topic"))
+        since = _optional_count(frame, "since")
+        last = _optional_count(frame, "last")
+        if since is not None and last is not None:
+            raise BadRequest("'since' and 'last' cannot be used together")
+        epoch = frame.get("epoch")
+        if epoch is not None and not isinstance(epoch, str):
+            raise BadRequest("'epoch' must be a string")
+        return Sub(
+            id=rid,
+            topic=pattern,
+            since=since,
+            epoch=epoch,
+            last=last,
+            presence=_optional_bool(frame, "presence"),
+        )
+    if op == "unsub":
+        return Unsub(id=_require_id(rid, op), topic=validate_pattern(frame.get("topic")))
+    if op == "auth":
+        token = frame.get("token")
+        if not isinstance(token, str):
+            raise BadRequest("'auth' requires a 'token' string")
+        return Auth(token=token, id=rid)
+    if op == "presence":
+        rid = _require_id(rid, op)
+        topic = validate_pattern(frame.get("topic"))
+        if is_pattern(topic):
+            raise BadRequest("presence takes a topic, not a pattern")
+        return Presence(id=rid, topic=topic)
+    if op == "stats":
+        return Stats(id=_require_id(rid, op))
+    raise BadRequest(f"unknown op {op!r}")
+
+
+@dataclass
+class Message:
+    """A published message as stored and delivered. ``data`` is its JSON encoding."""
+
+    seq: int
+    topic: str
+    data: bytes
+    sender_id: str
+    sender_name: str
+    ts: int
+    _frame: bytes | None = field(default=None, repr=False, compare=False)
+    _wire: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def frame(self) -> bytes:
+        """The ``msg`` frame for this message, encoded once and shared by all deliveries."""
+        if self._frame is None:
+            self._frame = b"".join(
+                (
+                    b'{"op":"msg","topic":',
+                    orjson.dumps(self.topic),
+                    b',"seq":',
+                    str(self.seq).encode(),
+                    b',"data":',
+                    self.data,
+                    b',"from":',
+                    orjson.dumps({"id": self.sender_id, "name": self.sender_name}),
+                    b',"ts":',
+                    str(self.ts).encode(),
+                    b"}",
+                )
+            )
+        return self._frame
+
+
+    @property
+    def wire(self) -> bytes:
+        """The whole WebSocket text frame carrying ``frame``, ready to write to a socket."""
+        if self._wire is None:
+            self._wire = text_frame(self.frame)
+        return self._wire
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, final WebSocket text frame (RFC 6455 5.2) holding ``payload``.
+
+    Server frames are never masked, so one encoded frame can be written byte for byte to
+    every subscriber: this is what makes fan-out cost one encode per message.
+    """
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    """Encode a server frame as compact JSON bytes."""
+    return orjson.dumps(frame)
+
+
+def encode_ok(request_id: RequestId, **fields: Any) -> bytes:
+    """An ``ok`` reply to request ``request_id`` with its per-request fields."""
+    return orjson.dumps({"op": "ok", "id": request_id, **fields})
+
+
+def encode_error(error: BrokerError) -> bytes:
+    """The ``error`` frame for ``error`` (with ``id`` when the request had a valid one)."""
+    frame: dict[str, Any] = {"op": "error", "code": error.code, "message": error.message}
+    if error.request_id is not None:
+        frame["id"] = error.request_id
+    return orjson.dumps(frame)
+
+
+def encode_hello(user: dict[str, str], server: str) -> bytes:
+    """The ``hello`` frame sent after successful authentication."""
+    return orjson.dumps({"op": "hello", "user": user, "server": server})
+
+
+def encode_presence_event(op: str, topic: str, user: dict[str, str]) -> bytes:
+    """A ``join`` or ``leave`` frame."""
+    return orjson.dumps({"op": op, "topic": topic, "user": user})

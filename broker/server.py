@@ -1,0 +1,631 @@
+"""The broker server: a thin asyncio shell around the protocol core.
+
+``BrokerServer`` owns the store, the journal (group commit) and the hub (subscriptions,
+presence, fan-out). websockets does the HTTP handshake and framing; this module answers
+the plain HTTP paths, authenticates, and moves frames between sockets and the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import __version__
+from .auth import Identity, TokenVerifier, parse_bearer
+from .cluster import RedisStore
+from .config import ServerConfig, data_dir
+from .errors import (
+    CLOSE_GOING_AWAY,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_UNAUTHORIZED,
+    BrokerError,
+    Forbidden,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+)
+from .hub import Hub, Subscription
+from .journal import Journal
+from .metrics import CONTENT_TYPE_LATEST, Metrics, wire_size
+from .protocol import (
+    Auth,
+    Message,
+    Presence,
+    Pub,
+    Request as Frame,
+    Stats,
+    Sub,
+    Unsub,
+    encode_error,
+    encode_hello,
+    encode_ok,
+    parse_request,
+)
+from .session import Flusher, Session
+from .store import Draft, MemoryStore, SqliteStore, Store, now_ms
+
+log = logging.getLogger("broker")
+
+SERVER_NAME = f"broker/{__version__}"
+#: Log event names for the close codes a session is closed with.
+CLOSE_EVENTS = {
+    CLOSE_SLOW_CONSUMER: "slow_consumer",
+    CLOSE_TOKEN_EXPIRED: "token_expired",
+    CLOSE_UNAUTHORIZED: "unauthorized",
+}
+STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/console.js": ("console.js", "text/javascript; charset=utf-8"),
+    "/console.css": ("console.css", "text/css; charset=utf-8"),
+}
+
+
+def build_verifier(config: ServerConfig) -> TokenVerifier:
+    """The token verifier for ``config``: a secret for HS*, a public key file otherwise."""
+    if config.algorithm.startswith("HS"):
+        if not config.secret:
+            raise ValueError("a secret is required for HMAC algorithms")
+        key: str | bytes = config.secret
+    else:
+        if not config.public_key:
+            raise ValueError(f"--public-key is required for {config.algorithm}")
+        key = Path(config.public_key).read_bytes()
+    return TokenVerifier(
+        key,
+        config.algorithm,
+        audience=config.audience,
+        issuer=config.issuer,
+        require_exp=config.require_exp,
+    )
+
+
+def build_store(config: ServerConfig) -> Store:
+    """The history store ``config`` asks for."""
+    if config.redis:
+        return RedisStore(config.redis, config.history, config.retention)
+    if config.memory:
+        return MemoryStore(config.history, config.retention)
+    folder = config.data or data_dir()
+    return SqliteStore(Path(folder) / "broker.sqlite3", config.history, config.retention)
+
+
+class BrokerServer:
+    """One broker node: accepts connections and runs the protocol."""
+
+    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.verifier = build_verifier(config)
+        self.store = store or build_store(config)
+        # In cluster mode presence and stats span every node (broker/cluster.py).
+        redis = self.store if isinstance(self.store, RedisStore) else None
+        self.cluster = redis.cluster if redis is not None else None
+        self.hub = self.cluster.make_hub(self.stats) if self.cluster else Hub()
+        # A shared store feeds every node through follow(); a local one after append.
+        self.journal = Journal(self.store, _ignore if self.store.shared else self.hub.fanout)
+        self.flusher = Flusher()
+        self.sessions: set[Session] = set()
+        self.connections = 0
+        self.draining = False
+        self.started = time.time()
+        self.published = 0
+        self.metrics = Metrics(self.stats)
+        self.journal.commit_observers.append(self.metrics.observe_commit)
+        self.hub.observe_fanout = self.metrics.fanout_seconds.observe
+        if redis is not None:
+            redis.observe_roundtrip = self.metrics.redis_roundtrip_seconds.observe
+        self._ws_server: Server | None = None
+        self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and start listening."""
+        await self.store.open()
+        self.hub.last_seq = self.store.last_seq
+        ssl_context = None
+        if self.config.tls_cert:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        self._ws_server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            compression="deflate" if self.config.compression else None,
+            max_size=self.config.max_message_size,
+            max_queue=16,
+            server_header=SERVER_NAME,
+            close_timeout=2,
+            ssl=ssl_context,
+        )
+        self._spawn(self._trim_loop())
+        if self.store.shared:
+            self._spawn(self.store.follow(self.hub.fanout, self._history_restarted))
+
+    def _history_restarted(self, last_seq: int) -> None:
+        log.warning("history started over (new epoch %s)", self.store.epoch)
+        self.hub.last_seq = last_seq
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _trim_loop(self) -> None:
+        interval = min(max(self.config.retention / 20, 0.5), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.trim(time.time())
+            except Exception:
+                log.exception("retention trim failed", extra={"event": "trim_failed"})
+
+    async def serve_forever(self) -> None:
+        """Run until ``shutdown`` completes."""
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, refuse new publishes, commit what was accepted, close every
+        connection with 1001 and release the store, within the drain timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info(
+            "shutting down: draining %d connections", len(self.sessions), extra={"event": "shutdown"}
+        )
+        assert self._ws_server is not None
+        self._ws_server.server.close()  # no new connections
+        try:
+            await asyncio.wait_for(self.journal.close(), self.config.drain_timeout)
+        except asyncio.TimeoutError:
+            log.error(
+                "pending commits did not finish within the drain timeout",
+                extra={"event": "drain_timeout"},
+            )
+        for session in list(self.sessions):
+            session.close(CLOSE_GOING_AWAY, "server shutting down")
+        self._ws_server.close(close_connections=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ws_server.wait_closed(), self.config.drain_timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        await self.store.close()
+        self._stopped.set()
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            if self.draining:
+                return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+            return conn.respond(HTTPStatus.OK, "ok")
+        if path == "/metrics":
+            body = self.metrics.exposition()
+            headers = Headers(
+                [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]
+            )
+            return Response(200, "OK", headers, body)
+        connection = ",".join(request.headers.get_all("Connection")).lower()
+        if path in STATIC_FILES and "upgrade" not in connection:
+            return self._static(path)
+        if path != "/ws":
+            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        # A header sent twice is refused as a whole (headers.get would raise on it).
+        origins = request.headers.get_all("Origin")
+        if origins and self.config.allowed_origins:
+            if len(origins) > 1 or origins[0] not in self.config.allowed_origins:
+                return self._refuse(conn, HTTPStatus.FORBIDDEN, "forbidden_origin", "origin not allowed")
+        if self.draining:
+            return self._refuse(conn, HTTPStatus.SERVICE_UNAVAILABLE, "shutting_down", "shutting down")
+        limit = self.config.max_connections
+        if limit is not None and self.connections >= limit:
+            return self._refuse(
+                conn, HTTPStatus.SERVICE_UNAVAILABLE, "over_capacity", "too many connections"
+            )
+        authorization = request.headers.get_all("Authorization")
+        if authorization:
+            try:
+                if len(authorization) > 1:
+                    raise Unauthorized("more than one Authorization header")
+                identity = self.verifier.verify(parse_bearer(authorization[0]))
+            except Unauthorized as exc:
+                return self._refuse(conn, HTTPStatus.UNAUTHORIZED, "unauthorized", exc.message)
+            conn.broker_identity = identity  # type: ignore[attr-defined]
+        return None
+
+    def _refuse(
+        self, conn: ServerConnection, status: HTTPStatus, result: str, reason: str
+    ) -> Response:
+        """Refuse a handshake with ``status``, counted as attempt ``result``."""
+        self._refused(conn, result, reason)
+        return conn.respond(status, reason + "\n")
+
+    def _refused(self, conn: ServerConnection, result: str, reason: str) -> None:
+        """Count and log a connection refused before or after the upgrade."""
+        self.metrics.attempt(result)
+        peer = _peer(conn)
+        log.info(
+            "refused connection from %s: %s",
+            peer,
+            reason,
+            extra={"event": "refused", "result": result, "peer": peer},
+        )
+
+    def _static(self, path: str) -> Response:
+        name, content_type = STATIC_FILES[path]
+        try:
+            body = resources.files("broker").joinpath("static", name).read_bytes()
+        except OSError:
+            return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]), b"")
+        headers = Headers(
+            [
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-cache"),
+                ("X-Content-Type-Options", "nosniff"),
+                (
+                    "Content-Security-Policy",
+                    "default-src 'self'; connect-src 'self' ws: wss:; "
+                    "img-src 'self' data:; frame-ancestors 'none'",
+                ),
+            ]
+        )
+        return Response(200, "OK", headers, body)
+
+    # -- WebSocket ---------------------------------------------------------------------
+
+    async def _authenticate(self, ws: ServerConnection) -> Identity | None:
+        identity: Identity | None = getattr(ws, "broker_identity", None)
+        if identity is not None:
+            return identity
+        request_id = None
+        try:
+            raw = await asyncio.wait_for(ws.recv(), self.config.auth_timeout)
+            self.metrics.bytes_in += wire_size(raw)
+            frame = parse_request(raw)
+            request_id = getattr(frame, "id", None)
+            if not isinstance(frame, Auth):
+                raise Unauthorized("the first frame must be 'auth'")
+            return self.verifier.verify(frame.token)
+        except ConnectionClosed:
+            self.metrics.attempt("abandoned")
+            return None
+        except asyncio.TimeoutError:
+            error: BrokerError = Unauthorized("no 'auth' frame within the authentication timeout")
+        except BrokerError as exc:
+            request_id = exc.request_id if request_id is None else request_id
+            error = exc if isinstance(exc, Unauthorized) else Unauthorized(exc.message)
+        error.request_id = request_id
+        self._refused(ws, "unauthorized", error.message)
+        self.metrics.error(error.code)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(encode_error(error), text=True)
+            await ws.close(CLOSE_UNAUTHORIZED, error.message[:120])
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        try:
+            identity = await self._authenticate(ws)
+            if identity is None:
+                return
+            self.metrics.attempt("accepted")
+            session = Session(
+                ws,
+                identity,
+                flusher=self.flusher,
+                max_queue=self.config.max_queue,
+                rate_limit=self.config.rate_limit,
+                on_close=self._on_session_close,
+            )
+            self.sessions.add(session)
+            self.hub.attach(session)
+            log.info(
+                "connect %s user=%s from %s",
+                session.id,
+                identity.id,
+                _peer(ws),
+                extra={"event": "connect", "conn": session.id, "user": identity.id, "peer": _peer(ws)},
+            )
+            try:
+                session.send(encode_hello(identity.user_json(), SERVER_NAME))
+                session.set_expiry(identity.exp)
+                await self._serve_session(session)
+                # Returning from the handler makes websockets close with 1000: let a
+                # close this broker started (4001, 4003, 4008, 1001) finish first.
+                await session.wait_closed()
+            finally:
+                self._drop(session)
+                log.info(
+                    "disconnect %s user=%s code=%s",
+                    session.id,
+                    identity.id,
+                    ws.close_code,
+                    extra={
+                        "event": "disconnect",
+                        "conn": session.id,
+                        "user": identity.id,
+                        "code": ws.close_code,
+                    },
+                )
+        finally:
+            self.connections -= 1
+
+    async def _serve_session(self, session: Session) -> None:
+        ws = session.ws
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
+                if session.closing:
+                    break
+                self.metrics.bytes_in += wire_size(raw)
+                frame = None
+                try:
+                    frame = parse_request(raw)
+                    await self._dispatch(session, frame)
+                except BrokerError as exc:
+                    self.metrics.error(exc.code)
+                    session.send(encode_error(exc))
+                    if isinstance(exc, Unauthorized):
+                        session.close(CLOSE_UNAUTHORIZED, exc.message[:120])
+                except Exception:
+                    log.exception(
+                        "internal error on connection %s",
+                        session.id,
+                        extra={"event": "internal_error", "conn": session.id, "user": session.identity.id},
+                    )
+                    self.metrics.error("internal")
+                    rid = getattr(frame, "id", None)
+                    session.send(encode_error(BrokerError("internal error", request_id=rid)))
+
+    def _on_session_close(self, session: Session, code: int, reason: str) -> None:
+        if code == CLOSE_SLOW_CONSUMER:
+            self.metrics.slow_consumer_closes += 1
+        if code != CLOSE_GOING_AWAY:
+            log.log(
+                logging.WARNING if code == CLOSE_SLOW_CONSUMER else logging.INFO,
+                "closing %s user=%s: %s (%d)",
+                session.id,
+                session.identity.id,
+                reason,
+                code,
+                extra={
+                    "event": CLOSE_EVENTS.get(code, "close"),
+                    "conn": session.id,
+                    "user": session.identity.id,
+                    "code": code,
+                },
+            )
+        self._drop(session)
+
+    def _drop(self, session: Session) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.hub.detach(session)
+            session.set_expiry(None)
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def _dispatch(self, session: Session, frame: Frame) -> None:
+        try:
+            if isinstance(frame, Pub):
+                self._publish(session, frame)
+            elif isinstance(frame, Sub):
+                await self._subscribe(session, frame)
+            elif isinstance(frame, Unsub):
+                self.hub.unsubscribe(session, frame.topic)
+                session.send(encode_ok(frame.id))
+            elif isinstance(frame, Presence):
+                session.identity.check_subscribe(frame.topic)
+                users = self.hub.presence(frame.topic)
+                if self.cluster is not None:
+                    users = await self.cluster.presence(frame.topic, users)
+                session.send(encode_ok(frame.id, users=users))
+            elif isinstance(frame, Stats):
+                if not session.identity.admin:
+                    raise Forbidden("stats needs an admin token")
+                figures = self.stats()
+                if self.cluster is not None:
+                    figures = await self.cluster.stats(figures)
+                session.send(encode_ok(frame.id, **figures))
+            elif isinstance(frame, Auth):
+                self._refresh(session, frame)
+        except BrokerError as exc:
+            if exc.request_id is None:
+                exc.request_id = getattr(frame, "id", None)
+            raise
+
+    def _publish(self, session: Session, frame: Pub) -> None:
+        if self.draining:
+            raise Unavailable("the broker is shutting down")
+        session.identity.check_publish(frame.topic)
+        if not session.allow_publish():
+            self.metrics.rate_limited += 1
+            raise RateLimited("publish rate limit exceeded")
+        ident = session.identity
+        draft = Draft(frame.topic, frame.data, ident.id, ident.name, now_ms(), session.id, frame.echo)
+        self.published += 1
+        self.metrics.top_topics.add(frame.topic)
+        rid = frame.id
+        received = time.perf_counter()
+
+        def done(msg: Message | None, error: BrokerError | None) -> None:
+            if error is not None:
+                error.request_id = rid
+                self.metrics.error(error.code)
+                session.send(encode_error(error))
+                return
+            self.metrics.publish_seconds.observe(time.perf_counter() - received)
+            if rid is not None and msg is not None:
+                session.send(encode_ok(rid, seq=msg.seq))
+
+        self.journal.submit(draft, done)
+
+    async def _subscribe(self, session: Session, frame: Sub) -> None:
+        ident = session.identity
+        ident.check_subscribe(frame.topic)
+        subs = self.hub.subscriptions.get(session, {})
+        limit = self.config.max_subscriptions
+        if limit is not None and frame.topic not in subs and len(subs) >= limit:
+            raise Forbidden(f"subscription limit reached ({limit} per connection)")
+        if self.store.shared and frame.since is not None and frame.epoch in (None, self.store.epoch):
+            # In a cluster the client may have seen `since` on a node a few ms ahead.
+            await self._catch_up(frame.since)
+        session.hold()
+        try:
+            upto = self.hub.last_seq
+            sub = Subscription(frame.topic, frame.presence, covered_from=upto)
+            old = self.hub.subscribe(session, sub)
+            try:
+                replay, recovered = await self._read_history(frame, sub, upto)
+            except Exception as exc:
+                # Undo: a refused sub must not keep receiving live messages.
+                if old is not None:
+                    self.hub.subscribe(session, old)
+                else:
+                    self.hub.unsubscribe(session, frame.topic)
+                if isinstance(exc, BrokerError):
+                    raise
+                log.warning("history read failed: %s", exc, extra={"event": "store_error"})
+                raise Unavailable("history cannot be read now; retry later") from None
+            if session.closing:
+                return
+            session.send(
+                encode_ok(frame.id, seq=upto, epoch=self.store.epoch, recovered=recovered)
+            )
+            await session.replay(
+                msg
+                for msg in replay
+                if ident.may_receive(msg.topic)
+                and not (old is not None and msg.seq > old.covered_from)
+                and not self.hub.covered(session, msg.topic, msg.seq, besides=frame.topic)
+            )
+            if old is not None:
+                sub.covered_from = min(sub.covered_from, old.covered_from)
+        finally:
+            session.release()
+
+    async def _read_history(
+        self, frame: Sub, sub: Subscription, upto: int
+    ) -> tuple[list[Message], bool]:
+        """The messages a ``sub`` replays (up to ``upto``) and its ``recovered`` flag;
+        sets how far back the subscription covers."""
+        if frame.since is not None:
+            since, recovered = frame.since, True
+            if (frame.epoch is not None and frame.epoch != self.store.epoch) or since > upto:
+                since, recovered = 0, False
+            result = await self.store.read_since(frame.topic, since, upto)
+            sub.covered_from = since
+            return result.messages, recovered and result.recovered
+        if frame.last is not None:
+            replay = await self.store.read_last(frame.topic, frame.last, upto)
+            if replay:
+                sub.covered_from = min(upto, replay[0].seq - 1)
+            return replay, True
+        return [], True
+
+    async def _catch_up(self, seq: int, timeout: float = 1.0) -> None:
+        """Wait (briefly) until this node has fanned out ``seq``."""
+        deadline = time.monotonic() + timeout
+        while self.hub.last_seq < seq and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    def _refresh(self, session: Session, frame: Auth) -> None:
+        identity = self.verifier.verify(frame.token)
+        if identity.id != session.identity.id:
+            raise Unauthorized("a refreshed token must be for the same user")
+        session.identity = identity
+        for pattern in list(self.hub.subscriptions.get(session, {})):
+            try:
+                identity.check_subscribe(pattern)
+            except Forbidden:
+                self.hub.unsubscribe(session, pattern)
+        session.set_expiry(identity.exp)
+        if frame.id is not None:
+            session.send(encode_ok(frame.id, exp=int(identity.exp) if identity.exp else None))
+
+    def stats(self) -> dict[str, Any]:
+        """Server-wide figures for the ``stats`` op."""
+        topics = {p for p, _ in self.hub.index.patterns()}
+        return {
+            "connections": len(self.sessions),
+            "subscriptions": len(self.hub.index),
+            "topics": len(topics),
+            "messages_in": self.published,
+            "messages_out": self.hub.delivered,
+            "last_seq": self.hub.last_seq,
+            "epoch": self.store.epoch,
+            "uptime": round(time.time() - self.started, 3),
+            "pending_commits": self.journal.pending,
+            "bytes_in": self.metrics.bytes_in,
+            "bytes_out": self.flusher.bytes_out,
+            "slow_consumer_closes": self.metrics.slow_consumer_closes,
+            "rate_limited": self.metrics.rate_limited,
+            "errors": dict(self.metrics.errors),
+            "connection_attempts": dict(self.metrics.attempts),
+            "top_topics": dict(self.metrics.top_topics.top(10)),
+        }
+
+
+def _ignore(committed: list[tuple[Message, Draft]]) -> None:
+    """Fan-out of a shared store's appends happens in ``Store.follow``."""
+
+
+def _peer(ws: ServerConnection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+        return f"{host}:{port}"
+    except Exception:
+        return "?"
+
+
+async def run(
+    config: ServerConfig, on_ready: Callable[[BrokerServer], None] | None = None
+) -> None:
+    """Run a broker until SIGTERM/SIGINT, then shut down gracefully; ``on_ready`` is
+    called once it listens (the CLI prints its banner there)."""
+    server = BrokerServer(config)
+    await server.start()
+    # Start-up objects never die: keep them out of the collector's way, and collect the
+    # young generation less often (fan-out allocates many short-lived frames).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    if on_ready is not None:
+        on_ready(server)
+    log.info(
+        "broker %s listening on %s (store: %s)",
+        __version__,
+        config.url,
+        store_label(server.store),
+        extra={"event": "listening"},
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, lambda: loop.create_task(server.shutdown()))
+    await server.serve_forever()
+    log.info("broker stopped", extra={"event": "stopped"})
+
+
+def store_label(store: Store) -> str:
+    """A short description of ``store`` for humans."""
+    if isinstance(store, SqliteStore):
+        return f"sqlite {store.path}"
+    return type(store).__name__.removesuffix("Store").lower()

@@ -1,0 +1,227 @@
+"""One authenticated connection's state on the server, and its outgoing queue.
+
+Everything a connection sends goes through ``Session.send``/``deliver``: frames are queued
+and written to the socket once per event-loop turn (``Flusher``), as ready-made WebSocket
+frames, so a fan-out to many connections costs one encode and no await per subscriber.
+A connection whose unsent bytes pass ``max_queue`` is closed with 4008 (slow consumer)
+and its queue dropped at once. While a subscription replays history, live messages are
+held back and released after the replay, so replay and live never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
+
+from .auth import Identity
+from .errors import CLOSE_SLOW_CONSUMER, CLOSE_TOKEN_EXPIRED
+from .limits import TokenBucket
+from .protocol import Message, text_frame
+
+log = logging.getLogger("broker.session")
+
+_ids = itertools.count(1)
+# Replay writes this much, then waits for the socket to drain.
+_REPLAY_CHUNK = 64 * 1024
+
+
+class Flusher:
+    """Writes every connection's queued frames once per event-loop turn."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Session] = []
+        #: Bytes written to every connection's socket (metrics: broker_sent_bytes_total).
+        self.bytes_out = 0
+
+    def mark(self, session: Session) -> None:
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._dirty.append(session)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for session in dirty:
+            session.flush()
+
+
+class Session:
+    """The server side of one authenticated WebSocket connection."""
+
+    __slots__ = (
+        "_buffered",
+        "_close_task",
+        "_expiry",
+        "_held",
+        "_held_bytes",
+        "_pending",
+        "_pending_bytes",
+        "bucket",
+        "closing",
+        "flusher",
+        "id",
+        "identity",
+        "max_queue",
+        "on_close",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        identity: Identity,
+        *,
+        flusher: Flusher,
+        max_queue: int,
+        rate_limit: float | None = None,
+        on_close: Callable[[Session, int, str], None] | None = None,
+    ) -> None:
+        self.id = next(_ids)
+        self.ws = ws
+        self.identity = identity
+        self.flusher = flusher
+        self.max_queue = max_queue
+        self.bucket = TokenBucket(rate_limit) if rate_limit else None
+        self.on_close = on_close
+        self.closing = False
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._buffered = 0
+        self._close_task: asyncio.Task[None] | None = None
+        self._held: list[Message] | None = None
+        self._held_bytes = 0
+        self._expiry: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} user={self.identity.id!r}>"
+
+    # -- outgoing ----------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        """Queue a protocol frame (JSON bytes)."""
+        self._queue(text_frame(frame))
+
+    def deliver(self, message: Message) -> None:
+        """Queue a live message, or hold it while a replay is in progress."""
+        if self.closing:
+            return
+        if self._held is not None:
+            self._held.append(message)
+            self._held_bytes += len(message.wire)
+            if self._held_bytes > self.max_queue:
+                self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            return
+        self._queue(message.wire)
+
+    async def replay(self, messages: Iterable[Message], timeout: float = 30.0) -> None:
+        """Send messages from history with backpressure: a replay may be far larger than
+        the slow-consumer limit, so it waits for the socket to drain every chunk instead
+        of queueing everything at once. A client that reads nothing for ``timeout``
+        seconds is closed as a slow consumer."""
+        for message in messages:
+            if self.closing:
+                return
+            self._queue(message.wire)
+            if self._pending_bytes >= _REPLAY_CHUNK:
+                self.flush()
+                try:
+                    await asyncio.wait_for(self.ws.drain(), timeout)
+                except (TimeoutError, ConnectionError):
+                    self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+                    return
+
+    def hold(self) -> None:
+        """Hold live messages back until ``release`` (during a replay)."""
+        self._held = []
+        self._held_bytes = 0
+
+    def release(self) -> None:
+        """Send the live messages held back, in order."""
+        held, self._held = self._held, None
+        self._held_bytes = 0
+        for message in held or ():
+            self.deliver(message)
+
+    def _queue(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        # The socket's buffer only shrinks between flushes, so the figure read at the last
+        # flush is an upper bound: re-read it only when it says we may be over the limit.
+        if self._pending_bytes + self._buffered > self.max_queue:
+            transport = self.ws.transport
+            self._buffered = transport.get_write_buffer_size() if transport is not None else 0
+            if self._pending_bytes + self._buffered > self.max_queue:
+                self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+                return
+        if len(self._pending) == 1:
+            self.flusher.mark(self)
+
+    def flush(self) -> None:
+        """Write the queued frames to the socket (called by the ``Flusher``)."""
+        pending, self._pending = self._pending, []
+        size, self._pending_bytes = self._pending_bytes, 0
+        if self.closing or not pending or self.ws.protocol.state is not State.OPEN:
+            return
+        transport = self.ws.transport
+        transport.writelines(pending)
+        self._buffered = transport.get_write_buffer_size()
+        self.flusher.bytes_out += size
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    def allow_publish(self) -> bool:
+        """Take a token from the rate limiter (always True without a limit)."""
+        return self.bucket is None or self.bucket.allow()
+
+    def set_expiry(self, exp: float | None) -> None:
+        """Close with 4003 when ``exp`` (Unix time) passes; None: never."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if exp is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, exp - time.time())
+        self._expiry = loop.call_at(
+            loop.time() + delay, self.close, CLOSE_TOKEN_EXPIRED, "token expired"
+        )
+
+    async def wait_closed(self) -> None:
+        """Wait for a close started by ``close`` (if any) to complete."""
+        if self._close_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._close_task)
+
+    def close(self, code: int, reason: str) -> None:
+        """Stop sending, drop what is queued, and close the connection with ``code``."""
+        if self.closing:
+            return
+        if code != CLOSE_SLOW_CONSUMER:
+            self.flush()  # replies already queued (an error, an ok) go out before the close
+        self.closing = True
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._held = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self.on_close is not None:
+            self.on_close(self, code, reason)
+        ws = self.ws
+        self._close_task = asyncio.get_running_loop().create_task(ws.close(code, reason))
+        if code == CLOSE_SLOW_CONSUMER and ws.transport is not None:
+            # A consumer that does not read never takes the close frame either: free its
+            # buffer now rather than after the closing handshake times out.
+            asyncio.get_running_loop().call_later(1.0, _abort, ws)
+
+
+def _abort(ws: ServerConnection) -> None:
+    if ws.state is not State.CLOSED and ws.transport is not None:
+        ws.transport.abort()

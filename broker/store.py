@@ -1,0 +1,386 @@
+"""Message history: the store interface and its memory and SQLite implementations.
+
+The interface is deliberately narrow so that a Redis store fits behind it too:
+
+* ``append(drafts)`` assigns each draft the next broker-wide ``seq`` and records the batch
+  durably before returning (the caller batches: see ``journal.Journal``);
+* ``read_since(pattern, since, upto)`` and ``read_last(pattern, n, upto)`` replay history;
+* ``trim(now)`` applies the age limit (the per-topic count limit is applied on append).
+
+Each store also knows its ``epoch`` (a name for this history, new when history starts
+over) and ``last_seq`` (the highest seq it has assigned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import sqlite3
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .protocol import Message
+from .topics import is_pattern, matches
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A publish accepted by the server but not yet given a seq."""
+
+    topic: str
+    data: bytes
+    sender_id: str
+    sender_name: str
+    ts: int
+    # Not stored: the id of the local session that published it (0: none on this node)
+    # and whether that session wants its own copy.
+    origin: int = field(default=0, compare=False)
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class Replay:
+    """History read for a ``sub`` with ``since``: the messages and whether nothing with
+    a larger seq than ``since`` was lost to retention."""
+
+    messages: list[Message]
+    recovered: bool
+
+
+def new_epoch() -> str:
+    """A fresh, unique epoch name."""
+    return uuid.uuid4().hex[:16]
+
+
+def now_ms() -> int:
+    """Wall-clock time in integer milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+Deliver = Callable[[list[tuple[Message, Draft]]], None]
+
+
+class Store(ABC):
+    """Where messages get their seq and live on for replay.
+
+    A local store (memory, SQLite) is written by this node only: the journal fans out
+    each batch after ``append``. A shared store (Redis) is written by every node of a
+    cluster, so ``shared`` is True and ``follow`` feeds every node all committed
+    messages, in seq order, from whichever node published them.
+    """
+
+    epoch: str = ""
+    last_seq: int = 0
+    shared: bool = False
+
+    def __init__(self, history: int = 1000, retention: float = 24 * 3600) -> None:
+        self.history = history
+        self.retention = retention
+
+    async def open(self) -> None:
+        """Load or create the history (epoch, seq counter)."""
+
+    async def close(self) -> None:
+        """Flush and release resources."""
+
+    @abstractmethod
+    async def append(self, drafts: list[Draft]) -> list[Message]:
+        """Give each draft the next seq, record the batch durably, return the messages."""
+
+    @abstractmethod
+    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
+        """Retained messages with ``since < seq <= upto`` in topics matching ``pattern``."""
+
+    @abstractmethod
+    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
+        """The latest ``n`` retained messages with ``seq <= upto`` matching ``pattern``."""
+
+    @abstractmethod
+    async def trim(self, now: float) -> int:
+        """Remove messages older than the retention age; return how many went."""
+
+    async def follow(self, deliver: Deliver, restart: Callable[[int], None]) -> None:
+        """Shared stores: call ``deliver`` with every committed message in seq order,
+        forever; call ``restart(last_seq)`` first when history started over (new
+        epoch). Local stores never need it."""
+        raise NotImplementedError
+
+
+class MemoryStore(Store):
+    """History in process memory: fast, lost on restart (a new epoch every start)."""
+
+    def __init__(self, history: int = 1000, retention: float = 24 * 3600) -> None:
+        super().__init__(history, retention)
+        self.epoch = new_epoch()
+        self._topics: dict[str, deque[Message]] = {}
+        self._trimmed: dict[str, int] = {}
+
+    async def append(self, drafts: list[Draft]) -> list[Message]:
+        out = []
+        for d in drafts:
+            self.last_seq += 1
+            msg = Message(self.last_seq, d.topic, d.data, d.sender_id, d.sender_name, d.ts)
+            q = self._topics.get(d.topic)
+            if q is None:
+                q = self._topics[d.topic] = deque()
+                self._trimmed.setdefault(d.topic, 0)
+            q.append(msg)
+            if len(q) > self.history:
+                self._trimmed[d.topic] = q.popleft().seq
+            out.append(msg)
+        return out
+
+    def _matching(self, pattern: str) -> list[str]:
+        if not is_pattern(pattern):
+            return [pattern] if pattern in self._trimmed else []
+        return [t for t in self._trimmed if matches(pattern, t)]
+
+    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
+        topics = self._matching(pattern)
+        recovered = all(self._trimmed[t] <= since for t in topics)
+        runs = [[m for m in self._topics.get(t, ()) if since < m.seq <= upto] for t in topics]
+        return Replay(list(heapq.merge(*runs, key=lambda m: m.seq)), recovered)
+
+    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
+        runs = [
+            [m for m in self._topics.get(t, ()) if m.seq <= upto][-n:] if n else []
+            for t in self._matching(pattern)
+        ]
+        merged = list(heapq.merge(*runs, key=lambda m: m.seq))
+        return merged[-n:] if n else []
+
+    async def trim(self, now: float) -> int:
+        cutoff = int((now - self.retention) * 1000)
+        removed = 0
+        for topic, q in self._topics.items():
+            while q and q[0].ts < cutoff:
+                self._trimmed[topic] = q.popleft().seq
+                removed += 1
+        for topic in [t for t, q in self._topics.items() if not q]:
+            del self._topics[topic]
+        return removed
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    data BLOB NOT NULL,
+    sender_id TEXT NOT NULL,
+    sender_name TEXT NOT NULL,
+    ts INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_topic_seq ON messages (topic, seq);
+CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
+-- One row per topic ever published to: the highest seq removed by retention.
+CREATE TABLE IF NOT EXISTS topics (topic TEXT PRIMARY KEY, trimmed INTEGER NOT NULL);
+"""
+
+# SQLite limits the number of bound parameters; stay well below it.
+_CHUNK = 500
+
+
+def _row_message(row: tuple[Any, ...]) -> Message:
+    return Message(row[0], row[1], bytes(row[2]), row[3], row[4], row[5])
+
+
+class SqliteStore(Store):
+    """History in an SQLite database (WAL, synchronous=FULL): survives crashes and
+    restarts. One writer thread does all writes; reads use their own thread and
+    connection, so replay never waits for a commit and nothing blocks the event loop."""
+
+    def __init__(self, path: Path, history: int = 1000, retention: float = 24 * 3600) -> None:
+        super().__init__(history, retention)
+        self.path = path
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-write")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-read")
+        self._wdb: sqlite3.Connection | None = None
+        self._rdb: sqlite3.Connection | None = None
+        # topic -> number of retained messages, filled lazily; keeps trimming cheap.
+        self._counts: dict[str, int] = {}
+
+    async def _on(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = self._wdb = self._connect()
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        if row is None:
+            self.epoch = new_epoch()
+            db.execute("INSERT INTO meta VALUES ('epoch', ?)", (self.epoch,))
+        else:
+            self.epoch = row[0]
+        stored = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
+        top = db.execute("SELECT max(seq) FROM messages").fetchone()[0]
+        self.last_seq = max(int(stored[0]) if stored else 0, top or 0)
+        self._rdb = self._connect()
+
+    async def open(self) -> None:
+        await self._on(self._writer, self._open_sync)
+
+    def _close_sync(self, db: sqlite3.Connection | None) -> None:
+        if db is not None:
+            db.close()
+
+    async def close(self) -> None:
+        await self._on(self._writer, self._close_sync, self._wdb)
+        await self._on(self._reader, self._close_sync, self._rdb)
+        self._writer.shutdown()
+        self._reader.shutdown()
+
+    def _append_sync(self, drafts: list[Draft]) -> list[Message]:
+        db = self._wdb
+        assert db is not None
+        first = self.last_seq + 1
+        msgs = [
+            Message(first + i, d.topic, d.data, d.sender_id, d.sender_name, d.ts)
+            for i, d in enumerate(drafts)
+        ]
+        last = first + len(drafts) - 1
+        touched: dict[str, int] = {}
+        for m in msgs:
+            touched[m.topic] = touched.get(m.topic, 0) + 1
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+                [(m.seq, m.topic, m.data, m.sender_id, m.sender_name, m.ts) for m in msgs],
+            )
+            for topic, added in touched.items():
+                self._trim_count(db, topic, added)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(last),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._counts.clear()
+            raise
+        self.last_seq = last
+        return msgs
+
+    def _trim_count(self, db: sqlite3.Connection, topic: str, added: int) -> None:
+        count = self._counts.get(topic)
+        if count is None:
+            db.execute("INSERT OR IGNORE INTO topics VALUES (?, 0)", (topic,))
+            count = db.execute("SELECT count(*) FROM messages WHERE topic=?", (topic,)).fetchone()[0]
+        else:
+            count += added
+        if count > self.history:
+            row = db.execute(
+                "SELECT seq FROM messages WHERE topic=? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                (topic, self.history),
+            ).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM messages WHERE topic=? AND seq<=?", (topic, row[0]))
+                db.execute(
+                    "UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (row[0], topic)
+                )
+            count = self.history
+        self._counts[topic] = count
+
+    async def append(self, drafts: list[Draft]) -> list[Message]:
+        result: list[Message] = await self._on(self._writer, self._append_sync, drafts)
+        return result
+
+    def _topics_sync(self, pattern: str) -> list[tuple[str, int]]:
+        db = self._rdb
+        assert db is not None
+        if not is_pattern(pattern):
+            return db.execute("SELECT topic, trimmed FROM topics WHERE topic=?", (pattern,)).fetchall()
+        first = pattern.split("/", 1)[0]
+        if first in ("+", "#"):
+            rows = db.execute("SELECT topic, trimmed FROM topics").fetchall()
+        else:
+            # Topics whose first level is `first`: `first` itself or `first/...`.
+            rows = db.execute(
+                "SELECT topic, trimmed FROM topics WHERE topic=? OR (topic>=? AND topic<?)",
+                (first, first + "/", first + "0"),
+            ).fetchall()
+        return [(t, trimmed) for t, trimmed in rows if matches(pattern, t)]
+
+    def _chunks(self, items: list[str]) -> Iterable[list[str]]:
+        for i in range(0, len(items), _CHUNK):
+            yield items[i : i + _CHUNK]
+
+    def _read_since_sync(self, pattern: str, since: int, upto: int) -> Replay:
+        db = self._rdb
+        assert db is not None
+        topics = self._topics_sync(pattern)
+        recovered = all(trimmed <= since for _, trimmed in topics)
+        rows: list[tuple[Any, ...]] = []
+        for chunk in self._chunks([t for t, _ in topics]):
+            marks = ",".join("?" * len(chunk))
+            rows += db.execute(
+                f"SELECT * FROM messages WHERE topic IN ({marks}) AND seq>? AND seq<=?",
+                (*chunk, since, upto),
+            ).fetchall()
+        rows.sort(key=lambda r: r[0])
+        return Replay([_row_message(r) for r in rows], recovered)
+
+    def _read_last_sync(self, pattern: str, n: int, upto: int) -> list[Message]:
+        db = self._rdb
+        assert db is not None
+        if n == 0:
+            return []
+        rows: list[tuple[Any, ...]] = []
+        for chunk in self._chunks([t for t, _ in self._topics_sync(pattern)]):
+            marks = ",".join("?" * len(chunk))
+            rows += db.execute(
+                f"SELECT * FROM messages WHERE topic IN ({marks}) AND seq<=? "
+                "ORDER BY seq DESC LIMIT ?",
+                (*chunk, upto, n),
+            ).fetchall()
+        rows.sort(key=lambda r: r[0])
+        return [_row_message(r) for r in rows[-n:]]
+
+    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
+        result: Replay = await self._on(self._reader, self._read_since_sync, pattern, since, upto)
+        return result
+
+    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
+        result: list[Message] = await self._on(self._reader, self._read_last_sync, pattern, n, upto)
+        return result
+
+    def _trim_sync(self, now: float) -> int:
+        db = self._wdb
+        assert db is not None
+        cutoff = int((now - self.retention) * 1000)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            gone = db.execute(
+                "SELECT topic, max(seq), count(*) FROM messages WHERE ts<? GROUP BY topic",
+                (cutoff,),
+            ).fetchall()
+            for topic, top, _ in gone:
+                db.execute("DELETE FROM messages WHERE topic=? AND seq<=?", (topic, top))
+                db.execute("UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        for topic, _, count in gone:
+            if topic in self._counts:
+                self._counts[topic] = max(0, self._counts[topic] - count)
+        return sum(count for _, _, count in gone)
+
+    async def trim(self, now: float) -> int:
+        removed: int = await self._on(self._writer, self._trim_sync, now)
+        return removed

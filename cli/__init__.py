@@ -1,0 +1,1 @@
+"""The ``broker`` command line: parses arguments, calls the library, renders results."""

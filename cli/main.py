@@ -1,0 +1,36 @@
+"""The ``broker`` command group; each command lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from broker import __version__
+
+from . import bench, client_commands, serve
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="broker")
+def cli() -> None:
+    """broker: a real-time pub/sub topic broker over WebSocket.
+
+    \b
+    Quick start, in three terminals on one machine:
+      broker serve
+      broker sub football
+      broker pub football "2-1"
+    """
+
+
+cli.add_command(serve.serve)
+cli.add_command(bench.bench)
+client_commands.register(cli)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

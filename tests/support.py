@@ -1,0 +1,234 @@
+"""Test helpers: real broker processes on loopback ports, raw WebSocket clients.
+
+Nothing here is mocked: ``BrokerProcess`` runs ``python -m cli.main serve`` (the same code
+as the ``broker`` console script) in a subprocess on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+from broker.auth import mint_token
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-0123456789-abcdefghijklmnop"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def isolated_env(home: Path) -> dict[str, str]:
+    """Environment for a subprocess whose XDG dirs live under ``home``."""
+    env = dict(os.environ)
+    env["XDG_CONFIG_HOME"] = str(home / "config")
+    env["XDG_DATA_HOME"] = str(home / "data")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("BROKER_SECRET", None)
+    env.pop("BROKER_TOKEN", None)
+    env.pop("BROKER_URL", None)
+    env["NO_COLOR"] = "1"
+    return env
+
+
+class BrokerProcess:
+    """A ``broker serve`` subprocess; ``start()`` waits until it accepts connections."""
+
+    def __init__(
+        self,
+        home: Path,
+        *args: str,
+        port: int | None = None,
+        secret: str | None = SECRET,
+        memory: bool = False,
+        data: Path | None = None,
+    ) -> None:
+        self.home = home
+        self.port = port or free_port()
+        self.secret = secret
+        self.data = data if data is not None else home / "store"
+        self.args = list(args)
+        self.memory = memory
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = home / f"broker-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(self.port)]
+        if self.secret is not None:
+            cmd += ["--secret", self.secret]
+        cmd += ["--memory"] if self.memory else ["--data", str(self.data)]
+        return cmd + self.args
+
+    def start(self, timeout: float = 15.0) -> BrokerProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.command(), cwd=ROOT, env=isolated_env(self.home), stdout=log, stderr=log
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=0.2
+            ):
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"broker did not start within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def token(self, user_id: str = "1", name: str | None = None, **kw: Any) -> str:
+        assert self.secret is not None
+        return mint_token(self.secret, user_id, name, **kw)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send ``sig`` and wait for the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        """``kill -9``: no cleanup of any kind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> BrokerProcess:
+        self.stop()
+        return self.start()
+
+
+class Peer:
+    """A raw protocol client over a real WebSocket, for tests of the wire format."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._next_id = 0
+
+    @classmethod
+    async def open(cls, url: str, token: str | None = None, *, hello: bool = True) -> Peer:
+        ws = await connect(url, max_size=None, open_timeout=10)
+        peer = cls(ws)
+        if token is not None:
+            await peer.send({"op": "auth", "token": token})
+            if hello:
+                frame = await peer.recv()
+                assert frame["op"] == "hello", frame
+        return peer
+
+    @classmethod
+    async def open_with_header(cls, url: str, token: str) -> Peer:
+        ws = await connect(
+            url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10
+        )
+        return cls(ws)
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        if isinstance(frame, dict):
+            await self.ws.send(orjson.dumps(frame).decode())
+        else:
+            await self.ws.send(frame)
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame = orjson.loads(raw)
+        assert isinstance(frame, dict)
+        return frame
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a request with a fresh id; return its reply, skipping other frames."""
+        self._next_id += 1
+        rid = self._next_id
+        await self.send({"op": op, "id": rid, **fields})
+        while True:
+            frame = await self.recv()
+            if frame.get("id") == rid and frame["op"] in ("ok", "error"):
+                return frame
+
+    async def expect_nothing(self, wait: float = 0.3) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            frame = await self.recv(timeout=wait)
+            raise AssertionError(f"unexpected frame {frame}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost: (cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path

@@ -1,0 +1,115 @@
+"""Parsing client frames and encoding server frames, without sockets."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from broker.errors import BadRequest, Forbidden
+from broker.protocol import (
+    Auth,
+    Message,
+    Presence,
+    Pub,
+    Stats,
+    Sub,
+    Unsub,
+    encode_error,
+    encode_ok,
+    parse_request,
+    text_frame,
+)
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        ({"op": "auth", "token": "t"}, Auth("t")),
+        ({"op": "auth", "token": "t", "id": "a"}, Auth("t", "a")),
+        ({"op": "sub", "id": 1, "topic": "a/+"}, Sub(1, "a/+")),
+        ({"op": "sub", "id": 1, "topic": "a", "since": 5, "epoch": "e"}, Sub(1, "a", since=5, epoch="e")),
+        ({"op": "sub", "id": 1.5, "topic": "a", "last": 0, "presence": True}, Sub(1.5, "a", last=0, presence=True)),
+        ({"op": "unsub", "id": "x", "topic": "#"}, Unsub("x", "#")),
+        ({"op": "pub", "topic": "a", "data": {"b": [1, None]}}, Pub("a", b'{"b":[1,null]}')),
+        ({"op": "pub", "topic": "a", "data": None, "id": 3, "echo": True}, Pub("a", b"null", 3, True)),
+        ({"op": "presence", "id": 1, "topic": "room"}, Presence(1, "room")),
+        ({"op": "stats", "id": 1, "extra": "ignored"}, Stats(1)),
+    ],
+)
+def test_parse_valid(frame: dict[str, object], expected: object) -> None:
+    assert parse_request(orjson.dumps(frame).decode()) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "rid"),
+    [
+        (b'{"op":"pub"}', "binary", None),
+        ("not json", "not valid JSON", None),
+        ("[1,2]", "JSON object", None),
+        ('{"id":1}', "no 'op'", 1),
+        ('{"op":"fly","id":1}', "unknown op", 1),
+        ('{"op":"sub","topic":"a"}', "requires an 'id'", None),
+        ('{"op":"sub","id":null,"topic":"a"}', "'id' must be", None),
+        ('{"op":"sub","id":true,"topic":"a"}', "'id' must be", None),
+        ('{"op":"sub","id":[1],"topic":"a"}', "'id' must be", None),
+        ('{"op":"sub","id":1,"topic":"a+b"}', "whole level", 1),
+        ('{"op":"sub","id":1,"topic":"a","since":1,"last":1}', "together", 1),
+        ('{"op":"sub","id":1,"topic":"a","since":-1}', "non-negative", 1),
+        ('{"op":"sub","id":1,"topic":"a","last":1.5}', "non-negative", 1),
+        ('{"op":"sub","id":1,"topic":"a","since":true}', "non-negative", 1),
+        ('{"op":"sub","id":1,"topic":"a","epoch":5}', "'epoch'", 1),
+        ('{"op":"sub","id":1,"topic":"a","presence":"yes"}', "boolean", 1),
+        ('{"op":"pub","topic":"a"}', "requires 'data'", None),
+        ('{"op":"pub","topic":"a/#","data":1,"id":2}', "'+' or '#'", 2),
+        ('{"op":"pub","topic":"a","data":1,"echo":1}', "boolean", None),
+        ('{"op":"presence","id":1,"topic":"a/+"}', "not a pattern", 1),
+        ('{"op":"auth"}', "token", None),
+        ('{"op":"stats"}', "requires an 'id'", None),
+    ],
+)
+def test_parse_invalid(raw: str | bytes, reason: str, rid: object) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_request(raw)
+    assert reason in info.value.message
+    assert info.value.request_id == rid
+
+
+def test_message_frame_is_encoded_once_and_valid_json() -> None:
+    msg = Message(7, "a/b", b'{"x":"\\u00e9"}', "42", 'Jo "J"', 123)
+    assert msg.frame is msg.frame
+    assert orjson.loads(msg.frame) == {
+        "op": "msg",
+        "topic": "a/b",
+        "seq": 7,
+        "data": {"x": "é"},
+        "from": {"id": "42", "name": 'Jo "J"'},
+        "ts": 123,
+    }
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_text_frame_header(size: int) -> None:
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    payload = b"x" * size
+    reader = StreamReader()
+    reader.feed_data(text_frame(payload))
+    parser = Frame.parse(reader.read_exact, mask=False)
+    try:
+        next(parser)
+        raise AssertionError("parser wanted more data")
+    except StopIteration as done:
+        frame = done.value
+    assert frame.opcode is Opcode.TEXT and frame.fin and frame.data == payload
+
+
+def test_error_and_ok_encoding() -> None:
+    assert orjson.loads(encode_error(Forbidden("no", request_id="r"))) == {
+        "op": "error",
+        "code": "forbidden",
+        "message": "no",
+        "id": "r",
+    }
+    assert "id" not in orjson.loads(encode_error(BadRequest("bad")))
+    assert orjson.loads(encode_ok(1, seq=3)) == {"op": "ok", "id": 1, "seq": 3}

@@ -1,0 +1,113 @@
+"""Both stores behind the same interface, and the journal's group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker.errors import BrokerError, Unavailable
+from broker.journal import Journal
+from broker.protocol import Message
+from broker.store import Draft, MemoryStore, SqliteStore, Store
+
+
+def draft(topic: str, n: int, ts: int | None = None) -> Draft:
+    return Draft(topic, str(n).encode(), "u", "U", ts if ts is not None else int(time.time() * 1000))
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = MemoryStore(history=3) if request.param == "memory" else SqliteStore(tmp_path / "db", history=3)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_append_assigns_increasing_seqs(store: Store) -> None:
+    msgs = await store.append([draft("a", 1), draft("b", 2)])
+    more = await store.append([draft("a", 3)])
+    assert [m.seq for m in msgs + more] == [1, 2, 3]
+    assert store.last_seq == 3 and store.epoch
+
+
+async def test_reads(store: Store) -> None:
+    await store.append([draft("x/a", i) if i % 2 else draft("x/b", i) for i in range(6)])
+    await store.append([draft("y", 9)])
+    since = await store.read_since("x/+", 2, 100)
+    assert [m.seq for m in since.messages] == [3, 4, 5, 6] and since.recovered
+    assert [m.seq for m in (await store.read_since("x/+", 2, 4)).messages] == [3, 4]
+    assert [m.seq for m in await store.read_last("x/#", 2, 100)] == [5, 6]
+    assert [m.seq for m in await store.read_last("x/a", 2, 5)] == [2, 4]
+    assert await store.read_last("nothing/+", 5, 100) == []
+    assert await store.read_last("#", 0, 100) == []
+
+
+async def test_count_retention_sets_recovered(store: Store) -> None:
+    await store.append([draft("t", i) for i in range(5)])  # history=3 keeps 3, 4, 5
+    result = await store.read_since("t", 0, 100)
+    assert [m.seq for m in result.messages] == [3, 4, 5] and not result.recovered
+    assert (await store.read_since("t", 2, 100)).recovered
+    assert not (await store.read_since("t", 1, 100)).recovered
+
+
+async def test_age_retention(store: Store) -> None:
+    old = int((time.time() - 100) * 1000)
+    await store.append([draft("t", 1, ts=old), draft("t", 2)])
+    store.retention = 50
+    assert await store.trim(time.time()) == 1
+    result = await store.read_since("t", 0, 100)
+    assert [m.seq for m in result.messages] == [2] and not result.recovered
+
+
+async def test_sqlite_reopen_keeps_epoch_and_counter(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "db", history=1, retention=50)
+    await s.open()
+    await s.append([draft("t", 1, ts=0), draft("t", 2, ts=0)])
+    await s.trim(time.time())  # everything expired
+    epoch = s.epoch
+    await s.close()
+    again = SqliteStore(tmp_path / "db", history=1)
+    await again.open()
+    assert again.epoch == epoch and again.last_seq == 2
+    assert [m.seq for m in await again.append([draft("t", 3)])] == [3]
+    await again.close()
+
+
+class FailingStore(MemoryStore):
+    """A store whose disk is gone: every append fails."""
+
+    async def append(self, drafts: list[Draft]) -> list[Message]:
+        raise OSError("disk I/O error")
+
+
+async def test_journal_refuses_with_unavailable_when_store_fails() -> None:
+    journal = Journal(FailingStore(), lambda committed: None)
+    results: list[BrokerError | None] = []
+    for i in range(3):
+        journal.submit(draft("t", i), lambda m, e: results.append(e))
+    await journal.close()
+    assert len(results) == 3 and all(isinstance(e, Unavailable) for e in results)
+
+
+async def test_journal_batches_while_a_commit_runs() -> None:
+    store = MemoryStore()
+    sizes: list[int] = []
+    fanned: list[int] = []
+    journal = Journal(store, lambda committed: fanned.extend(m.seq for m, _ in committed))
+    journal.commit_observers.append(lambda n, _: sizes.append(n))
+    done: list[int] = []
+    for i in range(10):
+        journal.submit(draft("t", i), lambda m, e: done.append(m.seq if m else -1))
+    await asyncio.sleep(0)
+    for i in range(10):
+        journal.submit(draft("t", i), lambda m, e: done.append(m.seq if m else -1))
+    await journal.close()
+    assert done == list(range(1, 21)) and fanned == done
+    assert sum(sizes) == 20 and len(sizes) <= 3  # batched, not one commit per message
+    refused: list[BrokerError | None] = []
+    journal.submit(draft("t", 0), lambda m, e: refused.append(e))
+    assert isinstance(refused[0], Unavailable)
