@@ -591,6 +591,7 @@ class Client:
                 try:
                     await ws.send(orjson.dumps(frame).decode())
                 except ConnectionClosed:
+                    self._dropped(ws)
                     # Not written: safe to send again on the next connection.
                     if not retry:
                         self._pending.pop(rid, None)
@@ -627,7 +628,17 @@ class Client:
                 await ws.send(data)
                 return
             except ConnectionClosed:
-                continue
+                self._dropped(ws)
+
+    def _dropped(self, ws: ClientConnection) -> None:
+        """Stop handing out ``ws`` as soon as a send finds it closed.
+
+        The session task notices the close only on its next turn; until then
+        ``_ready`` is still set, and a sender retrying at once would spin on the
+        dead connection without ever yielding to the loop.
+        """
+        if self._ws is ws:
+            self._ready.clear()
 
     def _fail_pending(
         self, make_error: Callable[[_Request], BrokerError], *, everything: bool

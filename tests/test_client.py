@@ -343,6 +343,24 @@ async def test_no_loss_no_duplicates_across_restart(broker: BrokerProcess) -> No
     assert set(acked) <= set(seqs), f"lost {sorted(set(acked) - set(seqs))[:10]}"
 
 
+@pytest.mark.timeout(30)
+async def test_send_on_a_just_closed_connection_waits_for_the_next_one(
+    broker: BrokerProcess,
+) -> None:
+    # The CI failure of 2026-11-24: a publish that found its connection closed
+    # before the session task had noticed retried on the same dead socket in a
+    # loop that never yielded, so the client never reconnected.
+    async with Client(broker.url, tok("pub"), backoff_initial=0.05) as pub:
+        dead = pub._ws
+        assert dead is not None
+        dead.transport.abort()
+        # One turn: the socket's connection_lost runs (the connection is now
+        # CLOSED) but the session task that reads it has not resumed yet.
+        await asyncio.sleep(0)
+        seq = await pub.publish("t", "after")
+        assert isinstance(seq, int) and pub._ws is not dead and pub.reconnects == 1
+
+
 async def test_memory_broker_restart_reports_gap_and_keeps_delivering(
     make_broker: Any,
 ) -> None:
