@@ -113,6 +113,7 @@ class ServerConfig:
     max_connections: int | None = None
     max_subscriptions: int | None = None
     auth_timeout: float = 10.0
+    ping_interval: float = 20.0  # 0: no keepalive pings
     drain_timeout: float = 10.0
     allowed_origins: list[str] = field(default_factory=list)
     tls_cert: str | None = None

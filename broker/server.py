@@ -1,8 +1,11 @@
 """The broker server: a thin asyncio shell around the protocol core.
 
 ``BrokerServer`` owns the store, the journal (group commit) and the hub (subscriptions,
-presence, fan-out). websockets does the HTTP handshake and framing; this module answers
-the plain HTTP paths, authenticates, and moves frames between sockets and the core.
+presence, fan-out). ``Connection`` (websockets' sans-I/O protocol in an asyncio.Protocol)
+does the HTTP handshake and framing; this module answers the plain HTTP paths,
+authenticates, and moves frames between connections and the core. Requests are handled
+synchronously as they arrive; only those that wait on the store or the cluster (``sub``,
+``presence``, ``stats``) run as a task, while later frames of that connection wait.
 """
 
 from __future__ import annotations
@@ -20,15 +23,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.http11 import Request, Response
 
 from . import __version__
 from .auth import Identity, TokenVerifier, parse_bearer
 from .cluster import RedisStore
 from .config import ServerConfig, data_dir
+from .connection import CLOSE_INTERNAL, Connection
 from .errors import (
     CLOSE_GOING_AWAY,
     CLOSE_SLOW_CONSUMER,
@@ -48,7 +51,6 @@ from .protocol import (
     Message,
     Presence,
     Pub,
-    Request as Frame,
     Stats,
     Sub,
     Unsub,
@@ -56,11 +58,20 @@ from .protocol import (
     encode_hello,
     encode_ok,
     parse_request,
+    text_frame,
+)
+from .protocol import (
+    Request as Frame,
 )
 from .session import Flusher, Session
 from .store import Draft, MemoryStore, SqliteStore, Store, now_ms
 
+# Frames of one connection that wait while one of its requests runs as a task; past this
+# many, stop reading from its socket until they are handled.
+_BACKLOG_PAUSE = 64
+
 log = logging.getLogger("broker")
+
 
 SERVER_NAME = f"broker/{__version__}"
 #: Log event names for the close codes a session is closed with.
@@ -129,7 +140,9 @@ class BrokerServer:
         self.hub.observe_fanout = self.metrics.fanout_seconds.observe
         if redis is not None:
             redis.observe_roundtrip = self.metrics.redis_roundtrip_seconds.observe
-        self._ws_server: Server | None = None
+        self._listener: asyncio.Server | None = None
+        self._conns: set[Connection] = set()  # upgraded to WebSocket
+        self._unauthenticated: set[Connection] = set()  # waiting for the first frame
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -143,19 +156,25 @@ class BrokerServer:
         if self.config.tls_cert:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        self._ws_server = await serve(
-            self._handle,
-            self.config.host,
-            self.config.port,
-            process_request=self._process_request,
-            compression="deflate" if self.config.compression else None,
-            max_size=self.config.max_message_size,
-            max_queue=16,
-            server_header=SERVER_NAME,
-            close_timeout=2,
-            ssl=ssl_context,
+        extensions = enable_server_permessage_deflate(None) if self.config.compression else None
+        max_size = self.config.max_message_size
+        open_timeout = self.config.auth_timeout  # for the HTTP request, then again for 'auth'
+
+        def connection() -> Connection:
+            return Connection(
+                self,
+                max_size=max_size,
+                extensions=extensions,
+                server_header=SERVER_NAME,
+                open_timeout=open_timeout,
+            )
+
+        self._listener = await asyncio.get_running_loop().create_server(
+            connection, self.config.host, self.config.port, ssl=ssl_context
         )
         self._spawn(self._trim_loop())
+        if self.config.ping_interval > 0:
+            self._spawn(self._keepalive_loop(self.config.ping_interval))
         if self.store.shared:
             self._spawn(self.store.follow(self.hub.fanout, self._history_restarted))
 
@@ -177,6 +196,28 @@ class BrokerServer:
             except Exception:
                 log.exception("retention trim failed", extra={"event": "trim_failed"})
 
+    async def _keepalive_loop(self, interval: float) -> None:
+        """Every ``interval``: ping connections quiet for half of it, drop those quiet
+        for two (they were pinged at the previous round and never answered).
+
+        One timer for the whole server rather than a task per connection: a dead peer
+        is dropped within three intervals, an idle live one costs a ping per interval."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for conn in list(self._conns):
+                quiet = now - conn.last_seen
+                if quiet >= 2 * interval:
+                    log.info(
+                        "dropping %s: no answer to keepalive pings",
+                        conn.peer,
+                        extra={"event": "keepalive_timeout", "peer": conn.peer},
+                    )
+                    conn.fail(CLOSE_INTERNAL, "keepalive ping timeout")
+                elif quiet >= interval / 2:
+                    conn.ping()
+
     async def serve_forever(self) -> None:
         """Run until ``shutdown`` completes."""
         await self._stopped.wait()
@@ -190,20 +231,26 @@ class BrokerServer:
         log.info(
             "shutting down: draining %d connections", len(self.sessions), extra={"event": "shutdown"}
         )
-        assert self._ws_server is not None
-        self._ws_server.server.close()  # no new connections
+        assert self._listener is not None
+        self._listener.close()  # no new connections
         try:
             await asyncio.wait_for(self.journal.close(), self.config.drain_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error(
                 "pending commits did not finish within the drain timeout",
                 extra={"event": "drain_timeout"},
             )
         for session in list(self.sessions):
             session.close(CLOSE_GOING_AWAY, "server shutting down")
-        self._ws_server.close(close_connections=True)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._ws_server.wait_closed(), self.config.drain_timeout)
+        for conn in list(self._conns):  # not authenticated yet
+            conn.close(CLOSE_GOING_AWAY, "server shutting down")
+        if self._conns:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait(
+                    [conn.closed for conn in self._conns], timeout=self.config.drain_timeout
+                )
+        for conn in list(self._conns):
+            conn.abort()
         for task in list(self._tasks):
             task.cancel()
         await self.store.close()
@@ -211,12 +258,13 @@ class BrokerServer:
 
     # -- HTTP --------------------------------------------------------------------------
 
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    def http_request(self, conn: Connection, request: Request) -> Response | None:
+        """Answer plain HTTP paths, or None to let ``/ws`` upgrade."""
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             if self.draining:
-                return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
-            return conn.respond(HTTPStatus.OK, "ok")
+                return conn.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+            return conn.protocol.reject(HTTPStatus.OK, "ok")
         if path == "/metrics":
             body = self.metrics.exposition()
             headers = Headers(
@@ -227,7 +275,7 @@ class BrokerServer:
         if path in STATIC_FILES and "upgrade" not in connection:
             return self._static(path)
         if path != "/ws":
-            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+            return conn.protocol.reject(HTTPStatus.NOT_FOUND, "not found\n")
         # A header sent twice is refused as a whole (headers.get would raise on it).
         origins = request.headers.get_all("Origin")
         if origins and self.config.allowed_origins:
@@ -248,20 +296,20 @@ class BrokerServer:
                 identity = self.verifier.verify(parse_bearer(authorization[0]))
             except Unauthorized as exc:
                 return self._refuse(conn, HTTPStatus.UNAUTHORIZED, "unauthorized", exc.message)
-            conn.broker_identity = identity  # type: ignore[attr-defined]
+            conn.identity = identity
         return None
 
     def _refuse(
-        self, conn: ServerConnection, status: HTTPStatus, result: str, reason: str
+        self, conn: Connection, status: HTTPStatus, result: str, reason: str
     ) -> Response:
         """Refuse a handshake with ``status``, counted as attempt ``result``."""
         self._refused(conn, result, reason)
-        return conn.respond(status, reason + "\n")
+        return conn.protocol.reject(status, reason + "\n")
 
-    def _refused(self, conn: ServerConnection, result: str, reason: str) -> None:
+    def _refused(self, conn: Connection, result: str, reason: str) -> None:
         """Count and log a connection refused before or after the upgrade."""
         self.metrics.attempt(result)
-        peer = _peer(conn)
+        peer = conn.peer
         log.info(
             "refused connection from %s: %s",
             peer,
@@ -290,110 +338,188 @@ class BrokerServer:
         )
         return Response(200, "OK", headers, body)
 
-    # -- WebSocket ---------------------------------------------------------------------
+    # -- WebSocket (called by Connection) ----------------------------------------------
 
-    async def _authenticate(self, ws: ServerConnection) -> Identity | None:
-        identity: Identity | None = getattr(ws, "broker_identity", None)
-        if identity is not None:
-            return identity
+    def opened(self, conn: Connection) -> None:
+        """Handshake done: start the session (bearer header) or wait for ``auth``."""
+        self._conns.add(conn)
+        self.connections += 1
+        if conn.identity is not None:
+            self._start_session(conn, conn.identity)
+        else:
+            self._unauthenticated.add(conn)
+            conn.timer = conn.loop.call_later(self.config.auth_timeout, self._auth_timeout, conn)
+
+    def message(self, conn: Connection, data: str | bytes) -> None:
+        """One incoming message: ``auth`` first, then requests, in order."""
+        self.metrics.bytes_in += wire_size(data)
+        session = conn.session
+        if session is None:
+            if conn in self._unauthenticated:
+                self._authenticate(conn, data)
+        elif session.closing:
+            return
+        elif session.task is None:
+            self._handle(session, data)
+        else:
+            session.backlog.append(data)
+            if len(session.backlog) >= _BACKLOG_PAUSE and conn.transport is not None:
+                conn.transport.pause_reading()
+
+    def closed(self, conn: Connection) -> None:
+        """The connection is gone: forget it and its session."""
+        if conn not in self._conns:
+            return  # never upgraded: a plain HTTP request or a failed handshake
+        self._conns.discard(conn)
+        self.connections -= 1
+        if conn in self._unauthenticated:
+            self._unauthenticated.discard(conn)
+            self.metrics.attempt("abandoned")
+        session = conn.session
+        if session is None:
+            return
+        if session.task is not None:
+            session.task.cancel()
+        self._drop(session)
+        log.info(
+            "disconnect %s user=%s code=%s",
+            session.id,
+            session.identity.id,
+            conn.close_code,
+            extra={
+                "event": "disconnect",
+                "conn": session.id,
+                "user": session.identity.id,
+                "code": conn.close_code,
+            },
+        )
+
+    def _authenticate(self, conn: Connection, data: str | bytes) -> None:
+        self._unauthenticated.discard(conn)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
         request_id = None
         try:
-            raw = await asyncio.wait_for(ws.recv(), self.config.auth_timeout)
-            self.metrics.bytes_in += wire_size(raw)
-            frame = parse_request(raw)
+            frame = parse_request(data)
             request_id = getattr(frame, "id", None)
             if not isinstance(frame, Auth):
                 raise Unauthorized("the first frame must be 'auth'")
-            return self.verifier.verify(frame.token)
-        except ConnectionClosed:
-            self.metrics.attempt("abandoned")
-            return None
-        except asyncio.TimeoutError:
-            error: BrokerError = Unauthorized("no 'auth' frame within the authentication timeout")
+            identity = self.verifier.verify(frame.token)
         except BrokerError as exc:
-            request_id = exc.request_id if request_id is None else request_id
             error = exc if isinstance(exc, Unauthorized) else Unauthorized(exc.message)
-        error.request_id = request_id
-        self._refused(ws, "unauthorized", error.message)
+            error.request_id = exc.request_id if request_id is None else request_id
+            self._refuse_session(conn, error)
+            return
+        self._start_session(conn, identity)
+
+    def _auth_timeout(self, conn: Connection) -> None:
+        conn.timer = None
+        if conn in self._unauthenticated:
+            self._unauthenticated.discard(conn)
+            self._refuse_session(
+                conn, Unauthorized("no 'auth' frame within the authentication timeout")
+            )
+
+    def _refuse_session(self, conn: Connection, error: Unauthorized) -> None:
+        """Answer a failed first-frame ``auth`` with the error, then close with 4001."""
+        self._refused(conn, "unauthorized", error.message)
         self.metrics.error(error.code)
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send(encode_error(error), text=True)
-            await ws.close(CLOSE_UNAUTHORIZED, error.message[:120])
-        return None
+        conn.write(text_frame(encode_error(error)))
+        conn.close(CLOSE_UNAUTHORIZED, error.message[:120])
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        self.connections += 1
+    def _start_session(self, conn: Connection, identity: Identity) -> None:
+        self.metrics.attempt("accepted")
+        session = Session(
+            conn,
+            identity,
+            flusher=self.flusher,
+            max_queue=self.config.max_queue,
+            rate_limit=self.config.rate_limit,
+            on_close=self._on_session_close,
+        )
+        conn.session = session
+        self.sessions.add(session)
+        self.hub.attach(session)
+        log.info(
+            "connect %s user=%s from %s",
+            session.id,
+            identity.id,
+            conn.peer,
+            extra={"event": "connect", "conn": session.id, "user": identity.id, "peer": conn.peer},
+        )
+        session.send(encode_hello(identity.user_json(), SERVER_NAME))
+        session.set_expiry(identity.exp)
+
+    def _handle(self, session: Session, data: str | bytes) -> None:
+        """Handle one request now, or start a task for one that waits on I/O."""
+        frame = None
         try:
-            identity = await self._authenticate(ws)
-            if identity is None:
-                return
-            self.metrics.attempt("accepted")
-            session = Session(
-                ws,
-                identity,
-                flusher=self.flusher,
-                max_queue=self.config.max_queue,
-                rate_limit=self.config.rate_limit,
-                on_close=self._on_session_close,
-            )
-            self.sessions.add(session)
-            self.hub.attach(session)
-            log.info(
-                "connect %s user=%s from %s",
-                session.id,
-                identity.id,
-                _peer(ws),
-                extra={"event": "connect", "conn": session.id, "user": identity.id, "peer": _peer(ws)},
-            )
-            try:
-                session.send(encode_hello(identity.user_json(), SERVER_NAME))
-                session.set_expiry(identity.exp)
-                await self._serve_session(session)
-                # Returning from the handler makes websockets close with 1000: let a
-                # close this broker started (4001, 4003, 4008, 1001) finish first.
-                await session.wait_closed()
-            finally:
-                self._drop(session)
-                log.info(
-                    "disconnect %s user=%s code=%s",
-                    session.id,
-                    identity.id,
-                    ws.close_code,
-                    extra={
-                        "event": "disconnect",
-                        "conn": session.id,
-                        "user": identity.id,
-                        "code": ws.close_code,
-                    },
+            frame = parse_request(data)
+            if isinstance(frame, Pub):
+                self._publish(session, frame)
+            elif isinstance(frame, Unsub):
+                self.hub.unsubscribe(session, frame.topic)
+                session.send(encode_ok(frame.id))
+            elif isinstance(frame, Auth):
+                self._refresh(session, frame)
+            else:
+                session.task = asyncio.get_running_loop().create_task(
+                    self._handle_async(session, frame)
                 )
-        finally:
-            self.connections -= 1
+        except Exception as exc:
+            self._request_failed(session, frame, exc)
 
-    async def _serve_session(self, session: Session) -> None:
-        ws = session.ws
-        with contextlib.suppress(ConnectionClosed):
-            async for raw in ws:
-                if session.closing:
-                    break
-                self.metrics.bytes_in += wire_size(raw)
-                frame = None
-                try:
-                    frame = parse_request(raw)
-                    await self._dispatch(session, frame)
-                except BrokerError as exc:
-                    self.metrics.error(exc.code)
-                    session.send(encode_error(exc))
-                    if isinstance(exc, Unauthorized):
-                        session.close(CLOSE_UNAUTHORIZED, exc.message[:120])
-                except Exception:
-                    log.exception(
-                        "internal error on connection %s",
-                        session.id,
-                        extra={"event": "internal_error", "conn": session.id, "user": session.identity.id},
-                    )
-                    self.metrics.error("internal")
-                    rid = getattr(frame, "id", None)
-                    session.send(encode_error(BrokerError("internal error", request_id=rid)))
+    async def _handle_async(self, session: Session, frame: Frame) -> None:
+        try:
+            if isinstance(frame, Sub):
+                await self._subscribe(session, frame)
+            elif isinstance(frame, Presence):
+                session.identity.check_subscribe(frame.topic)
+                users = self.hub.presence(frame.topic)
+                if self.cluster is not None:
+                    users = await self.cluster.presence(frame.topic, users)
+                session.send(encode_ok(frame.id, users=users))
+            elif isinstance(frame, Stats):
+                if not session.identity.admin:
+                    raise Forbidden("stats needs an admin token")
+                figures = self.stats()
+                if self.cluster is not None:
+                    figures = await self.cluster.stats(figures)
+                session.send(encode_ok(frame.id, **figures))
+        except Exception as exc:
+            self._request_failed(session, frame, exc)
+        finally:
+            session.task = None
+        # The frames that arrived meanwhile, in order, until one needs a task again.
+        backlog = session.backlog
+        was_full = len(backlog) >= _BACKLOG_PAUSE
+        while backlog and session.task is None and not session.closing:
+            self._handle(session, backlog.popleft())
+        if session.closing:
+            backlog.clear()
+        elif was_full and len(backlog) < _BACKLOG_PAUSE and session.conn.transport is not None:
+            session.conn.transport.resume_reading()
+
+    def _request_failed(self, session: Session, frame: Frame | None, exc: Exception) -> None:
+        """Answer a request that failed: its error code, or ``internal`` for a bug."""
+        if isinstance(exc, BrokerError):
+            if exc.request_id is None:
+                exc.request_id = getattr(frame, "id", None)
+            self.metrics.error(exc.code)
+            session.send(encode_error(exc))
+            if isinstance(exc, Unauthorized):
+                session.close(CLOSE_UNAUTHORIZED, exc.message[:120])
+            return
+        log.error(
+            "internal error on connection %s",
+            session.id,
+            exc_info=exc,
+            extra={"event": "internal_error", "conn": session.id, "user": session.identity.id},
+        )
+        self.metrics.error("internal")
+        rid = getattr(frame, "id", None)
+        session.send(encode_error(BrokerError("internal error", request_id=rid)))
 
     def _on_session_close(self, session: Session, code: int, reason: str) -> None:
         if code == CLOSE_SLOW_CONSUMER:
@@ -422,35 +548,6 @@ class BrokerServer:
             session.set_expiry(None)
 
     # -- requests ----------------------------------------------------------------------
-
-    async def _dispatch(self, session: Session, frame: Frame) -> None:
-        try:
-            if isinstance(frame, Pub):
-                self._publish(session, frame)
-            elif isinstance(frame, Sub):
-                await self._subscribe(session, frame)
-            elif isinstance(frame, Unsub):
-                self.hub.unsubscribe(session, frame.topic)
-                session.send(encode_ok(frame.id))
-            elif isinstance(frame, Presence):
-                session.identity.check_subscribe(frame.topic)
-                users = self.hub.presence(frame.topic)
-                if self.cluster is not None:
-                    users = await self.cluster.presence(frame.topic, users)
-                session.send(encode_ok(frame.id, users=users))
-            elif isinstance(frame, Stats):
-                if not session.identity.admin:
-                    raise Forbidden("stats needs an admin token")
-                figures = self.stats()
-                if self.cluster is not None:
-                    figures = await self.cluster.stats(figures)
-                session.send(encode_ok(frame.id, **figures))
-            elif isinstance(frame, Auth):
-                self._refresh(session, frame)
-        except BrokerError as exc:
-            if exc.request_id is None:
-                exc.request_id = getattr(frame, "id", None)
-            raise
 
     def _publish(self, session: Session, frame: Pub) -> None:
         if self.draining:
@@ -586,14 +683,6 @@ class BrokerServer:
 
 def _ignore(committed: list[tuple[Message, Draft]]) -> None:
     """Fan-out of a shared store's appends happens in ``Store.follow``."""
-
-
-def _peer(ws: ServerConnection) -> str:
-    try:
-        host, port = ws.remote_address[:2]
-        return f"{host}:{port}"
-    except Exception:
-        return "?"
 
 
 async def run(

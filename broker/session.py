@@ -11,16 +11,14 @@ held back and released after the replay, so replay and live never interleave.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
-from websockets.asyncio.server import ServerConnection
-from websockets.protocol import State
-
 from .auth import Identity
+from .connection import Connection
 from .errors import CLOSE_SLOW_CONSUMER, CLOSE_TOKEN_EXPIRED
 from .limits import TokenBucket
 from .protocol import Message, text_frame
@@ -56,25 +54,26 @@ class Session:
 
     __slots__ = (
         "_buffered",
-        "_close_task",
         "_expiry",
         "_held",
         "_held_bytes",
         "_pending",
         "_pending_bytes",
+        "backlog",
         "bucket",
         "closing",
+        "conn",
         "flusher",
         "id",
         "identity",
         "max_queue",
         "on_close",
-        "ws",
+        "task",
     )
 
     def __init__(
         self,
-        ws: ServerConnection,
+        conn: Connection,
         identity: Identity,
         *,
         flusher: Flusher,
@@ -83,7 +82,7 @@ class Session:
         on_close: Callable[[Session, int, str], None] | None = None,
     ) -> None:
         self.id = next(_ids)
-        self.ws = ws
+        self.conn = conn
         self.identity = identity
         self.flusher = flusher
         self.max_queue = max_queue
@@ -93,7 +92,10 @@ class Session:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._buffered = 0
-        self._close_task: asyncio.Task[None] | None = None
+        #: The request running as a task (sub, presence, stats), if any, and the frames
+        #: that arrived meanwhile: the server handles one connection's requests in order.
+        self.task: asyncio.Task[None] | None = None
+        self.backlog: deque[str | bytes] = deque()
         self._held: list[Message] | None = None
         self._held_bytes = 0
         self._expiry: asyncio.TimerHandle | None = None
@@ -131,7 +133,7 @@ class Session:
             if self._pending_bytes >= _REPLAY_CHUNK:
                 self.flush()
                 try:
-                    await asyncio.wait_for(self.ws.drain(), timeout)
+                    await asyncio.wait_for(self.conn.drain(), timeout)
                 except (TimeoutError, ConnectionError):
                     self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
                     return
@@ -156,7 +158,7 @@ class Session:
         # The socket's buffer only shrinks between flushes, so the figure read at the last
         # flush is an upper bound: re-read it only when it says we may be over the limit.
         if self._pending_bytes + self._buffered > self.max_queue:
-            transport = self.ws.transport
+            transport = self.conn.transport
             self._buffered = transport.get_write_buffer_size() if transport is not None else 0
             if self._pending_bytes + self._buffered > self.max_queue:
                 self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
@@ -168,9 +170,9 @@ class Session:
         """Write the queued frames to the socket (called by the ``Flusher``)."""
         pending, self._pending = self._pending, []
         size, self._pending_bytes = self._pending_bytes, 0
-        if self.closing or not pending or self.ws.protocol.state is not State.OPEN:
+        transport = self.conn.transport
+        if self.closing or not pending or transport is None or not self.conn.is_open:
             return
-        transport = self.ws.transport
         transport.writelines(pending)
         self._buffered = transport.get_write_buffer_size()
         self.flusher.bytes_out += size
@@ -194,12 +196,6 @@ class Session:
             loop.time() + delay, self.close, CLOSE_TOKEN_EXPIRED, "token expired"
         )
 
-    async def wait_closed(self) -> None:
-        """Wait for a close started by ``close`` (if any) to complete."""
-        if self._close_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._close_task)
-
     def close(self, code: int, reason: str) -> None:
         """Stop sending, drop what is queued, and close the connection with ``code``."""
         if self.closing:
@@ -214,14 +210,6 @@ class Session:
             self._expiry.cancel()
         if self.on_close is not None:
             self.on_close(self, code, reason)
-        ws = self.ws
-        self._close_task = asyncio.get_running_loop().create_task(ws.close(code, reason))
-        if code == CLOSE_SLOW_CONSUMER and ws.transport is not None:
-            # A consumer that does not read never takes the close frame either: free its
-            # buffer now rather than after the closing handshake times out.
-            asyncio.get_running_loop().call_later(1.0, _abort, ws)
-
-
-def _abort(ws: ServerConnection) -> None:
-    if ws.state is not State.CLOSED and ws.transport is not None:
-        ws.transport.abort()
+        # A consumer that does not read never takes the close frame either: free its
+        # buffer soon rather than after a full closing-handshake timeout.
+        self.conn.close(code, reason, timeout=1.0 if code == CLOSE_SLOW_CONSUMER else 2.0)

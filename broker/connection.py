@@ -1,0 +1,286 @@
+"""One TCP connection to the broker: HTTP handshake and WebSocket framing, no tasks.
+
+websockets' sans-I/O ``ServerProtocol`` parses the HTTP request, builds the handshake
+response and parses incoming frames (masking, fragmentation, size limit, UTF-8, ping,
+pong and the closing handshake). This ``asyncio.Protocol`` feeds it bytes and hands what
+comes out to a ``Handler`` (the server) synchronously, from ``data_received``: a
+connection costs no task, no future and no per-frame wake-up, which is what keeps an idle
+connection small and a small room cheap. Outgoing protocol frames (``Session``) are
+written to ``transport`` directly: server frames are unmasked, so one encoded frame
+serves every subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
+from typing import Protocol as Interface
+
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from .auth import Identity
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("broker.connection")
+
+#: Close code websockets uses for an abnormal closure (no close frame).
+CLOSE_ABNORMAL = 1006
+#: Close code for a peer that stopped answering pings.
+CLOSE_INTERNAL = 1011
+
+
+class Handler(Interface):
+    """What a ``Connection`` calls back into (the server)."""
+
+    def http_request(self, conn: Connection, request: Request) -> Response | None:
+        """A plain HTTP response to send, or None to accept the WebSocket upgrade."""
+
+    def opened(self, conn: Connection) -> None:
+        """The WebSocket handshake completed."""
+
+    def message(self, conn: Connection, data: str | bytes) -> None:
+        """A complete text (str) or binary (bytes) message arrived."""
+
+    def closed(self, conn: Connection) -> None:
+        """The TCP connection is gone (called once, for every connection)."""
+
+
+class Connection(asyncio.Protocol):
+    """The server side of one TCP connection, from the HTTP request to the last byte."""
+
+    __slots__ = (
+        "_close_timer",
+        "_drain_waiter",
+        "_fragments",
+        "_paused",
+        "closed",
+        "handler",
+        "identity",
+        "last_seen",
+        "loop",
+        "peer",
+        "protocol",
+        "server_header",
+        "session",
+        "timer",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_size: int | None,
+        extensions: Sequence[ServerExtensionFactory] | None,
+        server_header: str,
+        open_timeout: float,
+    ) -> None:
+        self.handler = handler
+        self.protocol = ServerProtocol(extensions=extensions, max_size=max_size)
+        self.server_header = server_header
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        #: Set by the server: the identity from a bearer header, then the session.
+        self.identity: Identity | None = None
+        self.session: Session | None = None
+        #: One timer at a time: the opening-handshake deadline, then the auth deadline.
+        self.timer: asyncio.TimerHandle | None = self.loop.call_later(
+            open_timeout, self._handshake_timeout
+        )
+        self.last_seen = self.loop.time()
+        #: Resolved when the TCP connection is gone.
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._fragments: list[str | bytes] | None = None
+        self._paused = False
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.peer} {self.protocol.state.name}>"
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """The handshake is done and no close frame was sent or received."""
+        return self.protocol.state is State.OPEN
+
+    @property
+    def close_code(self) -> int:
+        """The close code received (1006 if none, or not closed yet)."""
+        code = self.protocol.close_code
+        return CLOSE_ABNORMAL if code is None else int(code)
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.loop.time()
+        protocol = self.protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        self._write_protocol_data()
+        for event in events:
+            if isinstance(event, Frame):
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._handshake(event)
+        if protocol.close_expected():
+            self._expect_close()
+
+    def eof_received(self) -> bool:
+        self.protocol.receive_eof()
+        self._write_protocol_data()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()  # idempotent: the state is CLOSED from here on
+        for timer in (self.timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self._close_timer = None
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(ConnectionResetError("connection lost"))
+            self._drain_waiter.exception()  # nobody may be waiting any more
+        self.closed.set_result(None)
+        self.handler.closed(self)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- actions -----------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Wait until the socket's write buffer is below its high-water mark."""
+        if self.closed.done():
+            raise ConnectionResetError("connection lost")
+        if not self._paused:
+            return
+        self._drain_waiter = self.loop.create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    def close(self, code: int, reason: str = "", timeout: float = 2.0) -> None:
+        """Start the closing handshake; drop the TCP connection if the peer has not
+        finished it within ``timeout`` seconds. Does nothing if already closing."""
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(code, reason)
+            self._write_protocol_data()
+            self._expect_close(timeout)
+        elif self.protocol.state is State.CONNECTING:
+            self.abort()
+
+    def write(self, frame: bytes) -> None:
+        """Write a ready-made WebSocket frame, if the connection is open."""
+        if self.transport is not None and self.protocol.state is State.OPEN:
+            self.transport.write(frame)
+
+    def ping(self) -> None:
+        """Send a keepalive ping (the pong, like any incoming byte, updates ``last_seen``)."""
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_ping(b"")
+            self._write_protocol_data()
+
+    def fail(self, code: int, reason: str) -> None:
+        """Close at once, without waiting for the peer (a dead or broken peer)."""
+        if self.protocol.state is State.OPEN:
+            self.protocol.fail(code, reason)
+            self._write_protocol_data()
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now."""
+        if self.transport is not None and not self.closed.done():
+            self.transport.abort()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _handshake(self, request: Request) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        try:
+            response = self.handler.http_request(self, request)
+        except Exception:
+            log.exception("handling the HTTP request failed")
+            response = self.protocol.reject(500, "internal error\n")
+        if response is None:
+            response = self.protocol.accept(request)
+        response.headers["Server"] = self.server_header
+        self.protocol.send_response(response)
+        self._write_protocol_data()
+        if self.protocol.state is State.OPEN:
+            self.handler.opened(self)
+        else:
+            self._expect_close()
+
+    def _frame(self, frame: Frame) -> None:
+        # Ping, pong and close are answered by the protocol itself; only data remains.
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            payload = bytes(frame.data)
+            # The protocol has checked that text is UTF-8.
+            data = payload.decode() if opcode is Opcode.TEXT else payload
+            if frame.fin:
+                self.handler.message(self, data)
+            else:
+                self._fragments = [data]
+        elif opcode is Opcode.CONT and self._fragments is not None:
+            parts = self._fragments
+            payload = bytes(frame.data)
+            parts.append(payload.decode() if isinstance(parts[0], str) else payload)
+            if frame.fin:
+                self._fragments = None
+                if isinstance(parts[0], str):
+                    self.handler.message(self, "".join(p for p in parts if isinstance(p, str)))
+                else:
+                    self.handler.message(self, b"".join(p for p in parts if isinstance(p, bytes)))
+
+    def _write_protocol_data(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed.done():
+            return
+        for data in self.protocol.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                with contextlib.suppress(Exception):  # uvloop: RuntimeError when closing
+                    transport.write_eof()
+            else:
+                transport.close()  # TLS cannot half-close
+
+    def _expect_close(self, timeout: float = 2.0) -> None:
+        # The server closes TCP first once both close frames crossed (RFC 6455 7.1.1);
+        # a peer that never answers is dropped after the timeout.
+        if self.protocol.state is State.CLOSED and self.transport is not None:
+            self.transport.close()
+        elif self._close_timer is None:
+            self._close_timer = self.loop.call_later(timeout, self.abort)
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        if self.protocol.state is State.CONNECTING:
+            self.abort()

@@ -1,0 +1,136 @@
+"""The connection layer (broker/connection.py) against a real broker: keepalive pings,
+handshake and auth deadlines, fragmented messages, and in-order handling of frames that
+arrive while a request waits on the store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
+
+from .support import BrokerProcess, Peer
+
+
+async def raw_upgrade(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP client that completes the WebSocket handshake, then does nothing by itself."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def read_until_eof(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    async with asyncio.timeout(timeout):
+        while chunk := await reader.read(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_silent_peer_is_dropped_and_a_live_one_is_kept(make_broker: Any) -> None:
+    broker: BrokerProcess = make_broker("--ping-interval", "0.3", memory=True)
+    live = await Peer.open_with_header(broker.url, broker.token("live"))
+    await live.recv()  # hello
+    # The raw peer stops reading after the handshake, so it never answers a ping.
+    reader, writer = await raw_upgrade(broker.port, broker.token("silent"))
+    started = time.monotonic()
+    data = await read_until_eof(reader, timeout=10)
+    waited = time.monotonic() - started
+    writer.close()
+    # It got hello, at least one ping (opcode 0x9), then a 1011 close and EOF.
+    assert b"\x89\x00" in data and b"keepalive ping timeout" in data
+    assert 0.5 < waited < 5
+    # The websockets client answered every ping: still connected and served.
+    ok = await live.request("pub", topic="t", data=1)
+    assert ok["op"] == "ok"
+    assert "keepalive_timeout" in broker.log() or "no answer to keepalive pings" in broker.log()
+    await live.close()
+
+
+async def test_pings_are_answered(broker: BrokerProcess) -> None:
+    peer = await Peer.open(broker.url, broker.token("p"))
+    pong = await peer.ws.ping(b"are you there")
+    await asyncio.wait_for(pong, 5)
+    await peer.close()
+
+
+async def test_connection_without_a_request_is_dropped(make_broker: Any) -> None:
+    broker: BrokerProcess = make_broker("--auth-timeout", "0.5", memory=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    started = time.monotonic()
+    assert await read_until_eof(reader, timeout=10) == b""
+    assert time.monotonic() - started < 5
+    writer.close()
+    # The listener is unaffected.
+    peer = await Peer.open(broker.url, broker.token("after"))
+    await peer.close()
+
+
+async def test_fragmented_message_is_reassembled(broker: BrokerProcess) -> None:
+    peer = await Peer.open(broker.url, broker.token("f"))
+    await peer.ws.send(['{"op":"pub","topic":"frag",', '"data":"\u00e9t\u00e9","id":7}'])
+    reply = await peer.recv()
+    assert reply["op"] == "ok" and reply["id"] == 7
+    await peer.close()
+
+
+async def test_fragments_over_the_size_limit_close_1009(make_broker: Any) -> None:
+    broker: BrokerProcess = make_broker("--max-message-size", "1000", memory=True)
+    async with connect(broker.url, max_size=None) as ws:
+        await ws.send(orjson.dumps({"op": "auth", "token": broker.token("big")}).decode())
+        await ws.recv()  # hello
+        # Each fragment is under the limit; together they are not.
+        await ws.send(['{"op":"pub","topic":"t","data":"', "x" * 600, "y" * 600, '"}'])
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        assert ws.close_code == 1009
+
+
+async def test_frames_behind_a_waiting_request_are_handled_in_order(
+    broker: BrokerProcess,
+) -> None:
+    async with connect(broker.url) as setup:
+        await setup.send(orjson.dumps({"op": "auth", "token": broker.token("w")}).decode())
+        await setup.recv()
+        for i in range(20):
+            await setup.send(orjson.dumps({"op": "pub", "topic": "o", "data": i, "id": i}).decode())
+        for _ in range(20):
+            await setup.recv()
+    peer = await Peer.open(broker.url, broker.token("reader"))
+    # One write: a sub that reads history (a task), then more frames than the backlog
+    # holds before the server stops reading, then an unsub.
+    frames: list[dict[str, Any]] = [{"op": "sub", "topic": "o", "last": 20, "id": "sub"}]
+    frames += [{"op": "pub", "topic": "o2", "data": i, "id": i} for i in range(150)]
+    frames += [{"op": "unsub", "topic": "o", "id": "unsub"}]
+    peer.ws.transport.write(
+        b"".join(Frame(Opcode.TEXT, orjson.dumps(f)).serialize(mask=True) for f in frames)
+    )
+    got: list[dict[str, Any]] = []
+    while sum(f["op"] == "ok" for f in got) < len(frames):
+        got.append(await peer.recv())
+    assert got[0]["id"] == "sub"
+    # The replay, complete and in order, before anything sent after the sub was answered.
+    assert [f["data"] for f in got[1:21]] == list(range(20))
+    assert all(f["op"] == "ok" for f in got[21:])
+    # Every publish was handled, in the order sent (their seqs grow with their ids).
+    acks = sorted((f["id"], f["seq"]) for f in got[21:] if f["id"] != "unsub")
+    assert [i for i, _ in acks] == list(range(150))
+    seqs = [seq for _, seq in acks]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 150
+    # The unsub came last: no msg for "o" after it, although nothing else arrived.
+    await peer.expect_nothing()
+    await peer.close()
