@@ -232,6 +232,9 @@ class Connection(asyncio.Protocol):
         response.headers["Server"] = self.server_header
         self.protocol.send_response(response)
         self._write_protocol_data()
+        # websockets' parser keeps the request in a local variable for the connection's
+        # whole life; its headers are most of an idle connection's memory.
+        request.headers.clear()
         if self.protocol.state is State.OPEN:
             self.handler.opened(self)
         else:

@@ -17,6 +17,7 @@ import logging
 import signal
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from importlib import resources
@@ -362,6 +363,8 @@ class BrokerServer:
         elif session.task is None:
             self._handle(session, data)
         else:
+            if session.backlog is None:
+                session.backlog = deque()
             session.backlog.append(data)
             if len(session.backlog) >= _BACKLOG_PAUSE and conn.transport is not None:
                 conn.transport.pause_reading()
@@ -493,13 +496,16 @@ class BrokerServer:
             session.task = None
         # The frames that arrived meanwhile, in order, until one needs a task again.
         backlog = session.backlog
+        if backlog is None:
+            return
         was_full = len(backlog) >= _BACKLOG_PAUSE
         while backlog and session.task is None and not session.closing:
             self._handle(session, backlog.popleft())
-        if session.closing:
-            backlog.clear()
-        elif was_full and len(backlog) < _BACKLOG_PAUSE and session.conn.transport is not None:
-            session.conn.transport.resume_reading()
+        if not backlog or session.closing:
+            session.backlog = None
+        if was_full and not session.closing and session.conn.transport is not None:
+            if session.backlog is None or len(session.backlog) < _BACKLOG_PAUSE:
+                session.conn.transport.resume_reading()
 
     def _request_failed(self, session: Session, frame: Frame | None, exc: Exception) -> None:
         """Answer a request that failed: its error code, or ``internal`` for a bug."""

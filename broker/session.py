@@ -95,7 +95,7 @@ class Session:
         #: The request running as a task (sub, presence, stats), if any, and the frames
         #: that arrived meanwhile: the server handles one connection's requests in order.
         self.task: asyncio.Task[None] | None = None
-        self.backlog: deque[str | bytes] = deque()
+        self.backlog: deque[str | bytes] | None = None  # created when first needed
         self._held: list[Message] | None = None
         self._held_bytes = 0
         self._expiry: asyncio.TimerHandle | None = None
