@@ -33,7 +33,7 @@ from rich.text import Text
 
 from broker.auth import HMAC_ALGORITHMS, TokenVerifier, mint_token
 from broker.client import Client, Gap, Message, TokenProvider
-from broker.config import DEFAULT_URL, parse_duration, read_local_secret, secret_path
+from broker.config import DEFAULT_URL, read_local_secret, secret_path
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -52,6 +52,7 @@ from .errors import (
     exit_code_for,
     run,
 )
+from .params import Duration
 from .render import TEMPLATE_HELP, Printer, compile_template, data_text
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -187,17 +188,6 @@ def _check_patterns(patterns: tuple[str, ...]) -> None:
             ) from None
 
 
-def _duration(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 def _template(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> str | None:
@@ -254,10 +244,7 @@ def _human_duration(seconds: float) -> str:
 def _ttl(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
     if value.strip().lower() in ("never", "none", "0"):
         return None
-    try:
-        ttl = parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    ttl = Duration().convert(value, param, ctx)
     if ttl < 1:
         raise click.BadParameter("must be at least 1s (or 'never')")
     return ttl
@@ -478,8 +465,7 @@ def _decode_token(token: str, key: str | bytes, algorithm: str) -> None:
 def _output_options(func: F) -> F:
     func = click.option(
         "--timeout",
-        callback=_duration,
-        metavar="DURATION",
+        type=Duration(),
         help="Give up after this long (exit 6) unless --count messages came first.",
     )(func)
     func = click.option(
@@ -1127,8 +1113,7 @@ def _stats_table(
     "--interval",
     default="1s",
     show_default=True,
-    callback=_duration,
-    metavar="DURATION",
+    type=Duration(),
     help="Refresh period with --watch.",
 )
 @click.option(

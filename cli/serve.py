@@ -18,42 +18,10 @@ from broker.config import (
     DEFAULT_PORT,
     ServerConfig,
     ensure_local_secret,
-    parse_duration,
     read_local_secret,
 )
 
-
-class Duration(click.ParamType):  # type: ignore[type-arg]
-    """Seconds, or a number with a unit: 30s, 15m, 1h, 7d."""
-
-    name = "duration"
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        try:
-            return parse_duration(value)  # type: ignore[arg-type]
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class Size(click.ParamType):  # type: ignore[type-arg]
-    """Bytes, or a number with a unit: 64KiB, 1MiB (also K, M, KB, MB)."""
-
-    name = "size"
-    _units = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20}
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower()
-        number = text.rstrip("kmbi")
-        unit = text[len(number) :]
-        try:
-            size = int(float(number) * self._units[unit])
-        except (KeyError, ValueError):
-            self.fail(f"{value!r} is not a size (use bytes or e.g. 64KiB, 1MiB)", param, ctx)
-        if size <= 0:
-            self.fail(f"{value!r} must be positive", param, ctx)
-        return size
+from .params import Duration, Size
 
 
 def banner(server: BrokerServer) -> None:
@@ -122,7 +90,7 @@ def banner(server: BrokerServer) -> None:
 @click.option("--max-connections", type=click.IntRange(1), help="Connections accepted at once.")
 @click.option("--max-subscriptions", type=click.IntRange(1), help="Subscriptions per connection.")
 @click.option("--auth-timeout", default="10s", show_default=True, type=Duration(), help="Time a new connection has to send its HTTP request, and then its 'auth' frame.")
-@click.option("--ping-interval", default="20s", show_default=True, type=Duration(), help="Ping connections quiet this long; drop those silent twice as long (0: never).")
+@click.option("--ping-interval", default="20s", show_default=True, type=Duration(), help="How often to ping quiet connections; one silent for two intervals is dropped (0: no pings).")
 @click.option("--drain-timeout", default="10s", show_default=True, type=Duration(), help="Time allowed for a graceful shutdown.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True, help="Browser origin allowed to connect (repeatable); others get 403.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate: serve wss://.")
