@@ -263,8 +263,11 @@ class Client:
     ``token_provider`` (called at every connect, and before the token expires to refresh it
     in place on the live connection, at ``refresh_at`` of its lifetime).
 
-    Incoming messages are queued without bound until the iterator takes them, so a slow
-    consumer grows memory here rather than being cut off by the broker. ``on_gap`` is
+    Incoming messages wait in a queue of at most ``max_buffered`` until the iterator takes
+    them. When it is full the client stops reading from the socket: replies to requests
+    wait too, and if the consumer stays behind the broker eventually closes the connection
+    as a slow consumer (4008); the client then resumes from the last message it queued, so
+    nothing is lost while history holds it. ``on_gap`` is
     called when a resume could not recover everything, ``on_error`` with errors that answer
     no request (a refused ``ack=False`` publish, a resumed subscription refused), and
     ``on_state`` with ``"connected"``, ``"disconnected"`` (reconnecting) or ``"failed"``.
@@ -286,6 +289,7 @@ class Client:
         backoff_max: float = 5.0,
         refresh_at: float = 0.8,
         dedupe_window: int = 100_000,
+        max_buffered: int = 10_000,
         on_gap: Callable[[Gap], None] | None = None,
         on_error: Callable[[BrokerError], None] | None = None,
         on_state: Callable[[str], None] | None = None,
@@ -309,6 +313,9 @@ class Client:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.refresh_at = refresh_at
+        if max_buffered < 1:
+            raise ValueError("max_buffered must be at least 1")
+        self.max_buffered = max_buffered
         self.on_gap = on_gap
         self.on_error = on_error
         self.on_state = on_state
@@ -331,6 +338,8 @@ class Client:
         self._pending: dict[int, _Request] = {}
         self._subs: dict[str, _SubState] = {}
         self._events: asyncio.Queue[Event | _End] = asyncio.Queue()
+        self._room = asyncio.Event()  # set while the queue has room (see _session)
+        self._room.set()
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
         self._dedupe_window = dedupe_window
@@ -393,6 +402,11 @@ class Client:
     def connected(self) -> bool:
         """True while a connection is open and authenticated."""
         return self._ready.is_set()
+
+    @property
+    def buffered(self) -> int:
+        """Events received and not yet taken by an iterator (at most ``max_buffered``)."""
+        return self._events.qsize()
 
     @property
     def subscriptions(self) -> list[str]:
@@ -513,6 +527,8 @@ class Client:
         """Messages plus presence ``join``/``leave`` and resume ``Gap`` events."""
         while True:
             item = await self._events.get()
+            if not self._room.is_set() and self._events.qsize() <= self.max_buffered // 2:
+                self._room.set()
             if isinstance(item, _End):
                 self._events.put_nowait(item)  # let other iterators end too
                 if self._failure is not None:
@@ -819,6 +835,10 @@ class Client:
                     logger.warning(
                         "ignored a malformed frame from the broker (%s): %r", exc, frame
                     )
+                if self._events.qsize() >= self.max_buffered:
+                    # Backpressure: read nothing more until the consumer catches up.
+                    self._room.clear()
+                    await self._room.wait()
         except ConnectionClosed:
             pass
         except orjson.JSONDecodeError:

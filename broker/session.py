@@ -59,6 +59,7 @@ class Session:
         "_held_bytes",
         "_pending",
         "_pending_bytes",
+        "_replay_chunk",
         "backlog",
         "bucket",
         "closing",
@@ -99,6 +100,9 @@ class Session:
         self._held: list[Message] | None = None
         self._held_bytes = 0
         self._expiry: asyncio.TimerHandle | None = None
+        self._replay_chunk = max(1, min(_REPLAY_CHUNK, max_queue // 2))
+        if conn.transport is not None:
+            conn.transport.set_write_buffer_limits(high=self._replay_chunk)
 
     def __repr__(self) -> str:
         return f"<Session {self.id} user={self.identity.id!r}>"
@@ -126,17 +130,21 @@ class Session:
         the slow-consumer limit, so it waits for the socket to drain every chunk instead
         of queueing everything at once. A client that reads nothing for ``timeout``
         seconds is closed as a slow consumer."""
+        # The socket pauses us above ``chunk`` buffered bytes (set in __init__), and we
+        # queue at most ``chunk`` more: together never over max_queue, however small.
+        chunk = self._replay_chunk
         for message in messages:
             if self.closing:
                 return
-            self._queue(message.wire)
-            if self._pending_bytes >= _REPLAY_CHUNK:
+            wire = message.wire
+            if self._pending and self._pending_bytes + len(wire) > chunk:
                 self.flush()
                 try:
                     await asyncio.wait_for(self.conn.drain(), timeout)
                 except (TimeoutError, ConnectionError):
                     self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
                     return
+            self._queue(wire)
 
     def hold(self) -> None:
         """Hold live messages back until ``release`` (during a replay)."""

@@ -361,6 +361,33 @@ async def test_send_on_a_just_closed_connection_waits_for_the_next_one(
         assert isinstance(seq, int) and pub._ws is not dead and pub.reconnects == 1
 
 
+async def test_a_consumer_that_falls_behind_is_bounded_and_loses_nothing(
+    make_broker: Any,
+) -> None:
+    broker = make_broker("--max-queue", "64KiB", "--history", "10000")
+    async with (
+        Client(broker.url, tok("slow"), max_buffered=50, backoff_initial=0.05) as sub,
+        Client(broker.url, tok("pub")) as pub,
+    ):
+        await sub.subscribe("flood")
+        payload, n = "x" * 8000, 2500
+        seqs: list[int] = []
+        for start in range(0, n, 100):
+            batch = range(start, min(start + 100, n))
+            seqs += await asyncio.gather(
+                *(pub.publish("flood", {"i": i, "pad": payload}) for i in batch)
+            )
+        # Nobody reads: the client stopped reading at its bound instead of growing.
+        await asyncio.sleep(0.5)
+        assert sub.buffered <= 50
+        got = await collect(sub, n, timeout=60)
+    assert [m.data["i"] for m in got] == list(range(n))
+    assert [m.seq for m in got] == seqs
+    # 20 MB could not wait in socket buffers and a 64 KiB server queue: the broker cut
+    # the stalled connection (4008) and the client resumed it from history.
+    assert sub.reconnects >= 1
+
+
 async def test_memory_broker_restart_reports_gap_and_keeps_delivering(
     make_broker: Any,
 ) -> None:

@@ -231,10 +231,12 @@ async def test_disk_mode_keeps_epoch_and_seq(broker: BrokerProcess) -> None:
 
 
 @pytest.mark.slow
-async def test_replay_larger_than_the_slow_consumer_limit(make_broker) -> None:  # type: ignore[no-untyped-def]
-    # 300 x 10 KB = 3 MB of history through a 256 KiB outgoing limit: the replay must
-    # stream with backpressure instead of tripping the slow-consumer close.
-    broker = make_broker("--max-queue", "256KiB")
+@pytest.mark.parametrize("limit", ["256KiB", "32KiB"])
+async def test_replay_larger_than_the_slow_consumer_limit(make_broker, limit: str) -> None:  # type: ignore[no-untyped-def]
+    # 300 x 10 KB = 3 MB of history through a small outgoing limit: the replay must
+    # stream with backpressure instead of tripping the slow-consumer close, also when
+    # the limit is below the replay's usual 64 KiB chunk.
+    broker = make_broker("--max-queue", limit)
     pub = await Peer.open(broker.url, broker.token("p"))
     seqs = await publish_many(pub, [("big", "x" * 10_000) for _ in range(300)])
     sub = await Peer.open(broker.url, broker.token("s"))
