@@ -218,6 +218,12 @@ def self_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def proc_system_seconds(pid: int) -> float:
+    """System (kernel) CPU seconds used so far by process ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def core_times(cpu: int | str) -> tuple[int, int, int]:
     """(busy, softirq, total) jiffies of one core (or "" for all) from /proc/stat."""
     with open("/proc/stat") as f:
@@ -240,6 +246,7 @@ class Meter:
     def start(self) -> None:
         self.core0, self.all0 = core_times(SERVER_CPU), core_times("")
         self.cpu0, self.gen0, self.t0 = proc_cpu_seconds(self.pid), self_cpu(), time.perf_counter()
+        self.sys0 = proc_system_seconds(self.pid)
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self.t0
@@ -248,6 +255,8 @@ class Meter:
         busy, soft, total = (b - a for a, b in zip(self.core0, core_times(SERVER_CPU)))
         all_busy = (core_times("")[0] - self.all0[0]) / os.sysconf("SC_CLK_TCK")
         return {"wall_s": round(wall, 3), "server_cpu_s": round(cpu, 3),
+                # of which in the kernel (syscalls: socket reads and writes, fsync)
+                "server_system_s": round(proc_system_seconds(self.pid) - self.sys0, 3),
                 "server_util": round(cpu / wall, 3), "loadgen_util": round(gen / wall, 3),
                 "server_core_busy": round(busy / max(total, 1), 3),
                 "server_core_softirq": round(soft / max(total, 1), 3),
@@ -400,6 +409,7 @@ async def rooms(server: Server, kind: str, conns_n: int = 500, room_size: int = 
         r = await phase(duration)
         delivered = int(r["delivered"]) or 1
         r["cpu_per_delivery_us"] = round(float(r["server_cpu_s"]) / delivered * 1e6, 3)
+        r["system_per_delivery_us"] = round(float(r["server_system_s"]) / delivered * 1e6, 3)
         r["deliveries_per_s"] = round(delivered / float(r["wall_s"]))
         r["latency_ms"] = percentiles(stats.latencies)
         return r
@@ -531,6 +541,7 @@ ROWS = [
     ("{rate} msg/s × {subs}: latency p99 (ms)", "latency", ("latency_ms", "p99"), True, "{:.2f}"),
     ("{rate} msg/s × {subs}: server CPU use (cores)", "latency", ("server_util",), True, "{:.2f}"),
     ("rooms 500×(5): server CPU per delivery (µs)", "rooms", ("cpu_per_delivery_us",), True, "{:.2f}"),
+    ("rooms 500×(5): of which in the kernel (µs)", "rooms", ("system_per_delivery_us",), True, "{:.2f}"),
     ("rooms 500×(5): deliveries/s", "rooms", ("deliveries_per_s",), False, "{:,.0f}"),
     ("rooms 500×(5): server CPU use (cores)", "rooms", ("server_util",), None, "{:.2f}"),
     ("rooms 500×(5): server's core busy, softirq incl.", "rooms", ("server_core_busy",), None, "{:.2f}"),
