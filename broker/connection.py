@@ -136,11 +136,17 @@ class Connection(asyncio.Protocol):
         protocol.receive_data(data)
         events = protocol.events_received()
         self._write_protocol_data()
-        for event in events:
-            if isinstance(event, Frame):
-                self._frame(event)
-            elif isinstance(event, Request):
-                self._handshake(event)
+        try:
+            for event in events:
+                if isinstance(event, Frame):
+                    self._frame(event)
+                elif isinstance(event, Request):
+                    self._handshake(event)
+        except Exception:
+            # The server answers failed requests itself; this is a bug in the shell.
+            log.exception("internal error on the connection from %s", self.peer)
+            self.fail(CLOSE_INTERNAL, "internal error")
+            return
         if protocol.close_expected():
             self._expect_close()
 

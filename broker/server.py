@@ -384,6 +384,7 @@ class BrokerServer:
         if session.task is not None:
             session.task.cancel()
         self._drop(session)
+        conn.session = None  # no cycle left: both are freed now, not by the collector
         log.info(
             "disconnect %s user=%s code=%s",
             session.id,
