@@ -246,10 +246,9 @@ class BrokerServer:
         for conn in list(self._conns):  # not authenticated yet
             conn.close(CLOSE_GOING_AWAY, "server shutting down")
         if self._conns:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait(
-                    [conn.closed for conn in self._conns], timeout=self.config.drain_timeout
-                )
+            await asyncio.wait(
+                [conn.closed for conn in self._conns], timeout=self.config.drain_timeout
+            )
         for conn in list(self._conns):
             conn.abort()
         for task in list(self._tasks):
