@@ -34,7 +34,8 @@ log = logging.getLogger("broker.connection")
 
 #: Close code websockets uses for an abnormal closure (no close frame).
 CLOSE_ABNORMAL = 1006
-#: Close code for a peer that stopped answering pings.
+#: Close code for an internal error; also for a peer that stopped answering pings, as
+#: websockets uses it.
 CLOSE_INTERNAL = 1011
 
 
@@ -61,6 +62,7 @@ class Connection(asyncio.Protocol):
         "_close_timer",
         "_drain_waiter",
         "_fragments",
+        "_fragments_text",
         "_paused",
         "closed",
         "handler",
@@ -102,7 +104,9 @@ class Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._close_timer: asyncio.TimerHandle | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._fragments: list[str | bytes] | None = None
+        # A fragmented message being received: its payloads so far, and whether it is text.
+        self._fragments: list[bytes] | None = None
+        self._fragments_text = False
         self._paused = False
 
     def __repr__(self) -> str:
@@ -250,23 +254,21 @@ class Connection(asyncio.Protocol):
         # Ping, pong and close are answered by the protocol itself; only data remains.
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            payload = bytes(frame.data)
-            # The protocol has checked that text is UTF-8.
-            data = payload.decode() if opcode is Opcode.TEXT else payload
             if frame.fin:
-                self.handler.message(self, data)
+                self._message(bytes(frame.data), opcode is Opcode.TEXT)
             else:
-                self._fragments = [data]
+                self._fragments = [bytes(frame.data)]
+                self._fragments_text = opcode is Opcode.TEXT
         elif opcode is Opcode.CONT and self._fragments is not None:
-            parts = self._fragments
-            payload = bytes(frame.data)
-            parts.append(payload.decode() if isinstance(parts[0], str) else payload)
+            self._fragments.append(bytes(frame.data))
             if frame.fin:
-                self._fragments = None
-                if isinstance(parts[0], str):
-                    self.handler.message(self, "".join(p for p in parts if isinstance(p, str)))
-                else:
-                    self.handler.message(self, b"".join(p for p in parts if isinstance(p, bytes)))
+                payload, self._fragments = b"".join(self._fragments), None
+                self._message(payload, self._fragments_text)
+
+    def _message(self, payload: bytes, text: bool) -> None:
+        # Decoded whole: a character may span fragments. The protocol has checked that
+        # text is UTF-8.
+        self.handler.message(self, payload.decode() if text else payload)
 
     def _write_protocol_data(self) -> None:
         transport = self.transport

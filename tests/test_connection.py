@@ -89,6 +89,19 @@ async def test_fragmented_message_is_reassembled(broker: BrokerProcess) -> None:
     await peer.close()
 
 
+async def test_character_split_across_fragments(broker: BrokerProcess) -> None:
+    peer = await Peer.open(broker.url, broker.token("f"))
+    text = orjson.dumps({"op": "pub", "topic": "frag", "data": "caf\u00e9", "id": 8})
+    cut = text.index("\u00e9".encode()) + 1  # inside the two bytes of "\u00e9"
+    peer.ws.transport.write(
+        Frame(Opcode.TEXT, text[:cut], fin=False).serialize(mask=True)
+        + Frame(Opcode.CONT, text[cut:]).serialize(mask=True)
+    )
+    reply = await peer.recv()
+    assert reply["op"] == "ok" and reply["id"] == 8
+    await peer.close()
+
+
 async def test_fragments_over_the_size_limit_close_1009(make_broker: Any) -> None:
     broker: BrokerProcess = make_broker("--max-message-size", "1000", memory=True)
     async with connect(broker.url, max_size=None) as ws:
