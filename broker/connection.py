@@ -182,7 +182,8 @@ class Connection(asyncio.Protocol):
     # -- actions -----------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Wait until the socket's write buffer is below its high-water mark."""
+        """Wait while the transport has paused writing (its buffer is over the high-water
+        mark) until it resumes."""
         if self.closed.done():
             raise ConnectionResetError("connection lost")
         if not self._paused:
