@@ -401,10 +401,15 @@ class RedisStore(Store):
         *,
         prefix: str = "broker:",
         node_id: str | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         super().__init__(history, retention)
         self.url = url
         self.prefix = prefix
+        #: Replicas that must confirm an append (Redis WAIT) before it is acknowledged.
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
         #: This node's name in Redis (presence fields, heartbeat, stream origin).
         self.node_id = node_id or uuid.uuid4().hex[:12]
         # One immediate retry: a pooled connection may be stale after a Redis restart.
@@ -465,6 +470,18 @@ class RedisStore(Store):
                 await asyncio.sleep(0.5)
         self._followed_epoch = self.epoch
         await self._timed("open", self.redis.script_load(_READ_LOG))
+        if self.wait_replicas:
+            info = await self._timed("open", self.redis.info("replication"))
+            connected = int(info.get("connected_slaves", 0))
+            if connected < self.wait_replicas:
+                log.warning(
+                    "--redis-wait %d, but %s has %d replica(s) connected: publishes are "
+                    "refused as unavailable until enough replicas are",
+                    self.wait_replicas,
+                    self.health.label,
+                    connected,
+                    extra={"event": "redis_replicas_missing"},
+                )
         await self.cluster.start()
 
     async def _ensure_epoch(self, floor: int) -> None:
@@ -490,13 +507,13 @@ class RedisStore(Store):
         for d in drafts:
             args += (d.topic, encode_tail(d), d.origin, 1 if d.echo else 0)
         try:
-            last = await self._timed("append", self._append(args=args))
+            last = await self._append_and_wait(args)
         except _EpochChanged:
             # Redis started over (empty): name the new history, then retry once.
             await self._ensure_epoch(self.last_seq)
             args[1] = self.epoch
             try:
-                last = await self._timed("append", self._append(args=args))
+                last = await self._append_and_wait(args)
             except _EpochChanged:
                 raise Unavailable("the cluster's history is changing; retry later") from None
         first = int(last) - len(drafts) + 1
@@ -504,6 +521,23 @@ class RedisStore(Store):
             Message(first + i, d.topic, d.data, d.sender_id, d.sender_name, d.ts)
             for i, d in enumerate(drafts)
         ]
+
+    async def _append_and_wait(self, args: list[Any]) -> int:
+        """Run the append script; with ``wait_replicas``, WAIT for them on the same
+        connection (a pipeline), so that the ``ok`` survives a failover to a replica."""
+        if not self.wait_replicas:
+            return int(await self._timed("append", self._append(args=args)))
+        pipe = self.redis.pipeline(transaction=False)
+        await self._append(args=args, client=pipe)
+        pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
+        last, confirmed = await self._timed("append", pipe.execute())
+        if int(confirmed) < self.wait_replicas:
+            raise Unavailable(
+                f"recorded by the Redis primary but confirmed by {confirmed} of "
+                f"{self.wait_replicas} replicas within {self.wait_timeout:g}s: it may be "
+                "delivered, or lost if the primary fails over"
+            )
+        return int(last)
 
     async def trim(self, now: float) -> int:
         cutoff = str(int((now - self.retention) * 1000))

@@ -105,6 +105,8 @@ class ServerConfig:
     data: Path | None = None  # None: the default data dir
     memory: bool = False
     redis: str | None = None
+    redis_wait: int = 0  # replicas that must confirm an append before the ok
+    redis_wait_timeout: float = 1.0
     history: int = 1000
     retention: float = 24 * 3600
     max_message_size: int = 64 * 1024

@@ -110,7 +110,13 @@ def build_verifier(config: ServerConfig) -> TokenVerifier:
 def build_store(config: ServerConfig) -> Store:
     """The history store ``config`` asks for."""
     if config.redis:
-        return RedisStore(config.redis, config.history, config.retention)
+        return RedisStore(
+            config.redis,
+            config.history,
+            config.retention,
+            wait_replicas=config.redis_wait,
+            wait_timeout=config.redis_wait_timeout,
+        )
     if config.memory:
         return MemoryStore(config.history, config.retention)
     folder = config.data or data_dir()

@@ -82,6 +82,21 @@ def banner(server: BrokerServer) -> None:
     help="Cluster mode: switches to the Redis-backed store and fan-out shared by every node "
     "given the same URL (e.g. redis://127.0.0.1:6379/0); --memory/--data don't apply.",
 )
+@click.option(
+    "--redis-wait",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    metavar="N",
+    help="Cluster mode: acknowledge a publish only once N Redis replicas have it (WAIT).",
+)
+@click.option(
+    "--redis-wait-timeout",
+    default="1s",
+    show_default=True,
+    type=Duration(),
+    help="How long --redis-wait waits; then the publish gets 'unavailable'.",
+)
 @click.option("--history", default=1000, show_default=True, type=click.IntRange(0), help="Messages kept per topic.")
 @click.option("--retention", default="24h", show_default=True, type=Duration(), help="Maximum age of kept messages.")
 @click.option("--max-message-size", default="64KiB", show_default=True, type=Size(), help="Largest frame accepted (close 1009 above).")
@@ -118,6 +133,8 @@ def serve(**opts: object) -> None:
         raise click.UsageError("--tls-cert needs --tls-key")
     if opts["memory"] and opts["data"]:
         raise click.UsageError("--memory and --data exclude each other")
+    if opts["redis_wait"] and not opts["redis"]:
+        raise click.UsageError("--redis-wait needs --redis")
     if opts["redis"] and (opts["memory"] or opts["data"]):
         raise click.UsageError("--redis keeps history in Redis: --memory and --data don't apply")
     log_level = str(opts.pop("log_level"))

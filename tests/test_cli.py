@@ -742,3 +742,16 @@ def test_ca_file_for_wss(make_broker: Any, tmp_path: Path) -> None:
         "pub", "tls", "x", "--token", token, "--ca-file", str(tmp_path / "missing.pem")
     )
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--redis-wait", "1"], "--redis-wait needs --redis"),
+        (["--memory", "--data", "d"], "--memory and --data exclude each other"),
+        (["--tls-cert", __file__], "--tls-cert needs --tls-key"),
+    ],
+)
+def test_serve_refuses_option_combinations(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["serve", *args])
+    assert result.exit_code == 2 and message in result.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,6 +21,7 @@ import redis
 
 from broker.client import Client
 from broker.cluster import Draft, decode_member, encode_tail
+from broker.errors import Unavailable
 
 from .support import BrokerProcess, Peer, free_port
 
@@ -38,9 +40,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.home)]
+        cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.home), *extra]
         with open(self.home / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
@@ -355,3 +357,32 @@ async def test_node_killed_client_resumes_on_another(nodes: NodeFactory) -> None
     assert client.url == b.url and client.reconnects >= 1
     assert received == acked  # nothing lost, nothing twice, in order
     await client.close()
+
+
+async def test_redis_wait_acknowledges_only_what_a_replica_has(
+    redis_server: RedisServer, nodes: NodeFactory, tmp_path: Path
+) -> None:
+    replica = RedisServer(tmp_path)
+    replica.start("--replicaof", "127.0.0.1", str(redis_server.port))
+    try:
+        deadline = time.monotonic() + 10
+        while redis.Redis(port=replica.port).info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica did not sync"
+            await asyncio.sleep(0.05)
+        (node,) = nodes(1, "--redis-wait", "1", "--redis-wait-timeout", "0.5")
+        async with Client(node.url, node.token("p")) as pub:
+            seq = await pub.publish("kept", "on two machines")
+            # The ok came after WAIT: the replica has the message already.
+            stored = redis.Redis(port=replica.port).zrangebyscore("broker:h:kept", seq, seq)
+            assert len(stored) == 1
+            # A replica that stops answering: the primary records, but no ok is given.
+            assert replica.proc is not None
+            replica.proc.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(Unavailable, match="confirmed by 0 of 1 replicas"):
+                    await pub.publish("kept", "only on the primary")
+            finally:
+                replica.proc.send_signal(signal.SIGCONT)
+            assert await pub.publish("kept", "replicated again") > seq
+    finally:
+        replica.kill()
