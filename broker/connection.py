@@ -25,6 +25,11 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+try:  # websockets' C helper, as its own parser uses; the pure-Python one otherwise
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
+
 from .auth import Identity
 
 if TYPE_CHECKING:
@@ -34,6 +39,8 @@ log = logging.getLogger("broker.connection")
 
 #: Close code websockets uses for an abnormal closure (no close frame).
 CLOSE_ABNORMAL = 1006
+#: Close code for a text message that is not UTF-8.
+CLOSE_INVALID_DATA = 1007
 #: Close code for an internal error; also for a peer that stopped answering pings, as
 #: websockets uses it.
 CLOSE_INTERNAL = 1011
@@ -60,9 +67,11 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "_close_timer",
+        "_direct",
         "_drain_waiter",
         "_fragments",
         "_fragments_text",
+        "_partial",
         "_paused",
         "closed",
         "handler",
@@ -107,6 +116,9 @@ class Connection(asyncio.Protocol):
         # A fragmented message being received: its payloads so far, and whether it is text.
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
+        # Frames parsed by _receive_direct rather than websockets, and a partial one.
+        self._direct = False
+        self._partial = bytearray()
         self._paused = False
 
     def __repr__(self) -> str:
@@ -136,6 +148,22 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.loop.time()
+        if self._direct:
+            self._receive_direct(data)
+            return
+        self._receive_protocol(data)
+        # Past the handshake, and with nothing left half-parsed in websockets' reader,
+        # read plain data frames ourselves (see _receive_direct).
+        protocol = self.protocol
+        self._direct = (
+            protocol.state is State.OPEN
+            and not protocol.extensions
+            and not protocol.reader.buffer
+            and self._fragments is None
+        )
+
+    def _receive_protocol(self, data: bytes) -> None:
+        """Feed bytes to websockets' protocol and act on what it parsed."""
         protocol = self.protocol
         protocol.receive_data(data)
         events = protocol.events_received()
@@ -153,6 +181,70 @@ class Connection(asyncio.Protocol):
             return
         if protocol.close_expected():
             self._expect_close()
+
+    def _receive_direct(self, data: bytes) -> None:
+        """Parse the frames in ``data``, after any partial frame kept from before.
+
+        The common frame, a complete masked text or binary message within the size limit,
+        is unmasked (websockets' C ``apply_mask``) and handed over here: websockets'
+        generator-based parser costs several times more per frame, and a small room is
+        mostly small frames. Every other frame (ping, pong, close, fragments) goes to
+        websockets' protocol, whole and in order, so its rules and answers apply. A frame
+        that is unmasked or over the size limit, and anything once the connection is no
+        longer open, hands the rest of the stream to websockets for good: it fails the
+        connection with the right code.
+        """
+        buffer: bytes | bytearray = data
+        if self._partial:
+            self._partial += data
+            buffer = self._partial  # parsed in place; what was consumed is cut below
+        max_size = self.protocol.max_message_size
+        end = len(buffer)
+        pos = 0
+        try:
+            while end - pos >= 2:
+                if self.protocol.state is not State.OPEN:
+                    self._direct = False
+                    break
+                head1 = buffer[pos]
+                head2 = buffer[pos + 1]
+                length = head2 & 0x7F
+                start = pos + 6  # 2 header bytes and the 4-byte mask
+                if length == 126:
+                    if end - pos < 4:
+                        break
+                    length = int.from_bytes(buffer[pos + 2 : pos + 4], "big")
+                    start += 2
+                elif length == 127:
+                    if end - pos < 10:
+                        break
+                    length = int.from_bytes(buffer[pos + 2 : pos + 10], "big")
+                    start += 8
+                if not head2 & 0x80 or (max_size is not None and length > max_size):
+                    self._direct = False
+                    break
+                stop = start + length
+                if stop > end:
+                    break  # the rest of this frame is still on its way
+                if (head1 == 0x81 or head1 == 0x82) and self._fragments is None:
+                    payload = apply_mask(buffer[start:stop], buffer[start - 4 : start])
+                    pos = stop
+                    self._message(payload, head1 == 0x81)
+                else:
+                    frame, pos = bytes(buffer[pos:stop]), stop
+                    self._receive_protocol(frame)
+        except Exception:
+            log.exception("internal error on the connection from %s", self.peer)
+            self.fail(CLOSE_INTERNAL, "internal error")
+            return
+        if buffer is self._partial:
+            del self._partial[:pos]
+        elif pos < end:
+            self._partial = bytearray(buffer[pos:])
+        if not self._direct and self._partial:
+            rest, self._partial = bytes(self._partial), bytearray()
+            if self.transport is not None and not self.transport.is_closing():
+                self._receive_protocol(rest)
 
     def eof_received(self) -> bool:
         self.protocol.receive_eof()
@@ -267,9 +359,15 @@ class Connection(asyncio.Protocol):
                 self._message(payload, self._fragments_text)
 
     def _message(self, payload: bytes, text: bool) -> None:
-        # Decoded whole: a character may span fragments. The protocol has checked that
-        # text is UTF-8.
-        self.handler.message(self, payload.decode() if text else payload)
+        if not text:
+            self.handler.message(self, payload)
+            return
+        try:
+            data = payload.decode()  # whole: a character may span fragments
+        except UnicodeDecodeError:
+            self.fail(CLOSE_INVALID_DATA, "invalid UTF-8 in a text message")
+            return
+        self.handler.message(self, data)
 
     def _write_protocol_data(self) -> None:
         transport = self.transport

@@ -147,3 +147,80 @@ async def test_frames_behind_a_waiting_request_are_handled_in_order(
     # The unsub came last: no msg for "o" after it, although nothing else arrived.
     await peer.expect_nothing()
     await peer.close()
+
+
+def pub_frame(i: int, size: int = 0, **extra: Any) -> bytes:
+    body = {"op": "pub", "topic": "parse", "data": {"i": i, "pad": "p" * size}, "id": i, **extra}
+    return Frame(Opcode.TEXT, orjson.dumps(body)).serialize(mask=True)
+
+
+async def acks(peer: Peer, n: int) -> list[int]:
+    got: list[int] = []
+    while len(got) < n:
+        reply = await peer.recv()
+        assert reply["op"] == "ok", reply
+        got.append(reply["id"])
+    return sorted(got)
+
+
+async def test_frames_cut_at_every_byte(broker: BrokerProcess) -> None:
+    # Frames with 7-bit, 16-bit and 64-bit lengths, written a few bytes at a time so that
+    # headers, masks and payloads arrive cut anywhere.
+    broker_big = broker
+    peer = await Peer.open(broker_big.url, broker_big.token("cut"))
+    stream = pub_frame(1) + pub_frame(2, size=300) + pub_frame(3, size=5000)
+    transport = peer.ws.transport
+    for i in range(0, len(stream), 3):
+        transport.write(stream[i : i + 3])
+        if i % 30 == 0:
+            await asyncio.sleep(0.001)
+    assert await acks(peer, 3) == [1, 2, 3]
+    await peer.close()
+
+
+async def test_large_frame_with_64_bit_length(make_broker: Any) -> None:
+    broker: BrokerProcess = make_broker("--max-message-size", "1MiB", memory=True)
+    peer = await Peer.open(broker.url, broker.token("big"))
+    peer.ws.transport.write(pub_frame(1, size=200_000) + pub_frame(2))
+    assert await acks(peer, 2) == [1, 2]
+    await peer.close()
+
+
+async def test_ping_and_close_between_data_frames(broker: BrokerProcess) -> None:
+    peer = await Peer.open(broker.url, broker.token("ctl"))
+    ping = Frame(Opcode.PING, b"between").serialize(mask=True)
+    peer.ws.transport.write(pub_frame(1) + ping + pub_frame(2))
+    assert await acks(peer, 2) == [1, 2]
+    await peer.close()
+
+
+async def test_data_then_close_in_one_write(broker: BrokerProcess) -> None:
+    reader, writer = await raw_upgrade(broker.port, broker.token("bye"))
+    close = Frame(Opcode.CLOSE, (1000).to_bytes(2, "big") + b"bye").serialize(mask=True)
+    writer.write(pub_frame(1) + close)
+    data = await read_until_eof(reader, timeout=5)
+    writer.close()
+    # The close is echoed (the pub's ok, due after the commit, finds the connection
+    # closing and is not sent) ...
+    assert data.endswith(b"\x88\x05\x03\xe8bye")
+    # ... and the publish that came before it was handled and recorded.
+    peer = await Peer.open(broker.url, broker.token("check"))
+    assert (await peer.request("sub", topic="parse", since=0))["recovered"] is True
+    assert (await peer.recv())["data"] == {"i": 1, "pad": ""}
+    await peer.close()
+
+
+async def test_invalid_utf8_closes_1007(broker: BrokerProcess) -> None:
+    reader, writer = await raw_upgrade(broker.port, broker.token("utf"))
+    writer.write(Frame(Opcode.TEXT, b'{"op":"pub","data":"\xff"}').serialize(mask=True))
+    data = await read_until_eof(reader, timeout=5)
+    writer.close()
+    assert b"\x88" in data and (1007).to_bytes(2, "big") in data.split(b"\x88", 1)[1][:4]
+
+
+async def test_unmasked_frame_closes_1002(broker: BrokerProcess) -> None:
+    reader, writer = await raw_upgrade(broker.port, broker.token("mask"))
+    writer.write(Frame(Opcode.TEXT, b'{"op":"stats","id":1}').serialize(mask=False))
+    data = await read_until_eof(reader, timeout=5)
+    writer.close()
+    assert b"\x88" in data and (1002).to_bytes(2, "big") in data.split(b"\x88", 1)[1][:4]
