@@ -63,6 +63,41 @@ async def test_age_retention(store: Store) -> None:
     assert [m.seq for m in result.messages] == [2] and not result.recovered
 
 
+@pytest.mark.parametrize("expired", [0, 1, 17, 29, 40])
+async def test_age_retention_boundary_with_gaps(store: Store, expired: int) -> None:
+    # 40 messages over 4 topics in publish order; count retention (3 per topic) leaves
+    # gaps in seq. The first `expired` are older than the retention.
+    now = time.time()
+    stamps = [int((now - 100) * 1000) + i if i < expired else int(now * 1000) + i for i in range(40)]
+    for i in range(0, 40, 7):  # a few commit batches
+        await store.append([draft(f"t{j % 4}", j, ts=stamps[j]) for j in range(i, min(i + 7, 40))])
+    store.retention = 50
+    before = {m.seq for m in (await store.read_since("#", 0, 100)).messages}
+    removed = await store.trim(now)
+    after = {m.seq for m in (await store.read_since("#", 0, 100)).messages}
+    assert after == {seq for seq in before if seq > expired}
+    assert removed == len(before) - len(after)
+
+
+async def test_sqlite_drops_the_old_ts_index(tmp_path: Path) -> None:
+    import sqlite3
+
+    s = SqliteStore(tmp_path / "db")
+    await s.open()
+    await s.close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("CREATE INDEX messages_ts ON messages (ts)")  # as databases from before had
+    db.commit()
+    db.close()
+    again = SqliteStore(tmp_path / "db")
+    await again.open()
+    await again.close()
+    db = sqlite3.connect(tmp_path / "db")
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    db.close()
+    assert "messages_ts" not in names and "messages_topic_seq" in names
+
+
 async def test_sqlite_reopen_keeps_epoch_and_counter(tmp_path: Path) -> None:
     s = SqliteStore(tmp_path / "db", history=1, retention=50)
     await s.open()
