@@ -52,6 +52,7 @@ from .protocol import (
     Message,
     Presence,
     Pub,
+    Request as Frame,
     Stats,
     Sub,
     Unsub,
@@ -61,9 +62,6 @@ from .protocol import (
     parse_request,
     text_frame,
 )
-from .protocol import (
-    Request as Frame,
-)
 from .session import Flusher, Session
 from .store import Draft, MemoryStore, SqliteStore, Store, now_ms
 
@@ -72,7 +70,6 @@ from .store import Draft, MemoryStore, SqliteStore, Store, now_ms
 _BACKLOG_PAUSE = 64
 
 log = logging.getLogger("broker")
-
 
 SERVER_NAME = f"broker/{__version__}"
 #: Log event names for the close codes a session is closed with.

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import orjson
+import pytest
 from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
@@ -166,8 +167,7 @@ async def acks(peer: Peer, n: int) -> list[int]:
 async def test_frames_cut_at_every_byte(broker: BrokerProcess) -> None:
     # Frames with 7-bit, 16-bit and 64-bit lengths, written a few bytes at a time so that
     # headers, masks and payloads arrive cut anywhere.
-    broker_big = broker
-    peer = await Peer.open(broker_big.url, broker_big.token("cut"))
+    peer = await Peer.open(broker.url, broker.token("cut"))
     stream = pub_frame(1) + pub_frame(2, size=300) + pub_frame(3, size=5000)
     transport = peer.ws.transport
     for i in range(0, len(stream), 3):
@@ -186,7 +186,7 @@ async def test_large_frame_with_64_bit_length(make_broker: Any) -> None:
     await peer.close()
 
 
-async def test_ping_and_close_between_data_frames(broker: BrokerProcess) -> None:
+async def test_ping_between_data_frames(broker: BrokerProcess) -> None:
     peer = await Peer.open(broker.url, broker.token("ctl"))
     ping = Frame(Opcode.PING, b"between").serialize(mask=True)
     peer.ws.transport.write(pub_frame(1) + ping + pub_frame(2))
@@ -210,17 +210,20 @@ async def test_data_then_close_in_one_write(broker: BrokerProcess) -> None:
     await peer.close()
 
 
-async def test_invalid_utf8_closes_1007(broker: BrokerProcess) -> None:
-    reader, writer = await raw_upgrade(broker.port, broker.token("utf"))
-    writer.write(Frame(Opcode.TEXT, b'{"op":"pub","data":"\xff"}').serialize(mask=True))
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        # Text that is not UTF-8.
+        (Frame(Opcode.TEXT, b'{"op":"pub","data":"\xff"}').serialize(mask=True), 1007),
+        # A client frame without a mask.
+        (Frame(Opcode.TEXT, b'{"op":"stats","id":1}').serialize(mask=False), 1002),
+    ],
+)
+async def test_bad_frames_close_with_their_code(
+    broker: BrokerProcess, frame: bytes, code: int
+) -> None:
+    reader, writer = await raw_upgrade(broker.port, broker.token("bad"))
+    writer.write(frame)
     data = await read_until_eof(reader, timeout=5)
     writer.close()
-    assert b"\x88" in data and (1007).to_bytes(2, "big") in data.split(b"\x88", 1)[1][:4]
-
-
-async def test_unmasked_frame_closes_1002(broker: BrokerProcess) -> None:
-    reader, writer = await raw_upgrade(broker.port, broker.token("mask"))
-    writer.write(Frame(Opcode.TEXT, b'{"op":"stats","id":1}').serialize(mask=False))
-    data = await read_until_eof(reader, timeout=5)
-    writer.close()
-    assert b"\x88" in data and (1002).to_bytes(2, "big") in data.split(b"\x88", 1)[1][:4]
+    assert b"\x88" in data and code.to_bytes(2, "big") in data.split(b"\x88", 1)[1][:4]
