@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson
 from websockets.asyncio.client import connect
 
-from broker.auth import mint_token
+from broker.core.auth import mint_token
 from tests.support import free_port, isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,12 @@ class Counter(asyncio.Protocol):
                 self.ready.set_result(None)
             pos = body + size
         del buf[:pos]
-        if self.done is not None and self.target and self.count >= self.target and not self.done.done():
+        if (
+            self.done is not None
+            and self.target
+            and self.count >= self.target
+            and not self.done.done()
+        ):
             self.done.set_result(None)
 
 
@@ -153,9 +158,13 @@ async def measure(
     await asyncio.gather(*(c.ready for c in counters))
     for c in counters:
         c.target = msgs
-    ws = await connect(urls[0][1], additional_headers={"Authorization": f"Bearer {mint_token(SECRET, 'pub')}"})
+    ws = await connect(
+        urls[0][1], additional_headers={"Authorization": f"Bearer {mint_token(SECRET, 'pub')}"}
+    )
     await ws.recv()  # hello
-    payload = orjson.dumps({"op": "pub", "topic": TOPIC, "data": {"n": 0, "pad": "x" * 64}}).decode()
+    payload = orjson.dumps(
+        {"op": "pub", "topic": TOPIC, "data": {"n": 0, "pad": "x" * 64}}
+    ).decode()
     sem = asyncio.Semaphore(window)
 
     async def acks() -> None:
@@ -188,19 +197,33 @@ def main() -> None:
     parser.add_argument("--msgs", type=int, default=1000)
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--nodes", default="0,1,2,3", help="node counts to try (0: --memory, no Redis)")
+    parser.add_argument(
+        "--nodes", default="0,1,2,3", help="node counts to try (0: --memory, no Redis)"
+    )
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         sys.exit("redis-server is needed")
     home = Path(tempfile.mkdtemp(prefix="cluster-bench-"))
     rport = free_port()
     redis_proc = subprocess.Popen(
-        ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [
+            "redis-server",
+            "--port",
+            str(rport),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
         cwd=home,
     )
     wait_port(rport, redis_proc)
-    print(f"{os.cpu_count()} CPUs; {args.subscribers} subscribers on one topic, {args.msgs} messages per run")
+    print(
+        f"{os.cpu_count()} CPUs; {args.subscribers} subscribers on one topic, {args.msgs} messages per run"
+    )
     print(
         f"{'nodes':>14} {'deliveries/s':>13} {'min':>9} {'max':>9} {'pubs/s':>8}"
         "   CPU s (last run): nodes / redis / bench"
@@ -211,13 +234,28 @@ def main() -> None:
             pubs: list[float] = []
             cpu = ""
             for _ in range(args.runs):
-                subprocess.run(["redis-cli", "-p", str(rport), "flushall"], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(
+                    ["redis-cli", "-p", str(rport), "flushall"],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
                 procs: list[subprocess.Popen[bytes]] = []
                 urls: list[tuple[int, str]] = []
                 for k in range(max(count, 1)):
                     port = free_port()
-                    store = ["--memory"] if count == 0 else ["--redis", f"redis://127.0.0.1:{rport}/0"]
-                    cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--secret", SECRET]
+                    store = (
+                        ["--memory"] if count == 0 else ["--redis", f"redis://127.0.0.1:{rport}/0"]
+                    )
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "broker.cli",
+                        "serve",
+                        "--port",
+                        str(port),
+                        "--secret",
+                        SECRET,
+                    ]
                     cmd += [*store, "--log-level", "warning", "--log-format", "json"]
                     proc = subprocess.Popen(
                         cmd, cwd=ROOT, env=isolated_env(home / f"n{k}"), stdout=subprocess.DEVNULL
@@ -227,12 +265,16 @@ def main() -> None:
                     urls.append((port, f"ws://127.0.0.1:{port}/ws"))
                 before: list[float] = []
 
-                def mark(procs: list[subprocess.Popen[bytes]] = procs, before: list[float] = before) -> None:
+                def mark(
+                    procs: list[subprocess.Popen[bytes]] = procs, before: list[float] = before
+                ) -> None:
                     before[:] = [cpu_seconds(p.pid) for p in (*procs, redis_proc)]
                     before.append(time.process_time())
 
                 try:
-                    rate, pub_rate = asyncio.run(measure(urls, args.subscribers, args.msgs, args.window, mark))
+                    rate, pub_rate = asyncio.run(
+                        measure(urls, args.subscribers, args.msgs, args.window, mark)
+                    )
                     rates.append(rate)
                     pubs.append(pub_rate)
                     used = [cpu_seconds(p.pid) - b for p, b in zip((*procs, redis_proc), before)]

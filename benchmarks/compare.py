@@ -11,7 +11,7 @@ core 1, and prints a table with the ratio of each peer to our broker.
 
 Servers:
 
-* ``broker``: ours, started like ``broker bench`` does (``cli.bench.embedded_broker``:
+* ``broker``: ours, started like ``broker bench`` does (``broker.cli.bench.embedded_broker``:
   default SQLite store in a temporary directory); publishes carry an ``id`` and are acked
   only once recorded durably.
 * ``socketio``: ``benchmarks/peers/socketio-server.js`` (Node, Socket.IO 4, JWT in the
@@ -64,9 +64,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from broker.auth import mint_token  # noqa: E402
-from broker.bench import percentiles, proc_cpu_seconds, proc_rss_bytes  # noqa: E402
 from loadgen import Stats, close_all, new_loop, open_many, raise_nofile, wait_until  # noqa: E402
+
+from broker.client.bench import percentiles, proc_cpu_seconds, proc_rss_bytes  # noqa: E402
+from broker.core.auth import mint_token  # noqa: E402
 
 PEERS_DIR = ROOT / "benchmarks" / "peers"
 HOST = "127.0.0.1"
@@ -132,9 +133,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def start_broker() -> Iterator[Server]:
-    from cli.bench import embedded_broker
+    from broker.cli.bench import embedded_broker
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )
     with contextlib.chdir(ROOT), embedded_broker([]) as (url, secret, pid):
         pin(pid, SERVER_CPU)
         port = int(url.rsplit(":", 1)[1].split("/")[0])
@@ -147,8 +150,13 @@ def ensure_node_peer() -> None:
     if not (PEERS_DIR / "node_modules" / "socket.io").is_dir():
         if not shutil.which("npm"):
             raise Skip("npm is not installed and benchmarks/peers/node_modules is missing")
-        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=PEERS_DIR,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=PEERS_DIR,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if done.returncode != 0:
             raise Skip(f"npm ci failed: {done.stderr.strip()[-400:]}")
 
@@ -159,8 +167,20 @@ def start_socketio() -> Iterator[Server]:
     port = free_port()
     secret = os.urandom(24).hex()
     proc = subprocess.Popen(
-        ["taskset", "-c", str(SERVER_CPU), "node", "socketio-server.js", "--port", str(port), "--secret", secret],
-        cwd=PEERS_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "taskset",
+            "-c",
+            str(SERVER_CPU),
+            "node",
+            "socketio-server.js",
+            "--port",
+            str(port),
+            "--secret",
+            secret,
+        ],
+        cwd=PEERS_DIR,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         wait_port(port, proc, "the Socket.IO server")
@@ -197,8 +217,12 @@ def start_mosquitto() -> Iterator[Server]:
             "log_type error\n"
             "max_queued_messages 100000\n"
         )
-        proc = subprocess.Popen(["taskset", "-c", str(SERVER_CPU), binary, "-c", str(conf)],
-                                cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            ["taskset", "-c", str(SERVER_CPU), binary, "-c", str(conf)],
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             wait_port(port, proc, "mosquitto")
             pin(proc.pid, SERVER_CPU)
@@ -254,36 +278,63 @@ class Meter:
         gen = self_cpu() - self.gen0
         busy, soft, total = (b - a for a, b in zip(self.core0, core_times(SERVER_CPU)))
         all_busy = (core_times("")[0] - self.all0[0]) / os.sysconf("SC_CLK_TCK")
-        return {"wall_s": round(wall, 3), "server_cpu_s": round(cpu, 3),
-                # of which in the kernel (syscalls: socket reads and writes, fsync)
-                "server_system_s": round(proc_system_seconds(self.pid) - self.sys0, 3),
-                "server_util": round(cpu / wall, 3), "loadgen_util": round(gen / wall, 3),
-                "server_core_busy": round(busy / max(total, 1), 3),
-                "server_core_softirq": round(soft / max(total, 1), 3),
-                # everything else the machine did meanwhile (other processes, softirq), in cores
-                "other_load": round(max(0.0, all_busy - cpu - gen) / wall, 3)}
+        return {
+            "wall_s": round(wall, 3),
+            "server_cpu_s": round(cpu, 3),
+            # of which in the kernel (syscalls: socket reads and writes, fsync)
+            "server_system_s": round(proc_system_seconds(self.pid) - self.sys0, 3),
+            "server_util": round(cpu / wall, 3),
+            "loadgen_util": round(gen / wall, 3),
+            "server_core_busy": round(busy / max(total, 1), 3),
+            "server_core_softirq": round(soft / max(total, 1), 3),
+            # everything else the machine did meanwhile (other processes, softirq), in cores
+            "other_load": round(max(0.0, all_busy - cpu - gen) / wall, 3),
+        }
 
 
-def specs(server: Server, n: int, topic_of: Callable[[int], str], prefix: str,
-          pub_of: Callable[[int], tuple[str, ...]] | None = None) -> list[dict[str, object]]:
+def specs(
+    server: Server,
+    n: int,
+    topic_of: Callable[[int], str],
+    prefix: str,
+    pub_of: Callable[[int], tuple[str, ...]] | None = None,
+) -> list[dict[str, object]]:
     return [
-        {"token": server.token(f"{prefix}{i}"), "user": f"{prefix}{i}", "topics": (topic_of(i),),
-         "pub_topics": pub_of(i) if pub_of else ()}
+        {
+            "token": server.token(f"{prefix}{i}"),
+            "user": f"{prefix}{i}",
+            "topics": (topic_of(i),),
+            "pub_topics": pub_of(i) if pub_of else (),
+        }
         for i in range(n)
     ]
 
 
-async def fanout(server: Server, kind: str, subs: int = 1000, topics: int = 1, duration: float = 8.0,
-                 window: int = 100, warmup: float = 1.0,
-                 before_measure: Callable[[], Awaitable[None]] | None = None) -> dict[str, object]:
+async def fanout(
+    server: Server,
+    kind: str,
+    subs: int = 1000,
+    topics: int = 1,
+    duration: float = 8.0,
+    window: int = 100,
+    warmup: float = 1.0,
+    before_measure: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, object]:
     """1 publisher (``window`` acked publishes in flight, topics in turn), ``subs``
     subscribers spread over ``topics`` topics, saturating for ``duration`` seconds."""
     stats = Stats()
     names = [f"bench/{t}" for t in range(topics)]
-    conns = await open_many(kind, stats, HOST, server.port, specs(server, subs, lambda i: names[i % topics], "s"))
+    conns = await open_many(
+        kind, stats, HOST, server.port, specs(server, subs, lambda i: names[i % topics], "s")
+    )
     try:
-        [pub] = await open_many(kind, stats, HOST, server.port,
-                                [{"token": server.token("p0"), "user": "p0", "topics": (), "pub_topics": tuple(names)}])
+        [pub] = await open_many(
+            kind,
+            stats,
+            HOST,
+            server.port,
+            [{"token": server.token("p0"), "user": "p0", "topics": (), "pub_topics": tuple(names)}],
+        )
         per_topic_subs = collections.Counter(i % topics for i in range(subs))
         meter = Meter(server.pid)
 
@@ -299,11 +350,22 @@ async def fanout(server: Server, kind: str, subs: int = 1000, topics: int = 1, d
             pub.publishing = False
             published = [a - b for a, b in zip(pub.per_topic, base)]
             expected = sum(published[t] * per_topic_subs[t] for t in range(topics))
-            complete = await wait_until(lambda: stats.delivered >= expected and pub.in_flight <= 0,
-                                        lambda: stats.delivered + stats.acked, idle=3.0, limit=90.0)
+            complete = await wait_until(
+                lambda: stats.delivered >= expected and pub.in_flight <= 0,
+                lambda: stats.delivered + stats.acked,
+                idle=3.0,
+                limit=90.0,
+            )
             m = meter.stop()
-            return {**m, "published": sum(published), "acked": stats.acked, "errors": stats.errors,
-                    "delivered": stats.delivered, "expected": expected, "complete": complete}
+            return {
+                **m,
+                "published": sum(published),
+                "acked": stats.acked,
+                "errors": stats.errors,
+                "delivered": stats.delivered,
+                "expected": expected,
+                "complete": complete,
+            }
 
         await phase(warmup, 0)
         if before_measure is not None:
@@ -322,30 +384,48 @@ async def fanout(server: Server, kind: str, subs: int = 1000, topics: int = 1, d
         await asyncio.sleep(0.5)
 
 
-async def idle(server: Server, kind: str, base: int = 100, extra: int = 1000, settle: float = 2.0) -> dict[str, object]:
+async def idle(
+    server: Server, kind: str, base: int = 100, extra: int = 1000, settle: float = 2.0
+) -> dict[str, object]:
     """RSS growth per idle authenticated connection with one subscription."""
     stats = Stats()
-    conns = await open_many(kind, stats, HOST, server.port, specs(server, base, lambda i: f"idle/{i}", "b"))
+    conns = await open_many(
+        kind, stats, HOST, server.port, specs(server, base, lambda i: f"idle/{i}", "b")
+    )
     try:
         await asyncio.sleep(settle)
         rss0 = proc_rss_bytes(server.pid)
-        conns += await open_many(kind, stats, HOST, server.port, specs(server, extra, lambda i: f"idle/{base + i}", "i"))
+        conns += await open_many(
+            kind, stats, HOST, server.port, specs(server, extra, lambda i: f"idle/{base + i}", "i")
+        )
         await asyncio.sleep(settle)
         rss1 = proc_rss_bytes(server.pid)
-        return {"connections": base + extra, "rss_mb": round(rss1 / 2**20, 1),
-                "rss_per_connection_kib": round((rss1 - rss0) / extra / 1024, 2)}
+        return {
+            "connections": base + extra,
+            "rss_mb": round(rss1 / 2**20, 1),
+            "rss_per_connection_kib": round((rss1 - rss0) / extra / 1024, 2),
+        }
     finally:
         close_all(conns)
         await asyncio.sleep(0.5)
 
 
-async def latency(server: Server, kind: str, subs: int = 1000, rate: float = 20.0, duration: float = 10.0) -> dict[str, object]:
+async def latency(
+    server: Server, kind: str, subs: int = 1000, rate: float = 20.0, duration: float = 10.0
+) -> dict[str, object]:
     """Publish-to-delivery latency at ``rate`` msgs/s to ``subs`` subscribers."""
     stats = Stats(sample_every=1)
-    conns = await open_many(kind, stats, HOST, server.port, specs(server, subs, lambda i: "lat/0", "s"))
+    conns = await open_many(
+        kind, stats, HOST, server.port, specs(server, subs, lambda i: "lat/0", "s")
+    )
     try:
-        [pub] = await open_many(kind, stats, HOST, server.port,
-                                [{"token": server.token("p0"), "user": "p0", "topics": (), "pub_topics": ("lat/0",)}])
+        [pub] = await open_many(
+            kind,
+            stats,
+            HOST,
+            server.port,
+            [{"token": server.token("p0"), "user": "p0", "topics": (), "pub_topics": ("lat/0",)}],
+        )
         pub.track_acks = True
         await asyncio.sleep(0.5)
         stats.latencies.clear()
@@ -358,20 +438,35 @@ async def latency(server: Server, kind: str, subs: int = 1000, rate: float = 20.
             if delay > 0:
                 await asyncio.sleep(delay)
             pub.publish_one()
-        await wait_until(lambda: stats.delivered >= n * subs, lambda: stats.delivered, idle=3.0, limit=30.0)
+        await wait_until(
+            lambda: stats.delivered >= n * subs, lambda: stats.delivered, idle=3.0, limit=30.0
+        )
         m = meter.stop()
         lat = percentiles(stats.latencies)
-        return {**m, "published": n, "delivered": stats.delivered, "expected": n * subs,
-                "deliveries_per_s": round(stats.delivered / float(m["wall_s"])),
-                "latency_ms": lat, "ack_latency_ms": percentiles(stats.ack_latencies)}
+        return {
+            **m,
+            "published": n,
+            "delivered": stats.delivered,
+            "expected": n * subs,
+            "deliveries_per_s": round(stats.delivered / float(m["wall_s"])),
+            "latency_ms": lat,
+            "ack_latency_ms": percentiles(stats.ack_latencies),
+        }
     finally:
         close_all(conns)
         await asyncio.sleep(0.5)
 
 
-async def rooms(server: Server, kind: str, conns_n: int = 500, room_size: int = 5, duration: float = 8.0,
-                window: int = 1, warmup: float = 1.0,
-                before_measure: Callable[[], Awaitable[None]] | None = None) -> dict[str, object]:
+async def rooms(
+    server: Server,
+    kind: str,
+    conns_n: int = 500,
+    room_size: int = 5,
+    duration: float = 8.0,
+    window: int = 1,
+    warmup: float = 1.0,
+    before_measure: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, object]:
     """``conns_n`` connections in rooms of ``room_size``, each publishing to its room with
     ``window`` acked publishes in flight; deliveries go to the other members."""
     stats = Stats()
@@ -379,8 +474,13 @@ async def rooms(server: Server, kind: str, conns_n: int = 500, room_size: int = 
     def room(i: int) -> str:
         return f"room/{i // room_size}"
 
-    conns = await open_many(kind, stats, HOST, server.port,
-                            specs(server, conns_n, room, "r", pub_of=lambda i: (room(i),)))
+    conns = await open_many(
+        kind,
+        stats,
+        HOST,
+        server.port,
+        specs(server, conns_n, room, "r", pub_of=lambda i: (room(i),)),
+    )
     try:
         meter = Meter(server.pid)
 
@@ -396,12 +496,26 @@ async def rooms(server: Server, kind: str, conns_n: int = 500, room_size: int = 
             await asyncio.sleep(seconds)
             for c in conns:
                 c.publishing = False
-            await wait_until(lambda: all(c.in_flight <= 0 for c in conns), lambda: stats.acked, idle=3.0, limit=60)
+            await wait_until(
+                lambda: all(c.in_flight <= 0 for c in conns),
+                lambda: stats.acked,
+                idle=3.0,
+                limit=60,
+            )
             expected = stats.published * (room_size - 1)
-            complete = await wait_until(lambda: stats.delivered >= expected, lambda: stats.delivered, idle=3.0, limit=60)
+            complete = await wait_until(
+                lambda: stats.delivered >= expected, lambda: stats.delivered, idle=3.0, limit=60
+            )
             m = meter.stop()
-            return {**m, "published": stats.published, "acked": stats.acked, "errors": stats.errors,
-                    "delivered": stats.delivered, "expected": expected, "complete": complete}
+            return {
+                **m,
+                "published": stats.published,
+                "acked": stats.acked,
+                "errors": stats.errors,
+                "delivered": stats.delivered,
+                "expected": expected,
+                "complete": complete,
+            }
 
         await phase(warmup)
         if before_measure is not None:
@@ -421,8 +535,14 @@ async def rooms(server: Server, kind: str, conns_n: int = 500, room_size: int = 
 # -- profile ---------------------------------------------------------------------------------
 
 
-_WAITS = ("pthread_cond_timedwait", "epoll_pwait", "epoll_wait", "PyThread_acquire_lock_timed", "take_gil",
-          "_queue_SimpleQueue_get")
+_WAITS = (
+    "pthread_cond_timedwait",
+    "epoll_pwait",
+    "epoll_wait",
+    "PyThread_acquire_lock_timed",
+    "take_gil",
+    "_queue_SimpleQueue_get",
+)
 
 
 def _frame_name(frame: str) -> tuple[str, bool]:
@@ -472,25 +592,38 @@ def summarize_collapsed(path: Path, top: int = 15) -> list[str]:
         loop_own[py[-1] if py else "?"] += n
         loop_leaf[names[-1]] += n
         for name in set(names):
-            if name.endswith(".py)") and "click" not in name and "runpy" not in name and "cli/" not in name:
+            if (
+                name.endswith(".py)")
+                and "click" not in name
+                and "runpy" not in name
+                and "cli/" not in name
+            ):
                 loop_incl[name] += n
     busy = loop_total - loop_idle or 1
-    out = [f"event-loop thread: {loop_total} samples, {100 * loop_idle / max(loop_total, 1):.1f}% waiting in epoll;"
-           f" shares below are of its {busy} busy samples", "",
-           "(a) innermost Python function, including the C code it calls:"]
+    out = [
+        f"event-loop thread: {loop_total} samples, {100 * loop_idle / max(loop_total, 1):.1f}% waiting in epoll;"
+        f" shares below are of its {busy} busy samples",
+        "",
+        "(a) innermost Python function, including the C code it calls:",
+    ]
     out += [f"  {100 * v / busy:5.1f}%  {k}" for k, v in loop_own.most_common(top)]
     out += ["", "(b) innermost frame (Python or C):"]
     out += [f"  {100 * v / busy:5.1f}%  {k}" for k, v in loop_leaf.most_common(top)]
     out += ["", "(c) inclusive:"]
     out += [f"  {100 * v / busy:5.1f}%  {k}" for k, v in loop_incl.most_common(top) if v < busy]
     wbusy = worker_total - worker_idle
-    out += ["", f"store worker thread: {worker_total} samples, {100 * wbusy / max(worker_total, 1):.1f}% busy"
-                " (not waiting for work or for the GIL); busy samples by innermost Python function:"]
+    out += [
+        "",
+        f"store worker thread: {worker_total} samples, {100 * wbusy / max(worker_total, 1):.1f}% busy"
+        " (not waiting for work or for the GIL); busy samples by innermost Python function:",
+    ]
     out += [f"  {100 * v / max(wbusy, 1):5.1f}%  {k}" for k, v in worker_py.most_common(6)]
     return out
 
 
-async def profiled(server: Server, out: Path, seconds: float, workload: str, subs: int, window: int) -> list[str]:
+async def profiled(
+    server: Server, out: Path, seconds: float, workload: str, subs: int, window: int
+) -> list[str]:
     """Profile our server with py-spy during the measured part of a fan-out (or rooms) run
     (after every connection is open, so handshakes stay out of the picture)."""
     pyspy = shutil.which("py-spy")
@@ -504,21 +637,45 @@ async def profiled(server: Server, out: Path, seconds: float, workload: str, sub
         # raw: with native frames (C code such as uvloop's writes shows up), which needs
         # py-spy to pause the process for each sample; the flame graph: Python only, not paused.
         for fmt, dest, mode in (("raw", raw, "--native"), ("flamegraph", svg, "--nonblocking")):
-            procs.append(await asyncio.create_subprocess_exec(
-                pyspy, "record", "--pid", str(server.pid), "--duration", str(int(seconds)), "--rate", "100",
-                mode, "--format", fmt, "-o", str(dest),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--duration",
+                    str(int(seconds)),
+                    "--rate",
+                    "100",
+                    mode,
+                    "--format",
+                    fmt,
+                    "-o",
+                    str(dest),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            )
         await asyncio.sleep(0.3)
 
     if workload == "rooms":
         result = await rooms(server, "broker", duration=seconds, before_measure=start_pyspy)
     else:
-        result = await fanout(server, "broker", subs=subs, window=window, duration=seconds, warmup=1.0,
-                              before_measure=start_pyspy)
+        result = await fanout(
+            server,
+            "broker",
+            subs=subs,
+            window=window,
+            duration=seconds,
+            warmup=1.0,
+            before_measure=start_pyspy,
+        )
     for p in procs:
         await p.wait()
-    lines = [f"{workload} during the profile: {result['cpu_per_delivery_us']} µs/delivery, "
-             f"{result['deliveries_per_s']:,} deliveries/s (py-spy sampling inflates both)"]
+    lines = [
+        f"{workload} during the profile: {result['cpu_per_delivery_us']} µs/delivery, "
+        f"{result['deliveries_per_s']:,} deliveries/s (py-spy sampling inflates both)"
+    ]
     if raw.exists():
         lines += summarize_collapsed(raw)
         lines.append(f"flame graph: {svg}")
@@ -530,28 +687,78 @@ async def profiled(server: Server, out: Path, seconds: float, workload: str, sub
 
 ROWS = [
     # (label, workload, key path, lower is better, format)
-    ("fan-out 1→{subs}: server CPU per delivery (µs)", "fanout", ("cpu_per_delivery_us",), True, "{:.2f}"),
+    (
+        "fan-out 1→{subs}: server CPU per delivery (µs)",
+        "fanout",
+        ("cpu_per_delivery_us",),
+        True,
+        "{:.2f}",
+    ),
     ("fan-out 1→{subs}: deliveries/s", "fanout", ("deliveries_per_s",), False, "{:,.0f}"),
     ("fan-out 1→{subs}: server CPU use (cores)", "fanout", ("server_util",), None, "{:.2f}"),
-    ("fan-out 1→{subs}: server's core busy, softirq incl.", "fanout", ("server_core_busy",), None, "{:.2f}"),
-    ("fan-out 1→{subs}: load generator CPU use (cores)", "fanout", ("loadgen_util",), None, "{:.2f}"),
-    ("fan-out 1→{subs}: bytes per delivery on the wire", "fanout", ("bytes_per_delivery",), None, "{:.0f}"),
-    ("idle connection + 1 subscription: RSS (KiB)", "idle", ("rss_per_connection_kib",), True, "{:.1f}"),
+    (
+        "fan-out 1→{subs}: server's core busy, softirq incl.",
+        "fanout",
+        ("server_core_busy",),
+        None,
+        "{:.2f}",
+    ),
+    (
+        "fan-out 1→{subs}: load generator CPU use (cores)",
+        "fanout",
+        ("loadgen_util",),
+        None,
+        "{:.2f}",
+    ),
+    (
+        "fan-out 1→{subs}: bytes per delivery on the wire",
+        "fanout",
+        ("bytes_per_delivery",),
+        None,
+        "{:.0f}",
+    ),
+    (
+        "idle connection + 1 subscription: RSS (KiB)",
+        "idle",
+        ("rss_per_connection_kib",),
+        True,
+        "{:.1f}",
+    ),
     ("{rate} msg/s × {subs}: latency p50 (ms)", "latency", ("latency_ms", "p50"), True, "{:.2f}"),
     ("{rate} msg/s × {subs}: latency p99 (ms)", "latency", ("latency_ms", "p99"), True, "{:.2f}"),
     ("{rate} msg/s × {subs}: server CPU use (cores)", "latency", ("server_util",), True, "{:.2f}"),
-    ("rooms 500×(5): server CPU per delivery (µs)", "rooms", ("cpu_per_delivery_us",), True, "{:.2f}"),
-    ("rooms 500×(5): of which in the kernel (µs)", "rooms", ("system_per_delivery_us",), True, "{:.2f}"),
+    (
+        "rooms 500×(5): server CPU per delivery (µs)",
+        "rooms",
+        ("cpu_per_delivery_us",),
+        True,
+        "{:.2f}",
+    ),
+    (
+        "rooms 500×(5): of which in the kernel (µs)",
+        "rooms",
+        ("system_per_delivery_us",),
+        True,
+        "{:.2f}",
+    ),
     ("rooms 500×(5): deliveries/s", "rooms", ("deliveries_per_s",), False, "{:,.0f}"),
     ("rooms 500×(5): server CPU use (cores)", "rooms", ("server_util",), None, "{:.2f}"),
-    ("rooms 500×(5): server's core busy, softirq incl.", "rooms", ("server_core_busy",), None, "{:.2f}"),
+    (
+        "rooms 500×(5): server's core busy, softirq incl.",
+        "rooms",
+        ("server_core_busy",),
+        None,
+        "{:.2f}",
+    ),
     ("rooms 500×(5): load generator CPU use (cores)", "rooms", ("loadgen_util",), None, "{:.2f}"),
     ("fan-out: other load on the machine (cores)", "fanout", ("other_load",), None, "{:.2f}"),
     ("rooms: other load on the machine (cores)", "rooms", ("other_load",), None, "{:.2f}"),
 ]
 
 
-def dig(results: dict[str, dict[str, object]], peer: str, workload: str, path: tuple[str, ...]) -> float | None:
+def dig(
+    results: dict[str, dict[str, object]], peer: str, workload: str, path: tuple[str, ...]
+) -> float | None:
     value: object = results.get(peer, {}).get(workload)
     for key in path:
         if not isinstance(value, dict):
@@ -560,7 +767,9 @@ def dig(results: dict[str, dict[str, object]], peer: str, workload: str, path: t
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def table(results: dict[str, dict[str, object]], peers: list[str], subs: int = 1000, rate: float = 20) -> str:
+def table(
+    results: dict[str, dict[str, object]], peers: list[str], subs: int = 1000, rate: float = 20
+) -> str:
     """A Markdown table: one column per peer, each peer's value with its ratio to ours."""
     head = ["metric", *(PEER_TITLE[p] for p in peers)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -584,8 +793,12 @@ def table(results: dict[str, dict[str, object]], peers: list[str], subs: int = 1
 
 
 def scaling_table(results: dict[str, dict[str, object]], peers: list[str]) -> str:
-    head = ["subscribers", "topics", *(f"{PEER_TITLE[p]} µs/delivery" for p in peers),
-            *(f"{PEER_TITLE[p]} deliveries/s" for p in peers)]
+    head = [
+        "subscribers",
+        "topics",
+        *(f"{PEER_TITLE[p]} µs/delivery" for p in peers),
+        *(f"{PEER_TITLE[p]} deliveries/s" for p in peers),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     keys: list[str] = []
     for p in peers:
@@ -599,7 +812,9 @@ def scaling_table(results: dict[str, dict[str, object]], peers: list[str]) -> st
             for p in peers:
                 r = (results.get(p, {}).get("scaling") or {}).get(k)  # type: ignore[union-attr]
                 v = r.get(field) if isinstance(r, dict) else None
-                cells.append("–" if v is None else (f"{v:.2f}" if field.startswith("cpu") else f"{v:,.0f}"))
+                cells.append(
+                    "–" if v is None else (f"{v:.2f}" if field.startswith("cpu") else f"{v:,.0f}")
+                )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -608,7 +823,9 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def job_for(name: str, kind: str, args: argparse.Namespace) -> Callable[[Server], Awaitable[dict[str, object]]]:
+def job_for(
+    name: str, kind: str, args: argparse.Namespace
+) -> Callable[[Server], Awaitable[dict[str, object]]]:
     if name == "fanout":
         return lambda s: fanout(s, kind, subs=args.subs, duration=args.duration, window=args.window)
     if name == "idle":
@@ -618,7 +835,9 @@ def job_for(name: str, kind: str, args: argparse.Namespace) -> Callable[[Server]
     return lambda s: rooms(s, kind, duration=args.duration)
 
 
-async def run_workloads(peers: list[str], args: argparse.Namespace, results: dict[str, dict[str, object]]) -> None:
+async def run_workloads(
+    peers: list[str], args: argparse.Namespace, results: dict[str, dict[str, object]]
+) -> None:
     """Every workload ``--repeat`` times, peers interleaved (round k of every peer before
     round k+1 of any), so that background load on a shared machine hits all of them alike;
     each peer's figures are the medians of its rounds."""
@@ -645,7 +864,9 @@ async def run_workloads(peers: list[str], args: argparse.Namespace, results: dic
             results[peer][f"{name}_runs"] = rs
 
 
-async def run_extras(peer: str, args: argparse.Namespace, results: dict[str, dict[str, object]]) -> None:
+async def run_extras(
+    peer: str, args: argparse.Namespace, results: dict[str, dict[str, object]]
+) -> None:
     """Scaling points and profiles (after the comparison)."""
     kind = PEER_KIND[peer]
     res: dict[str, object] = results.setdefault(peer, {})
@@ -654,13 +875,21 @@ async def run_extras(peer: str, args: argparse.Namespace, results: dict[str, dic
     if args.scaling and (peer == "broker" or args.scaling_all):
         scale: dict[str, object] = {}
         res["scaling"] = scale
-        points = [(n, 1) for n in args.scaling_subs] + [(1000, t) for t in args.scaling_topics if t != 1]
+        points = [(n, 1) for n in args.scaling_subs] + [
+            (1000, t) for t in args.scaling_topics if t != 1
+        ]
         for subs, topics in points:
             log(f"[{peer}] scaling {subs} subscribers x {topics} topics ...")
             try:
                 with STARTERS[peer]() as server:
-                    r = await fanout(server, kind, subs=subs, topics=topics, duration=args.scaling_duration,
-                                    window=args.window)
+                    r = await fanout(
+                        server,
+                        kind,
+                        subs=subs,
+                        topics=topics,
+                        duration=args.scaling_duration,
+                        window=args.window,
+                    )
             except Skip as exc:
                 log(f"[{peer}] skipped: {exc}")
                 return
@@ -675,8 +904,9 @@ async def run_extras(peer: str, args: argparse.Namespace, results: dict[str, dic
             out = Path(args.profile).resolve()
             out = out.with_name(f"{out.name}-{workload}")
             with STARTERS[peer]() as server:
-                res[f"profile_{workload}"] = lines = await profiled(server, out, args.profile_seconds, workload,
-                                                                    args.subs, args.window)
+                res[f"profile_{workload}"] = lines = await profiled(
+                    server, out, args.profile_seconds, workload, args.subs, args.window
+                )
             log("\n".join(lines))
 
 
@@ -695,15 +925,26 @@ def median_of(runs: list[dict[str, object]]) -> dict[str, object]:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+    out = {
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
     with contextlib.suppress(Exception):
-        out["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        out["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     with contextlib.suppress(Exception):
         out["node"] = subprocess.run(["node", "-v"], capture_output=True, text=True).stdout.strip()
     with contextlib.suppress(Exception):
-        out["socket.io"] = json.loads((PEERS_DIR / "node_modules/socket.io/package.json").read_text())["version"]
+        out["socket.io"] = json.loads(
+            (PEERS_DIR / "node_modules/socket.io/package.json").read_text()
+        )["version"]
     with contextlib.suppress(Exception):
-        out["mosquitto"] = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True).stdout.split("\n")[0]
+        out["mosquitto"] = subprocess.run(
+            [mosquitto_binary(), "-h"], capture_output=True, text=True
+        ).stdout.split("\n")[0]
     with contextlib.suppress(Exception):
         import uvloop
 
@@ -716,17 +957,35 @@ def main() -> None:
     parser.add_argument("--peers", default="broker,socketio,mosquitto")
     parser.add_argument("--workloads", default="fanout,idle,latency,rooms")
     parser.add_argument("--subs", type=int, default=1000)
-    parser.add_argument("--duration", type=float, default=8.0, help="Seconds of publishing per saturating run.")
-    parser.add_argument("--window", type=int, default=100, help="Acked publishes in flight in the fan-out runs.")
+    parser.add_argument(
+        "--duration", type=float, default=8.0, help="Seconds of publishing per saturating run."
+    )
+    parser.add_argument(
+        "--window", type=int, default=100, help="Acked publishes in flight in the fan-out runs."
+    )
     parser.add_argument("--rate", type=float, default=20.0, help="Publishes/s in the latency run.")
     parser.add_argument("--idle-connections", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=1, help="Run each workload N times; report medians.")
-    parser.add_argument("--scaling", action="store_true", help="Also measure cost vs subscribers and topics (ours).")
-    parser.add_argument("--scaling-all", action="store_true", help="... for every peer, not only ours.")
-    parser.add_argument("--scaling-subs", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000, 10000])
-    parser.add_argument("--scaling-topics", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100])
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="Run each workload N times; report medians."
+    )
+    parser.add_argument(
+        "--scaling", action="store_true", help="Also measure cost vs subscribers and topics (ours)."
+    )
+    parser.add_argument(
+        "--scaling-all", action="store_true", help="... for every peer, not only ours."
+    )
+    parser.add_argument(
+        "--scaling-subs", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000, 10000]
+    )
+    parser.add_argument(
+        "--scaling-topics", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100]
+    )
     parser.add_argument("--scaling-duration", type=float, default=5.0)
-    parser.add_argument("--profile", metavar="PATH", help="Profile our server with py-spy into PATH-<workload>.svg / .txt.")
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="Profile our server with py-spy into PATH-<workload>.svg / .txt.",
+    )
     parser.add_argument("--profile-seconds", type=float, default=8.0)
     parser.add_argument("--profile-workloads", default="fanout,rooms", help="fanout and/or rooms")
     parser.add_argument("--json", metavar="FILE", help="Also write every measurement as JSON.")
@@ -740,10 +999,14 @@ def main() -> None:
         os.sched_setaffinity(0, {LOADGEN_CPU})
     else:
         log("warning: fewer than 2 CPUs: server and load generator share one")
-    raise_nofile(max(args.subs, max(args.scaling_subs) if args.scaling else 0, args.idle_connections + 100) * 2 + 1000)
+    raise_nofile(
+        max(args.subs, max(args.scaling_subs) if args.scaling else 0, args.idle_connections + 100)
+        * 2
+        + 1000
+    )
 
     results: dict[str, dict[str, object]] = {}
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     loop = new_loop()
     try:
         loop.run_until_complete(run_workloads(peers, args, results))
@@ -758,15 +1021,22 @@ def main() -> None:
         if "skipped" in results.get(p, {}):
             print(f"skipped {PEER_TITLE[p]}: {results[p]['skipped']}")
     print()
-    print("In brackets: the peer's figure divided by ours (for costs and latencies, above 1 means ours is lower).")
+    print(
+        "In brackets: the peer's figure divided by ours (for costs and latencies, above 1 means ours is lower)."
+    )
     print()
     print(table(results, shown, args.subs, args.rate))
     if args.scaling:
         print()
         print(scaling_table(results, [p for p in shown if results.get(p, {}).get("scaling")]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": started.isoformat(), "versions": versions(), "results": results},
-                                              indent=2, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {"date": started.isoformat(), "versions": versions(), "results": results},
+                indent=2,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

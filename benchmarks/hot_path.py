@@ -27,10 +27,11 @@ from websockets.frames import Frame, Opcode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.auth import mint_token  # noqa: E402
-from broker.config import ServerConfig  # noqa: E402
-from broker.connection import Connection  # noqa: E402
-from broker.server import SERVER_NAME, BrokerServer  # noqa: E402
+from broker.core.auth import mint_token  # noqa: E402
+from broker.server.app import SERVER_NAME  # noqa: E402
+from broker.server.factory import create_server  # noqa: E402
+from broker.server.config import ServerConfig  # noqa: E402
+from broker.server.connection import Connection  # noqa: E402
 
 
 class CountingTransport:
@@ -93,7 +94,7 @@ async def main() -> None:
         max_queue=1 << 30,
         ping_interval=0,
     )
-    server = BrokerServer(config)
+    server = create_server(config)
     await server.store.open()
     server.hub.last_seq = server.store.last_seq
     conns = []
@@ -113,7 +114,14 @@ async def main() -> None:
         conns.append(conn)
     await asyncio.sleep(0.2)
     frames = [
-        masked({"op": "pub", "topic": f"room/{i // args.room_size}", "data": {"n": i, "text": "x" * 60}, "id": 2})
+        masked(
+            {
+                "op": "pub",
+                "topic": f"room/{i // args.room_size}",
+                "data": {"n": i, "text": "x" * 60},
+                "id": 2,
+            }
+        )
         for i in range(args.connections)
     ]
 

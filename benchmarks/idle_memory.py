@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.auth import mint_token  # noqa: E402
-from broker.config import ServerConfig  # noqa: E402
-from broker.server import BrokerServer  # noqa: E402
+from broker.core.auth import mint_token  # noqa: E402
+from broker.server.factory import create_server  # noqa: E402
+from broker.server.config import ServerConfig  # noqa: E402
 
 # The child: N raw connections (handshake by hand, one masked 'sub' frame each), kept open.
 CLIENTS = r"""
@@ -72,7 +72,7 @@ async def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     secret = "k" * 32
-    server = BrokerServer(ServerConfig(port=args.port, secret=secret, memory=True))
+    server = create_server(ServerConfig(port=args.port, secret=secret, memory=True))
     await server.start()
     token = mint_token(secret, "idle", ttl=3600)
     children = [await open_clients(args.port, args.warmup, token)]
@@ -89,7 +89,9 @@ async def main() -> None:
             stats = after.compare_to(before, key)
             print(f"\nby {key}: {sum(s.size_diff for s in stats) / n:,.0f} bytes per connection")
             for stat in stats[: args.top]:
-                print(f"{stat.size_diff / n:8.0f} B {stat.count_diff / n:6.1f} objects  {stat.traceback}")
+                print(
+                    f"{stat.size_diff / n:8.0f} B {stat.count_diff / n:6.1f} objects  {stat.traceback}"
+                )
     finally:
         for child in children:
             child.kill()

@@ -103,8 +103,17 @@ class Conn(asyncio.Protocol):
     path = "/"
     subprotocol: str | None = None
 
-    def __init__(self, stats: Stats, host: str, port: int, *, token: str = "", user: str = "",
-                 topics: tuple[str, ...] = (), pub_topics: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        host: str,
+        port: int,
+        *,
+        token: str = "",
+        user: str = "",
+        topics: tuple[str, ...] = (),
+        pub_topics: tuple[str, ...] = (),
+    ) -> None:
         self.stats = stats
         self.host, self.port = host, port
         self.token = token
@@ -308,7 +317,9 @@ class BrokerConn(Conn):
             return
         if self.pending == 0:
             self.state = 2
-            self.prefixes = [b'{"op":"pub","topic":"%s","data":"' % t.encode() for t in self.pub_topics]
+            self.prefixes = [
+                b'{"op":"pub","topic":"%s","data":"' % t.encode() for t in self.pub_topics
+            ]
             self.ready.set_result(None)
 
     def publish_frame(self, ident: int, topic: int, payload: bytes) -> None:
@@ -366,7 +377,9 @@ class SocketIOConn(Conn):
                 return  # an event before our joins completed: ignore
         if self.state == 2 and self.pending == 0:
             self.state = 3
-            self.prefixes = [b'["message",{"room":"%s","text":"' % t.encode() for t in self.pub_topics]
+            self.prefixes = [
+                b'["message",{"room":"%s","text":"' % t.encode() for t in self.pub_topics
+            ]
             self.ready.set_result(None)
 
     def publish_frame(self, ident: int, topic: int, payload: bytes) -> None:
@@ -438,7 +451,9 @@ class MqttConn(Conn):
             for k, topic in enumerate(self.topics):
                 t = topic.encode()
                 # packet id, no properties, topic filter, options: QoS 0 | No Local
-                body = (k + 1).to_bytes(2, "big") + b"\x00" + len(t).to_bytes(2, "big") + t + b"\x04"
+                body = (
+                    (k + 1).to_bytes(2, "big") + b"\x00" + len(t).to_bytes(2, "big") + t + b"\x04"
+                )
                 self.send(b"\x82" + _varint(len(body)) + body, 2)
             self.pending = len(self.topics)
         elif ptype == 9 and self.state == 1:  # SUBACK
@@ -447,7 +462,9 @@ class MqttConn(Conn):
             return
         if self.state == 1 and self.pending == 0:
             self.state = 2
-            self.prefixes = [len(t.encode()).to_bytes(2, "big") + t.encode() for t in self.pub_topics]
+            self.prefixes = [
+                len(t.encode()).to_bytes(2, "big") + t.encode() for t in self.pub_topics
+            ]
             self.ready.set_result(None)
 
     def publish_frame(self, ident: int, topic: int, payload: bytes) -> None:
@@ -475,8 +492,15 @@ def raise_nofile(want: int) -> int:
     return new
 
 
-async def open_many(kind: str, stats: Stats, host: str, port: int, specs: list[dict[str, object]],
-                    concurrency: int = 64, timeout: float = 60.0) -> list[Conn]:
+async def open_many(
+    kind: str,
+    stats: Stats,
+    host: str,
+    port: int,
+    specs: list[dict[str, object]],
+    concurrency: int = 64,
+    timeout: float = 60.0,
+) -> list[Conn]:
     """Open one connection per spec (keyword arguments of the connection class), at most
     ``concurrency`` handshakes at a time, and wait until each is subscribed."""
     loop = asyncio.get_running_loop()
@@ -489,7 +513,9 @@ async def open_many(kind: str, stats: Stats, host: str, port: int, specs: list[d
             for attempt in range(3):
                 try:
                     _, conn = await loop.create_connection(
-                        lambda: cls(stats, host, port, **spec), host, port  # type: ignore[arg-type]
+                        lambda: cls(stats, host, port, **spec),
+                        host,
+                        port,  # type: ignore[arg-type]
                     )
                     await asyncio.wait_for(conn.ready, timeout)
                     conns[k] = conn
@@ -509,8 +535,9 @@ def close_all(conns: list[Conn]) -> None:
             c.transport.abort()
 
 
-async def wait_until(pred: Callable[[], bool], progress: Callable[[], int], *, idle: float = 3.0,
-                     limit: float = 60.0) -> bool:
+async def wait_until(
+    pred: Callable[[], bool], progress: Callable[[], int], *, idle: float = 3.0, limit: float = 60.0
+) -> bool:
     """Wait until ``pred()`` holds, or ``progress()`` stops changing for ``idle`` seconds,
     or ``limit`` seconds pass. True when ``pred()`` held."""
     started = last_change = time.perf_counter()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.auth import mint_token  # noqa: E402
-from broker.bench import BenchConfig, run_bench  # noqa: E402
-from cli.bench import embedded_broker  # noqa: E402
+from broker.client.bench import BenchConfig, run_bench  # noqa: E402
+from broker.core.auth import mint_token  # noqa: E402
+from broker.cli.bench import embedded_broker  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +27,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    print(f"{'store':8} {'acked/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'server CPU s':>13}")
+    print(
+        f"{'store':8} {'acked/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'server CPU s':>13}"
+    )
     for store, extra in (("sqlite", []), ("memory", ["--memory"])):
         rates, p50s, p99s, maxes, cpus = [], [], [], [], []
         for _ in range(args.runs):

@@ -55,7 +55,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.auth import mint_token
+from broker.core.auth import mint_token  # noqa: E402
 
 MAX_CONNECTIONS = 20_000  # bound: this is a loopback soak, not a load generator
 MAX_DURATION = 6 * 3600
@@ -175,7 +175,11 @@ class Worker:
                 return
             except (TimeoutError, OSError, InvalidStatus, ConnectionClosed, RuntimeError) as exc:
                 self.connect_failures += 1
-                key = f"connect:{exc.response.status_code}" if isinstance(exc, InvalidStatus) else f"connect:{type(exc).__name__}"
+                key = (
+                    f"connect:{exc.response.status_code}"
+                    if isinstance(exc, InvalidStatus)
+                    else f"connect:{type(exc).__name__}"
+                )
                 self.errors[key] += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -308,8 +312,12 @@ class Publishers:
         self.stopping = False
 
     async def run_one(self, k: int, started: float) -> None:
-        token = mint_token(self.cfg["secret"], f"publisher{k}", f"Publisher {k}", ttl=self.cfg["token_ttl"])
-        ws = await connect(self.cfg["url"], additional_headers={"Authorization": f"Bearer {token}"}, max_size=None)
+        token = mint_token(
+            self.cfg["secret"], f"publisher{k}", f"Publisher {k}", ttl=self.cfg["token_ttl"]
+        )
+        ws = await connect(
+            self.cfg["url"], additional_headers={"Authorization": f"Bearer {token}"}, max_size=None
+        )
         assert orjson.loads(await ws.recv())["op"] == "hello"
         rate = self.cfg["rate"] / self.cfg["publishers"]
         topics = self.cfg["topics"]
@@ -335,7 +343,16 @@ class Publishers:
                 topic = f"soak/{(n * self.cfg['publishers'] + k) % topics}"
                 t = time.time()
                 self.outstanding[(k, n)] = (topic, t)
-                await ws.send(orjson.dumps({"op": "pub", "id": n, "topic": topic, "data": {"t": t, "k": k, "n": n, "pad": pad}}).decode())
+                await ws.send(
+                    orjson.dumps(
+                        {
+                            "op": "pub",
+                            "id": n,
+                            "topic": topic,
+                            "data": {"t": t, "k": k, "n": n, "pad": pad},
+                        }
+                    ).decode()
+                )
                 n += 1
                 self.sent += 1
             await asyncio.sleep(0.005)
@@ -352,8 +369,18 @@ def start_broker(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Po
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["XDG_CONFIG_HOME"] = str(workdir / "config")
     env["XDG_DATA_HOME"] = str(workdir / "data")
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--secret", args.secret,
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "broker.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--secret",
+        args.secret,
+        "--log-level",
+        "warning",
+    ]
     cmd += ["--memory"] if args.memory else ["--data", str(workdir / "store")]
     cmd += args.broker_arg
     with open(workdir / "broker.log", "ab") as log:
@@ -362,7 +389,10 @@ def start_broker(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Po
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"broker exited: {(workdir / 'broker.log').read_text()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.2),
+        ):
             return proc, f"ws://127.0.0.1:{port}/ws"
         time.sleep(0.05)
     proc.kill()
@@ -373,11 +403,16 @@ def fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-async def orchestrate(args: argparse.Namespace, cfg: dict[str, Any], broker_pid: int | None) -> dict[str, Any]:
+async def orchestrate(
+    args: argparse.Namespace, cfg: dict[str, Any], broker_pid: int | None
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     reports: Any = ctx.Queue()
     stop = ctx.Event()
-    workers = [ctx.Process(target=worker_main, args=(cfg, i, reports, stop), daemon=True) for i in range(args.workers)]
+    workers = [
+        ctx.Process(target=worker_main, args=(cfg, i, reports, stop), daemon=True)
+        for i in range(args.workers)
+    ]
     for w in workers:
         w.start()
 
@@ -428,11 +463,16 @@ async def orchestrate(args: argparse.Namespace, cfg: dict[str, Any], broker_pid:
     pubs = Publishers(cfg)
     t0 = time.time()
     started = time.monotonic()
-    pub_tasks = [asyncio.get_running_loop().create_task(pubs.run_one(k, started)) for k in range(args.publishers)]
+    pub_tasks = [
+        asyncio.get_running_loop().create_task(pubs.run_one(k, started))
+        for k in range(args.publishers)
+    ]
     samples: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    header = (f"{'t(s)':>6} {'conns':>6} {'rss MB':>7} {'fds':>6} {'acked':>7} {'delivered':>9} "
-              f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>8} {'ack p99':>7} {'reconn':>6} {'cpu%':>5} {'load':>5} errors")
+    header = (
+        f"{'t(s)':>6} {'conns':>6} {'rss MB':>7} {'fds':>6} {'acked':>7} {'delivered':>9} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>8} {'ack p99':>7} {'reconn':>6} {'cpu%':>5} {'load':>5} errors"
+    )
     print(header, flush=True)
     seen_reports = 0
     last_delivered = last_acked = 0
@@ -487,14 +527,19 @@ async def orchestrate(args: argparse.Namespace, cfg: dict[str, Any], broker_pid:
             if proc is not None:
                 with contextlib.suppress(psutil.Error):
                     now_cpu = (time.time(), sum(proc.cpu_times()[:2]))
-                    row["cpu"] = round(100 * (now_cpu[1] - last_cpu[1]) / (now_cpu[0] - last_cpu[0]), 1)
+                    row["cpu"] = round(
+                        100 * (now_cpu[1] - last_cpu[1]) / (now_cpu[0] - last_cpu[0]), 1
+                    )
                     last_cpu = now_cpu
             rows.append(row)
-            print(f"{row['t']:>6} {row['connections'] if row['connections'] is not None else '-':>6} "
-                  f"{fmt(row['rss_mb']):>7} {row['fds'] if row['fds'] is not None else '-':>6} "
-                  f"{row['acked']:>7} {row['delivered']:>9} {fmt(row['p50']):>7} {fmt(row['p99']):>7} "
-                  f"{fmt(row['max']):>8} {fmt(row['ack_p99']):>7} {row['reconnects']:>6} {fmt(row.get('cpu')):>5} {fmt(row['load'], '.2f'):>5} "
-                  f"{dict(errors) or ''}", flush=True)
+            print(
+                f"{row['t']:>6} {row['connections'] if row['connections'] is not None else '-':>6} "
+                f"{fmt(row['rss_mb']):>7} {row['fds'] if row['fds'] is not None else '-':>6} "
+                f"{row['acked']:>7} {row['delivered']:>9} {fmt(row['p50']):>7} {fmt(row['p99']):>7} "
+                f"{fmt(row['max']):>8} {fmt(row['ack_p99']):>7} {row['reconnects']:>6} {fmt(row.get('cpu')):>5} {fmt(row['load'], '.2f'):>5} "
+                f"{dict(errors) or ''}",
+                flush=True,
+            )
 
     # Stop publishing, collect the acks, then let the subscribers settle and report.
     pubs.stopping = True
@@ -543,13 +588,15 @@ async def orchestrate(args: argparse.Namespace, cfg: dict[str, Any], broker_pid:
     rss_growth = slope = None
     if len(steady) >= 2:
         first_min = statistics.mean(s["rss"] for s in steady[: max(1, len(steady) // 10)])
-        last_min = statistics.mean(s["rss"] for s in steady[-max(1, len(steady) // 10):])
+        last_min = statistics.mean(s["rss"] for s in steady[-max(1, len(steady) // 10) :])
         rss_growth = (last_min - first_min) / 2**20
         xs = [s["t"] for s in steady]
         ys = [s["rss"] / 2**20 for s in steady]
         mx, my = statistics.mean(xs), statistics.mean(ys)
         den = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 60 if den else 0.0
+        slope = (
+            sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 60 if den else 0.0
+        )
     p99s = [r["p99"] for r in rows if r["p99"] is not None]
     summary = {
         "connections": args.connections,
@@ -576,25 +623,40 @@ async def orchestrate(args: argparse.Namespace, cfg: dict[str, Any], broker_pid:
         "worker_crashes": crashes,
         "rss_mb_after_warmup": round(steady[0]["rss"] / 2**20, 1) if steady else None,
         "rss_mb_end": round(steady[-1]["rss"] / 2**20, 1) if steady else None,
-        "rss_mb_peak": round(max(s["rss"] for s in samples if "rss" in s) / 2**20, 1) if proc else None,
+        "rss_mb_peak": round(max(s["rss"] for s in samples if "rss" in s) / 2**20, 1)
+        if proc
+        else None,
         "rss_growth_mb_after_warmup": None if rss_growth is None else round(rss_growth, 1),
         "rss_slope_mb_per_min": None if slope is None else round(slope, 3),
         "fds_end": samples[-1].get("fds") if samples else None,
-        "loadavg_1min_median": round(statistics.median(r["load"] for r in rows), 2) if rows else None,
+        "loadavg_1min_median": round(statistics.median(r["load"] for r in rows), 2)
+        if rows
+        else None,
         "loadavg_1min_max": round(max(r["load"] for r in rows), 2) if rows else None,
-        "broker_cpu_percent_median": statistics.median(r["cpu"] for r in rows if r.get("cpu") is not None) if rows else None,
+        "broker_cpu_percent_median": statistics.median(
+            r["cpu"] for r in rows if r.get("cpu") is not None
+        )
+        if rows
+        else None,
         "p99_ms_median_interval": round(statistics.median(p99s), 1) if p99s else None,
         "p99_ms_worst_interval": round(max(p99s), 1) if p99s else None,
-        "final_stats": {k: final_stats.get(k) for k in ("connections", "subscriptions", "messages_in", "messages_out", "last_seq")},
+        "final_stats": {
+            k: final_stats.get(k)
+            for k in ("connections", "subscriptions", "messages_in", "messages_out", "last_seq")
+        },
         "intervals": rows,
     }
     return summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", help="target this broker instead of starting one (needs --secret)")
-    parser.add_argument("--secret", default=None, help="HMAC secret of the broker (generated when starting one)")
+    parser.add_argument(
+        "--secret", default=None, help="HMAC secret of the broker (generated when starting one)"
+    )
     parser.add_argument("--pid", type=int, help="pid of the --url broker, to sample its RSS")
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--topics", type=int, default=200)
@@ -602,12 +664,29 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="publishes per second, in total")
     parser.add_argument("--size", type=int, default=100, help="padding bytes per message")
     parser.add_argument("--publishers", type=int, default=4)
-    parser.add_argument("--reconnect-per-sec", type=float, default=None, help="clients reconnected per second (default 1%%)")
+    parser.add_argument(
+        "--reconnect-per-sec",
+        type=float,
+        default=None,
+        help="clients reconnected per second (default 1%%)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
     parser.add_argument("--interval", type=float, default=30.0, help="seconds per report row")
-    parser.add_argument("--warmup", type=float, default=None, help="seconds before RSS growth counts (default 10%%, at least 30 s)")
-    parser.add_argument("--memory", action="store_true", help="started broker keeps history in memory")
-    parser.add_argument("--broker-arg", action="append", default=[], help="extra `broker serve` argument (repeatable)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds before RSS growth counts (default 10%%, at least 30 s)",
+    )
+    parser.add_argument(
+        "--memory", action="store_true", help="started broker keeps history in memory"
+    )
+    parser.add_argument(
+        "--broker-arg",
+        action="append",
+        default=[],
+        help="extra `broker serve` argument (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="write the summary here")
     args = parser.parse_args()
     if not 1 <= args.connections <= MAX_CONNECTIONS:
@@ -619,7 +698,9 @@ def main() -> None:
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("the soak runs on loopback only")
     args.workers = max(1, min(args.workers, args.connections))
-    args.reconnect_per_sec = args.connections / 100 if args.reconnect_per_sec is None else args.reconnect_per_sec
+    args.reconnect_per_sec = (
+        args.connections / 100 if args.reconnect_per_sec is None else args.reconnect_per_sec
+    )
     args.warmup = max(30.0, args.duration / 10) if args.warmup is None else args.warmup
     args.secret = args.secret or os.urandom(24).hex()
     limit = raise_fd_limit(args.connections + 1000)
@@ -635,7 +716,10 @@ def main() -> None:
         broker, url = start_broker(args, workdir)
         pid = broker.pid
     per = args.connections // args.workers
-    ranges = [(i * per, (i + 1) * per if i < args.workers - 1 else args.connections) for i in range(args.workers)]
+    ranges = [
+        (i * per, (i + 1) * per if i < args.workers - 1 else args.connections)
+        for i in range(args.workers)
+    ]
     cfg = {
         "url": url,
         "secret": args.secret,
@@ -650,11 +734,17 @@ def main() -> None:
         "token_ttl": args.duration + 3600,
     }
     loop_name = install_uvloop()
-    print(f"# soak {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.cpu_count()} cores, {loop_name}; "
-          f"broker {url} (pid {pid}, log {workdir / 'broker.log'})", flush=True)
-    print(f"# {args.connections} connections over {args.topics} topics, {args.rate:g} msg/s "
-          f"({args.size} B padding) for {args.duration:g}s, {args.reconnect_per_sec:g} reconnects/s, "
-          f"{args.workers} subscriber processes", flush=True)
+    print(
+        f"# soak {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.cpu_count()} cores, {loop_name}; "
+        f"broker {url} (pid {pid}, log {workdir / 'broker.log'})",
+        flush=True,
+    )
+    print(
+        f"# {args.connections} connections over {args.topics} topics, {args.rate:g} msg/s "
+        f"({args.size} B padding) for {args.duration:g}s, {args.reconnect_per_sec:g} reconnects/s, "
+        f"{args.workers} subscriber processes",
+        flush=True,
+    )
     try:
         summary = asyncio.run(orchestrate(args, cfg, pid))
     finally:

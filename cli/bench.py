@@ -15,12 +15,12 @@ from collections.abc import Iterator
 import click
 import orjson
 from rich.console import Console
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from rich.progress import Progress
 from rich.table import Table
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from broker.auth import mint_token
-from broker.bench import BenchConfig, BenchResult, run_bench
+from broker.client.bench import BenchConfig, BenchResult, run_bench
+from broker.core.auth import mint_token
 
 
 @contextlib.contextmanager
@@ -31,8 +31,22 @@ def embedded_broker(args: list[str]) -> Iterator[tuple[str, str, int]]:
         port = s.getsockname()[1]
     secret = os.urandom(24).hex()
     with tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp:
-        cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--secret", secret,
-               *([] if "--memory" in args else ["--data", tmp]), "--log-level", "warning", "--max-queue", "64MiB", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--secret",
+            secret,
+            *([] if "--memory" in args else ["--data", tmp]),
+            "--log-level",
+            "warning",
+            "--max-queue",
+            "64MiB",
+            *args,
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 20
@@ -40,7 +54,10 @@ def embedded_broker(args: list[str]) -> Iterator[tuple[str, str, int]]:
                 if proc.poll() is not None:
                     err = proc.stderr.read().decode() if proc.stderr else ""
                     raise click.ClickException(f"embedded broker exited: {err.strip()}")
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", port), 0.2),
+                ):
                     break
                 if time.monotonic() > deadline:
                     raise click.ClickException("embedded broker did not start")
@@ -60,34 +77,77 @@ def render(result: BenchResult, console: Console) -> None:
     table.add_column(justify="right")
     table.add_row("published", f"{result.published:,} ({result.publish_rate:,.0f}/s)")
     table.add_row("acknowledged / errors", f"{result.acked:,} / {result.errors:,}")
-    table.add_row("delivered / expected", f"{result.delivered:,} / {result.expected:,} ({result.delivery_rate:,.0f}/s)")
-    for name, lat in (("ack latency ms", result.ack_latency_ms), ("delivery latency ms", result.delivery_latency_ms)):
+    table.add_row(
+        "delivered / expected",
+        f"{result.delivered:,} / {result.expected:,} ({result.delivery_rate:,.0f}/s)",
+    )
+    for name, lat in (
+        ("ack latency ms", result.ack_latency_ms),
+        ("delivery latency ms", result.delivery_latency_ms),
+    ):
         if lat:
             table.add_row(name, "  ".join(f"{k} {v:g}" for k, v in lat.items() if k != "mean"))
     if result.server_cpu_per_delivery_us is not None:
         table.add_row("server CPU per delivery", f"{result.server_cpu_per_delivery_us:.3f} µs")
     if result.rss_per_connection_kib is not None:
-        table.add_row("server RSS / per connection", f"{result.server_rss_mb} MB / {result.rss_per_connection_kib} KiB")
+        table.add_row(
+            "server RSS / per connection",
+            f"{result.server_rss_mb} MB / {result.rss_per_connection_kib} KiB",
+        )
     table.add_row("duration", f"{result.seconds:.2f} s")
     console.print(table)
 
 
 @click.command()
-@click.option("--url", envvar="BROKER_URL", help="Benchmark this running broker instead of starting one.")
+@click.option(
+    "--url", envvar="BROKER_URL", help="Benchmark this running broker instead of starting one."
+)
 @click.option("--secret", envvar="BROKER_SECRET", help="Secret of that broker (to mint tokens).")
 @click.option("--server-pid", type=int, help="Pid of that broker, for CPU and memory figures.")
 @click.option("--pub", "publishers", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--sub", "subscribers", default=10, show_default=True, type=click.IntRange(0))
-@click.option("--msgs", "messages", default=10_000, show_default=True, type=click.IntRange(1), help="Messages in total.")
-@click.option("--size", default=100, show_default=True, type=click.IntRange(40), help="Approximate message size in bytes.")
-@click.option("--rate", type=click.FloatRange(min=1), help="Total publish rate (messages/s); default: as fast as acks allow.")
+@click.option(
+    "--msgs",
+    "messages",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Messages in total.",
+)
+@click.option(
+    "--size",
+    default=100,
+    show_default=True,
+    type=click.IntRange(40),
+    help="Approximate message size in bytes.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=1),
+    help="Total publish rate (messages/s); default: as fast as acks allow.",
+)
 @click.option("--topics", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--acks/--no-acks", default=True, show_default=True, help="Publish with ids and wait for acks.")
-@click.option("--window", default=100, show_default=True, type=click.IntRange(1), help="Acked publishes in flight per publisher.")
+@click.option(
+    "--acks/--no-acks", default=True, show_default=True, help="Publish with ids and wait for acks."
+)
+@click.option(
+    "--window",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Acked publishes in flight per publisher.",
+)
 @click.option("--duration", type=float, help="Stop publishing after this many seconds.")
 @click.option("--memory", is_flag=True, help="Embedded broker: memory store instead of SQLite.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def bench(url: str | None, secret: str | None, server_pid: int | None, memory: bool, as_json: bool, **opts: object) -> None:
+def bench(
+    url: str | None,
+    secret: str | None,
+    server_pid: int | None,
+    memory: bool,
+    as_json: bool,
+    **opts: object,
+) -> None:
     """Measure throughput, latency and server cost of a broker.
 
     Without --url, starts a broker on a free loopback port (SQLite store in a temporary
@@ -108,7 +168,12 @@ def bench(url: str | None, secret: str | None, server_pid: int | None, memory: b
             raise click.ClickException(f"benchmark failed: {exc or type(exc).__name__}") from None
 
     def measure(target: str, key: str, pid: int | None) -> BenchResult:
-        cfg = BenchConfig(url=target, token=lambda uid: mint_token(key, uid, ttl=3600), server_pid=pid, **opts)  # type: ignore[arg-type]
+        cfg = BenchConfig(
+            url=target,
+            token=lambda uid: mint_token(key, uid, ttl=3600),
+            server_pid=pid,
+            **opts,  # type: ignore[arg-type]
+        )
         if as_json or not console.is_terminal:
             return asyncio.run(run_bench(cfg))
         with Progress(console=console, transient=True) as bar:
@@ -116,7 +181,7 @@ def bench(url: str | None, secret: str | None, server_pid: int | None, memory: b
             return asyncio.run(run_bench(cfg, lambda done, total: bar.update(task, completed=done)))
 
     if url:
-        from broker.config import read_local_secret
+        from broker.server.config import read_local_secret
 
         key = secret or read_local_secret()
         if not key:

@@ -31,9 +31,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from broker.auth import HMAC_ALGORITHMS, TokenVerifier, mint_token
 from broker.client import Client, Gap, Message, TokenProvider
-from broker.config import DEFAULT_URL, read_local_secret, secret_path
+from broker.core.auth import HMAC_ALGORITHMS, TokenVerifier, mint_token
+from broker.core.topics import validate_pattern, validate_topic
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -41,7 +41,7 @@ from broker.errors import (
     Unauthorized,
     Unavailable,
 )
-from broker.topics import validate_pattern, validate_topic
+from broker.server.config import DEFAULT_URL, read_local_secret, secret_path
 
 from .errors import (
     EXIT_CODES_HELP,
@@ -147,8 +147,7 @@ def connection_options(func: F) -> F:
         envvar="BROKER_URL",
         default=DEFAULT_URL,
         show_default=True,
-        help="Broker WebSocket URL [env BROKER_URL]; several, comma-separated, are tried "
-        "in turn.",
+        help="Broker WebSocket URL [env BROKER_URL]; several, comma-separated, are tried in turn.",
     )(func)
     return func
 
@@ -183,14 +182,10 @@ def _check_patterns(patterns: tuple[str, ...]) -> None:
         try:
             validate_pattern(pattern)
         except BadRequest as exc:
-            raise click.BadParameter(
-                f"{pattern!r}: {exc.message}", param_hint="PATTERN"
-            ) from None
+            raise click.BadParameter(f"{pattern!r}: {exc.message}", param_hint="PATTERN") from None
 
 
-def _template(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> str | None:
+def _template(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
         try:
             compile_template(value)
@@ -268,9 +263,7 @@ def _ttl(ctx: click.Context, param: click.Parameter, value: str) -> float | None
     """
     ),
 )
-@click.option(
-    "--id", "user_id", help="User id (the 'sub' claim). Default: your login name."
-)
+@click.option("--id", "user_id", help="User id (the 'sub' claim). Default: your login name.")
 @click.option("--name", help="Display name. Default: the id.")
 @click.option(
     "--ttl",
@@ -295,9 +288,7 @@ def _ttl(ctx: click.Context, param: click.Parameter, value: str) -> float | None
     "--sub '' allows no other subscription.",
 )
 @click.option("--admin", is_flag=True, help="Allow the admin operations (stats).")
-@click.option(
-    "--secret", help="HMAC secret [env BROKER_SECRET]. Default: the local secret file."
-)
+@click.option("--secret", help="HMAC secret [env BROKER_SECRET]. Default: the local secret file.")
 @click.option(
     "--algorithm",
     type=click.Choice([*HMAC_ALGORITHMS, "RS256", "ES256"]),
@@ -353,9 +344,7 @@ def token_command(
         raise click.UsageError(f"{algorithm} signs with a secret, not a key file")
     key = _secret(secret)
     if key is not None and len(key.encode()) < 32 and decode is None:
-        _warn(
-            f"the secret is only {len(key.encode())} bytes long; 32 or more are recommended"
-        )
+        _warn(f"the secret is only {len(key.encode())} bytes long; 32 or more are recommended")
     if key is None:
         raise CommandError(
             f"no secret: pass --secret, set BROKER_SECRET, or run `broker serve` once on this "
@@ -423,11 +412,7 @@ def _decode_token(token: str, key: str | bytes, algorithm: str) -> None:
         if claims is not None:
             exp = claims.get("exp")
             if isinstance(exp, (int, float)) and exp <= time.time():
-                when = (
-                    datetime.fromtimestamp(exp)
-                    .astimezone()
-                    .isoformat(timespec="seconds")
-                )
+                when = datetime.fromtimestamp(exp).astimezone().isoformat(timespec="seconds")
                 reason = f"token expired {_human_duration(time.time() - exp)} ago (at {when})"
             nbf = claims.get("nbf")
             if "not yet valid" in reason and isinstance(nbf, (int, float)):
@@ -441,21 +426,11 @@ def _decode_token(token: str, key: str | bytes, algorithm: str) -> None:
     if identity.exp is None:
         out.print("expires: never")
     else:
-        when = (
-            datetime.fromtimestamp(identity.exp)
-            .astimezone()
-            .isoformat(timespec="seconds")
-        )
-        out.print(
-            f"expires in {_human_duration(identity.exp - time.time())} (at {when})"
-        )
+        when = datetime.fromtimestamp(identity.exp).astimezone().isoformat(timespec="seconds")
+        out.print(f"expires in {_human_duration(identity.exp - time.time())} (at {when})")
     acl = identity.acl
-    out.print(
-        f"may publish to: {', '.join(acl.pub) if acl.pub is not None else 'any topic'}"
-    )
-    out.print(
-        f"may subscribe to: {', '.join(acl.sub) if acl.sub is not None else 'any topic'}"
-    )
+    out.print(f"may publish to: {', '.join(acl.pub) if acl.pub is not None else 'any topic'}")
+    out.print(f"may subscribe to: {', '.join(acl.sub) if acl.sub is not None else 'any topic'}")
     out.print(f"admin: {'yes' if identity.admin else 'no'}")
 
 
@@ -825,9 +800,7 @@ def _stdin_size() -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-async def _pub_lines(
-    client: Client, topic: str, as_json: bool, echo: bool
-) -> tuple[int, int]:
+async def _pub_lines(client: Client, topic: str, as_json: bool, echo: bool) -> tuple[int, int]:
     """Publish each stdin line, up to PUB_WINDOW in flight; (sent, acknowledged)."""
     stream = click.get_text_stream("stdin")
     window = asyncio.Semaphore(PUB_WINDOW)
@@ -853,11 +826,7 @@ async def _pub_lines(
     with _Progress(_stdin_size()) as progress:
         line_no = 0
         while not fatal.is_set():
-            line = (
-                await asyncio.to_thread(stream.readline)
-                if interactive
-                else stream.readline()
-            )
+            line = await asyncio.to_thread(stream.readline) if interactive else stream.readline()
             if not line:
                 break
             line_no += 1
@@ -881,8 +850,7 @@ async def _pub_lines(
         line_no, first = failures[0]
         error = CommandError.from_broker(first, f"line {line_no}")
         raise CommandError(
-            f"{sent - acked} of {sent} messages not acknowledged; first failure at "
-            f"{error.message}",
+            f"{sent - acked} of {sent} messages not acknowledged; first failure at {error.message}",
             exit_code_for(first),
         )
     return sent, acked
@@ -911,9 +879,7 @@ async def _pub_lines(
 )
 @click.argument("topic")
 @click.argument("message", required=False)
-@click.option(
-    "--json", "as_json", is_flag=True, help="MESSAGE (or each line) is a JSON value."
-)
+@click.option("--json", "as_json", is_flag=True, help="MESSAGE (or each line) is a JSON value.")
 @click.option(
     "--echo",
     is_flag=True,
@@ -933,9 +899,7 @@ def pub_command(
     try:
         validate_topic(topic)
     except BadRequest as exc:
-        raise click.BadParameter(
-            f"{topic!r}: {exc.message}", param_hint="TOPIC"
-        ) from None
+        raise click.BadParameter(f"{topic!r}: {exc.message}", param_hint="TOPIC") from None
     data = _parse(message, as_json, "MESSAGE") if message is not None else None
     client = make_client(url, token, ca_file, reconnect=False, on_error=_on_error)
     terminal = sys.stderr.isatty()
@@ -949,9 +913,7 @@ def pub_command(
                 return
             sent, acked = await _pub_lines(client, topic, as_json, echo)
             if terminal:
-                _stderr().print(
-                    f"[dim]{acked} of {sent} messages published to {topic}[/dim]"
-                )
+                _stderr().print(f"[dim]{acked} of {sent} messages published to {topic}[/dim]")
 
     run(main)
 
@@ -992,10 +954,7 @@ def presence_command(
     if as_json:
         click.echo(
             orjson.dumps(
-                [
-                    {"id": u.id, "name": u.name, "connections": u.connections}
-                    for u in users
-                ]
+                [{"id": u.id, "name": u.name, "connections": u.connections} for u in users]
             ).decode()
         )
         return
@@ -1027,9 +986,7 @@ def flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _TOPIC_PREFIX = "top_topics."
 
 
-def _stats_view(
-    figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: float
-) -> Group:
+def _stats_view(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: float) -> Group:
     """The figures table, then the busiest topics by message rate (by count at first)."""
     plain = {k: v for k, v in figures.items() if not k.startswith(_TOPIC_PREFIX)}
     topics = Table(title="top topics", title_justify="left")
@@ -1041,7 +998,11 @@ def _stats_view(
         if not key.startswith(_TOPIC_PREFIX) or not isinstance(count, int):
             continue
         before = (previous or {}).get(key)
-        rate = (count - before) / elapsed if isinstance(before, int) and elapsed > 0 and count >= before else None
+        rate = (
+            (count - before) / elapsed
+            if isinstance(before, int) and elapsed > 0 and count >= before
+            else None
+        )
         rows.append((key.removeprefix(_TOPIC_PREFIX), count, rate))
     rows.sort(key=lambda r: (r[2] if r[2] is not None else -1.0, r[1]), reverse=True)
     for topic, count, rate in rows[:10]:
@@ -1049,9 +1010,7 @@ def _stats_view(
     return Group(_stats_table(plain, previous, elapsed), topics)
 
 
-def _stats_table(
-    figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: float
-) -> Table:
+def _stats_table(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: float) -> Table:
     table = Table(title="broker stats", title_justify="left")
     table.add_column("figure", style="cyan")
     table.add_column("value", justify="right")
@@ -1163,9 +1122,7 @@ def stats_command(
                     if live is None:
                         click.echo(orjson.dumps(figures).decode())
                     else:
-                        live.update(
-                            _stats_view(flat, previous, now - before), refresh=True
-                        )
+                        live.update(_stats_view(flat, previous, now - before), refresh=True)
                     previous, before = flat, now
                     refreshes += 1
                     if count is not None and refreshes >= count:

@@ -83,9 +83,7 @@ class CommandError(click.ClickException):
     def from_broker(cls, error: BrokerError, context: str = "") -> CommandError:
         """Wrap a client-library error, keeping its message and mapping its exit code."""
         message = error.message
-        if isinstance(
-            error, Forbidden | Unauthorized | BadRequest | RateLimited | Unavailable
-        ):
+        if isinstance(error, Forbidden | Unauthorized | BadRequest | RateLimited | Unavailable):
             message = f"{error.code.replace('_', ' ')}: {message}"
         if context:
             message = f"{context}: {message}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from broker.config import parse_duration
+from broker.server.config import parse_duration
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -12,7 +12,9 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 
     name = "duration"
 
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
         try:
             return parse_duration(value)  # type: ignore[arg-type]
         except ValueError as exc:
@@ -23,9 +25,20 @@ class Size(click.ParamType):  # type: ignore[type-arg]
     """Bytes, or a number with a unit: 64KiB, 1MiB (also K, M, KB, MB)."""
 
     name = "size"
-    _units = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20}
+    _units = {
+        "": 1,
+        "b": 1,
+        "k": 1024,
+        "kb": 1000,
+        "kib": 1024,
+        "m": 1 << 20,
+        "mb": 10**6,
+        "mib": 1 << 20,
+    }
 
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
         if isinstance(value, int):
             return value
         text = str(value).strip().lower()

@@ -112,9 +112,7 @@ def compile_template(template: str) -> Callable[[Message], str]:
         if token in ("{{", "}}"):
             parts.append(token[0])
         elif token in ("{", "}"):
-            raise ValueError(
-                f"unbalanced {token!r} in --format (use '{token * 2}' for a brace)"
-            )
+            raise ValueError(f"unbalanced {token!r} in --format (use '{token * 2}' for a brace)")
         else:
             parts.append(_field_getter(match.group(1).strip()))
         pos = match.end()
@@ -150,9 +148,7 @@ def rich_line(msg: Message) -> Text:
 class Printer:
     """Writes messages to stdout in the chosen mode: raw, json, template or rich."""
 
-    def __init__(
-        self, console: Console, mode: str, template: str | None = None
-    ) -> None:
+    def __init__(self, console: Console, mode: str, template: str | None = None) -> None:
         self.console = console
         self.mode = mode
         self.template = compile_template(template) if template is not None else None

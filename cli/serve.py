@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,9 +10,9 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from broker.server import BrokerServer
+    from broker.server.app import BrokerServer
 
-from broker.config import (
+from broker.server.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     ServerConfig,
@@ -30,13 +29,17 @@ def banner(server: BrokerServer) -> None:
     from rich.panel import Panel
 
     from broker import __version__
-    from broker.config import secret_path
-    from broker.server import store_label
+    from broker.server.config import secret_path
+    from broker.server.factory import store_label
 
     config = server.config
     http = config.url.removesuffix("/ws").replace("ws", "http", 1)
     if config.algorithm.startswith("HS"):
-        keys = "--secret / BROKER_SECRET" if config.secret != read_local_secret() else str(secret_path())
+        keys = (
+            "--secret / BROKER_SECRET"
+            if config.secret != read_local_secret()
+            else str(secret_path())
+        )
     else:
         keys = f"{config.algorithm} public key {config.public_key}"
     lines = [
@@ -45,7 +48,7 @@ def banner(server: BrokerServer) -> None:
         f"store    {store_label(server.store)}",
         f"history  epoch {server.store.epoch}, last seq {server.store.last_seq}",
         f"tokens   {config.algorithm}, key from {keys}",
-        "try      [bold]broker sub football[/bold]  and  [bold]broker pub football \"2-1\"[/bold]",
+        'try      [bold]broker sub football[/bold]  and  [bold]broker pub football "2-1"[/bold]',
     ]
     Console(stderr=True).print(Panel("\n".join(lines), expand=False, border_style="green"))
 
@@ -66,7 +69,11 @@ def banner(server: BrokerServer) -> None:
     type=click.Choice(["HS256", "HS384", "HS512", "RS256", "ES256"]),
     help="The one JWT algorithm accepted.",
 )
-@click.option("--public-key", type=click.Path(exists=True, dir_okay=False), help="PEM public key for RS256/ES256.")
+@click.option(
+    "--public-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM public key for RS256/ES256.",
+)
 @click.option("--audience", help="Require this 'aud' claim.")
 @click.option("--issuer", help="Require this 'iss' claim.")
 @click.option("--require-exp", is_flag=True, help="Refuse tokens without 'exp'.")
@@ -97,21 +104,88 @@ def banner(server: BrokerServer) -> None:
     type=Duration(),
     help="How long --redis-wait waits; then the publish gets 'unavailable'.",
 )
-@click.option("--history", default=1000, show_default=True, type=click.IntRange(0), help="Messages kept per topic.")
-@click.option("--retention", default="24h", show_default=True, type=Duration(), help="Maximum age of kept messages.")
-@click.option("--max-message-size", default="64KiB", show_default=True, type=Size(), help="Largest frame accepted (close 1009 above).")
-@click.option("--max-queue", default="1MiB", show_default=True, type=Size(), help="Unsent bytes per connection before it is closed as a slow consumer (4008).")
-@click.option("--rate-limit", type=click.FloatRange(min=0, min_open=True), help="Publishes per second per connection.")
+@click.option(
+    "--history",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Messages kept per topic.",
+)
+@click.option(
+    "--retention",
+    default="24h",
+    show_default=True,
+    type=Duration(),
+    help="Maximum age of kept messages.",
+)
+@click.option(
+    "--max-message-size",
+    default="64KiB",
+    show_default=True,
+    type=Size(),
+    help="Largest frame accepted (close 1009 above).",
+)
+@click.option(
+    "--max-queue",
+    default="1MiB",
+    show_default=True,
+    type=Size(),
+    help="Unsent bytes per connection before it is closed as a slow consumer (4008).",
+)
+@click.option(
+    "--rate-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Publishes per second per connection.",
+)
 @click.option("--max-connections", type=click.IntRange(1), help="Connections accepted at once.")
 @click.option("--max-subscriptions", type=click.IntRange(1), help="Subscriptions per connection.")
-@click.option("--auth-timeout", default="10s", show_default=True, type=Duration(), help="Time a new connection has to send its HTTP request, and then its 'auth' frame.")
-@click.option("--ping-interval", default="20s", show_default=True, type=Duration(), help="How often to ping quiet connections; one silent for two intervals is dropped (0: no pings).")
-@click.option("--drain-timeout", default="10s", show_default=True, type=Duration(), help="Time allowed for a graceful shutdown.")
-@click.option("--allowed-origin", "allowed_origins", multiple=True, help="Browser origin allowed to connect (repeatable); others get 403.")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate: serve wss://.")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key for --tls-cert.")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", default="rich", show_default=True, type=click.Choice(["rich", "json"]))
+@click.option(
+    "--auth-timeout",
+    default="10s",
+    show_default=True,
+    type=Duration(),
+    help="Time a new connection has to send its HTTP request, and then its 'auth' frame.",
+)
+@click.option(
+    "--ping-interval",
+    default="20s",
+    show_default=True,
+    type=Duration(),
+    help="How often to ping quiet connections; one silent for two intervals is dropped "
+    "(0: no pings).",
+)
+@click.option(
+    "--drain-timeout",
+    default="10s",
+    show_default=True,
+    type=Duration(),
+    help="Time allowed for a graceful shutdown.",
+)
+@click.option(
+    "--allowed-origin",
+    "allowed_origins",
+    multiple=True,
+    help="Browser origin allowed to connect (repeatable); others get 403.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM certificate: serve wss://.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM private key for --tls-cert.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option(
+    "--log-format", default="rich", show_default=True, type=click.Choice(["rich", "json"])
+)
 def serve(**opts: object) -> None:
     """Run a broker on HOST:PORT until SIGTERM or Ctrl-C.
 
@@ -126,8 +200,8 @@ def serve(**opts: object) -> None:
       BROKER_SECRET=s3cret broker serve --host 0.0.0.0
     """
     from broker.errors import Unavailable
-    from broker.logs import setup_logging
-    from broker.server import run
+    from broker.server.factory import run
+    from broker.server.logs import setup_logging
 
     if opts["tls_cert"] and not opts["tls_key"]:
         raise click.UsageError("--tls-cert needs --tls-key")
@@ -154,7 +228,9 @@ def serve(**opts: object) -> None:
     try:
         runner(run(config, on_ready=banner if config.log_format == "rich" else None))
     except OSError as exc:
-        click.echo(f"broker: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", err=True)
+        click.echo(
+            f"broker: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", err=True
+        )
         sys.exit(1)
     except Unavailable as exc:
         click.echo(f"broker: {exc.message}", err=True)

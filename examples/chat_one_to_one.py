@@ -14,9 +14,9 @@ import argparse
 import asyncio
 import os
 
-from broker.auth import mint_token
 from broker.client import Client
-from broker.config import DEFAULT_URL, read_local_secret
+from broker.core.auth import mint_token
+from broker.server.config import DEFAULT_URL, read_local_secret
 
 
 async def main(url: str, secret: str) -> None:
@@ -45,12 +45,8 @@ async def main(url: str, secret: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("BROKER_URL", DEFAULT_URL))
-    parser.add_argument(
-        "--secret", default=os.environ.get("BROKER_SECRET") or read_local_secret()
-    )
+    parser.add_argument("--secret", default=os.environ.get("BROKER_SECRET") or read_local_secret())
     args = parser.parse_args()
     if not args.secret:
-        parser.error(
-            "no secret: pass --secret, set BROKER_SECRET, or run `broker serve` here once"
-        )
+        parser.error("no secret: pass --secret, set BROKER_SECRET, or run `broker serve` here once")
     asyncio.run(main(args.url, args.secret))

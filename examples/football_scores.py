@@ -13,9 +13,9 @@ import argparse
 import asyncio
 import os
 
-from broker.auth import mint_token
 from broker.client import Client
-from broker.config import DEFAULT_URL, read_local_secret
+from broker.core.auth import mint_token
+from broker.server.config import DEFAULT_URL, read_local_secret
 
 GOALS = [
     ("scores/football/ars-che", {"home": 1, "away": 0, "minute": 12}),
@@ -30,15 +30,11 @@ async def listen(client: Client, name: str, count: int) -> None:
     for _ in range(count):
         msg = await client.next_message(timeout=5)
         match = msg.topic.rsplit("/", 1)[-1]
-        print(
-            f"{name}: {match} {msg.data['home']}-{msg.data['away']} ({msg.data['minute']}')"
-        )
+        print(f"{name}: {match} {msg.data['home']}-{msg.data['away']} ({msg.data['minute']}')")
 
 
 async def main(url: str, secret: str) -> None:
-    feed_token = mint_token(
-        secret, "scores-feed", "Score feed", ttl=300, pub=["scores/#"]
-    )
+    feed_token = mint_token(secret, "scores-feed", "Score feed", ttl=300, pub=["scores/#"])
     fan_tokens = {
         name: mint_token(secret, name, ttl=300, sub=["scores/#"])
         for name in ("fan1", "fan2", "gooner", "late")
@@ -73,12 +69,8 @@ async def main(url: str, secret: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("BROKER_URL", DEFAULT_URL))
-    parser.add_argument(
-        "--secret", default=os.environ.get("BROKER_SECRET") or read_local_secret()
-    )
+    parser.add_argument("--secret", default=os.environ.get("BROKER_SECRET") or read_local_secret())
     args = parser.parse_args()
     if not args.secret:
-        parser.error(
-            "no secret: pass --secret, set BROKER_SECRET, or run `broker serve` here once"
-        )
+        parser.error("no secret: pass --secret, set BROKER_SECRET, or run `broker serve` here once")
     asyncio.run(main(args.url, args.secret))

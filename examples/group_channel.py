@@ -13,9 +13,9 @@ import argparse
 import asyncio
 import os
 
-from broker.auth import mint_token
 from broker.client import Client, Message
-from broker.config import DEFAULT_URL, read_local_secret
+from broker.core.auth import mint_token
+from broker.server.config import DEFAULT_URL, read_local_secret
 
 CHANNEL = "chat/lobby"
 USERS = ["ann", "ben", "cat"]
@@ -39,9 +39,7 @@ async def main(url: str, secret: str) -> None:
     clients = [
         Client(
             url,
-            mint_token(
-                secret, name, name.title(), ttl=300, pub=["chat/+"], sub=["chat/+"]
-            ),
+            mint_token(secret, name, name.title(), ttl=300, pub=["chat/+"], sub=["chat/+"]),
         )
         for name in USERS
     ]
@@ -65,12 +63,8 @@ async def main(url: str, secret: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("BROKER_URL", DEFAULT_URL))
-    parser.add_argument(
-        "--secret", default=os.environ.get("BROKER_SECRET") or read_local_secret()
-    )
+    parser.add_argument("--secret", default=os.environ.get("BROKER_SECRET") or read_local_secret())
     args = parser.parse_args()
     if not args.secret:
-        parser.error(
-            "no secret: pass --secret, set BROKER_SECRET, or run `broker serve` here once"
-        )
+        parser.error("no secret: pass --secret, set BROKER_SECRET, or run `broker serve` here once")
     asyncio.run(main(args.url, args.secret))

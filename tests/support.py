@@ -1,6 +1,6 @@
 """Test helpers: real broker processes on loopback ports, raw WebSocket clients.
 
-Nothing here is mocked: ``BrokerProcess`` runs ``python -m cli.main serve`` (the same code
+Nothing here is mocked: ``BrokerProcess`` runs ``python -m broker.cli serve`` (the same code
 as the ``broker`` console script) in a subprocess on a free port.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
-from broker.auth import mint_token
+from broker.core.auth import mint_token
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -76,7 +76,7 @@ class BrokerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "broker.cli", "serve", "--port", str(self.port)]
         if self.secret is not None:
             cmd += ["--secret", self.secret]
         cmd += ["--memory"] if self.memory else ["--data", str(self.data)]
@@ -93,8 +93,9 @@ class BrokerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return self
             time.sleep(0.05)
@@ -220,14 +221,18 @@ def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
     )
     key_path.chmod(0o600)

@@ -8,7 +8,14 @@ import time
 import jwt
 import pytest
 
-from broker.auth import Acl, Identity, TokenVerifier, identity_from_claims, mint_token, parse_bearer
+from broker.core.auth import (
+    Acl,
+    Identity,
+    TokenVerifier,
+    identity_from_claims,
+    mint_token,
+    parse_bearer,
+)
 from broker.errors import Forbidden, TokenExpired, Unauthorized
 
 SECRET = "s" * 64
@@ -106,7 +113,13 @@ def test_audience_and_issuer() -> None:
 
 @pytest.mark.parametrize(
     ("header", "ok"),
-    [("Bearer abc", True), ("bearer abc", True), ("Basic abc", False), ("Bearer ", False), ("", False)],
+    [
+        ("Bearer abc", True),
+        ("bearer abc", True),
+        ("Basic abc", False),
+        ("Bearer ", False),
+        ("", False),
+    ],
 )
 def test_parse_bearer(header: str, ok: bool) -> None:
     if ok:

@@ -21,8 +21,8 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
-from broker.auth import mint_token
-from cli.main import cli
+from broker.core.auth import mint_token
+from broker.cli.main import cli
 
 from .support import (
     ROOT,
@@ -51,9 +51,7 @@ def make_runner(url: str, config: Path) -> Run:
             "NO_COLOR": "1",
         }
         base.update(env or {})
-        result = CliRunner().invoke(
-            cli, list(args), input=input, env=base, catch_exceptions=False
-        )
+        result = CliRunner().invoke(cli, list(args), input=input, env=base, catch_exceptions=False)
         assert "Traceback" not in result.output
         return result
 
@@ -105,11 +103,7 @@ def test_token_mints_with_every_option(offline: Run) -> None:
     assert result.exit_code == 0
     assert len(result.stdout.splitlines()) == 1  # the token alone
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
-    assert (
-        claims["sub"] == "alice"
-        and claims["name"] == "Alice"
-        and claims["admin"] is True
-    )
+    assert claims["sub"] == "alice" and claims["name"] == "Alice" and claims["admin"] is True
     assert claims["acl"] == {"pub": ["scores/#"], "sub": ["scores/+", "chat"]}
     assert abs(claims["exp"] - time.time() - 900) < 5
 
@@ -156,9 +150,7 @@ def test_token_secret_precedence(offline: Run, tmp_path: Path) -> None:
 
 
 def test_token_empty_acl_lists(offline: Run) -> None:
-    result = offline(
-        "token", "--id", "bot", "--pub", "scores/#", "--sub", "", "--secret", SECRET
-    )
+    result = offline("token", "--id", "bot", "--pub", "scores/#", "--sub", "", "--secret", SECRET)
     assert result.exit_code == 0
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["acl"] == {
@@ -210,9 +202,7 @@ def test_token_decode_valid(offline: Run) -> None:
     ],
     ids=["expired", "signature", "malformed", "algorithm"],
 )
-def test_token_decode_refused(
-    offline: Run, make: Callable[[], str], reason: str
-) -> None:
+def test_token_decode_refused(offline: Run, make: Callable[[], str], reason: str) -> None:
     result = offline("token", "--decode", make(), "--secret", SECRET)
     assert result.exit_code == 4
     assert reason in result.stderr
@@ -226,10 +216,7 @@ def test_pub_then_sub_last_default_output(run: Run, broker: BrokerProcess) -> No
     token = token_for("alice", name="Alice")
     assert run("pub", "football", "2-1", "--token", token).exit_code == 0
     assert (
-        run(
-            "pub", "football", '{"home": 2, "away": 1}', "--json", "--token", token
-        ).exit_code
-        == 0
+        run("pub", "football", '{"home": 2, "away": 1}', "--json", "--token", token).exit_code == 0
     )
     assert run("pub", "football", "[1, 2]", "--token", token).exit_code == 0  # a string
     result = run("sub", "football", "--last", "3", "--count", "3", "--token", token)
@@ -247,14 +234,10 @@ def test_sub_json_and_format(run: Run) -> None:
         "--token",
         token,
     )
-    result = run(
-        "sub", "scores/+", "--last", "1", "--count", "1", "--json", "--token", token
-    )
+    result = run("sub", "scores/+", "--last", "1", "--count", "1", "--json", "--token", token)
     line = orjson.loads(result.stdout)
     assert set(line) == {"topic", "seq", "data", "from", "ts"}
-    assert (
-        line["from"] == {"id": "alice", "name": "Alice"} and line["data"]["home"] == 2
-    )
+    assert line["from"] == {"id": "alice", "name": "Alice"} and line["data"]["home"] == 2
     result = run(
         "sub",
         "scores/#",
@@ -268,8 +251,7 @@ def test_sub_json_and_format(run: Run) -> None:
         r"{seq}|{topic}|{from.id}/{from.name}|{data.team.name}|{data.nope}|{{x}}\t{data}",
     )
     assert result.stdout == (
-        f"{line['seq']}|scores/uk|alice/Alice|Ars||{{x}}\t"
-        + '{"home":2,"team":{"name":"Ars"}}\n'
+        f"{line['seq']}|scores/uk|alice/Alice|Ars||{{x}}\t" + '{"home":2,"team":{"name":"Ars"}}\n'
     )
     result = run(
         "sub",
@@ -291,9 +273,7 @@ def test_sub_since_resumes_after_seq(run: Run) -> None:
     token = token_for()
     for i in range(5):
         run("pub", "resume", str(i), "--token", token)
-    first = run(
-        "sub", "resume", "--last", "5", "--count", "2", "--json", "--token", token
-    )
+    first = run("sub", "resume", "--last", "5", "--count", "2", "--json", "--token", token)
     seen = [orjson.loads(line) for line in first.stdout.splitlines()]
     assert [m["data"] for m in seen] == ["0", "1"]
     result = run(
@@ -342,9 +322,7 @@ def test_sub_timeout_and_usage_errors(run: Run) -> None:
     result = run("sub", "quiet", "--count", "2", "--timeout", "0.5", "--token", token)
     assert result.exit_code == 6 and time.monotonic() - started < 3
     assert "timed out after 0.5s (0 of 2 messages received)" in result.stderr
-    assert (
-        run("sub", "a", "--since", "1", "--last", "1", "--token", token).exit_code == 2
-    )
+    assert run("sub", "a", "--since", "1", "--last", "1", "--token", token).exit_code == 2
     assert run("sub", "a", "--epoch", "e", "--token", token).exit_code == 2
     assert run("sub", "a", "--json", "-F", "{data}", "--token", token).exit_code == 2
     result = run("sub", "a", "-F", "{nope}", "--token", token)
@@ -356,9 +334,7 @@ def test_sub_timeout_and_usage_errors(run: Run) -> None:
     assert result.exit_code == 2
 
 
-def test_sub_live_with_pub_in_subprocess(
-    run: Run, broker: BrokerProcess, tmp_path: Path
-) -> None:
+def test_sub_live_with_pub_in_subprocess(run: Run, broker: BrokerProcess, tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     env["BROKER_URL"] = broker.url
     env["BROKER_TOKEN"] = token_for("bob")
@@ -366,7 +342,7 @@ def test_sub_live_with_pub_in_subprocess(
         [
             sys.executable,
             "-m",
-            "cli.main",
+            "broker.cli",
             "sub",
             "football",
             "chat/+",
@@ -384,15 +360,8 @@ def test_sub_live_with_pub_in_subprocess(
         assert proc.stderr is not None
         for _ in range(2):  # both subscriptions confirmed
             assert "subscribed to" in proc.stderr.readline()
-        assert (
-            run("pub", "football", "2-1", "--token", token_for("alice")).exit_code == 0
-        )
-        assert (
-            run(
-                "pub", "chat/x", "hi", "--echo", "--token", token_for("alice")
-            ).exit_code
-            == 0
-        )
+        assert run("pub", "football", "2-1", "--token", token_for("alice")).exit_code == 0
+        assert run("pub", "chat/x", "hi", "--echo", "--token", token_for("alice")).exit_code == 0
         out, err = proc.communicate(timeout=10)
     finally:
         proc.kill()
@@ -403,18 +372,14 @@ def test_sub_live_with_pub_in_subprocess(
 def test_pub_stdin_thousands_all_acknowledged(make_broker: Any, tmp_path: Path) -> None:
     broker = make_broker("--history", "5000")
     token = token_for()
-    lines = (
-        "\n".join(str(i) for i in range(3000)) + "\n\n"
-    )  # a trailing blank line is skipped
+    lines = "\n".join(str(i) for i in range(3000)) + "\n\n"  # a trailing blank line is skipped
     base = {
         "BROKER_URL": broker.url,
         "BROKER_SECRET": None,
         "XDG_CONFIG_HOME": str(tmp_path / "c"),
     }
     runner = CliRunner()
-    result = runner.invoke(
-        cli, ["pub", "bulk", "--json", "--token", token], input=lines, env=base
-    )
+    result = runner.invoke(cli, ["pub", "bulk", "--json", "--token", token], input=lines, env=base)
     assert result.exit_code == 0, result.output
     result = runner.invoke(
         cli,
@@ -482,9 +447,7 @@ async def test_presence_table_and_json(broker: BrokerProcess, run: Run) -> None:
     async def cli(
         *args: str,
     ) -> Result:  # the CLI runs its own event loop: use a thread
-        return await asyncio.to_thread(
-            run, "presence", *args, "--token", token_for("zed")
-        )
+        return await asyncio.to_thread(run, "presence", *args, "--token", token_for("zed"))
 
     async with (
         Client(broker.url, token_for("ann", name="Ann")) as a1,
@@ -499,9 +462,7 @@ async def test_presence_table_and_json(broker: BrokerProcess, run: Run) -> None:
         pattern = await cli("lobby/+")
         inbox = await cli("user/ann")
     assert table.exit_code == 0
-    rows = [
-        line for line in table.stdout.splitlines() if "ann" in line or "ben" in line
-    ]
+    rows = [line for line in table.stdout.splitlines() if "ann" in line or "ben" in line]
     assert len(rows) == 2 and "Ann" in rows[0] and rows[0].rstrip(" │|").endswith("2")
     assert rows[1].rstrip(" │|").endswith("1")
     assert sorted(orjson.loads(as_json.stdout), key=lambda u: u["id"]) == [
@@ -517,9 +478,7 @@ def test_stats(run: Run) -> None:
     admin = token_for("root", admin=True)
     result = run("stats", "--token", admin)
     assert (
-        result.exit_code == 0
-        and "connections" in result.stdout
-        and "broker stats" in result.stdout
+        result.exit_code == 0 and "connections" in result.stdout and "broker stats" in result.stdout
     )
     result = run("stats", "--json", "--token", admin)
     assert orjson.loads(result.stdout)["connections"] >= 1
@@ -545,9 +504,7 @@ def test_stats_watch(run: Run) -> None:
     snapshots = [orjson.loads(line) for line in result.stdout.splitlines()]
     assert len(snapshots) == 3 and all("connections" in s for s in snapshots)
     assert time.monotonic() - started < 3
-    result = run(
-        "stats", "--watch", "--count", "2", "--interval", "0.1", "--token", admin
-    )
+    result = run("stats", "--watch", "--count", "2", "--interval", "0.1", "--token", admin)
     assert result.exit_code == 0 and "per second" in result.stdout
 
 
@@ -609,12 +566,7 @@ def test_url_from_environment_and_flag(run: Run, broker: BrokerProcess) -> None:
         == 0
     )
     # A list: the dead one is skipped.
-    assert (
-        run(
-            "pub", "u", "x", "--token", token, "--url", f"{dead},{broker.url}"
-        ).exit_code
-        == 0
-    )
+    assert run("pub", "u", "x", "--token", token, "--url", f"{dead},{broker.url}").exit_code == 0
 
 
 @pytest.mark.parametrize(
@@ -652,13 +604,11 @@ def test_help_documents_exit_codes(run: Run) -> None:
         assert "3   broker unreachable" in result.stdout
 
 
-def test_expired_token_mid_session_exits_4(
-    broker: BrokerProcess, tmp_path: Path
-) -> None:
+def test_expired_token_mid_session_exits_4(broker: BrokerProcess, tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     env.update(BROKER_URL=broker.url, BROKER_TOKEN=token_for(ttl=1))
     proc = subprocess.run(  # noqa: PLW1510 - the code is asserted
-        [sys.executable, "-m", "cli.main", "sub", "x"],
+        [sys.executable, "-m", "broker.cli", "sub", "x"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -673,7 +623,7 @@ def test_ctrl_c_exits_130_quietly(broker: BrokerProcess, tmp_path: Path) -> None
     env = isolated_env(tmp_path)
     env.update(BROKER_URL=broker.url, BROKER_TOKEN=token_for())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "sub", "x", "-v"],
+        [sys.executable, "-m", "broker.cli", "sub", "x", "-v"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -688,13 +638,11 @@ def test_ctrl_c_exits_130_quietly(broker: BrokerProcess, tmp_path: Path) -> None
     assert out == "" and err == ""
 
 
-def test_sub_survives_broker_restart(
-    broker: BrokerProcess, tmp_path: Path, run: Run
-) -> None:
+def test_sub_survives_broker_restart(broker: BrokerProcess, tmp_path: Path, run: Run) -> None:
     env = isolated_env(tmp_path)
     env.update(BROKER_URL=broker.url, BROKER_TOKEN=token_for("bob"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "sub", "r", "--count", "2", "-v"],
+        [sys.executable, "-m", "broker.cli", "sub", "r", "--count", "2", "-v"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -723,9 +671,7 @@ def test_ca_file_for_wss(make_broker: Any, tmp_path: Path) -> None:
     token = token_for()
     result = run("pub", "tls", "x", "--token", token)
     assert result.exit_code == 3 and "certificate verify failed" in result.stderr
-    assert (
-        run("pub", "tls", "x", "--token", token, "--ca-file", str(cert)).exit_code == 0
-    )
+    assert run("pub", "tls", "x", "--token", token, "--ca-file", str(cert)).exit_code == 0
     result = run(
         "sub",
         "tls",
@@ -738,9 +684,7 @@ def test_ca_file_for_wss(make_broker: Any, tmp_path: Path) -> None:
         env={"BROKER_CA_FILE": str(cert)},
     )
     assert result.exit_code == 0 and result.stdout == "x\n"
-    result = run(
-        "pub", "tls", "x", "--token", token, "--ca-file", str(tmp_path / "missing.pem")
-    )
+    result = run("pub", "tls", "x", "--token", token, "--ca-file", str(tmp_path / "missing.pem"))
     assert result.exit_code == 2
 
 

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from broker.auth import mint_token
 from broker.client import Client, Gap, Message, PresenceEvent, User
+from broker.core.auth import mint_token
 from broker.errors import (
     BadRequest,
     ConnectionFailed,
@@ -69,9 +69,7 @@ async def test_publish_subscribe_fields(broker: BrokerProcess) -> None:
         got = await collect(sub, len(values))
         assert [m.data for m in got] == values
         assert [m.seq for m in got] == seqs
-        assert all(
-            m.topic == "scores/uk" and m.sender == User("alice", "Alice") for m in got
-        )
+        assert all(m.topic == "scores/uk" and m.sender == User("alice", "Alice") for m in got)
         assert abs(got[0].ts / 1000 - time.time()) < 10
         assert got[0].to_json()["from"] == {"id": "alice", "name": "Alice"}
         # Not matching the pattern: not delivered.
@@ -301,9 +299,7 @@ async def test_no_loss_no_duplicates_across_restart(broker: BrokerProcess) -> No
     states: list[str] = []
     async with (
         Client(broker.url, tok("pub")) as pub,
-        Client(
-            broker.url, tok("sub"), on_state=states.append, backoff_initial=0.05
-        ) as sub,
+        Client(broker.url, tok("sub"), on_state=states.append, backoff_initial=0.05) as sub,
     ):
         await sub.subscribe("stream")
         stop = asyncio.Event()
@@ -330,9 +326,7 @@ async def test_no_loss_no_duplicates_across_restart(broker: BrokerProcess) -> No
         stop.set()
         await tasks[0]
         deadline = time.monotonic() + 5
-        while (
-            not set(acked) <= {m.seq for m in received} and time.monotonic() < deadline
-        ):
+        while not set(acked) <= {m.seq for m in received} and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         tasks[1].cancel()
     seqs = [m.seq for m in received]
@@ -393,18 +387,14 @@ async def test_memory_broker_restart_reports_gap_and_keeps_delivering(
 ) -> None:
     broker = make_broker(memory=True)
     gaps: list[Gap] = []
-    async with Client(
-        broker.url, tok("sub"), on_gap=gaps.append, backoff_initial=0.05
-    ) as sub:
+    async with Client(broker.url, tok("sub"), on_gap=gaps.append, backoff_initial=0.05) as sub:
         await sub.subscribe("m")
         async with Client(broker.url, tok("pub")) as pub:
             for i in range(3):
                 await pub.publish("m", i)
         assert [m.data for m in await collect(sub, 3)] == [0, 1, 2]
         old_epoch = sub.epoch
-        await asyncio.to_thread(
-            broker.restart
-        )  # history starts over: seqs restart at 1
+        await asyncio.to_thread(broker.restart)  # history starts over: seqs restart at 1
         await sub.wait_connected(5)
         for _ in range(50):
             if gaps:
@@ -547,11 +537,7 @@ async def test_resume_sends_since_and_epoch_and_dedupes() -> None:
         got = [m.seq for m in await collect(c, 5, timeout=3)]
         assert c.reconnects == 1
     assert got == [11, 12, 13, 14, 15]
-    assert (
-        frames[1]["since"] == 13
-        and frames[1]["epoch"] == "E"
-        and frames[1]["topic"] == "t"
-    )
+    assert frames[1]["since"] == 13 and frames[1]["epoch"] == "E" and frames[1]["topic"] == "t"
 
 
 async def test_unrecovered_resume_is_reported() -> None:

@@ -20,8 +20,8 @@ import pytest
 import redis
 
 from broker.client import Client
-from broker.cluster import Draft, decode_member, encode_tail
 from broker.errors import Unavailable
+from broker.store.redis.store import Draft, decode_member, encode_tail
 
 from .support import BrokerProcess, Peer, free_port
 
@@ -269,7 +269,9 @@ async def test_presence_and_stats_cluster_wide_and_cleanup_after_kill(nodes: Nod
 
     async def counted() -> bool:
         stats = await admin.request("stats")
-        return stats["connections"] == 7 and stats["subscriptions"] == 4 and len(stats["nodes"]) == 2
+        return (
+            stats["connections"] == 7 and stats["subscriptions"] == 4 and len(stats["nodes"]) == 2
+        )
 
     await eventually(counted)
 

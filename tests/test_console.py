@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from broker.auth import mint_token
+from broker.core.auth import mint_token
 
 from .support import ROOT, BrokerProcess, Peer, free_port
 

@@ -44,10 +44,7 @@ def test_group_channel(broker: BrokerProcess, tmp_path: Path) -> None:
     lines = run_example("group_channel.py", broker, tmp_path)
     users = ["ann", "ben", "cat"]
     expected = [
-        f"{me} heard {other}: hello from {other}"
-        for me in users
-        for other in users
-        if other != me
+        f"{me} heard {other}: hello from {other}" for me in users for other in users if other != me
     ]
     assert lines[:-1] == expected  # nobody hears their own message
     assert lines[-1] == "in the channel: Ann, Ben, Cat"
@@ -84,9 +81,7 @@ def test_examples_need_a_secret(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "no secret" in proc.stderr
 
 
-@pytest.mark.parametrize(
-    "path", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name
-)
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
 def test_every_example_is_tested_and_documented(path: Path) -> None:
     assert f'"{path.name}"' in Path(__file__).read_text()
     assert path.read_text().startswith('"""')

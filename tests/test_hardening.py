@@ -86,7 +86,9 @@ async def refusal(url: str, headers: Headers | dict[str, str], **kw: Any) -> tup
     return response.status_code, bytes(response.body or b"").decode(errors="replace")
 
 
-async def closed_with(peer: Peer, timeout: float = 5.0) -> tuple[int | None, str | None, list[dict[str, Any]]]:
+async def closed_with(
+    peer: Peer, timeout: float = 5.0
+) -> tuple[int | None, str | None, list[dict[str, Any]]]:
     """Read until the connection closes; the close code, reason and the frames seen."""
     frames: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -142,7 +144,9 @@ class RawClient:
         payload = orjson.dumps(obj)
         mask = os.urandom(4)
         n = len(payload)
-        header = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+        header = (
+            bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+        )
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         self.sock.sendall(header + mask + masked)
 
@@ -285,7 +289,9 @@ async def test_slow_consumers_are_closed_and_others_keep_pace(make_broker) -> No
         for first in range(0, total, batch):
             ids = list(range(first, min(first + batch, total)))
             for i in ids:
-                await pub.send({"op": "pub", "id": i, "topic": "firehose", "data": {"i": i, "pad": pad}})
+                await pub.send(
+                    {"op": "pub", "id": i, "topic": "firehose", "data": {"i": i, "pad": pad}}
+                )
             for i in ids:
                 reply = await pub.recv(timeout=30)
                 assert (reply["op"], reply["id"]) == ("ok", i), reply
@@ -298,7 +304,10 @@ async def test_slow_consumers_are_closed_and_others_keep_pace(make_broker) -> No
             rss.sample()
         await asyncio.wait_for(consumer, 30)
     elapsed = time.monotonic() - started_at
-    print(f"30 MB to 1 reader + 10 stuck clients in {elapsed:.1f}s, server RSS peak {rss.peak / 2**20:.0f} MB")
+    print(
+        f"30 MB to 1 reader + 10 stuck clients in {elapsed:.1f}s, "
+        f"server RSS peak {rss.peak / 2**20:.0f} MB"
+    )
 
     assert [m["op"] for m in received] == ["msg"] * total
     assert [m["data"]["i"] for m in received] == list(range(total))
@@ -413,7 +422,9 @@ async def test_max_connections_under_a_burst(make_broker) -> None:  # type: igno
 
     async def attempt() -> Any:
         try:
-            ws = await connect(broker.url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10)
+            ws = await connect(
+                broker.url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10
+            )
         except InvalidStatus as exc:
             return exc.response.status_code
         with contextlib.suppress(ConnectionClosed, asyncio.TimeoutError):
@@ -481,7 +492,9 @@ async def test_token_refresh_keeps_the_connection(broker: BrokerProcess) -> None
     with_id = await Peer.open(broker.url, token)
     without_id = await Peer.open_with_header(broker.url, token)
     assert (await without_id.recv())["op"] == "hello"
-    never_expiring = await Peer.open(broker.url, jwt.encode({"sub": "1"}, SECRET, algorithm="HS256"))
+    never_expiring = await Peer.open(
+        broker.url, jwt.encode({"sub": "1"}, SECRET, algorithm="HS256")
+    )
 
     new_exp = int(time.time()) + 3600
     fresh = jwt.encode({"sub": "1", "name": "New", "exp": new_exp}, SECRET, algorithm="HS256")
@@ -494,7 +507,9 @@ async def test_token_refresh_keeps_the_connection(broker: BrokerProcess) -> None
     await never_expiring.send({"op": "auth", "token": short, "id": 7})
     assert await never_expiring.recv() == {"op": "ok", "id": 7, "exp": short_exp}
     # And a refresh with no exp: "exp": null.
-    await with_id.send({"op": "auth", "token": jwt.encode({"sub": "1", "name": "New"}, SECRET), "id": "r2"})
+    await with_id.send(
+        {"op": "auth", "token": jwt.encode({"sub": "1", "name": "New"}, SECRET), "id": "r2"}
+    )
     assert await with_id.recv() == {"op": "ok", "id": "r2", "exp": None}
 
     await asyncio.sleep(max(exp, short_exp) - time.time() + 1.0)
@@ -512,14 +527,19 @@ async def test_token_refresh_keeps_the_connection(broker: BrokerProcess) -> None
     [
         (lambda: jwt.encode({"sub": "2", "exp": int(time.time()) + 600}, SECRET), "same user"),
         (lambda: "garbage", "malformed token"),
-        (lambda: jwt.encode({"sub": "1"}, "another-secret-another-secret-0123"), "invalid signature"),
+        (
+            lambda: jwt.encode({"sub": "1"}, "another-secret-another-secret-0123"),
+            "invalid signature",
+        ),
         (lambda: jwt.encode({"sub": "1", "exp": int(time.time()) - 5}, SECRET), "token expired"),
         (lambda: jwt.encode({"sub": "1", "nbf": int(time.time()) + 60}, SECRET), "not yet valid"),
         (lambda: alg_none("none", {"sub": "1"}), "algorithm"),
     ],
     ids=["other-user", "garbage", "bad-signature", "expired", "not-yet-valid", "alg-none"],
 )
-async def test_bad_refresh_closes_4001(broker: BrokerProcess, make_token: Callable[[], str], reason: str) -> None:
+async def test_bad_refresh_closes_4001(
+    broker: BrokerProcess, make_token: Callable[[], str], reason: str
+) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     assert (await peer.request("sub", topic="t"))["op"] == "ok"
     await peer.send({"op": "auth", "token": make_token(), "id": "refresh"})
@@ -600,11 +620,18 @@ async def test_asymmetric_keys_end_to_end(make_broker, tmp_path: Path, algorithm
     make_pair = rsa_keypair if algorithm == "RS256" else ec_keypair
     key, public = make_pair(tmp_path, "server")
     attacker, _ = make_pair(tmp_path, "attacker")
-    broker = make_broker("--algorithm", algorithm, "--public-key", str(public), secret=None, memory=True)
+    broker = make_broker(
+        "--algorithm", algorithm, "--public-key", str(public), secret=None, memory=True
+    )
     exp = int(time.time()) + 600
 
     def mint(user: str, signer: Any = key, headers: dict[str, Any] | None = None) -> str:
-        return jwt.encode({"sub": user, "name": user.title(), "exp": exp}, signer, algorithm=algorithm, headers=headers)
+        return jwt.encode(
+            {"sub": user, "name": user.title(), "exp": exp},
+            signer,
+            algorithm=algorithm,
+            headers=headers,
+        )
 
     # Good tokens, both ways, and a round trip.
     alice = await Peer.open_with_header(broker.url, mint("alice"))
@@ -621,22 +648,50 @@ async def test_asymmetric_keys_end_to_end(make_broker, tmp_path: Path, algorithm
     h, p, s = good.split(".")
     forged = {
         # HS/RS confusion: the public key, which anyone has, used as an HMAC secret.
-        "hs256-with-public-pem": (forge({"alg": "HS256", "typ": "JWT"}, claims, pem), "invalid algorithm"),
-        "hs512-with-public-pem": (forge({"alg": "HS512"}, claims, pem, hashlib.sha512), "invalid algorithm"),
+        "hs256-with-public-pem": (
+            forge({"alg": "HS256", "typ": "JWT"}, claims, pem),
+            "invalid algorithm",
+        ),
+        "hs512-with-public-pem": (
+            forge({"alg": "HS512"}, claims, pem, hashlib.sha512),
+            "invalid algorithm",
+        ),
         # Same, claiming the configured algorithm.
         "hmac-sig-claiming-alg": (forge({"alg": algorithm}, claims, pem), "invalid signature"),
         "other-key": (mint("mallory", attacker), "invalid signature"),
         # An attacker's public key embedded in the header must not be trusted.
         "embedded-jwk": (
-            mint("mallory", attacker, {"jwk": json.loads(jwt.algorithms.get_default_algorithms()[algorithm].to_jwk(attacker.public_key()))}),
+            mint(
+                "mallory",
+                attacker,
+                {
+                    "jwk": json.loads(
+                        jwt.algorithms.get_default_algorithms()[algorithm].to_jwk(
+                            attacker.public_key()
+                        )
+                    )
+                },
+            ),
             "invalid signature",
         ),
-        "jku": (mint("mallory", attacker, {"jku": "http://127.0.0.1:9/jwks.json", "kid": "k1"}), "invalid signature"),
+        "jku": (
+            mint("mallory", attacker, {"jku": "http://127.0.0.1:9/jwks.json", "kid": "k1"}),
+            "invalid signature",
+        ),
         "alg-none": (alg_none("none", claims), "invalid algorithm"),
-        "alg-swapped": (segment({"alg": "PS256" if algorithm == "RS256" else "ES384"}) + f".{p}.{s}", "invalid algorithm"),
-        "tampered-payload": (f"{h}.{segment({'sub': 'admin', 'exp': exp, 'admin': True})}.{s}", "invalid signature"),
+        "alg-swapped": (
+            segment({"alg": "PS256" if algorithm == "RS256" else "ES384"}) + f".{p}.{s}",
+            "invalid algorithm",
+        ),
+        "tampered-payload": (
+            f"{h}.{segment({'sub': 'admin', 'exp': exp, 'admin': True})}.{s}",
+            "invalid signature",
+        ),
         "stripped-signature": (f"{h}.{p}.", "invalid signature"),
-        "expired": (jwt.encode({"sub": "m", "exp": int(time.time()) - 10}, key, algorithm=algorithm), "token expired"),
+        "expired": (
+            jwt.encode({"sub": "m", "exp": int(time.time()) - 10}, key, algorithm=algorithm),
+            "token expired",
+        ),
     }
     for label, (token, reason) in forged.items():
         status, body = await refusal(broker.url, {"Authorization": f"Bearer {token}"})
@@ -645,7 +700,10 @@ async def test_asymmetric_keys_end_to_end(make_broker, tmp_path: Path, algorithm
         await peer.send({"op": "auth", "token": token, "id": label})
         code, _, frames = await closed_with(peer)
         assert code == 4001 and len(frames) == 1, (label, code, frames)
-        assert frames[0]["code"] == "unauthorized" and reason in frames[0]["message"], (label, frames)
+        assert frames[0]["code"] == "unauthorized" and reason in frames[0]["message"], (
+            label,
+            frames,
+        )
     # The broker is still fine afterwards.
     assert (await alice.request("sub", topic="after"))["op"] == "ok"
 
@@ -655,9 +713,23 @@ def test_cli_token_signs_with_private_key(tmp_path: Path) -> None:
     private = tmp_path / "rsa.key.pem"
     private.write_bytes(private_pem(key))
     out = subprocess.run(  # noqa: PLW1510 - the exit code is asserted below
-        [sys.executable, "-m", "cli.main", "token", "--id", "alice", "--algorithm", "RS256",
-         "--private-key", str(private)],
-        cwd=ROOT, env=isolated_env(tmp_path), capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "token",
+            "--id",
+            "alice",
+            "--algorithm",
+            "RS256",
+            "--private-key",
+            str(private),
+        ],
+        cwd=ROOT,
+        env=isolated_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0, out.stderr
     claims = jwt.decode(out.stdout.strip(), public.read_bytes(), algorithms=["RS256"])
@@ -671,14 +743,26 @@ def test_cli_token_signs_with_private_key(tmp_path: Path) -> None:
 def strict_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     """HS256 with --audience, --issuer and --require-exp."""
     proc = started(
-        tmp_path_factory.mktemp("strict"), "--audience", AUD, "--issuer", ISS, "--require-exp", memory=True
+        tmp_path_factory.mktemp("strict"),
+        "--audience",
+        AUD,
+        "--issuer",
+        ISS,
+        "--require-exp",
+        memory=True,
     )
     yield proc
     proc.kill()
 
 
 def claims(**over: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"sub": "mallory", "name": "M", "aud": AUD, "iss": ISS, "exp": int(time.time()) + 300}
+    base: dict[str, Any] = {
+        "sub": "mallory",
+        "name": "M",
+        "aud": AUD,
+        "iss": ISS,
+        "exp": int(time.time()) + 300,
+    }
     base.update(over)
     return {k: v for k, v in base.items() if v is not ...}
 
@@ -704,26 +788,58 @@ FORGERIES: list[Any] = [
     pytest.param(lambda: alg_none("None", claims()), "invalid algorithm", id="alg-None"),
     pytest.param(lambda: alg_none("NONE", claims()), "invalid algorithm", id="alg-NONE"),
     pytest.param(lambda: alg_none("nOnE", claims()), "invalid algorithm", id="alg-nOnE"),
-    pytest.param(lambda: resign_header({"alg": "none", "typ": "JWT"}), "invalid algorithm", id="alg-none-with-sig"),
-    pytest.param(lambda: forge({"alg": "none"}, claims()), "invalid algorithm", id="alg-none-hmac-signed"),
+    pytest.param(
+        lambda: resign_header({"alg": "none", "typ": "JWT"}),
+        "invalid algorithm",
+        id="alg-none-with-sig",
+    ),
+    pytest.param(
+        lambda: forge({"alg": "none"}, claims()), "invalid algorithm", id="alg-none-hmac-signed"
+    ),
     pytest.param(lambda: forge({"typ": "JWT"}, claims()), "invalid algorithm", id="alg-missing"),
     pytest.param(lambda: forge({"alg": None}, claims()), "invalid algorithm", id="alg-null"),
     pytest.param(lambda: forge({"alg": ["HS256"]}, claims()), "invalid algorithm", id="alg-list"),
-    pytest.param(lambda: forge({"alg": "hs256"}, claims()), "invalid algorithm", id="alg-lowercase"),
-    pytest.param(lambda: forge({"alg": "HS256 "}, claims()), "invalid algorithm", id="alg-trailing-space"),
+    pytest.param(
+        lambda: forge({"alg": "hs256"}, claims()), "invalid algorithm", id="alg-lowercase"
+    ),
+    pytest.param(
+        lambda: forge({"alg": "HS256 "}, claims()), "invalid algorithm", id="alg-trailing-space"
+    ),
     # other algorithms with the right secret
-    pytest.param(lambda: forge({"alg": "HS512"}, claims(), digest=hashlib.sha512), "invalid algorithm", id="HS512"),
-    pytest.param(lambda: forge({"alg": "HS384"}, claims(), digest=hashlib.sha384), "invalid algorithm", id="HS384"),
-    pytest.param(lambda: forge({"alg": "RS256"}, claims()), "invalid algorithm", id="RS256-hmac-signed"),
-    pytest.param(lambda: forge({"alg": "ES256"}, claims()), "invalid algorithm", id="ES256-hmac-signed"),
+    pytest.param(
+        lambda: forge({"alg": "HS512"}, claims(), digest=hashlib.sha512),
+        "invalid algorithm",
+        id="HS512",
+    ),
+    pytest.param(
+        lambda: forge({"alg": "HS384"}, claims(), digest=hashlib.sha384),
+        "invalid algorithm",
+        id="HS384",
+    ),
+    pytest.param(
+        lambda: forge({"alg": "RS256"}, claims()), "invalid algorithm", id="RS256-hmac-signed"
+    ),
+    pytest.param(
+        lambda: forge({"alg": "ES256"}, claims()), "invalid algorithm", id="ES256-hmac-signed"
+    ),
     # signature games
-    pytest.param(lambda: valid().rsplit(".", 1)[0] + ".", "invalid signature", id="signature-stripped"),
+    pytest.param(
+        lambda: valid().rsplit(".", 1)[0] + ".", "invalid signature", id="signature-stripped"
+    ),
     pytest.param(lambda: valid().rsplit(".", 1)[0], "malformed token", id="two-segments"),
     pytest.param(lambda: valid() + ".x.y", "malformed", id="five-segments"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(), b"x" * 40), "invalid signature", id="other-secret"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(), b""), "invalid signature", id="empty-secret"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(), b"x" * 40), "invalid signature", id="other-secret"
+    ),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(), b""), "invalid signature", id="empty-secret"
+    ),
     pytest.param(tamper_payload, "invalid signature", id="payload-tampered"),
-    pytest.param(lambda: resign_header({"alg": "HS256", "typ": "JWT", "kid": "x"}), "invalid signature", id="header-tampered"),
+    pytest.param(
+        lambda: resign_header({"alg": "HS256", "typ": "JWT", "kid": "x"}),
+        "invalid signature",
+        id="header-tampered",
+    ),
     pytest.param(
         lambda: valid()[:-4] + ("AAAA" if not valid().endswith("AAAA") else "BBBB"),
         "invalid signature",
@@ -736,64 +852,126 @@ FORGERIES: list[Any] = [
         id="kid-path-traversal",
     ),
     pytest.param(
-        lambda: forge({"alg": "HS256", "kid": "' UNION SELECT 'attacker'--"}, claims(), b"attacker"),
+        lambda: forge(
+            {"alg": "HS256", "kid": "' UNION SELECT 'attacker'--"}, claims(), b"attacker"
+        ),
         "invalid signature",
         id="kid-sql",
     ),
     pytest.param(
-        lambda: forge({"alg": "HS256", "jku": "http://127.0.0.1:9/jwks.json", "kid": "a"}, claims(), b"attacker-secret"),
+        lambda: forge(
+            {"alg": "HS256", "jku": "http://127.0.0.1:9/jwks.json", "kid": "a"},
+            claims(),
+            b"attacker-secret",
+        ),
         "invalid signature",
         id="jku",
     ),
     pytest.param(
-        lambda: forge({"alg": "HS256", "x5u": "http://127.0.0.1:9/cert.pem"}, claims(), b"attacker-secret"),
+        lambda: forge(
+            {"alg": "HS256", "x5u": "http://127.0.0.1:9/cert.pem"}, claims(), b"attacker-secret"
+        ),
         "invalid signature",
         id="x5u",
     ),
     pytest.param(
-        lambda: forge({"alg": "HS256", "jwk": {"kty": "oct", "k": b64(b"attacker-secret")}}, claims(), b"attacker-secret"),
+        lambda: forge(
+            {"alg": "HS256", "jwk": {"kty": "oct", "k": b64(b"attacker-secret")}},
+            claims(),
+            b"attacker-secret",
+        ),
         "invalid signature",
         id="embedded-jwk",
     ),
-    pytest.param(lambda: forge({"alg": "HS256", "crit": ["exp"]}, claims()), "malformed", id="crit-unknown"),
-    pytest.param(lambda: forge({"alg": "HS256", "crit": ["b64"], "b64": False}, claims()), "malformed", id="crit-b64"),
+    pytest.param(
+        lambda: forge({"alg": "HS256", "crit": ["exp"]}, claims()), "malformed", id="crit-unknown"
+    ),
+    pytest.param(
+        lambda: forge({"alg": "HS256", "crit": ["b64"], "b64": False}, claims()),
+        "malformed",
+        id="crit-b64",
+    ),
     # time claims
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(exp=int(time.time()) - 2)), "token expired", id="expired"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(exp=int(time.time()) - 2)),
+        "token expired",
+        id="expired",
+    ),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(exp=0)), "token expired", id="exp-zero"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(exp="tomorrow")), "exp", id="exp-not-a-number"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(exp="tomorrow")), "exp", id="exp-not-a-number"
+    ),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(exp=...)), "'exp'", id="exp-missing"),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(exp=None)), "exp", id="exp-null"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(nbf=int(time.time()) + 60)), "not yet valid", id="nbf-future"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(nbf=int(time.time()) + 60)),
+        "not yet valid",
+        id="nbf-future",
+    ),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(nbf="soon")), "nbf", id="nbf-string"),
     # audience and issuer
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(aud="someone-else")), "invalid audience", id="aud-wrong"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(aud=["a", "b"])), "invalid audience", id="aud-list-wrong"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(aud="someone-else")),
+        "invalid audience",
+        id="aud-wrong",
+    ),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(aud=["a", "b"])),
+        "invalid audience",
+        id="aud-list-wrong",
+    ),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(aud=...)), "'aud'", id="aud-missing"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(aud=AUD.upper())), "invalid audience", id="aud-case"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(iss="https://evil.example")), "invalid issuer", id="iss-wrong"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(aud=AUD.upper())), "invalid audience", id="aud-case"
+    ),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(iss="https://evil.example")),
+        "invalid issuer",
+        id="iss-wrong",
+    ),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(iss=...)), "'iss'", id="iss-missing"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(iss=ISS + "/")), "invalid issuer", id="iss-suffix"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(iss=ISS + "/")), "invalid issuer", id="iss-suffix"
+    ),
     # malformed structure
     pytest.param(lambda: "not-a-jwt", "malformed token", id="garbage"),
     pytest.param(lambda: "!!!.@@@.###", "malformed token", id="non-base64"),
-    pytest.param(lambda: forge(b"not json at all", claims()), "malformed token", id="header-not-json"),
-    pytest.param(lambda: forge(b"[\"HS256\"]", claims()), "malformed token", id="header-array"),
+    pytest.param(
+        lambda: forge(b"not json at all", claims()), "malformed token", id="header-not-json"
+    ),
+    pytest.param(lambda: forge(b'["HS256"]', claims()), "malformed token", id="header-array"),
     pytest.param(lambda: forge({"alg": "HS256"}, b"not json"), "invalid", id="payload-not-json"),
     pytest.param(lambda: forge({"alg": "HS256"}, b"[1,2]"), "invalid", id="payload-array"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(pad="p" * 5000), b"wrong"), "invalid signature", id="huge-6KB"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(pad="p" * 5000), b"wrong"),
+        "invalid signature",
+        id="huge-6KB",
+    ),
     # unusable user ids, correctly signed
     pytest.param(lambda: forge({"alg": "HS256"}, claims(sub="")), "user id", id="sub-empty"),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(sub="a/b")), "user id", id="sub-slash"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(sub="user/2")), "user id", id="sub-inbox-path"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(sub="user/2")), "user id", id="sub-inbox-path"
+    ),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(sub="+")), "user id", id="sub-plus"),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(sub="a#")), "user id", id="sub-hash"),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(sub=None)), "user id", id="sub-null"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(sub=..., id="")), "user id", id="id-claim-empty"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(sub=..., id="x/y")), "user id", id="id-claim-slash"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(sub=..., id="")), "user id", id="id-claim-empty"
+    ),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(sub=..., id="x/y")), "user id", id="id-claim-slash"
+    ),
     pytest.param(lambda: forge({"alg": "HS256"}, claims(sub=True)), "user id", id="sub-bool"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(sub={"id": "1"})), "user id", id="sub-object"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(acl="everything")), "acl", id="acl-not-object"),
-    pytest.param(lambda: forge({"alg": "HS256"}, claims(acl={"sub": "#"})), "acl", id="acl-sub-string"),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(sub={"id": "1"})), "user id", id="sub-object"
+    ),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(acl="everything")), "acl", id="acl-not-object"
+    ),
+    pytest.param(
+        lambda: forge({"alg": "HS256"}, claims(acl={"sub": "#"})), "acl", id="acl-sub-string"
+    ),
 ]
 
 
@@ -806,7 +984,9 @@ async def test_strict_broker_accepts_a_valid_token(strict_broker: BrokerProcess)
 
 
 @pytest.mark.parametrize(("make_token", "reason"), FORGERIES)
-async def test_forged_token_in_header_is_401(strict_broker: BrokerProcess, make_token: Callable[[], str], reason: str) -> None:
+async def test_forged_token_in_header_is_401(
+    strict_broker: BrokerProcess, make_token: Callable[[], str], reason: str
+) -> None:
     status, body = await refusal(strict_broker.url, {"Authorization": f"Bearer {make_token()}"})
     assert status == 401
     line = body.strip()
@@ -814,13 +994,17 @@ async def test_forged_token_in_header_is_401(strict_broker: BrokerProcess, make_
 
 
 @pytest.mark.parametrize(("make_token", "reason"), FORGERIES)
-async def test_forged_token_in_first_frame_is_4001(strict_broker: BrokerProcess, make_token: Callable[[], str], reason: str) -> None:
+async def test_forged_token_in_first_frame_is_4001(
+    strict_broker: BrokerProcess, make_token: Callable[[], str], reason: str
+) -> None:
     peer = await Peer.open(strict_broker.url)
     await peer.send({"op": "auth", "token": make_token(), "id": "forged"})
     code, _, frames = await closed_with(peer)
     assert len(frames) == 1, frames
     error = frames[0]
-    assert (error["op"], error["code"], error.get("id")) == ("error", "unauthorized", "forged"), error
+    assert (error["op"], error["code"], error.get("id")) == ("error", "unauthorized", "forged"), (
+        error
+    )
     assert reason in error["message"], error
     assert code == 4001
 
@@ -846,12 +1030,24 @@ async def test_oversized_tokens(strict_broker: BrokerProcess) -> None:
 @pytest.mark.parametrize(
     ("headers", "status"),
     [
-        (lambda: Headers([("Authorization", f"Bearer {valid()}"), ("Authorization", "Bearer forged")]), 401),
-        (lambda: Headers([("Authorization", "Bearer forged"), ("Authorization", f"Bearer {valid()}")]), 401),
+        (
+            lambda: Headers(
+                [("Authorization", f"Bearer {valid()}"), ("Authorization", "Bearer forged")]
+            ),
+            401,
+        ),
+        (
+            lambda: Headers(
+                [("Authorization", "Bearer forged"), ("Authorization", f"Bearer {valid()}")]
+            ),
+            401,
+        ),
     ],
     ids=["valid-then-forged", "forged-then-valid"],
 )
-async def test_duplicate_authorization_headers_are_401(strict_broker: BrokerProcess, headers: Callable[[], Headers], status: int) -> None:
+async def test_duplicate_authorization_headers_are_401(
+    strict_broker: BrokerProcess, headers: Callable[[], Headers], status: int
+) -> None:
     got, body = await refusal(strict_broker.url, headers())
     assert (got, "\n" in body.strip()) == (status, False), (got, body)
 
@@ -870,22 +1066,39 @@ async def test_wss_end_to_end(make_broker, tmp_path: Path) -> None:  # type: ign
         assert (await reader.recv())["op"] == "hello"
         assert (await reader.request("sub", topic="secure"))["op"] == "ok"
         writer = Peer(
-            await connect(url, ssl=trusting, additional_headers={"Authorization": f"Bearer {broker.token('w', 'W')}"})
+            await connect(
+                url,
+                ssl=trusting,
+                additional_headers={"Authorization": f"Bearer {broker.token('w', 'W')}"},
+            )
         )
         assert (await writer.recv())["op"] == "hello"
         ok = await writer.request("pub", topic="secure", data={"host": host})
         msg = await reader.recv()
-        assert (msg["data"], msg["seq"], msg["from"]) == ({"host": host}, ok["seq"], {"id": "w", "name": "W"})
+        assert (msg["data"], msg["seq"], msg["from"]) == (
+            {"host": host},
+            ok["seq"],
+            {"id": "w", "name": "W"},
+        )
         assert writer.ws.transport.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
         await reader.close()
         await writer.close()
-    assert await asyncio.to_thread(http_get, f"https://127.0.0.1:{broker.port}/healthz", trusting) == (200, b"ok")
+    assert await asyncio.to_thread(
+        http_get, f"https://127.0.0.1:{broker.port}/healthz", trusting
+    ) == (200, b"ok")
 
     # A client that does not trust the certificate fails, and so does a wrong host name.
     with pytest.raises(ssl.SSLCertVerificationError):
-        await connect(f"wss://127.0.0.1:{broker.port}/ws", ssl=ssl.create_default_context(), open_timeout=10)
+        await connect(
+            f"wss://127.0.0.1:{broker.port}/ws", ssl=ssl.create_default_context(), open_timeout=10
+        )
     with pytest.raises(ssl.SSLCertVerificationError):
-        await connect(f"wss://127.0.0.1:{broker.port}/ws", ssl=trusting, server_hostname="evil.example", open_timeout=10)
+        await connect(
+            f"wss://127.0.0.1:{broker.port}/ws",
+            ssl=trusting,
+            server_hostname="evil.example",
+            open_timeout=10,
+        )
     # Plain ws:// to the TLS port gets no WebSocket.
     with pytest.raises((InvalidMessage, InvalidStatus, OSError, asyncio.TimeoutError)):
         ws = await connect(broker.url, open_timeout=5)
@@ -896,17 +1109,35 @@ async def test_wss_end_to_end(make_broker, tmp_path: Path) -> None:  # type: ign
     await reader.send({"op": "auth", "token": broker.token("r")})
     await reader.recv()
     await reader.request("sub", topic="cli")
-    base = [sys.executable, "-m", "cli.main", "pub", "cli", "from-cli", "--url",
-            f"wss://localhost:{broker.port}/ws", "--token", broker.token("cli")]
+    base = [
+        sys.executable,
+        "-m",
+        "broker.cli",
+        "pub",
+        "cli",
+        "from-cli",
+        "--url",
+        f"wss://localhost:{broker.port}/ws",
+        "--token",
+        broker.token("cli"),
+    ]
     env = isolated_env(tmp_path)
     env.pop("BROKER_CA_FILE", None)
     run = await asyncio.to_thread(
-        subprocess.run, base + ["--ca-file", str(cert)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+        subprocess.run,
+        base + ["--ca-file", str(cert)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert run.returncode == 0, run.stderr
     msg = await reader.recv()
     assert (msg["data"], msg["from"]["id"]) == ("from-cli", "cli")
-    run = await asyncio.to_thread(subprocess.run, base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    run = await asyncio.to_thread(
+        subprocess.run, base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
     assert run.returncode != 0
     await reader.expect_nothing()
 
@@ -915,7 +1146,13 @@ async def test_wss_end_to_end(make_broker, tmp_path: Path) -> None:  # type: ign
 
 
 async def test_allowed_origins(make_broker) -> None:  # type: ignore[no-untyped-def]
-    broker = make_broker("--allowed-origin", "http://good.example", "--allowed-origin", "https://also.example:8443", memory=True)
+    broker = make_broker(
+        "--allowed-origin",
+        "http://good.example",
+        "--allowed-origin",
+        "https://also.example:8443",
+        memory=True,
+    )
     token = broker.token("1")
     for origin in [
         "http://evil.example",
@@ -926,14 +1163,18 @@ async def test_allowed_origins(make_broker) -> None:  # type: ignore[no-untyped-
         "https://also.example",
         "http://evil.example/http://good.example",
     ]:
-        status, body = await refusal(broker.url, {"Authorization": f"Bearer {token}"}, origin=Origin(origin))
+        status, body = await refusal(
+            broker.url, {"Authorization": f"Bearer {token}"}, origin=Origin(origin)
+        )
         assert status == 403 and body.strip(), (origin, status, body)
         # Origin is checked before authentication, with or without a token.
         status, _ = await refusal(broker.url, {}, origin=Origin(origin))
         assert status == 403, origin
     for good in ["http://good.example", "https://also.example:8443", None]:
         allowed = Origin(good) if good is not None else None
-        ws = await connect(broker.url, additional_headers={"Authorization": f"Bearer {token}"}, origin=allowed)
+        ws = await connect(
+            broker.url, additional_headers={"Authorization": f"Bearer {token}"}, origin=allowed
+        )
         assert orjson.loads(await ws.recv())["op"] == "hello"
         await ws.close()
         peer = Peer(await connect(broker.url, origin=allowed))  # first-frame auth
@@ -948,7 +1189,9 @@ async def test_compression_not_negotiated_by_default(broker: BrokerProcess) -> N
     """No permessage-deflate unless the server is started with compression (section 1):
     nothing to inflate, so no decompression bombs."""
     ws = await connect(
-        broker.url, compression="deflate", additional_headers={"Authorization": f"Bearer {broker.token('1')}"}
+        broker.url,
+        compression="deflate",
+        additional_headers={"Authorization": f"Bearer {broker.token('1')}"},
     )
     assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
     assert orjson.loads(await ws.recv())["op"] == "hello"
@@ -974,7 +1217,13 @@ def fuzz_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProc
 
 OPS = ["auth", "sub", "unsub", "pub", "presence", "stats"]
 SERVER_OPS = {"hello", "ok", "error", "msg", "join", "leave"}
-ERROR_CODES = {"bad_request", "unauthorized", "forbidden", "rate_limited", "unavailable"}  # never "internal"
+ERROR_CODES = {
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "rate_limited",
+    "unavailable",
+}  # never "internal"
 
 json_leaf = st.one_of(
     st.none(),
@@ -984,10 +1233,30 @@ json_leaf = st.one_of(
     st.text(max_size=20),
 )
 json_value = st.recursive(
-    json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=10
+    json_leaf,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=10,
 )
 topic_like = st.one_of(
-    st.sampled_from(["a", "a/b", "a/+", "#", "+/#", "a//b", "", "/", "$SYS/x", "user/fuzz", "user/other/x", "a#", "a/#/b", "é/ü", "x" * 300]),
+    st.sampled_from(
+        [
+            "a",
+            "a/b",
+            "a/+",
+            "#",
+            "+/#",
+            "a//b",
+            "",
+            "/",
+            "$SYS/x",
+            "user/fuzz",
+            "user/other/x",
+            "a#",
+            "a/#/b",
+            "é/ü",
+            "x" * 300,
+        ]
+    ),
     st.text(max_size=12),
     json_value,
 )
@@ -1008,12 +1277,22 @@ claims_st = st.fixed_dictionaries(
         "sub": st.one_of(st.sampled_from(["fuzz", "other", "", "a/b", "1"]), json_value),
         "id": json_value,
         "name": json_value,
-        "exp": st.one_of(st.integers(min_value=-(2**40), max_value=2**80), st.floats(allow_nan=False, allow_infinity=False), json_value),
+        "exp": st.one_of(
+            st.integers(min_value=-(2**40), max_value=2**80),
+            st.floats(allow_nan=False, allow_infinity=False),
+            json_value,
+        ),
         "nbf": st.one_of(st.integers(min_value=-(2**40), max_value=2**80), json_value),
         "iat": json_value,
         "acl": st.one_of(
             json_value,
-            st.fixed_dictionaries({}, optional={"pub": st.lists(topic_like, max_size=3), "sub": st.lists(topic_like, max_size=3)}),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "pub": st.lists(topic_like, max_size=3),
+                    "sub": st.lists(topic_like, max_size=3),
+                },
+            ),
         ),
         "admin": json_value,
     },
@@ -1021,8 +1300,17 @@ claims_st = st.fixed_dictionaries(
 tokens = st.one_of(
     st.builds(_sign, claims_st),  # correctly signed, random claims
     st.builds(_sign, claims_st, st.binary(max_size=8)),  # random claims, wrong key
-    st.builds(lambda a, b, c: f"{a}.{b}.{c}", st.text(max_size=20), st.text(max_size=40), st.text(max_size=20)),
-    st.builds(lambda h, p: forge(h, p), st.dictionaries(st.text(max_size=5), json_value, max_size=3), claims_st),
+    st.builds(
+        lambda a, b, c: f"{a}.{b}.{c}",
+        st.text(max_size=20),
+        st.text(max_size=40),
+        st.text(max_size=20),
+    ),
+    st.builds(
+        lambda h, p: forge(h, p),
+        st.dictionaries(st.text(max_size=5), json_value, max_size=3),
+        claims_st,
+    ),
     st.text(max_size=50),
     json_value,
 )
@@ -1043,7 +1331,9 @@ op_frames = st.fixed_dictionaries(
 frames_st = st.lists(
     st.one_of(
         op_frames.map(lambda f: ("json", f)),
-        st.fixed_dictionaries({"op": st.just("auth")}, optional={"id": ids, "token": tokens}).map(lambda f: ("json", f)),
+        st.fixed_dictionaries({"op": st.just("auth")}, optional={"id": ids, "token": tokens}).map(
+            lambda f: ("json", f)
+        ),
         json_value.map(lambda v: ("json", v)),
         st.text(max_size=60).map(lambda t: ("text", t)),
         st.binary(max_size=60).map(lambda b: ("bytes", b)),
@@ -1069,9 +1359,15 @@ def wire(kind: str, value: Any) -> str | bytes:
     return value
 
 
-async def fuzz_one(broker: BrokerProcess, frames: list[tuple[str, Any]], junk: bytes, header_token: Any = None) -> None:
+async def fuzz_one(
+    broker: BrokerProcess, frames: list[tuple[str, Any]], junk: bytes, header_token: Any = None
+) -> None:
     # 1. An authenticated connection gets every frame, then a sentinel request.
-    ws = await connect(broker.url, additional_headers={"Authorization": f"Bearer {broker.token('fuzz')}"}, max_size=None)
+    ws = await connect(
+        broker.url,
+        additional_headers={"Authorization": f"Bearer {broker.token('fuzz')}"},
+        max_size=None,
+    )
     assert check_server_frame(await ws.recv())["op"] == "hello"
     sent_auth = False
     for kind, value in frames:
@@ -1117,10 +1413,16 @@ async def fuzz_one(broker: BrokerProcess, frames: list[tuple[str, Any]], junk: b
     # 3. A random token in the handshake header: 101 + hello, or 401 with a one-line reason.
     if isinstance(header_token, str) and header_token.isascii() and header_token.isprintable():
         try:
-            ws = await connect(broker.url, additional_headers={"Authorization": f"Bearer {header_token}"}, open_timeout=10)
+            ws = await connect(
+                broker.url,
+                additional_headers={"Authorization": f"Bearer {header_token}"},
+                open_timeout=10,
+            )
         except InvalidStatus as exc:
             assert exc.response.status_code == 401, exc.response
-            assert (exc.response.body or b"").strip() and b"\n" not in (exc.response.body or b"").strip()
+            assert (exc.response.body or b"").strip() and b"\n" not in (
+                exc.response.body or b""
+            ).strip()
         else:
             assert check_server_frame(await asyncio.wait_for(ws.recv(), 10))["op"] == "hello"
             await ws.close()
@@ -1143,12 +1445,18 @@ def test_fuzz_random_frames_then_round_trip(fuzz_broker: BrokerProcess) -> None:
         max_examples=150,
         deadline=None,
         database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
     )
     @given(frames=frames_st, junk=st.binary(max_size=200), header_token=tokens)
     def fuzz(frames: list[tuple[str, Any]], junk: bytes, header_token: Any) -> None:
         asyncio.run(fuzz_one(fuzz_broker, frames, junk, header_token))
-        assert fuzz_broker.proc is not None and fuzz_broker.proc.poll() is None, fuzz_broker.log()[-3000:]
+        assert fuzz_broker.proc is not None and fuzz_broker.proc.poll() is None, fuzz_broker.log()[
+            -3000:
+        ]
 
     fuzz()
 
@@ -1160,7 +1468,10 @@ def test_fuzz_random_frames_then_round_trip(fuzz_broker: BrokerProcess) -> None:
         ok = await writer.request("pub", topic="final/check", data={"still": "alive"})
         msg = await reader.recv()
         assert msg["op"] == "msg" and msg["seq"] == ok["seq"]
-        assert (msg["data"], msg["from"]) == ({"still": "alive"}, {"id": "writer", "name": "Writer"})
+        assert (msg["data"], msg["from"]) == (
+            {"still": "alive"},
+            {"id": "writer", "name": "Writer"},
+        )
 
     asyncio.run(round_trip())
     assert fuzz_broker.proc is not None and fuzz_broker.proc.poll() is None

@@ -141,7 +141,11 @@ async def test_subscribe_during_publishing_has_no_gap_or_duplicate(broker: Broke
     async def publisher() -> None:
         p = await Peer.open(broker.url, broker.token("p2"))
         for chunk in range(0, total, 20):
-            acked.extend(await publish_many(p, [(f"live/{'ab'[i % 2]}", i) for i in range(chunk, chunk + 20)]))
+            acked.extend(
+                await publish_many(
+                    p, [(f"live/{'ab'[i % 2]}", i) for i in range(chunk, chunk + 20)]
+                )
+            )
         stop.set()
 
     task = asyncio.create_task(publisher())

@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from broker.logs import REDACTED, JsonFormatter, RedactTokens, setup_logging
+from broker.server.logs import REDACTED, JsonFormatter, RedactTokens, setup_logging
 
 from .support import BrokerProcess, Peer
 
@@ -42,7 +42,9 @@ async def closed_with(peer: Peer) -> int | None:
     return closed.value.rcvd.code if closed.value.rcvd is not None else None
 
 
-async def test_json_logs_have_events_ids_and_no_secrets(make_broker: Callable[..., BrokerProcess]) -> None:
+async def test_json_logs_have_events_ids_and_no_secrets(
+    make_broker: Callable[..., BrokerProcess],
+) -> None:
     broker = make_broker("--log-format", "json", "--max-queue", "1KiB", memory=True)
     tokens: list[str] = []
 
@@ -61,7 +63,9 @@ async def test_json_logs_have_events_ids_and_no_secrets(make_broker: Callable[..
     forged = jwt.encode({"sub": "mallory"}, "not-the-secret-" * 3, algorithm="HS256")
     tokens.append(forged)
     with pytest.raises(InvalidStatus):
-        await connect(broker.url, additional_headers={"Authorization": f"Bearer {forged}"}, open_timeout=5)
+        await connect(
+            broker.url, additional_headers={"Authorization": f"Bearer {forged}"}, open_timeout=5
+        )
     late = await Peer.open(broker.url)
     await late.send({"op": "auth", "token": token("late", ttl=-60)})
     assert (await late.recv())["code"] == "unauthorized"
@@ -116,7 +120,9 @@ async def test_json_logs_have_events_ids_and_no_secrets(make_broker: Callable[..
 
 
 async def test_refused_origin_is_logged(make_broker: Callable[..., BrokerProcess]) -> None:
-    broker = make_broker("--log-format", "json", "--allowed-origin", "https://ok.example", memory=True)
+    broker = make_broker(
+        "--log-format", "json", "--allowed-origin", "https://ok.example", memory=True
+    )
     with pytest.raises(InvalidStatus):
         await connect(broker.url, origin="https://evil.example", open_timeout=5)  # type: ignore[arg-type]
     broker.stop()
@@ -141,9 +147,13 @@ def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     logger.removeHandler(handler)
 
 
-def test_json_formatter_puts_extra_fields_at_top_level(captured: tuple[logging.Logger, io.StringIO]) -> None:
+def test_json_formatter_puts_extra_fields_at_top_level(
+    captured: tuple[logging.Logger, io.StringIO],
+) -> None:
     logger, stream = captured
-    logger.info("connect %s", 7, extra={"peer": "1.2.3.4:5", "user": "u1", "conn": 7, "event": "connect"})
+    logger.info(
+        "connect %s", 7, extra={"peer": "1.2.3.4:5", "user": "u1", "conn": 7, "event": "connect"}
+    )
     entry = orjson.loads(stream.getvalue())
     assert list(entry) == ["ts", "level", "logger", "msg", "event", "conn", "user", "peer"]
     assert entry["msg"] == "connect 7" and entry["level"] == "info"

@@ -20,15 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from broker.config import ServerConfig
-from broker.metrics import (
+from broker.server.config import ServerConfig
+from broker.server.factory import create_server
+from broker.server.metrics import (
     ATTEMPT_RESULTS,
     ERROR_CODES,
     FastHistogram,
     Metrics,
     TopTopics,
 )
-from broker.server import BrokerServer
 
 from .support import BrokerProcess, Peer
 
@@ -90,14 +90,18 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
-async def test_metrics_and_stats_after_a_known_workload(make_broker: Callable[..., BrokerProcess]) -> None:
+async def test_metrics_and_stats_after_a_known_workload(
+    make_broker: Callable[..., BrokerProcess],
+) -> None:
     broker = make_broker("--rate-limit", "10", "--allowed-origin", GOOD_ORIGIN, memory=True)
     tally = Tally()
     P = counting(tally)
 
     # Refused attempts: a bad token on the handshake, a browser from another origin.
     with pytest.raises(InvalidStatus) as refused:
-        await connect(broker.url, additional_headers={"Authorization": "Bearer garbage"}, open_timeout=5)
+        await connect(
+            broker.url, additional_headers={"Authorization": "Bearer garbage"}, open_timeout=5
+        )
     assert refused.value.response.status_code == 401
     with pytest.raises(InvalidStatus) as refused:
         await connect(broker.url, origin="https://evil.example", open_timeout=5)  # type: ignore[arg-type]
@@ -186,9 +190,15 @@ async def test_metrics_and_stats_after_a_known_workload(make_broker: Callable[..
     assert value(m, "broker_redis_roundtrip_seconds_count") == 0
     assert value(m, "broker_last_seq") == 10
     # No topic or user id ever becomes a label.
-    for name, labels in m:
-        for label, label_value in labels:
-            assert "scores" not in label_value and label_value not in ("s0", "s1", "s2", "pub", "root")
+    for _name, labels in m:
+        for _label, label_value in labels:
+            assert "scores" not in label_value and label_value not in (
+                "s0",
+                "s1",
+                "s2",
+                "pub",
+                "root",
+            )
 
     for peer in [*subs, pub, admin]:
         await peer.close()
@@ -239,7 +249,7 @@ async def test_over_capacity_is_counted(make_broker: Callable[..., BrokerProcess
 
 def test_each_server_has_its_own_registry() -> None:
     config = ServerConfig(secret="x" * 32, memory=True)
-    a, b = BrokerServer(config), BrokerServer(config)
+    a, b = create_server(config), create_server(config)
     a.metrics.rate_limited = 3
     assert a.metrics.registry is not b.metrics.registry
     assert value(parse(a.metrics.exposition().decode()), "broker_rate_limited_publishes_total") == 3

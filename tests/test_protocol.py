@@ -5,10 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from broker.errors import BadRequest, Forbidden
-from broker.protocol import (
+from broker.core.model import Message, text_frame
+from broker.core.protocol import (
     Auth,
-    Message,
     Presence,
     Pub,
     Stats,
@@ -17,8 +16,8 @@ from broker.protocol import (
     encode_error,
     encode_ok,
     parse_request,
-    text_frame,
 )
+from broker.errors import BadRequest, Forbidden
 
 
 @pytest.mark.parametrize(
@@ -27,11 +26,20 @@ from broker.protocol import (
         ({"op": "auth", "token": "t"}, Auth("t")),
         ({"op": "auth", "token": "t", "id": "a"}, Auth("t", "a")),
         ({"op": "sub", "id": 1, "topic": "a/+"}, Sub(1, "a/+")),
-        ({"op": "sub", "id": 1, "topic": "a", "since": 5, "epoch": "e"}, Sub(1, "a", since=5, epoch="e")),
-        ({"op": "sub", "id": 1.5, "topic": "a", "last": 0, "presence": True}, Sub(1.5, "a", last=0, presence=True)),
+        (
+            {"op": "sub", "id": 1, "topic": "a", "since": 5, "epoch": "e"},
+            Sub(1, "a", since=5, epoch="e"),
+        ),
+        (
+            {"op": "sub", "id": 1.5, "topic": "a", "last": 0, "presence": True},
+            Sub(1.5, "a", last=0, presence=True),
+        ),
         ({"op": "unsub", "id": "x", "topic": "#"}, Unsub("x", "#")),
         ({"op": "pub", "topic": "a", "data": {"b": [1, None]}}, Pub("a", b'{"b":[1,null]}')),
-        ({"op": "pub", "topic": "a", "data": None, "id": 3, "echo": True}, Pub("a", b"null", 3, True)),
+        (
+            {"op": "pub", "topic": "a", "data": None, "id": 3, "echo": True},
+            Pub("a", b"null", 3, True),
+        ),
         ({"op": "presence", "id": 1, "topic": "room"}, Presence(1, "room")),
         ({"op": "stats", "id": 1, "extra": "ignored"}, Stats(1)),
     ],

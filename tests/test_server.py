@@ -45,15 +45,23 @@ async def test_first_frame_token_with_id_claim(broker: BrokerProcess) -> None:
     ("make_header", "reason"),
     [
         (lambda b: "Bearer " + b.token("1", ttl=-10), "token expired"),
-        (lambda b: "Bearer " + jwt.encode({"sub": "1"}, "x" * 40, algorithm="HS256"), "invalid signature"),
+        (
+            lambda b: "Bearer " + jwt.encode({"sub": "1"}, "x" * 40, algorithm="HS256"),
+            "invalid signature",
+        ),
         (lambda b: "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0.", "invalid algorithm 'none'"),
         (lambda b: "Bearer garbage", "malformed token"),
         (lambda b: "Bearer ", "empty bearer token"),
         (lambda b: "Basic dTpw", "Bearer scheme"),
-        (lambda b: "Bearer " + jwt.encode({"sub": "1", "nbf": time.time() + 60}, SECRET), "not yet valid"),
+        (
+            lambda b: "Bearer " + jwt.encode({"sub": "1", "nbf": time.time() + 60}, SECRET),
+            "not yet valid",
+        ),
     ],
 )
-async def test_bad_header_token_is_401_with_reason(broker: BrokerProcess, make_header, reason: str) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_header_token_is_401_with_reason(
+    broker: BrokerProcess, make_header, reason: str
+) -> None:  # type: ignore[no-untyped-def]
     status, body = await refused_status(broker.url, make_header(broker))
     assert status == 401
     assert reason in body.strip() and "\n" not in body.strip()
@@ -63,13 +71,19 @@ async def test_bad_header_token_is_401_with_reason(broker: BrokerProcess, make_h
     ("first", "reason", "rid"),
     [
         ({"op": "auth", "token": "garbage", "id": 5}, "malformed token", 5),
-        ({"op": "auth", "token": jwt.encode({"sub": "1"}, "x" * 40, algorithm="HS256")}, "invalid signature", None),
+        (
+            {"op": "auth", "token": jwt.encode({"sub": "1"}, "x" * 40, algorithm="HS256")},
+            "invalid signature",
+            None,
+        ),
         ({"op": "sub", "id": "s", "topic": "a"}, "first frame must be 'auth'", "s"),
         ("not json", "not valid JSON", None),
         (b"\x01\x02", "binary", None),
     ],
 )
-async def test_bad_first_frame_closes_4001(broker: BrokerProcess, first: object, reason: str, rid: object) -> None:
+async def test_bad_first_frame_closes_4001(
+    broker: BrokerProcess, first: object, reason: str, rid: object
+) -> None:
     peer = await Peer.open(broker.url)
     await peer.send(first)  # type: ignore[arg-type]
     error = await peer.recv()
@@ -281,7 +295,11 @@ async def test_presence_and_join_leave(broker: BrokerProcess) -> None:
     await watcher.request("sub", topic="room", presence=True)
     a1 = await Peer.open(broker.url, broker.token("a", "Ann"))
     await a1.request("sub", topic="room")
-    assert await watcher.recv() == {"op": "join", "topic": "room", "user": {"id": "a", "name": "Ann"}}
+    assert await watcher.recv() == {
+        "op": "join",
+        "topic": "room",
+        "user": {"id": "a", "name": "Ann"},
+    }
     a2 = await Peer.open(broker.url, broker.token("a", "Ann"))
     await a2.request("sub", topic="room")
     await a2.request("sub", topic="roo+")  # a pattern... invalid, ignored for presence
@@ -296,7 +314,11 @@ async def test_presence_and_join_leave(broker: BrokerProcess) -> None:
     await a1.close()
     await watcher.expect_nothing()
     await a2.request("unsub", topic="room")
-    assert await watcher.recv() == {"op": "leave", "topic": "room", "user": {"id": "a", "name": "Ann"}}
+    assert await watcher.recv() == {
+        "op": "leave",
+        "topic": "room",
+        "user": {"id": "a", "name": "Ann"},
+    }
     # A connection is not told of its own user's join.
     w2 = await Peer.open(broker.url, broker.token("w"))
     await w2.request("sub", topic="room")

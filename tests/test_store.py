@@ -9,19 +9,27 @@ from pathlib import Path
 
 import pytest
 
+from broker.core.model import Draft, Message
 from broker.errors import BrokerError, Unavailable
-from broker.journal import Journal
-from broker.protocol import Message
-from broker.store import Draft, MemoryStore, SqliteStore, Store
+from broker.server.journal import Journal
+from broker.store.base import Store
+from broker.store.memory import MemoryStore
+from broker.store.sqlite import SqliteStore
 
 
 def draft(topic: str, n: int, ts: int | None = None) -> Draft:
-    return Draft(topic, str(n).encode(), "u", "U", ts if ts is not None else int(time.time() * 1000))
+    return Draft(
+        topic, str(n).encode(), "u", "U", ts if ts is not None else int(time.time() * 1000)
+    )
 
 
 @pytest.fixture(params=["memory", "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = MemoryStore(history=3) if request.param == "memory" else SqliteStore(tmp_path / "db", history=3)
+    s: Store = (
+        MemoryStore(history=3)
+        if request.param == "memory"
+        else SqliteStore(tmp_path / "db", history=3)
+    )
     await s.open()
     yield s
     await s.close()
@@ -68,7 +76,9 @@ async def test_age_retention_boundary_with_gaps(store: Store, expired: int) -> N
     # 40 messages over 4 topics in publish order; count retention (3 per topic) leaves
     # gaps in seq. The first `expired` are older than the retention.
     now = time.time()
-    stamps = [int((now - 100) * 1000) + i if i < expired else int(now * 1000) + i for i in range(40)]
+    stamps = [
+        int((now - 100) * 1000) + i if i < expired else int(now * 1000) + i for i in range(40)
+    ]
     for i in range(0, 40, 7):  # a few commit batches
         await store.append([draft(f"t{j % 4}", j, ts=stamps[j]) for j in range(i, min(i + 7, 40))])
     store.retention = 50

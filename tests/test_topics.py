@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.errors import BadRequest
-from broker.topics import (
+from broker.core.topics import (
     TopicIndex,
     covers,
     inbox_owner,
@@ -20,8 +19,19 @@ from broker.topics import (
     validate_pattern,
     validate_topic,
 )
+from broker.errors import BadRequest
 
-VALID_TOPICS = ["football", "scores/uk/premier", "a//b", "/", "a/", "$SYS/x", "é/ü", "x" * 255, "user/42"]
+VALID_TOPICS = [
+    "football",
+    "scores/uk/premier",
+    "a//b",
+    "/",
+    "a/",
+    "$SYS/x",
+    "é/ü",
+    "x" * 255,
+    "user/42",
+]
 INVALID_TOPICS = [
     ("", "empty"),
     ("x" * 256, "longer than 255"),
@@ -50,7 +60,9 @@ def test_invalid_topics(topic: object, why: str) -> None:
         validate_topic(topic)
 
 
-@pytest.mark.parametrize("pattern", ["#", "+", "a/+/c", "a/#", "+/+", "a//+", "$SYS/#", "user/+/inbox"])
+@pytest.mark.parametrize(
+    "pattern", ["#", "+", "a/+/c", "a/#", "+/+", "a//+", "$SYS/#", "user/+/inbox"]
+)
 def test_valid_patterns(pattern: str) -> None:
     assert validate_pattern(pattern) == pattern
 

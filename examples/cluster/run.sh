@@ -30,7 +30,7 @@ if [[ -z "${REDIS_URL:-}" ]]; then
 fi
 
 for port in "$BASE_PORT" $((BASE_PORT + 1)) $((BASE_PORT + 2)); do
-    python -m cli.main serve --port "$port" --redis "$REDIS_URL" --log-format json \
+    python -m broker.cli serve --port "$port" --redis "$REDIS_URL" --log-format json \
         2> >(sed -u "s/^/[node $port] /" >&2) &
     pids+=($!)
 done

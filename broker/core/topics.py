@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import BadRequest
+from broker.errors import BadRequest
 
 MAX_TOPIC_BYTES = 255
 INBOX_PREFIX = "user"

@@ -16,18 +16,34 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
-from .auth import Identity
-from .connection import Connection
-from .errors import CLOSE_SLOW_CONSUMER, CLOSE_TOKEN_EXPIRED
-from .limits import TokenBucket
-from .protocol import Message, text_frame
+from broker.core.auth import Identity
+from broker.core.limits import TokenBucket
+from broker.core.model import Message, text_frame
+from broker.errors import CLOSE_SLOW_CONSUMER, CLOSE_TOKEN_EXPIRED
 
-log = logging.getLogger("broker.session")
+log = logging.getLogger("broker.server.session")
 
 _ids = itertools.count(1)
 # Replay writes this much, then waits for the socket to drain.
 _REPLAY_CHUNK = 64 * 1024
+
+
+class Link(Protocol):
+    """What a session needs of its connection (``broker.server.connection.Connection``)."""
+
+    transport: asyncio.Transport | None
+
+    @property
+    def is_open(self) -> bool:
+        """The WebSocket is open (handshake done, no close frame sent or received)."""
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+
+    def close(self, code: int, reason: str = "", timeout: float = 2.0) -> None:
+        """Start the closing handshake."""
 
 
 class Flusher:
@@ -74,7 +90,7 @@ class Session:
 
     def __init__(
         self,
-        conn: Connection,
+        conn: Link,
         identity: Identity,
         *,
         flusher: Flusher,

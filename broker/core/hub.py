@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .auth import Identity
-from .protocol import Message, encode_presence_event
-from .store import Draft
-from .topics import TopicIndex, inbox_owner, is_pattern, matches
+from broker.core.auth import Identity
+from broker.core.model import Draft, Message
+from broker.core.protocol import encode_presence_event
+from broker.core.topics import TopicIndex, inbox_owner, is_pattern, matches
 
 PresenceListener = Callable[[str, str, dict[str, str]], None]
 

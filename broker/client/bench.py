@@ -128,7 +128,9 @@ class _Subscriber:
                     self.latencies.append(time.time() - frame["data"]["t"])
 
 
-async def run_bench(cfg: BenchConfig, progress: Callable[[int, int], None] | None = None) -> BenchResult:
+async def run_bench(
+    cfg: BenchConfig, progress: Callable[[int, int], None] | None = None
+) -> BenchResult:
     """Run one benchmark against ``cfg.url`` and return the measurements."""
     result = BenchResult()
     topics = [f"bench/{i}" for i in range(cfg.topics)]
@@ -137,7 +139,9 @@ async def run_bench(cfg: BenchConfig, progress: Callable[[int, int], None] | Non
     subs: list[_Subscriber] = []
     for i in range(cfg.subscribers):
         ws = await _open(cfg.url, cfg.token(f"sub{i}"))
-        await ws.send(orjson.dumps({"op": "sub", "id": 1, "topic": topics[i % cfg.topics]}).decode())
+        await ws.send(
+            orjson.dumps({"op": "sub", "id": 1, "topic": topics[i % cfg.topics]}).decode()
+        )
         ok = orjson.loads(await ws.recv())
         if ok.get("op") != "ok":
             raise RuntimeError(f"subscribe failed: {ok}")
@@ -246,5 +250,7 @@ async def run_bench(cfg: BenchConfig, progress: Callable[[int, int], None] | Non
         result.server_cpu_seconds = round(cpu, 3)
         if result.delivered:
             result.server_cpu_per_delivery_us = round(cpu / result.delivered * 1e6, 3)
-    await asyncio.gather(*(ws.close() for ws in pubs + [s.ws for s in subs]), return_exceptions=True)
+    await asyncio.gather(
+        *(ws.close() for ws in pubs + [s.ws for s in subs]), return_exceptions=True
+    )
     return result

@@ -12,8 +12,8 @@ from typing import Any
 
 import jwt
 
-from .errors import BadRequest, Forbidden, TokenExpired, Unauthorized
-from .topics import any_covers, inbox_owner, pattern_inbox_owner
+from broker.core.topics import any_covers, inbox_owner, pattern_inbox_owner
+from broker.errors import BadRequest, Forbidden, TokenExpired, Unauthorized
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA")

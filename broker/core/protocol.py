@@ -8,15 +8,15 @@ every subscriber.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-from .errors import BadRequest, BrokerError
-from .topics import is_pattern, validate_pattern, validate_topic
+from broker.core.topics import is_pattern, validate_pattern, validate_topic
+from broker.errors import BadRequest, BrokerError
 
-RequestId = Union[int, float, str]
+RequestId = int | float | str
 
 _MISSING = object()
 
@@ -74,7 +74,7 @@ class Stats:
     id: RequestId
 
 
-Request = Union[Auth, Sub, Unsub, Pub, Presence, Stats]
+Request = Auth | Sub | Unsub | Pub | Presence | Stats
 
 
 def _request_id(frame: dict[str, Any]) -> RequestId | None:
@@ -172,70 +172,6 @@ def _parse_op(frame: dict[str, Any], rid: RequestId | None) -> Request:
     if op == "stats":
         return Stats(id=_require_id(rid, op))
     raise BadRequest(f"unknown op {op!r}")
-
-
-@dataclass
-class Message:
-    """A published message as stored and delivered. ``data`` is its JSON encoding."""
-
-    seq: int
-    topic: str
-    data: bytes
-    sender_id: str
-    sender_name: str
-    ts: int
-    _frame: bytes | None = field(default=None, repr=False, compare=False)
-    _wire: bytes | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def frame(self) -> bytes:
-        """The ``msg`` frame for this message, encoded once and shared by all deliveries."""
-        if self._frame is None:
-            self._frame = b"".join(
-                (
-                    b'{"op":"msg","topic":',
-                    orjson.dumps(self.topic),
-                    b',"seq":',
-                    str(self.seq).encode(),
-                    b',"data":',
-                    self.data,
-                    b',"from":',
-                    orjson.dumps({"id": self.sender_id, "name": self.sender_name}),
-                    b',"ts":',
-                    str(self.ts).encode(),
-                    b"}",
-                )
-            )
-        return self._frame
-
-
-    @property
-    def wire(self) -> bytes:
-        """The whole WebSocket text frame carrying ``frame``, ready to write to a socket."""
-        if self._wire is None:
-            self._wire = text_frame(self.frame)
-        return self._wire
-
-
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, final WebSocket text frame (RFC 6455 5.2) holding ``payload``.
-
-    Server frames are never masked, so one encoded frame can be written byte for byte to
-    every subscriber: this is what makes fan-out cost one encode per message.
-    """
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 65536:
-        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
-    return header + payload
-
-
-def encode(frame: dict[str, Any]) -> bytes:
-    """Encode a server frame as compact JSON bytes."""
-    return orjson.dumps(frame)
 
 
 def encode_ok(request_id: RequestId, **fields: Any) -> bytes:

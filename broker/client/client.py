@@ -59,7 +59,8 @@ from websockets.exceptions import (
 )
 from websockets.uri import parse_uri
 
-from .errors import (
+from broker.core.topics import matches, validate_pattern, validate_topic
+from broker.errors import (
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOKEN_EXPIRED,
     CLOSE_UNAUTHORIZED,
@@ -72,7 +73,6 @@ from .errors import (
     Unauthorized,
     error_for_code,
 )
-from .topics import matches, validate_pattern, validate_topic
 
 __all__ = [
     "Client",
@@ -110,7 +110,7 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A published message: ``topic``, broker-wide ``seq``, JSON ``data``, ``sender``, ``ts`` (ms)."""
+    """A published message: ``topic``, broker-wide ``seq``, JSON ``data``, ``sender``, ``ts``."""
 
     topic: str
     seq: int
@@ -371,9 +371,7 @@ class Client:
                 continue
             except _Fatal as exc:
                 raise exc.error from None
-            self._supervisor = asyncio.create_task(
-                self._supervise(ws), name="broker-client"
-            )
+            self._supervisor = asyncio.create_task(self._supervise(ws), name="broker-client")
             await self._ready_ws()
             return
         raise ConnectionFailed("; ".join(errors))
@@ -393,9 +391,7 @@ class Client:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        self._fail_pending(
-            lambda req: ConnectionLost("the client was closed"), everything=True
-        )
+        self._fail_pending(lambda req: ConnectionLost("the client was closed"), everything=True)
         self._events.put_nowait(_END)
 
     @property
@@ -451,9 +447,7 @@ class Client:
                 "sub",
                 fields,
                 retry=True,
-                on_reply=lambda r: self._apply_sub_reply(
-                    state, sent_since, sent_epoch, r, False
-                ),
+                on_reply=lambda r: self._apply_sub_reply(state, sent_since, sent_epoch, r, False),
             )
         except BaseException:
             if self._subs.get(pattern) is state:
@@ -474,7 +468,8 @@ class Client:
     async def publish(
         self, topic: str, data: Any, *, ack: bool = True, echo: bool = False
     ) -> int | None:
-        """Publish ``data`` (any JSON value) to ``topic``; the seq once recorded, None if ``ack=False``."""
+        """Publish ``data`` (any JSON value) to ``topic``; its seq once recorded (None if
+        not ``ack``)."""
         validate_topic(topic)
         fields: dict[str, Any] = {"topic": topic, "data": data}
         if echo:
@@ -505,7 +500,8 @@ class Client:
         return {k: v for k, v in reply.items() if k not in ("op", "id")}
 
     async def refresh_token(self, token: str | None = None) -> float | None:
-        """Replace the token on the live connection (from ``token_provider`` when not given); its new ``exp``."""
+        """Replace the token on the live connection (from ``token_provider`` when not
+        given); return its new ``exp``."""
         new = token if token is not None else await self._get_token()
         reply = await self._request("auth", {"token": new}, retry=False)
         self._token = new
@@ -557,9 +553,7 @@ class Client:
         if self._closing:
             raise ConnectionLost("the client is closed")
         if self._supervisor is None:
-            raise ConnectionFailed(
-                "not connected: use 'async with Client(...)' or connect()"
-            )
+            raise ConnectionFailed("not connected: use 'async with Client(...)' or connect()")
 
     async def _ready_ws(self, timeout: float | None = None) -> ClientConnection:
         while True:
@@ -576,9 +570,7 @@ class Client:
             if waiter not in done:
                 waiter.cancel()
                 if not done:
-                    raise RequestTimeout(
-                        f"not connected to the broker within {timeout:g}s"
-                    )
+                    raise RequestTimeout(f"not connected to the broker within {timeout:g}s")
 
     async def _request(
         self,
@@ -592,14 +584,10 @@ class Client:
         frame = {"op": op, "id": rid, **fields}
         loop = asyncio.get_running_loop()
         req = _Request(frame, loop.create_future(), retry, on_reply=on_reply)
-        deadline = (
-            None if self.request_timeout is None else loop.time() + self.request_timeout
-        )
+        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
         try:
             while not req.future.done():
-                remaining = (
-                    None if deadline is None else max(deadline - loop.time(), 0.001)
-                )
+                remaining = None if deadline is None else max(deadline - loop.time(), 0.001)
                 ws = await self._ready_ws(remaining)
                 generation = self._generation
                 self._pending[rid] = req
@@ -614,11 +602,7 @@ class Client:
                         continue
                     break  # the next session resends retryable requests
                 req.written = True
-                if (
-                    generation != self._generation
-                    and not retry
-                    and not req.future.done()
-                ):
+                if generation != self._generation and not retry and not req.future.done():
                     # The connection dropped while we were writing: outcome unknown.
                     self._pending.pop(rid, None)
                     raise ConnectionLost(
@@ -703,17 +687,11 @@ class Client:
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
-            body = (
-                exc.response.body.decode("utf-8", "replace").strip()
-                if exc.response.body
-                else ""
-            )
+            body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
             if status == 401:
                 raise _Fatal(_unauthorized(body or "token refused")) from None
             if status == 403:
-                raise _Fatal(
-                    Forbidden(body or "connection refused (HTTP 403)")
-                ) from None
+                raise _Fatal(Forbidden(body or "connection refused (HTTP 403)")) from None
             raise ConnectionFailed(f"{url}: HTTP {status} {body}".strip()) from None
         except (TimeoutError, OSError, WebSocketException) as exc:
             reason = str(exc) or type(exc).__name__
@@ -728,12 +706,8 @@ class Client:
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
             if code == CLOSE_UNAUTHORIZED:
-                raise _Fatal(
-                    _unauthorized(exc.rcvd.reason if exc.rcvd else "")
-                ) from None
-            raise ConnectionFailed(
-                f"{url}: connection closed during authentication"
-            ) from None
+                raise _Fatal(_unauthorized(exc.rcvd.reason if exc.rcvd else "")) from None
+            raise ConnectionFailed(f"{url}: connection closed during authentication") from None
         except (TimeoutError, orjson.JSONDecodeError):
             await ws.close()
             raise ConnectionFailed(f"{url}: no hello from the broker") from None
@@ -832,9 +806,7 @@ class Client:
                 try:
                     self._dispatch(frame)
                 except (TypeError, ValueError, KeyError) as exc:
-                    logger.warning(
-                        "ignored a malformed frame from the broker (%s): %r", exc, frame
-                    )
+                    logger.warning("ignored a malformed frame from the broker (%s): %r", exc, frame)
                 if self._events.qsize() >= self.max_buffered:
                     # Backpressure: read nothing more until the consumer catches up.
                     self._room.clear()
@@ -883,15 +855,11 @@ class Client:
             rid = self._new_id()
             fields["id"] = rid
             since, epoch = state.watermark, state.epoch
-            req = _Request(
-                fields, loop.create_future(), retry=True, generation=generation
-            )
+            req = _Request(fields, loop.create_future(), retry=True, generation=generation)
             req.on_reply = lambda r, s=state, a=since, e=epoch: self._apply_sub_reply(
                 s, a, e, r, True
             )
-            req.future.add_done_callback(
-                lambda f: f.exception() if not f.cancelled() else None
-            )
+            req.future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
             self._pending[rid] = req
             frames.append(fields)
         for req in list(self._pending.values()):
@@ -914,9 +882,7 @@ class Client:
         if lifetime <= 1:
             return  # nothing to gain; the broker closes with 4003 and we reconnect
         delay = max(lifetime * self.refresh_at, 0.5)
-        self._refresher = asyncio.create_task(
-            self._refresh_after(delay), name="broker-refresh"
-        )
+        self._refresher = asyncio.create_task(self._refresh_after(delay), name="broker-refresh")
 
     async def _refresh_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -944,9 +910,7 @@ class Client:
             if req is None:
                 if op == "error":
                     self._report_error(
-                        error_for_code(
-                            str(frame.get("code")), str(frame.get("message", ""))
-                        )
+                        error_for_code(str(frame.get("code")), str(frame.get("message", "")))
                     )
                 return
             if op == "ok":

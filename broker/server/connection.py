@@ -30,12 +30,12 @@ try:  # websockets' C helper, as its own parser uses; the pure-Python one otherw
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
-from .auth import Identity
+from broker.core.auth import Identity
 
 if TYPE_CHECKING:
-    from .session import Session
+    from broker.server.session import Session
 
-log = logging.getLogger("broker.connection")
+log = logging.getLogger("broker.server.connection")
 
 #: Close code websockets uses for an abnormal closure (no close frame).
 CLOSE_ABNORMAL = 1006

@@ -12,11 +12,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from .errors import BrokerError, Unavailable
-from .protocol import Message
-from .store import Draft, Store
+from broker.core.model import Draft, Message
+from broker.errors import BrokerError, Unavailable
+from broker.store.base import Store
 
-log = logging.getLogger("broker.journal")
+log = logging.getLogger("broker.server.journal")
 
 Done = Callable[[Message | None, BrokerError | None], None]
 Committed = Callable[[list[tuple[Message, Draft]]], None]

@@ -11,29 +11,34 @@ synchronously as they arrive; only those that wait on the store or the cluster (
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import logging
-import signal
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
 from http import HTTPStatus
-from importlib import resources
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from websockets.datastructures import Headers
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.http11 import Request, Response
 
-from . import __version__
-from .auth import Identity, TokenVerifier, parse_bearer
-from .cluster import RedisStore
-from .config import ServerConfig, data_dir
-from .connection import CLOSE_INTERNAL, Connection
-from .errors import (
+from broker import __version__
+from broker.core.auth import Identity, TokenVerifier, parse_bearer
+from broker.core.hub import Hub, Subscription
+from broker.core.model import Draft, Message, now_ms, text_frame
+from broker.core.protocol import (
+    Auth,
+    Presence,
+    Pub,
+    Stats,
+    Sub,
+    Unsub,
+    encode_error,
+    encode_hello,
+    encode_ok,
+    parse_request,
+)
+from broker.core.protocol import Request as Frame
+from broker.errors import (
     CLOSE_GOING_AWAY,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOKEN_EXPIRED,
@@ -44,26 +49,16 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
-from .hub import Hub, Subscription
-from .journal import Journal
-from .metrics import CONTENT_TYPE_LATEST, Metrics, wire_size
-from .protocol import (
-    Auth,
-    Message,
-    Presence,
-    Pub,
-    Request as Frame,
-    Stats,
-    Sub,
-    Unsub,
-    encode_error,
-    encode_hello,
-    encode_ok,
-    parse_request,
-    text_frame,
-)
-from .session import Flusher, Session
-from .store import Draft, MemoryStore, SqliteStore, Store, now_ms
+from broker.server.config import ServerConfig
+from broker.server.connection import CLOSE_INTERNAL, Connection
+from broker.server.http import Routes
+from broker.server.journal import Journal
+from broker.server.metrics import Metrics, wire_size
+from broker.server.session import Flusher, Session
+from broker.store.base import Store
+
+if TYPE_CHECKING:
+    from broker.store.redis import Cluster
 
 # Frames of one connection that wait while one of its requests runs as a task; past this
 # many, stop reading from its socket until they are handled.
@@ -78,58 +73,23 @@ CLOSE_EVENTS = {
     CLOSE_TOKEN_EXPIRED: "token_expired",
     CLOSE_UNAUTHORIZED: "unauthorized",
 }
-STATIC_FILES = {
-    "/": ("index.html", "text/html; charset=utf-8"),
-    "/console.js": ("console.js", "text/javascript; charset=utf-8"),
-    "/console.css": ("console.css", "text/css; charset=utf-8"),
-}
-
-
-def build_verifier(config: ServerConfig) -> TokenVerifier:
-    """The token verifier for ``config``: a secret for HS*, a public key file otherwise."""
-    if config.algorithm.startswith("HS"):
-        if not config.secret:
-            raise ValueError("a secret is required for HMAC algorithms")
-        key: str | bytes = config.secret
-    else:
-        if not config.public_key:
-            raise ValueError(f"--public-key is required for {config.algorithm}")
-        key = Path(config.public_key).read_bytes()
-    return TokenVerifier(
-        key,
-        config.algorithm,
-        audience=config.audience,
-        issuer=config.issuer,
-        require_exp=config.require_exp,
-    )
-
-
-def build_store(config: ServerConfig) -> Store:
-    """The history store ``config`` asks for."""
-    if config.redis:
-        return RedisStore(
-            config.redis,
-            config.history,
-            config.retention,
-            wait_replicas=config.redis_wait,
-            wait_timeout=config.redis_wait_timeout,
-        )
-    if config.memory:
-        return MemoryStore(config.history, config.retention)
-    folder = config.data or data_dir()
-    return SqliteStore(Path(folder) / "broker.sqlite3", config.history, config.retention)
 
 
 class BrokerServer:
     """One broker node: accepts connections and runs the protocol."""
 
-    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        verifier: TokenVerifier,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.config = config
-        self.verifier = build_verifier(config)
-        self.store = store or build_store(config)
-        # In cluster mode presence and stats span every node (broker/cluster.py).
-        redis = self.store if isinstance(self.store, RedisStore) else None
-        self.cluster = redis.cluster if redis is not None else None
+        self.verifier = verifier
+        self.store = store
+        # In cluster mode presence and stats span every node (broker/store/redis).
+        self.cluster = cluster
         self.hub = self.cluster.make_hub(self.stats) if self.cluster else Hub()
         # A shared store feeds every node through follow(); a local one after append.
         self.journal = Journal(self.store, _ignore if self.store.shared else self.hub.fanout)
@@ -140,10 +100,11 @@ class BrokerServer:
         self.started = time.time()
         self.published = 0
         self.metrics = Metrics(self.stats)
+        self.routes = Routes(self)
         self.journal.commit_observers.append(self.metrics.observe_commit)
         self.hub.observe_fanout = self.metrics.fanout_seconds.observe
-        if redis is not None:
-            redis.observe_roundtrip = self.metrics.redis_roundtrip_seconds.observe
+        if cluster is not None:
+            cluster.store.link.observe_roundtrip = self.metrics.redis_roundtrip_seconds.observe
         self._listener: asyncio.Server | None = None
         self._conns: set[Connection] = set()  # upgraded to WebSocket
         self._unauthenticated: set[Connection] = set()  # waiting for the first frame
@@ -233,7 +194,9 @@ class BrokerServer:
             return
         self.draining = True
         log.info(
-            "shutting down: draining %d connections", len(self.sessions), extra={"event": "shutdown"}
+            "shutting down: draining %d connections",
+            len(self.sessions),
+            extra={"event": "shutdown"},
         )
         assert self._listener is not None
         self._listener.close()  # no new connections
@@ -264,28 +227,20 @@ class BrokerServer:
     def http_request(self, conn: Connection, request: Request) -> Response | None:
         """Answer plain HTTP paths, or None to let ``/ws`` upgrade."""
         path = request.path.split("?", 1)[0]
-        if path == "/healthz":
-            if self.draining:
-                return conn.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
-            return conn.protocol.reject(HTTPStatus.OK, "ok")
-        if path == "/metrics":
-            body = self.metrics.exposition()
-            headers = Headers(
-                [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]
-            )
-            return Response(200, "OK", headers, body)
-        connection = ",".join(request.headers.get_all("Connection")).lower()
-        if path in STATIC_FILES and "upgrade" not in connection:
-            return self._static(path)
-        if path != "/ws":
-            return conn.protocol.reject(HTTPStatus.NOT_FOUND, "not found\n")
+        response = self.routes.respond(conn, request, path)
+        if response is not None:
+            return response
         # A header sent twice is refused as a whole (headers.get would raise on it).
         origins = request.headers.get_all("Origin")
         if origins and self.config.allowed_origins:
             if len(origins) > 1 or origins[0] not in self.config.allowed_origins:
-                return self._refuse(conn, HTTPStatus.FORBIDDEN, "forbidden_origin", "origin not allowed")
+                return self._refuse(
+                    conn, HTTPStatus.FORBIDDEN, "forbidden_origin", "origin not allowed"
+                )
         if self.draining:
-            return self._refuse(conn, HTTPStatus.SERVICE_UNAVAILABLE, "shutting_down", "shutting down")
+            return self._refuse(
+                conn, HTTPStatus.SERVICE_UNAVAILABLE, "shutting_down", "shutting down"
+            )
         limit = self.config.max_connections
         if limit is not None and self.connections >= limit:
             return self._refuse(
@@ -302,9 +257,7 @@ class BrokerServer:
             conn.identity = identity
         return None
 
-    def _refuse(
-        self, conn: Connection, status: HTTPStatus, result: str, reason: str
-    ) -> Response:
+    def _refuse(self, conn: Connection, status: HTTPStatus, result: str, reason: str) -> Response:
         """Refuse a handshake with ``status``, counted as attempt ``result``."""
         self._refused(conn, result, reason)
         return conn.protocol.reject(status, reason + "\n")
@@ -319,27 +272,6 @@ class BrokerServer:
             reason,
             extra={"event": "refused", "result": result, "peer": peer},
         )
-
-    def _static(self, path: str) -> Response:
-        name, content_type = STATIC_FILES[path]
-        try:
-            body = resources.files("broker").joinpath("static", name).read_bytes()
-        except OSError:
-            return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]), b"")
-        headers = Headers(
-            [
-                ("Content-Type", content_type),
-                ("Content-Length", str(len(body))),
-                ("Cache-Control", "no-cache"),
-                ("X-Content-Type-Options", "nosniff"),
-                (
-                    "Content-Security-Policy",
-                    "default-src 'self'; connect-src 'self' ws: wss:; "
-                    "img-src 'self' data:; frame-ancestors 'none'",
-                ),
-            ]
-        )
-        return Response(200, "OK", headers, body)
 
     # -- WebSocket (called by Connection) ----------------------------------------------
 
@@ -566,7 +498,9 @@ class BrokerServer:
             self.metrics.rate_limited += 1
             raise RateLimited("publish rate limit exceeded")
         ident = session.identity
-        draft = Draft(frame.topic, frame.data, ident.id, ident.name, now_ms(), session.id, frame.echo)
+        draft = Draft(
+            frame.topic, frame.data, ident.id, ident.name, now_ms(), session.id, frame.echo
+        )
         self.published += 1
         self.metrics.top_topics.add(frame.topic)
         rid = frame.id
@@ -591,7 +525,11 @@ class BrokerServer:
         limit = self.config.max_subscriptions
         if limit is not None and frame.topic not in subs and len(subs) >= limit:
             raise Forbidden(f"subscription limit reached ({limit} per connection)")
-        if self.store.shared and frame.since is not None and frame.epoch in (None, self.store.epoch):
+        if (
+            self.store.shared
+            and frame.since is not None
+            and frame.epoch in (None, self.store.epoch)
+        ):
             # In a cluster the client may have seen `since` on a node a few ms ahead.
             await self._catch_up(frame.since)
         session.hold()
@@ -613,9 +551,7 @@ class BrokerServer:
                 raise Unavailable("history cannot be read now; retry later") from None
             if session.closing:
                 return
-            session.send(
-                encode_ok(frame.id, seq=upto, epoch=self.store.epoch, recovered=recovered)
-            )
+            session.send(encode_ok(frame.id, seq=upto, epoch=self.store.epoch, recovered=recovered))
             await session.replay(
                 msg
                 for msg in replay
@@ -692,38 +628,3 @@ class BrokerServer:
 
 def _ignore(committed: list[tuple[Message, Draft]]) -> None:
     """Fan-out of a shared store's appends happens in ``Store.follow``."""
-
-
-async def run(
-    config: ServerConfig, on_ready: Callable[[BrokerServer], None] | None = None
-) -> None:
-    """Run a broker until SIGTERM/SIGINT, then shut down gracefully; ``on_ready`` is
-    called once it listens (the CLI prints its banner there)."""
-    server = BrokerServer(config)
-    await server.start()
-    # Start-up objects never die: keep them out of the collector's way, and collect the
-    # young generation less often (fan-out allocates many short-lived frames).
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-    if on_ready is not None:
-        on_ready(server)
-    log.info(
-        "broker %s listening on %s (store: %s)",
-        __version__,
-        config.url,
-        store_label(server.store),
-        extra={"event": "listening"},
-    )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, lambda: loop.create_task(server.shutdown()))
-    await server.serve_forever()
-    log.info("broker stopped", extra={"event": "stopped"})
-
-
-def store_label(store: Store) -> str:
-    """A short description of ``store`` for humans."""
-    if isinstance(store, SqliteStore):
-        return f"sqlite {store.path}"
-    return type(store).__name__.removesuffix("Store").lower()

@@ -41,7 +41,14 @@ __all__ = [
 ]
 
 #: Wire error codes, the only values of the ``code`` label (anything else counts as internal).
-ERROR_CODES = ("bad_request", "unauthorized", "forbidden", "rate_limited", "unavailable", "internal")
+ERROR_CODES = (
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "rate_limited",
+    "unavailable",
+    "internal",
+)
 
 #: Outcomes of a WebSocket connection attempt, the only values of the ``result`` label.
 ATTEMPT_RESULTS = (
@@ -63,15 +70,33 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 # (stats key, metric name without "_total", help): counters taken from ``stats()``.
 COUNTERS = (
     ("messages_in", "broker_messages_published", "Publishes accepted (rate limit and ACL passed)."),
-    ("messages_out", "broker_messages_delivered", "Live messages handed to subscribers (one per subscriber)."),
+    (
+        "messages_out",
+        "broker_messages_delivered",
+        "Live messages handed to subscribers (one per subscriber).",
+    ),
     ("bytes_in", "broker_received_bytes", "WebSocket message payload bytes received from clients."),
-    ("bytes_out", "broker_sent_bytes", "Bytes written to client sockets by the broker, frame headers included."),
-    ("slow_consumer_closes", "broker_slow_consumer_closes", "Connections closed with 4008 (slow consumer)."),
+    (
+        "bytes_out",
+        "broker_sent_bytes",
+        "Bytes written to client sockets by the broker, frame headers included.",
+    ),
+    (
+        "slow_consumer_closes",
+        "broker_slow_consumer_closes",
+        "Connections closed with 4008 (slow consumer).",
+    ),
     ("rate_limited", "broker_rate_limited_publishes", "Publishes refused with rate_limited."),
 )
 # (stats key, metric name, label, label values, help): labelled counters from ``stats()``.
 LABELLED_COUNTERS = (
-    ("errors", "broker_errors", "code", ERROR_CODES, "Error frames sent to clients, by wire error code."),
+    (
+        "errors",
+        "broker_errors",
+        "code",
+        ERROR_CODES,
+        "Error frames sent to clients, by wire error code.",
+    ),
     (
         "connection_attempts",
         "broker_connection_attempts",
@@ -85,7 +110,11 @@ GAUGES = (
     ("connections", "broker_connections", "Open authenticated connections."),
     ("subscriptions", "broker_subscriptions", "Subscriptions held by open connections."),
     ("topics", "broker_topics", "Distinct topics and patterns with at least one subscription."),
-    ("pending_commits", "broker_pending_commits", "Publishes accepted but not yet written to the store."),
+    (
+        "pending_commits",
+        "broker_pending_commits",
+        "Publishes accepted but not yet written to the store.",
+    ),
     ("last_seq", "broker_last_seq", "The highest seq fanned out on this node."),
 )
 
@@ -211,7 +240,9 @@ class Metrics:
             LATENCY_BUCKETS,
         )
         self.commit_seconds = FastHistogram(
-            "broker_store_commit_seconds", "Time of one store append (one group commit).", LATENCY_BUCKETS
+            "broker_store_commit_seconds",
+            "Time of one store append (one group commit).",
+            LATENCY_BUCKETS,
         )
         self.commit_batch = FastHistogram(
             "broker_store_commit_batch_size", "Publishes written per store append.", BATCH_BUCKETS
@@ -279,5 +310,7 @@ class BrokerCollector(Collector):
         for histogram in metrics.histograms:
             yield histogram.family()
         yield GaugeMetricFamily(
-            "broker_start_time_seconds", "When this broker started (Unix time).", value=metrics.started
+            "broker_start_time_seconds",
+            "When this broker started (Unix time).",
+            value=metrics.started,
         )

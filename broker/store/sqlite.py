@@ -1,174 +1,16 @@
-"""Message history: the store interface and its memory and SQLite implementations.
-
-The interface is deliberately narrow so that a Redis store fits behind it too:
-
-* ``append(drafts)`` assigns each draft the next broker-wide ``seq`` and records the batch
-  durably before returning (the caller batches: see ``journal.Journal``);
-* ``read_since(pattern, since, upto)`` and ``read_last(pattern, n, upto)`` replay history;
-* ``trim(now)`` applies the age limit (the per-topic count limit is applied on append).
-
-Each store also knows its ``epoch`` (a name for this history, new when history starts
-over) and ``last_seq`` (the highest seq it has assigned).
-"""
+"""History in an SQLite database: the default, durable store."""
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import sqlite3
-import time
-import uuid
-from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from .protocol import Message
-from .topics import is_pattern, matches
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Draft:
-    """A publish accepted by the server but not yet given a seq."""
-
-    topic: str
-    data: bytes
-    sender_id: str
-    sender_name: str
-    ts: int
-    # Not stored: the id of the local session that published it (0: none on this node)
-    # and whether that session wants its own copy.
-    origin: int = field(default=0, compare=False)
-    echo: bool = False
-
-
-@dataclass(frozen=True)
-class Replay:
-    """History read for a ``sub`` with ``since``: the messages and whether nothing with
-    a larger seq than ``since`` was lost to retention."""
-
-    messages: list[Message]
-    recovered: bool
-
-
-def new_epoch() -> str:
-    """A fresh, unique epoch name."""
-    return uuid.uuid4().hex[:16]
-
-
-def now_ms() -> int:
-    """Wall-clock time in integer milliseconds since the Unix epoch."""
-    return time.time_ns() // 1_000_000
-
-
-Deliver = Callable[[list[tuple[Message, Draft]]], None]
-
-
-class Store(ABC):
-    """Where messages get their seq and live on for replay.
-
-    A local store (memory, SQLite) is written by this node only: the journal fans out
-    each batch after ``append``. A shared store (Redis) is written by every node of a
-    cluster, so ``shared`` is True and ``follow`` feeds every node all committed
-    messages, in seq order, from whichever node published them.
-    """
-
-    epoch: str = ""
-    last_seq: int = 0
-    shared: bool = False
-
-    def __init__(self, history: int = 1000, retention: float = 24 * 3600) -> None:
-        self.history = history
-        self.retention = retention
-
-    async def open(self) -> None:
-        """Load or create the history (epoch, seq counter)."""
-
-    async def close(self) -> None:
-        """Flush and release resources."""
-
-    @abstractmethod
-    async def append(self, drafts: list[Draft]) -> list[Message]:
-        """Give each draft the next seq, record the batch durably, return the messages."""
-
-    @abstractmethod
-    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
-        """Retained messages with ``since < seq <= upto`` in topics matching ``pattern``."""
-
-    @abstractmethod
-    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
-        """The latest ``n`` retained messages with ``seq <= upto`` matching ``pattern``."""
-
-    @abstractmethod
-    async def trim(self, now: float) -> int:
-        """Remove messages older than the retention age; return how many went."""
-
-    async def follow(self, deliver: Deliver, restart: Callable[[int], None]) -> None:
-        """Shared stores: call ``deliver`` with every committed message in seq order,
-        forever; call ``restart(last_seq)`` first when history started over (new
-        epoch). Local stores never need it."""
-        raise NotImplementedError
-
-
-class MemoryStore(Store):
-    """History in process memory: fast, lost on restart (a new epoch every start)."""
-
-    def __init__(self, history: int = 1000, retention: float = 24 * 3600) -> None:
-        super().__init__(history, retention)
-        self.epoch = new_epoch()
-        self._topics: dict[str, deque[Message]] = {}
-        self._trimmed: dict[str, int] = {}
-
-    async def append(self, drafts: list[Draft]) -> list[Message]:
-        out = []
-        for d in drafts:
-            self.last_seq += 1
-            msg = Message(self.last_seq, d.topic, d.data, d.sender_id, d.sender_name, d.ts)
-            q = self._topics.get(d.topic)
-            if q is None:
-                q = self._topics[d.topic] = deque()
-                self._trimmed.setdefault(d.topic, 0)
-            q.append(msg)
-            if len(q) > self.history:
-                self._trimmed[d.topic] = q.popleft().seq
-            out.append(msg)
-        return out
-
-    def _matching(self, pattern: str) -> list[str]:
-        if not is_pattern(pattern):
-            return [pattern] if pattern in self._trimmed else []
-        return [t for t in self._trimmed if matches(pattern, t)]
-
-    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
-        topics = self._matching(pattern)
-        recovered = all(self._trimmed[t] <= since for t in topics)
-        runs = [[m for m in self._topics.get(t, ()) if since < m.seq <= upto] for t in topics]
-        return Replay(list(heapq.merge(*runs, key=lambda m: m.seq)), recovered)
-
-    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
-        runs = [
-            [m for m in self._topics.get(t, ()) if m.seq <= upto][-n:] if n else []
-            for t in self._matching(pattern)
-        ]
-        merged = list(heapq.merge(*runs, key=lambda m: m.seq))
-        return merged[-n:] if n else []
-
-    async def trim(self, now: float) -> int:
-        cutoff = int((now - self.retention) * 1000)
-        removed = 0
-        for topic, q in self._topics.items():
-            while q and q[0].ts < cutoff:
-                self._trimmed[topic] = q.popleft().seq
-                removed += 1
-        for topic in [t for t, q in self._topics.items() if not q]:
-            del self._topics[topic]
-        return removed
-
+from broker.core.model import Draft, Message, new_epoch
+from broker.core.topics import is_pattern, matches
+from broker.store.base import Replay, Store, chunks
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -253,10 +95,7 @@ class SqliteStore(Store):
         db = self._wdb
         assert db is not None
         first = self.last_seq + 1
-        msgs = [
-            Message(first + i, d.topic, d.data, d.sender_id, d.sender_name, d.ts)
-            for i, d in enumerate(drafts)
-        ]
+        msgs = [d.to_message(first + i) for i, d in enumerate(drafts)]
         last = first + len(drafts) - 1
         touched: dict[str, int] = {}
         for m in msgs:
@@ -282,7 +121,9 @@ class SqliteStore(Store):
         count = self._counts.get(topic)
         if count is None:
             db.execute("INSERT OR IGNORE INTO topics VALUES (?, 0)", (topic,))
-            count = db.execute("SELECT count(*) FROM messages WHERE topic=?", (topic,)).fetchone()[0]
+            count = db.execute("SELECT count(*) FROM messages WHERE topic=?", (topic,)).fetchone()[
+                0
+            ]
         else:
             count += added
         if count > self.history:
@@ -306,7 +147,9 @@ class SqliteStore(Store):
         db = self._rdb
         assert db is not None
         if not is_pattern(pattern):
-            return db.execute("SELECT topic, trimmed FROM topics WHERE topic=?", (pattern,)).fetchall()
+            return db.execute(
+                "SELECT topic, trimmed FROM topics WHERE topic=?", (pattern,)
+            ).fetchall()
         first = pattern.split("/", 1)[0]
         if first in ("+", "#"):
             rows = db.execute("SELECT topic, trimmed FROM topics").fetchall()
@@ -318,17 +161,13 @@ class SqliteStore(Store):
             ).fetchall()
         return [(t, trimmed) for t, trimmed in rows if matches(pattern, t)]
 
-    def _chunks(self, items: list[str]) -> Iterable[list[str]]:
-        for i in range(0, len(items), _CHUNK):
-            yield items[i : i + _CHUNK]
-
     def _read_since_sync(self, pattern: str, since: int, upto: int) -> Replay:
         db = self._rdb
         assert db is not None
         topics = self._topics_sync(pattern)
         recovered = all(trimmed <= since for _, trimmed in topics)
         rows: list[tuple[Any, ...]] = []
-        for chunk in self._chunks([t for t, _ in topics]):
+        for chunk in chunks([t for t, _ in topics], _CHUNK):
             marks = ",".join("?" * len(chunk))
             rows += db.execute(
                 f"SELECT * FROM messages WHERE topic IN ({marks}) AND seq>? AND seq<=?",
@@ -343,7 +182,7 @@ class SqliteStore(Store):
         if n == 0:
             return []
         rows: list[tuple[Any, ...]] = []
-        for chunk in self._chunks([t for t, _ in self._topics_sync(pattern)]):
+        for chunk in chunks([t for t, _ in self._topics_sync(pattern)], _CHUNK):
             marks = ",".join("?" * len(chunk))
             rows += db.execute(
                 f"SELECT * FROM messages WHERE topic IN ({marks}) AND seq<=? "

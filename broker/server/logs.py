@@ -59,7 +59,12 @@ def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
         if value is not None:
             fields[key] = value
     for key, value in record.__dict__.items():
-        if key not in _STANDARD and key not in fields and value is not None and not key.startswith("_"):
+        if (
+            key not in _STANDARD
+            and key not in fields
+            and value is not None
+            and not key.startswith("_")
+        ):
             fields[key] = value
     return fields
 

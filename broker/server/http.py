@@ -1,0 +1,76 @@
+"""The plain HTTP paths on the broker's port: health, metrics and the static files.
+
+Everything but ``/ws`` is answered here (``Routes.respond``); ``/ws`` goes on to the
+WebSocket handshake in ``broker.server.app``.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from broker.server.metrics import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from broker.server.app import BrokerServer
+    from broker.server.connection import Connection
+
+#: Path -> (file in broker/static, content type).
+STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/console.js": ("console.js", "text/javascript; charset=utf-8"),
+    "/console.css": ("console.css", "text/css; charset=utf-8"),
+}
+
+
+class Routes:
+    """Answers the plain HTTP paths of one server."""
+
+    def __init__(self, server: BrokerServer) -> None:
+        self.server = server
+
+    def respond(self, conn: Connection, request: Request, path: str) -> Response | None:
+        """The response for ``path``, or None for ``/ws`` (the WebSocket upgrade)."""
+        if path == "/ws":
+            return None
+        if path == "/healthz":
+            if self.server.draining:
+                return conn.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+            return conn.protocol.reject(HTTPStatus.OK, "ok")
+        if path == "/metrics":
+            body = self.server.metrics.exposition()
+            headers = Headers(
+                [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]
+            )
+            return Response(200, "OK", headers, body)
+        connection = ",".join(request.headers.get_all("Connection")).lower()
+        if path in STATIC_FILES and "upgrade" not in connection:
+            return static_file(path)
+        return conn.protocol.reject(HTTPStatus.NOT_FOUND, "not found\n")
+
+
+def static_file(path: str) -> Response:
+    """One of the ``STATIC_FILES`` (the browser console), never cached stale."""
+    name, content_type = STATIC_FILES[path]
+    try:
+        body = resources.files("broker").joinpath("static", name).read_bytes()
+    except OSError:
+        return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]), b"")
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+            (
+                "Content-Security-Policy",
+                "default-src 'self'; connect-src 'self' ws: wss:; "
+                "img-src 'self' data:; frame-ancestors 'none'",
+            ),
+        ]
+    )
+    return Response(200, "OK", headers, body)

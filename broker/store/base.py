@@ -1,0 +1,88 @@
+"""Message history: the interface every store implements (memory, SQLite, Redis).
+
+The interface is deliberately narrow so that a Redis store fits behind it too:
+
+* ``append(drafts)`` assigns each draft the next broker-wide ``seq`` and records the batch
+  durably before returning (the caller batches: see ``broker.server.journal``);
+* ``read_since(pattern, since, upto)`` and ``read_last(pattern, n, upto)`` replay history;
+* ``trim(now)`` applies the age limit (the per-topic count limit is applied on append).
+
+Each store also knows its ``epoch`` (a name for this history, new when history starts
+over) and ``last_seq`` (the highest seq it has assigned).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from broker.core.model import Draft, Message
+
+
+@dataclass(frozen=True)
+class Replay:
+    """History read for a ``sub`` with ``since``: the messages and whether nothing with
+    a larger seq than ``since`` was lost to retention."""
+
+    messages: list[Message]
+    recovered: bool
+
+
+T = TypeVar("T")
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive slices of at most ``size`` (bound parameters, pipelines)."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+Deliver = Callable[[list[tuple[Message, Draft]]], None]
+
+
+class Store(ABC):
+    """Where messages get their seq and live on for replay.
+
+    A local store (memory, SQLite) is written by this node only: the journal fans out
+    each batch after ``append``. A shared store (Redis) is written by every node of a
+    cluster, so ``shared`` is True and ``follow`` feeds every node all committed
+    messages, in seq order, from whichever node published them.
+    """
+
+    epoch: str = ""
+    last_seq: int = 0
+    shared: bool = False
+
+    def __init__(self, history: int = 1000, retention: float = 24 * 3600) -> None:
+        self.history = history
+        self.retention = retention
+
+    async def open(self) -> None:
+        """Load or create the history (epoch, seq counter)."""
+
+    async def close(self) -> None:
+        """Flush and release resources."""
+
+    @abstractmethod
+    async def append(self, drafts: list[Draft]) -> list[Message]:
+        """Give each draft the next seq, record the batch durably, return the messages."""
+
+    @abstractmethod
+    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
+        """Retained messages with ``since < seq <= upto`` in topics matching ``pattern``."""
+
+    @abstractmethod
+    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
+        """The latest ``n`` retained messages with ``seq <= upto`` matching ``pattern``."""
+
+    @abstractmethod
+    async def trim(self, now: float) -> int:
+        """Remove messages older than the retention age; return how many went."""
+
+    async def follow(self, deliver: Deliver, restart: Callable[[int], None]) -> None:
+        """Shared stores: call ``deliver`` with every committed message in seq order,
+        forever; call ``restart(last_seq)`` first when history started over (new
+        epoch). Local stores never need it."""
+        raise NotImplementedError

@@ -1,0 +1,346 @@
+"""Cluster mode: several broker nodes sharing one Redis (``broker serve --redis URL``).
+
+``RedisStore`` is the shared ``Store``: one Lua script per group commit gives a batch its
+seqs (``INCRBY``), records each message in its topic's history (a ZSET scored by seq) and
+appends it to the ``log`` stream, atomically, so the order of seqs is the order in which
+Redis ran the nodes' scripts. Every node follows the whole stream (``follow``) and fans
+each message out to its own subscribers. ``Cluster`` makes presence and ``stats``
+cluster-wide: per topic, each node's users in a HASH; a heartbeat key per node with a TTL,
+so the entries of a node killed with ``kill -9`` are swept by the others; join/leave
+events on a pub/sub channel.
+
+Keys, under a prefix (default ``broker:``)::
+
+    seq                 counter: the last seq assigned
+    epoch               string: the name of this history (new when Redis starts over empty)
+    log                 stream: every message, entry id "<seq>-1", capped (MAXLEN ~),
+                        one field m = "<node> <session> <echo> <len(topic)>\n<topic><member>"
+    h:<topic>           ZSET: retained messages of a topic, score = seq
+    topics              SET: every topic ever published to
+    trimmed             HASH: topic -> highest seq removed by retention
+    p:<topic>           HASH: "<node>|<user>" -> that user's connections on that node
+    pu:<topic>          HASH: user -> connections over the whole cluster
+    pn:<topic>          HASH: user -> display name
+    pt:<node>           HASH: topic -> number of that node's users in p:<topic>
+    nodes               SET: node ids that may hold presence entries
+    node:<id>           string with a TTL: the node's heartbeat and figures (JSON)
+    events              pub/sub channel: presence join/leave, JSON [op, topic, user, name]
+
+A history member (in ``h:<topic>``, and at the end of a stream entry) is binary-safe:
+``b"<seq> <ts> <len(id)> <len(name)>\\n" + id + name + data`` (lengths in bytes). Lua
+formats numbers with ``%.14g``, so seqs must stay below 1e14; timestamps travel as text.
+
+Every Redis failure is mapped in one place (``health.Link.call``) to ``Unavailable``:
+the journal then answers publishes with ``error unavailable`` and the server keeps its
+connections. An outage is logged once when it starts and once when it ends (``Health``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import NoScriptError, RedisError
+
+from broker.core.model import Draft, Message, merge_by_seq, new_epoch
+from broker.core.topics import is_pattern, matches
+from broker.errors import Unavailable
+from broker.store.base import Deliver, Replay, Store, chunks
+from broker.store.redis.codec import decode_member, encode_tail, split_batch, to_str
+from broker.store.redis.health import EpochChanged, Link
+from broker.store.redis.presence import Cluster
+from broker.store.redis.scripts import script
+
+log = logging.getLogger("broker.store.redis")
+
+#: Longest wait of one blocking XREAD (ms); also how often an idle follower checks the epoch.
+BLOCK_MS = 1000
+#: Stream entries read (and fanned out) per XREAD.
+FOLLOW_BATCH = 2000
+#: Approximate cap of the ``log`` stream: a node may fall this far behind before it has
+#: to fill the gap from the per-topic histories.
+STREAM_MAXLEN = 100_000
+#: Topics per pipeline when reading history.
+PIPELINE_CHUNK = 500
+# -- the store ------------------------------------------------------------------------------
+
+
+class RedisStore(Store):
+    """History and seq assignment in Redis, shared by every node of a cluster."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        history: int = 1000,
+        retention: float = 24 * 3600,
+        *,
+        prefix: str = "broker:",
+        node_id: str | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+    ) -> None:
+        super().__init__(history, retention)
+        self.url = url
+        self.prefix = prefix
+        #: Replicas that must confirm an append (Redis WAIT) before it is acknowledged.
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
+        #: This node's name in Redis (presence fields, heartbeat, stream origin).
+        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self.link = Link(url, BLOCK_MS / 1000)
+        self.redis = self.link.redis
+        self.health = self.link.health
+        self.cluster = Cluster(self)
+        self._append = self.redis.register_script(script("append"))
+        self._ensure = self.redis.register_script(script("ensure_epoch"))
+        self._trim = self.redis.register_script(script("trim"))
+        self._followed_epoch: str | None = None
+        self._node_bytes = self.node_id.encode()
+        self._read_sha = self.redis.register_script(script("read_log")).sha
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Read or create the epoch (retrying for a few seconds) and join the cluster."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await self._ensure_epoch(0)
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"cannot reach {self.health.label}") from None
+                await asyncio.sleep(0.5)
+        self._followed_epoch = self.epoch
+        await self.link.call("open", self.redis.script_load(script("read_log")))
+        if self.wait_replicas:
+            info = await self.link.call("open", self.redis.info("replication"))
+            connected = int(info.get("connected_slaves", 0))
+            if connected < self.wait_replicas:
+                log.warning(
+                    "--redis-wait %d, but %s has %d replica(s) connected: publishes are "
+                    "refused as unavailable until enough replicas are",
+                    self.wait_replicas,
+                    self.health.label,
+                    connected,
+                    extra={"event": "redis_replicas_missing"},
+                )
+        await self.cluster.start()
+
+    async def _ensure_epoch(self, floor: int) -> None:
+        epoch, seq = await self.link.call(
+            "epoch", self._ensure(args=[self.prefix, new_epoch(), str(floor)])
+        )
+        self.epoch = to_str(epoch)
+        self.last_seq = max(self.last_seq, int(seq))
+
+    async def close(self) -> None:
+        await self.cluster.close()
+        for client in (self.link.blocking, self.redis):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def append(self, drafts: list[Draft]) -> list[Message]:
+        self.health.check()
+        args: list[Any] = [
+            self.prefix,
+            self.epoch,
+            self.history,
+            STREAM_MAXLEN,
+            self.node_id,
+            len(drafts),
+        ]
+        for d in drafts:
+            args += (d.topic, encode_tail(d), d.origin, 1 if d.echo else 0)
+        try:
+            last = await self._append_and_wait(args)
+        except EpochChanged:
+            # Redis started over (empty): name the new history, then retry once.
+            await self._ensure_epoch(self.last_seq)
+            args[1] = self.epoch
+            try:
+                last = await self._append_and_wait(args)
+            except EpochChanged:
+                raise Unavailable("the cluster's history is changing; retry later") from None
+        first = int(last) - len(drafts) + 1
+        return [d.to_message(first + i) for i, d in enumerate(drafts)]
+
+    async def _append_and_wait(self, args: list[Any]) -> int:
+        """Run the append script; with ``wait_replicas``, WAIT for them on the same
+        connection (a pipeline), so that the ``ok`` survives a failover to a replica."""
+        if not self.wait_replicas:
+            return int(await self.link.call("append", self._append(args=args)))
+        pipe = self.redis.pipeline(transaction=False)
+        await self._append(args=args, client=pipe)
+        pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
+        last, confirmed = await self.link.call("append", pipe.execute())
+        if int(confirmed) < self.wait_replicas:
+            raise Unavailable(
+                f"recorded by the Redis primary but confirmed by {confirmed} of "
+                f"{self.wait_replicas} replicas within {self.wait_timeout:g}s: it may be "
+                "delivered, or lost if the primary fails over"
+            )
+        return int(last)
+
+    async def trim(self, now: float) -> int:
+        cutoff = str(int((now - self.retention) * 1000))
+        removed = 0
+        try:
+            topics = await self.link.call("trim", self.redis.smembers(self.key("topics")))
+            for chunk in chunks(sorted(topics), PIPELINE_CHUNK):
+                pipe = self.redis.pipeline(transaction=False)
+                for topic in chunk:
+                    await self._trim(args=[self.prefix, topic, cutoff], client=pipe)
+                removed += sum(await self.link.call("trim", pipe.execute()))
+        except Unavailable:
+            pass  # logged once by Health; the next round trims what is left
+        return removed
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _topics(self, pattern: str) -> list[str]:
+        if not is_pattern(pattern):
+            return [pattern]
+        raw = await self.link.call("read", self.redis.smembers(self.key("topics")))
+        return sorted(t for t in (to_str(r) for r in raw) if matches(pattern, t))
+
+    async def _ranges(
+        self, topics: list[str], since: int, upto: int, last: int | None = None
+    ) -> tuple[list[list[Message]], bool]:
+        """Per topic, its retained messages in ``(since, upto]`` (the latest ``last`` only,
+        when given), and whether none with seq > since was lost to retention."""
+        runs: list[list[Message]] = []
+        recovered = True
+        for chunk in chunks(topics, PIPELINE_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            for topic in chunk:
+                key = self.key("h:" + topic)
+                if last is None:
+                    pipe.zrangebyscore(key, f"({since}", upto)
+                else:
+                    pipe.zrevrangebyscore(key, upto, "-inf", start=0, num=last)
+            pipe.hmget(self.key("trimmed"), chunk)
+            *members, trimmed = await self.link.call("read", pipe.execute())
+            recovered = recovered and all(int(t or 0) <= since for t in trimmed)
+            for topic, found in zip(chunk, members):
+                if last is not None:
+                    found.reverse()
+                runs.append([decode_member(topic, m) for m in found])
+        return runs, recovered
+
+    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
+        runs, recovered = await self._ranges(await self._topics(pattern), since, upto)
+        return Replay(list(merge_by_seq(runs)), recovered)
+
+    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
+        if n == 0:
+            return []
+        runs, _ = await self._ranges(await self._topics(pattern), 0, upto, last=n)
+        return list(merge_by_seq(runs))[-n:]
+
+    # -- following the stream -------------------------------------------------------------
+
+    async def follow(self, deliver: Deliver, restart: Callable[[int], None]) -> None:
+        """Feed ``deliver`` every message of the ``log`` stream after ``last_seq``, in seq
+        order, forever; reconnect after Redis errors and resume from the last entry."""
+        last = self.last_seq
+        delay = 0.1
+        # After a new epoch the stream may start above last + 1 (seqs continue from the
+        # highest any node had seen): not a gap.
+        new_history = False
+        while True:
+            try:
+                # XREAD BLOCK only waits for the next entry; the script that runs right
+                # after it returns the whole batch as one string (cheap to parse).
+                pipe = self.link.blocking.pipeline(transaction=False)
+                pipe.get(self.key("epoch"))
+                pipe.xread({self.key("log"): f"{last}-1"}, count=1, block=BLOCK_MS)
+                pipe.evalsha(self._read_sha, 0, self.prefix, f"{last}-1", FOLLOW_BATCH)
+                try:
+                    epoch, _, batch = await pipe.execute()
+                except NoScriptError:  # Redis restarted: its script cache is empty
+                    await self.link.blocking.script_load(script("read_log"))
+                    continue
+                self.health.ok()
+                delay = 0.1
+                epoch = to_str(epoch) if epoch else None
+                if epoch != self._followed_epoch:
+                    await self._ensure_epoch(last)
+                    if self.epoch != self._followed_epoch:
+                        log.warning(
+                            "Redis history started over (epoch %s -> %s); seqs continue from %d",
+                            self._followed_epoch,
+                            self.epoch,
+                            self.last_seq,
+                            extra={"event": "epoch_changed"},
+                        )
+                        self._followed_epoch = self.epoch
+                        new_history = True
+                        restart(last)
+                    continue  # the entries just read may belong to the old stream
+                if not batch:
+                    continue
+                pairs = [self._entry(entry) for entry in split_batch(batch)]
+                first = pairs[0][0].seq
+                if first > last + 1 and last and not new_history:
+                    pairs = await self._fill_gap(last, first) + pairs
+                new_history = False
+                deliver(pairs)
+                last = pairs[-1][0].seq
+                self.last_seq = max(self.last_seq, last)
+            except asyncio.CancelledError:
+                raise
+            except Unavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except (RedisError, OSError) as exc:
+                self.health.failed("follow", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except Exception:
+                log.exception("following the Redis stream failed", extra={"event": "follow_failed"})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _entry(self, entry: bytes) -> tuple[Message, Draft]:
+        head, _, rest = entry.partition(b"\n")
+        node, session, echo, size = head.split(b" ")
+        topic = to_str(rest[: int(size)])
+        msg = decode_member(topic, rest[int(size) :])
+        draft = Draft(
+            topic,
+            msg.data,
+            msg.sender_id,
+            msg.sender_name,
+            msg.ts,
+            origin=int(session) if node == self._node_bytes else 0,
+            echo=echo == b"1",
+        )
+        return msg, draft
+
+    async def _fill_gap(self, last: int, first: int) -> list[tuple[Message, Draft]]:
+        """Messages between ``last`` and ``first`` that the capped stream no longer holds
+        (this node fell more than STREAM_MAXLEN behind): read them from the histories.
+        Their origin is lost, so a publisher may get its own copy of those."""
+        raw = await self.link.call("read", self.redis.smembers(self.key("topics")))
+        runs, _ = await self._ranges(sorted(to_str(r) for r in raw), last, first - 1)
+        missed = list(merge_by_seq(runs))
+        log.error(
+            "fell %d messages behind the Redis stream; %d recovered from history",
+            first - last - 1,
+            len(missed),
+            extra={"event": "follow_gap"},
+        )
+        return [(m, Draft(m.topic, m.data, m.sender_id, m.sender_name, m.ts)) for m in missed]
