@@ -6,7 +6,7 @@ import click
 
 from broker import __version__
 
-from . import bench, client_commands, serve
+from . import bench, info, pub, serve, sub, token
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,9 +22,17 @@ def cli() -> None:
     """
 
 
-cli.add_command(serve.serve)
-cli.add_command(bench.bench)
-client_commands.register(cli)
+for command in (
+    serve.serve,
+    token.token_command,
+    sub.sub_command,
+    pub.pub_command,
+    sub.tail_command,
+    info.presence_command,
+    info.stats_command,
+    bench.bench,
+):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -6,12 +6,14 @@ Pure formatting, no I/O except through a rich ``Console`` handed in.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 import orjson
-from rich.console import Console
+from rich.console import Console, Group
+from rich.table import Table
 from rich.text import Text
 
 from broker.client import Message
@@ -34,6 +36,11 @@ TEMPLATE_HELP = (
     + ", ".join("{" + name + "}" for name in TEMPLATE_FIELDS)
     + ". '{{' and '}}' are literal braces; \\n and \\t are newline and tab."
 )
+
+
+def stderr() -> Console:
+    """A console on stderr for messages to the user (never the data itself)."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def data_text(data: Any) -> str:
@@ -167,3 +174,129 @@ class Printer:
         out = self.console.file
         out.write(text + "\n")
         out.flush()
+
+
+class PubProgress:
+    """A rich progress display on stderr, or nothing when stderr is not a terminal.
+
+    With stdin a regular file the bar shows the share of its bytes acknowledged.
+    """
+
+    def __init__(self, total_bytes: int | None) -> None:
+        self.progress: Any = None
+        self.count = 0
+        if not sys.stderr.isatty():
+            return
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            SpinnerColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        columns: list[Any] = [
+            SpinnerColumn(),
+            TextColumn("{task.fields[count]} published"),
+        ]
+        if total_bytes:
+            columns += [BarColumn(), TaskProgressColumn()]
+        columns.append(TimeElapsedColumn())
+        self.progress = Progress(*columns, console=stderr(), transient=True)
+        self.task = self.progress.add_task("pub", total=total_bytes or None, count=0)
+
+    def __enter__(self) -> Self:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def acked(self, size: int) -> None:
+        """Count one acknowledged message of ``size`` bytes of input."""
+        self.count += 1
+        if self.progress is not None:
+            self.progress.update(self.task, advance=size, count=self.count)
+
+
+def flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested stats as ``a.b`` keys."""
+    flat: dict[str, Any] = {}
+    for key, value in figures.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+TOPIC_PREFIX = "top_topics."
+
+
+def stats_view(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: float) -> Group:
+    """The figures table, then the busiest topics by message rate (by count at first)."""
+    plain = {k: v for k, v in figures.items() if not k.startswith(TOPIC_PREFIX)}
+    topics = Table(title="top topics", title_justify="left")
+    topics.add_column("topic", style="cyan")
+    topics.add_column("messages", justify="right")
+    topics.add_column("per second", justify="right", style="yellow")
+    rows = []
+    for key, count in figures.items():
+        if not key.startswith(TOPIC_PREFIX) or not isinstance(count, int):
+            continue
+        before = (previous or {}).get(key)
+        rate = (
+            (count - before) / elapsed
+            if isinstance(before, int) and elapsed > 0 and count >= before
+            else None
+        )
+        rows.append((key.removeprefix(TOPIC_PREFIX), count, rate))
+    rows.sort(key=lambda r: (r[2] if r[2] is not None else -1.0, r[1]), reverse=True)
+    for topic, count, rate in rows[:10]:
+        topics.add_row(Text(topic), f"{count:,}", "" if rate is None else f"{rate:,.1f}")
+    return Group(stats_table(plain, previous, elapsed), topics)
+
+
+def stats_table(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: float) -> Table:
+    table = Table(title="broker stats", title_justify="left")
+    table.add_column("figure", style="cyan")
+    table.add_column("value", justify="right")
+    if previous is not None:
+        table.add_column("per second", justify="right", style="yellow")
+    for key, value in figures.items():
+        shown = (
+            value
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else data_text(value)
+        )
+        row: list[Any] = [
+            Text(key),
+            Text(f"{shown:,}" if isinstance(shown, int) else str(shown)),
+        ]
+        if previous is not None:
+            before = previous.get(key)
+            rate = ""
+            if (
+                isinstance(value, (int, float))
+                and isinstance(before, (int, float))
+                and not isinstance(value, bool)
+                and elapsed > 0
+                and value >= before
+                and key.split(".")[-1]
+                not in (
+                    "connections",
+                    "subscriptions",
+                    "topics",
+                    "users",
+                    "uptime",
+                    "seq",
+                )
+            ):
+                rate = f"{(value - before) / elapsed:,.1f}"
+            row.append(rate)
+        table.add_row(*row)
+    return table

@@ -1,37 +1,52 @@
-"""``broker serve``: run a broker node."""
+"""``broker serve``: run a broker node.
+
+Its options are built from the settings table (``broker.server.config.SETTINGS``): one
+option per setting, whose value, when given, wins over the environment and the file.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 if TYPE_CHECKING:
     from broker.server.app import BrokerServer
 
+from broker.errors import ConfigError
 from broker.server.config import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    ServerConfig,
+    SETTINGS,
+    Effective,
+    Kind,
+    Setting,
+    default_config_file,
+    describe,
     ensure_local_secret,
+    load_settings,
     read_local_secret,
+    secret_path,
 )
 
-from .params import Duration, Size
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def banner(server: BrokerServer) -> None:
-    """Print where the broker listens and how to use it, on stderr."""
+    """Print where the broker listens and how to use it, on stderr when it is a terminal."""
     from rich.console import Console
     from rich.panel import Panel
 
     from broker import __version__
-    from broker.server.config import secret_path
     from broker.server.factory import store_label
 
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return  # a pipe or journald: the 'listening' log line says it in one line
     config = server.config
     http = config.url.removesuffix("/ws").replace("ws", "http", 1)
     if config.algorithm.startswith("HS"):
@@ -50,143 +65,105 @@ def banner(server: BrokerServer) -> None:
         f"tokens   {config.algorithm}, key from {keys}",
         'try      [bold]broker sub football[/bold]  and  [bold]broker pub football "2-1"[/bold]',
     ]
-    Console(stderr=True).print(Panel("\n".join(lines), expand=False, border_style="green"))
+    console.print(Panel("\n".join(lines), expand=False, border_style="green"))
+
+
+class SettingType(click.ParamType):  # type: ignore[type-arg]
+    """A click type that reads a flag's text with a setting's kind."""
+
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+        self.name = kind.metavar.lower()
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return self.kind.metavar
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Any:
+        try:
+            return self.kind.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _help(row: Setting) -> str:
+    shown = row.show(row.default) if row.default not in (None, []) else ""
+    default = f"default: {shown.strip(chr(34))}; " if shown else ""
+    return f"{row.help} [{default}env {row.env}]"
+
+
+def setting_options(func: F) -> F:
+    """One click option per row of the settings table, in table order."""
+    for row in reversed(SETTINGS):
+        if row.kind.switch:
+            decl = f"{row.flag}/--no-{row.flag[2:]}"
+            option = click.option(decl, row.name, default=None, help=_help(row))
+        else:
+            option = click.option(
+                row.flag,
+                row.name,
+                type=SettingType(row.kind),
+                multiple=row.kind.multiple,
+                default=None,
+                help=_help(row),
+            )
+        func = option(func)
+    return func
+
+
+class SettingsError(click.ClickException):
+    """A setting is unknown, bad or in conflict: ``Error: ...`` and exit code 2."""
+
+    exit_code = 2
+
+
+def effective_settings(
+    ctx: click.Context, config_file: Path | None, opts: dict[str, Any]
+) -> Effective:
+    """The settings from the flags given, the environment and the file; usage errors else."""
+    flags: dict[str, Any] = {}
+    for row in SETTINGS:
+        if ctx.get_parameter_source(row.name) is ParameterSource.COMMANDLINE:
+            value = opts[row.name]
+            flags[row.name] = list(value) if row.kind.multiple else value
+    try:
+        return load_settings(flags, os.environ, config_file)
+    except ConfigError as exc:
+        raise SettingsError(exc.message) from None
+
+
+def render_config(effective: Effective) -> None:
+    """The effective settings as TOML, each with where it came from."""
+    where = effective.file or f"{default_config_file()} (not found)"
+    click.echo("# broker serve: effective settings; precedence flag > env > file > default")
+    click.echo(f"# config file: {where}")
+    rows = describe(effective)
+    lines = [
+        (f"{name} = {value}" if value else f"# {name} (not set)", src) for name, value, src in rows
+    ]
+    width = max(len(line) for line, _ in lines)
+    for line, source in lines:
+        click.echo(f"{line:<{width}}  # {source}")
 
 
 @click.command()
-@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
-    "--secret",
-    envvar="BROKER_SECRET",
-    help="HMAC secret for tokens [env BROKER_SECRET]. Default: a random one kept in the "
-    "local secret file, so `broker token` on this machine finds it.",
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BROKER_CONFIG",
+    help="TOML settings file [env BROKER_CONFIG]. Default: broker.toml in the user's config "
+    "directory, when it exists. Write a starter one with `broker config init`.",
 )
 @click.option(
-    "--algorithm",
-    default="HS256",
-    show_default=True,
-    type=click.Choice(["HS256", "HS384", "HS512", "RS256", "ES256"]),
-    help="The one JWT algorithm accepted.",
+    "--print-config",
+    is_flag=True,
+    help="Print the effective settings (secrets redacted) and where each came from, then exit.",
 )
-@click.option(
-    "--public-key",
-    type=click.Path(exists=True, dir_okay=False),
-    help="PEM public key for RS256/ES256.",
-)
-@click.option("--audience", help="Require this 'aud' claim.")
-@click.option("--issuer", help="Require this 'iss' claim.")
-@click.option("--require-exp", is_flag=True, help="Refuse tokens without 'exp'.")
-@click.option(
-    "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of the on-disk (SQLite) history. Default: the user's data dir.",
-)
-@click.option("--memory", is_flag=True, help="Keep history in memory only (lost on restart).")
-@click.option(
-    "--redis",
-    metavar="URL",
-    help="Cluster mode: switches to the Redis-backed store and fan-out shared by every node "
-    "given the same URL (e.g. redis://127.0.0.1:6379/0); --memory/--data don't apply.",
-)
-@click.option(
-    "--redis-wait",
-    default=0,
-    show_default=True,
-    type=click.IntRange(0),
-    metavar="N",
-    help="Cluster mode: acknowledge a publish only once N Redis replicas have it (WAIT).",
-)
-@click.option(
-    "--redis-wait-timeout",
-    default="1s",
-    show_default=True,
-    type=Duration(),
-    help="How long --redis-wait waits; then the publish gets 'unavailable'.",
-)
-@click.option(
-    "--history",
-    default=1000,
-    show_default=True,
-    type=click.IntRange(0),
-    help="Messages kept per topic.",
-)
-@click.option(
-    "--retention",
-    default="24h",
-    show_default=True,
-    type=Duration(),
-    help="Maximum age of kept messages.",
-)
-@click.option(
-    "--max-message-size",
-    default="64KiB",
-    show_default=True,
-    type=Size(),
-    help="Largest frame accepted (close 1009 above).",
-)
-@click.option(
-    "--max-queue",
-    default="1MiB",
-    show_default=True,
-    type=Size(),
-    help="Unsent bytes per connection before it is closed as a slow consumer (4008).",
-)
-@click.option(
-    "--rate-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Publishes per second per connection.",
-)
-@click.option("--max-connections", type=click.IntRange(1), help="Connections accepted at once.")
-@click.option("--max-subscriptions", type=click.IntRange(1), help="Subscriptions per connection.")
-@click.option(
-    "--auth-timeout",
-    default="10s",
-    show_default=True,
-    type=Duration(),
-    help="Time a new connection has to send its HTTP request, and then its 'auth' frame.",
-)
-@click.option(
-    "--ping-interval",
-    default="20s",
-    show_default=True,
-    type=Duration(),
-    help="How often to ping quiet connections; one silent for two intervals is dropped "
-    "(0: no pings).",
-)
-@click.option(
-    "--drain-timeout",
-    default="10s",
-    show_default=True,
-    type=Duration(),
-    help="Time allowed for a graceful shutdown.",
-)
-@click.option(
-    "--allowed-origin",
-    "allowed_origins",
-    multiple=True,
-    help="Browser origin allowed to connect (repeatable); others get 403.",
-)
-@click.option(
-    "--tls-cert",
-    type=click.Path(exists=True, dir_okay=False),
-    help="PEM certificate: serve wss://.",
-)
-@click.option(
-    "--tls-key",
-    type=click.Path(exists=True, dir_okay=False),
-    help="PEM private key for --tls-cert.",
-)
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
-@click.option(
-    "--log-format", default="rich", show_default=True, type=click.Choice(["rich", "json"])
-)
-def serve(**opts: object) -> None:
+@setting_options
+@click.pass_context
+def serve(ctx: click.Context, /, config_file: Path | None, print_config: bool, **opts: Any) -> None:
     """Run a broker on HOST:PORT until SIGTERM or Ctrl-C.
 
     \b
@@ -194,31 +171,33 @@ def serve(**opts: object) -> None:
     History is kept on disk by default; --memory keeps it in memory only.
 
     \b
+    Every option can also be set in the environment (BROKER_ and the option in upper
+    snake case: --max-queue is BROKER_MAX_QUEUE) or in the TOML file (max_queue = "1MiB").
+    Precedence: flags, then the environment, then the file, then the defaults.
+
+    \b
     Examples:
       broker serve
       broker serve --port 9000 --history 100 --retention 1h
       BROKER_SECRET=s3cret broker serve --host 0.0.0.0
+      broker serve --config /etc/broker/broker.toml --print-config
     """
+    effective = effective_settings(ctx, config_file, opts)
+    if print_config:
+        render_config(effective)
+        return
+    _run(effective)
+
+
+def _run(effective: Effective) -> None:
     from broker.errors import Unavailable
     from broker.server.factory import run
     from broker.server.logs import setup_logging
 
-    if opts["tls_cert"] and not opts["tls_key"]:
-        raise click.UsageError("--tls-cert needs --tls-key")
-    if opts["memory"] and opts["data"]:
-        raise click.UsageError("--memory and --data exclude each other")
-    if opts["redis_wait"] and not opts["redis"]:
-        raise click.UsageError("--redis-wait needs --redis")
-    if opts["redis"] and (opts["memory"] or opts["data"]):
-        raise click.UsageError("--redis keeps history in Redis: --memory and --data don't apply")
-    log_level = str(opts.pop("log_level"))
-    config = ServerConfig(**{k: v for k, v in opts.items()})  # type: ignore[arg-type]
-    config.allowed_origins = list(opts["allowed_origins"])  # type: ignore[call-overload]
+    config = effective.config
     if config.algorithm.startswith("HS"):
         config.secret = config.secret or ensure_local_secret()
-    elif not config.public_key:
-        raise click.UsageError(f"--algorithm {config.algorithm} needs --public-key")
-    setup_logging(log_level, config.log_format)
+    setup_logging(config.log_level, config.log_format)
     try:
         import uvloop
 
