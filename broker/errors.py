@@ -10,7 +10,9 @@
     │   client side only (``broker.client``), never on the wire:
     ├── ConnectionFailed        no broker reachable at any URL
     ├── ConnectionLost          connection dropped with the request in flight
-    └── RequestTimeout          no answer in time
+    ├── RequestTimeout          no answer in time
+    │   ``broker serve``'s settings only, never on the wire:
+    └── ConfigError             unknown setting, bad value, settings that exclude each other
 
 The server raises these from the sans-I/O core and turns them into ``error`` frames in
 one place (``protocol.encode_error``); the client library raises the same classes when the
@@ -107,3 +109,10 @@ class RequestTimeout(BrokerError):
     """The broker did not answer a request (or the connection did not come back) in time."""
 
     code = "timeout"
+
+
+class ConfigError(BrokerError):
+    """A setting is unknown, has a bad value or conflicts with another; the message names the
+    setting and where its value came from (flag, environment variable, file)."""
+
+    code = "config"
