@@ -601,7 +601,14 @@ export class BrokerClient extends Emitter {
       }
       this._dispatch(frame);
     };
-    ws.onerror = () => {}; // a close event follows
+    ws.onerror = () => {
+      // Browsers follow with a close event; Node 20's WebSocket does not when the
+      // connection is refused, and stays CONNECTING: treat the error as the close.
+      if (!conn.opened) {
+        clearTimeout(timer);
+        this._onClose(ws, conn, { code: CloseCode.ABNORMAL, reason: "" }, url);
+      }
+    };
     ws.onclose = (ev) => {
       clearTimeout(timer);
       this._onClose(ws, conn, ev, url);
@@ -651,6 +658,13 @@ export class BrokerClient extends Emitter {
     if (ws !== this._ws) return;
     this._ws = null;
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    if (ws.readyState === 0 || ws.readyState === 1) {
+      try {
+        ws.close();
+      } catch (e) {
+        /* closing anyway */
+      }
+    }
     clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
     const code = typeof ev.code === "number" ? ev.code : CloseCode.ABNORMAL;
