@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import logging
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,6 +14,7 @@ from typing import Any
 
 from broker.core.model import Draft, Message, new_epoch
 from broker.core.topics import is_pattern, matches
+from broker.errors import Unavailable
 from broker.store.base import Replay, Store, chunks
 
 _SCHEMA = """
@@ -33,6 +38,26 @@ CREATE TABLE IF NOT EXISTS topics (topic TEXT PRIMARY KEY, trimmed INTEGER NOT N
 # SQLite limits the number of bound parameters; stay well below it.
 _CHUNK = 500
 
+log = logging.getLogger("broker.store.sqlite")
+
+#: ``PRAGMA application_id`` of every database this store creates ("brkr"): a file that
+#: carries another one belongs to another program.
+APPLICATION_ID = 0x62726B72
+#: The tables every broker database has; a file without ``application_id`` (made before
+#: it was set) is ours only when it has them and an epoch.
+_OWN_TABLES = {"meta", "messages", "topics"}
+#: Test-only: cap the database at this many pages (SQLite's max_page_count), so a test
+#: meets "database or disk is full" without filling a real disk.
+MAX_PAGES_ENV = "BROKER_TEST_SQLITE_MAX_PAGES"
+
+
+def describe(exc: BaseException) -> str:
+    """The real cause of a storage error, for one log line: SQLite's message and code."""
+    name = getattr(exc, "sqlite_errorname", None)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return f"{exc} ({name})" if name else str(exc)
+
 
 def _row_message(row: tuple[Any, ...]) -> Message:
     return Message(row[0], row[1], bytes(row[2]), row[3], row[4], row[5])
@@ -52,6 +77,15 @@ class SqliteStore(Store):
         self._rdb: sqlite3.Connection | None = None
         # topic -> number of retained messages, filled lazily; keeps trimming cheap.
         self._counts: dict[str, int] = {}
+        # The exclusive lock on the data directory (a file descriptor), held while open.
+        self._lock_fd: int | None = None
+        # (st_dev, st_ino) of the database file when opened; why it is gone, once it is.
+        self._file_id: tuple[int, int] | None = None
+        self._lost: str | None = None
+        # The cause of the storage failure going on (None: none) and publishes refused.
+        self._failure: str | None = None
+        self._refused = 0
+        self._trim_failure: str | None = None
 
     async def _on(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -63,9 +97,93 @@ class SqliteStore(Store):
         db.execute("PRAGMA busy_timeout=5000")
         return db
 
+    def _lock_directory(self) -> None:
+        """Take the exclusive lock on the data directory, or refuse to start: two brokers
+        on one database would hand out the same seqs."""
+        folder = self.path.parent
+        fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise Unavailable(
+                f"data directory {folder} is in use by another broker{pid}; "
+                "stop it or choose another --data"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock_directory(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _check_database(self, db: sqlite3.Connection) -> None:
+        """Refuse a file another program made; stamp our application_id on a new one."""
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if app_id == APPLICATION_ID:
+            return
+        if app_id == 0 and not tables:
+            db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            return
+        if app_id == 0 and _OWN_TABLES <= tables:
+            if db.execute("SELECT 1 FROM meta WHERE key='epoch'").fetchone() is not None:
+                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                return
+        found = ", ".join(sorted(tables)[:5]) or "none"
+        raise Unavailable(
+            f"{self.path} is not a broker database (application_id {app_id:#x}, tables: "
+            f"{found}); refusing to start: move it away or choose another --data"
+        )
+
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_directory()
+        try:
+            self._open_database()
+        except sqlite3.DatabaseError as exc:
+            self._unlock_directory()
+            raise Unavailable(
+                f"cannot open {self.path}: {describe(exc)}; the file is corrupt or not an "
+                "SQLite database: move it away or choose another --data"
+            ) from None
+        except BaseException:
+            self._unlock_directory()
+            raise
+        self._file_id = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _check_file(self) -> None:
+        """Refuse to acknowledge once the database file was deleted or replaced: what
+        we write would go to a file nobody will ever open again."""
+        if self._lost is None and self._identity() != self._file_id:
+            self._lost = (
+                f"the database file {self.path} was deleted or replaced while the broker ran; "
+                "publishes are refused until it is restarted"
+            )
+        if self._lost is not None:
+            raise Unavailable(self._lost)
+
+    def _open_database(self) -> None:
+        # Checked before _connect turns on WAL: a foreign file is left as it was.
+        probe = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            self._check_database(probe)
+        finally:
+            probe.close()
         db = self._wdb = self._connect()
+        if os.environ.get(MAX_PAGES_ENV):
+            db.execute(f"PRAGMA max_page_count={int(os.environ[MAX_PAGES_ENV])}")
         db.executescript(_SCHEMA)
         row = db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         if row is None:
@@ -90,10 +208,12 @@ class SqliteStore(Store):
         await self._on(self._reader, self._close_sync, self._rdb)
         self._writer.shutdown()
         self._reader.shutdown()
+        self._unlock_directory()
 
     def _append_sync(self, drafts: list[Draft]) -> list[Message]:
         db = self._wdb
         assert db is not None
+        self._check_file()
         first = self.last_seq + 1
         msgs = [d.to_message(first + i) for i, d in enumerate(drafts)]
         last = first + len(drafts) - 1
@@ -111,10 +231,14 @@ class SqliteStore(Store):
             db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(last),))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk): a second ROLLBACK would
+            # fail with "cannot rollback" and hide the real cause.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             self._counts.clear()
             raise
         self.last_seq = last
+        self._check_file()
         return msgs
 
     def _trim_count(self, db: sqlite3.Connection, topic: str, added: int) -> None:
@@ -140,8 +264,35 @@ class SqliteStore(Store):
         self._counts[topic] = count
 
     async def append(self, drafts: list[Draft]) -> list[Message]:
-        result: list[Message] = await self._on(self._writer, self._append_sync, drafts)
+        try:
+            result: list[Message] = await self._on(self._writer, self._append_sync, drafts)
+        except (sqlite3.Error, OSError, Unavailable) as exc:
+            cause = exc.message if isinstance(exc, Unavailable) else describe(exc)
+            self._failing(cause, len(drafts))
+            raise Unavailable("the store cannot record messages now; retry later") from None
+        if self._failure is not None:
+            log.warning(
+                "store records publishes again (%d refused meanwhile; the cause was: %s)",
+                self._refused,
+                self._failure,
+                extra={"event": "store_recovered"},
+            )
+            self._failure = None
         return result
+
+    def _failing(self, cause: str, refused: int) -> None:
+        """Log a storage failure once when it starts, not once per batch."""
+        if self._failure is None:
+            log.error(
+                "store cannot record publishes: %s (%s); answering 'unavailable' until it can",
+                cause,
+                self.path,
+                extra={"event": "store_failing"},
+            )
+            self._failure = cause
+            self._refused = 0
+        self._refused += refused
+
 
     def _topics_sync(self, pattern: str) -> list[tuple[str, int]]:
         db = self._rdb
@@ -238,7 +389,8 @@ class SqliteStore(Store):
                 db.execute("UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         for topic, _, count in gone:
             if topic in self._counts:
@@ -246,5 +398,21 @@ class SqliteStore(Store):
         return sum(count for _, _, count in gone)
 
     async def trim(self, now: float) -> int:
-        removed: int = await self._on(self._writer, self._trim_sync, now)
+        if self._lost is None and self._file_id is not None and self._identity() != self._file_id:
+            with contextlib.suppress(Unavailable):
+                self._check_file()
+            self._failing(self._lost or "", 0)  # noticed without waiting for a publish
+        try:
+            removed: int = await self._on(self._writer, self._trim_sync, now)
+        except (sqlite3.Error, OSError) as exc:
+            if self._trim_failure is None:
+                self._trim_failure = describe(exc)
+                log.warning(
+                    "retention cannot remove old messages: %s (%s)",
+                    self._trim_failure,
+                    self.path,
+                    extra={"event": "trim_failed"},
+                )
+            return 0
+        self._trim_failure = None
         return removed
