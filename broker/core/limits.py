@@ -18,12 +18,13 @@ class TokenBucket:
         self.tokens = self.capacity
         self.stamp = time.monotonic() if now is None else now
 
-    def allow(self, now: float | None = None) -> bool:
-        """Take one token if there is one; False when the rate is exceeded."""
+    def allow(self, now: float | None = None, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens if there are that many; False (taking none) when the rate
+        is exceeded."""
         now = time.monotonic() if now is None else now
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         return False

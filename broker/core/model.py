@@ -30,6 +30,11 @@ class Draft:
     # and whether that session wants its own copy.
     origin: int = field(default=0, compare=False)
     echo: bool = False
+    # An idempotency key (section 8 of docs/protocol.md), on the first draft of a keyed
+    # publish; ``group`` is how many drafts that publish has (a batch to several topics),
+    # 0 on the others, which the journal never separates from their first.
+    key: str | None = None
+    group: int = 1
 
     def to_message(self, seq: int) -> Message:
         """This draft recorded as message ``seq``."""

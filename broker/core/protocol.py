@@ -20,6 +20,9 @@ RequestId = int | float | str
 
 _MISSING = object()
 
+#: Longest idempotency key, in characters (section 8 of docs/protocol.md).
+MAX_KEY = 128
+
 
 @dataclass(frozen=True)
 class Auth:
@@ -57,6 +60,7 @@ class Pub:
     data: bytes
     id: RequestId | None = None
     echo: bool = False
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,17 @@ def _optional_count(frame: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def parse_key(fields: dict[str, Any]) -> str | None:
+    """The optional idempotency ``key`` of a ``pub`` frame or an HTTP publish body: a
+    string of 1 to ``MAX_KEY`` characters (code points); any other value is refused."""
+    if "key" not in fields:
+        return None
+    key = fields["key"]
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY:
+        raise BadRequest(f"'key' must be a string of 1 to {MAX_KEY} characters")
+    return key
+
+
 def parse_request(raw: str | bytes) -> Request:
     """Parse one client frame (``bytes`` means a binary frame, which is refused)."""
     if isinstance(raw, (bytes, bytearray, memoryview)):
@@ -137,7 +152,13 @@ def _parse_op(frame: dict[str, Any], rid: RequestId | None) -> Request:
         data = frame.get("data", _MISSING)
         if data is _MISSING:
             raise BadRequest("'pub' requires 'data'")
-        return Pub(topic=topic, data=orjson.dumps(data), id=rid, echo=_optional_bool(frame, "echo"))
+        return Pub(
+            topic=topic,
+            data=orjson.dumps(data),
+            id=rid,
+            echo=_optional_bool(frame, "echo"),
+            key=parse_key(frame) if "key" in frame else None,
+        )
     if op == "sub":
         rid = _require_id(rid, op)
         pattern = validate_pattern(frame.get("topic"))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from broker.core.model import Draft, Message
 from broker.errors import BrokerError, Unavailable
 from broker.store.base import Store
+from broker.store.dedupe import Duplicate
 
 log = logging.getLogger("broker.server.journal")
 
@@ -48,8 +49,13 @@ class Journal:
     async def _run(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
+                cut = self.max_batch
+                pending = self._pending
+                # The drafts of one publish (a batch to several topics) commit together.
+                while cut < len(pending) and pending[cut][0].group == 0:
+                    cut += 1
+                batch = pending[:cut]
+                del pending[:cut]
                 await self._commit(batch)
         finally:
             self._task = None
@@ -74,7 +80,11 @@ class Journal:
         for (_, done), msg in zip(batch, messages):
             if done is not None:
                 done(msg, None)
-        self.on_committed(list(zip(messages, drafts)))
+        committed = list(zip(messages, drafts))
+        if any(type(msg) is Duplicate for msg in messages):
+            # A repeated idempotency key: answered above, recorded nothing, sent nowhere.
+            committed = [(msg, d) for msg, d in committed if type(msg) is not Duplicate]
+        self.on_committed(committed)
 
     @staticmethod
     def _refuse(batch: list[tuple[Draft, Done | None]], exc: BrokerError) -> None:

@@ -54,6 +54,8 @@ class Store(ABC):
     epoch: str = ""
     last_seq: int = 0
     shared: bool = False
+    #: Seconds an idempotency key is remembered from its first publish (``--dedupe-window``).
+    dedupe_window: float = 120.0
 
     def __init__(self, history: int = 1000, retention: float = 24 * 3600) -> None:
         self.history = history
@@ -67,7 +69,11 @@ class Store(ABC):
 
     @abstractmethod
     async def append(self, drafts: list[Draft]) -> list[Message]:
-        """Give each draft the next seq, record the batch durably, return the messages."""
+        """Give each draft the next seq, record the batch durably, return the messages.
+
+        A keyed publish (``Draft.key``) whose key its user already used within
+        ``dedupe_window`` is not recorded: its drafts come back as ``Duplicate``
+        (``broker.store.dedupe``), and a new key is recorded with its messages."""
 
     @abstractmethod
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:

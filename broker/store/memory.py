@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
 from broker.store.base import Replay, Store
+from broker.store.dedupe import KeyId, number
 
 
 class MemoryStore(Store):
@@ -17,21 +19,32 @@ class MemoryStore(Store):
         self.epoch = new_epoch()
         self._topics: dict[str, deque[Message]] = {}
         self._trimmed: dict[str, int] = {}
+        # (user, key) -> (seqs, monotonic time of the publish), oldest first.
+        self._keys: dict[KeyId, tuple[tuple[int, ...], float]] = {}
 
     async def append(self, drafts: list[Draft]) -> list[Message]:
-        out = []
-        for d in drafts:
-            self.last_seq += 1
-            msg = d.to_message(self.last_seq)
-            q = self._topics.get(d.topic)
+        numbered = number(drafts, self.last_seq + 1, self._known_key)
+        for msg in numbered.fresh:
+            q = self._topics.get(msg.topic)
             if q is None:
-                q = self._topics[d.topic] = deque()
-                self._trimmed.setdefault(d.topic, 0)
+                q = self._topics[msg.topic] = deque()
+                self._trimmed.setdefault(msg.topic, 0)
             q.append(msg)
             if len(q) > self.history:
-                self._trimmed[d.topic] = q.popleft().seq
-            out.append(msg)
-        return out
+                self._trimmed[msg.topic] = q.popleft().seq
+        if numbered.fresh:
+            self.last_seq = numbered.fresh[-1].seq
+        now = time.monotonic()
+        for kid, seqs in numbered.keys.items():
+            self._keys.pop(kid, None)  # a reused expired key moves to the end
+            self._keys[kid] = (seqs, now)
+        return numbered.results
+
+    def _known_key(self, user: str, key: str) -> tuple[int, ...] | None:
+        found = self._keys.get((user, key))
+        if found is None or time.monotonic() - found[1] >= self.dedupe_window:
+            return None
+        return found[0]
 
     def _matching(self, pattern: str) -> list[str]:
         if not is_pattern(pattern):
@@ -61,4 +74,10 @@ class MemoryStore(Store):
                 removed += 1
         for topic in [t for t, q in self._topics.items() if not q]:
             del self._topics[topic]
+        # Expired keys: insertion order is publish order, so they are at the front.
+        expired = time.monotonic() - self.dedupe_window
+        for kid, (_, stamp) in list(self._keys.items()):
+            if stamp >= expired:
+                break
+            del self._keys[kid]
         return removed

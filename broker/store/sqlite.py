@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from broker.core.model import Draft, Message, new_epoch
+from broker.core.model import Draft, Message, new_epoch, now_ms
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
 from broker.store.base import Replay, Store, chunks
+from broker.store.dedupe import decode_seqs, encode_seqs, number
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,6 +34,15 @@ CREATE INDEX IF NOT EXISTS messages_topic_seq ON messages (topic, seq);
 DROP INDEX IF EXISTS messages_ts;
 -- One row per topic ever published to: the highest seq removed by retention.
 CREATE TABLE IF NOT EXISTS topics (topic TEXT PRIMARY KEY, trimmed INTEGER NOT NULL);
+-- Idempotency keys (section 8 of docs/protocol.md): the seqs of the first publish with
+-- a key, written in the transaction of its messages; ts (ms) of that commit.
+CREATE TABLE IF NOT EXISTS dedupe (
+    user TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seqs TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    PRIMARY KEY (user, key)
+) WITHOUT ROWID;
 """
 
 # SQLite limits the number of bound parameters; stay well below it.
@@ -215,13 +225,21 @@ class SqliteStore(Store):
         assert db is not None
         self._check_file()
         first = self.last_seq + 1
-        msgs = [d.to_message(first + i) for i, d in enumerate(drafts)]
-        last = first + len(drafts) - 1
-        touched: dict[str, int] = {}
-        for m in msgs:
-            touched[m.topic] = touched.get(m.topic, 0) + 1
         db.execute("BEGIN IMMEDIATE")
         try:
+            # Keys are looked up and recorded inside the transaction of their messages.
+            now = now_ms()
+            numbered = number(drafts, first, lambda user, key: self._known_key(db, user, key, now))
+            msgs = numbered.fresh
+            last = msgs[-1].seq if msgs else self.last_seq
+            touched: dict[str, int] = {}
+            for m in msgs:
+                touched[m.topic] = touched.get(m.topic, 0) + 1
+            if numbered.keys:
+                db.executemany(
+                    "INSERT OR REPLACE INTO dedupe VALUES (?, ?, ?, ?)",
+                    [(u, k, encode_seqs(seqs), now) for (u, k), seqs in numbered.keys.items()],
+                )
             db.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
                 [(m.seq, m.topic, m.data, m.sender_id, m.sender_name, m.ts) for m in msgs],
@@ -239,7 +257,17 @@ class SqliteStore(Store):
             raise
         self.last_seq = last
         self._check_file()
-        return msgs
+        return numbered.results
+
+    def _known_key(
+        self, db: sqlite3.Connection, user: str, key: str, now: int
+    ) -> tuple[int, ...] | None:
+        row = db.execute(
+            "SELECT seqs, ts FROM dedupe WHERE user=? AND key=?", (user, key)
+        ).fetchone()
+        if row is None or row[1] < now - self.dedupe_window * 1000:
+            return None
+        return decode_seqs(row[0])
 
     def _trim_count(self, db: sqlite3.Connection, topic: str, added: int) -> None:
         count = self._counts.get(topic)
@@ -387,6 +415,7 @@ class SqliteStore(Store):
             db.execute("DELETE FROM messages WHERE seq<?", (first_kept,))
             for topic, top, _ in gone:
                 db.execute("UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic))
+            db.execute("DELETE FROM dedupe WHERE ts<?", (int((now - self.dedupe_window) * 1000),))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

@@ -49,3 +49,10 @@ def split_batch(batch: bytes) -> list[bytes]:
         pos = start + int(batch[pos:colon])
         out.append(batch[start:pos])
     return out
+
+
+def key_id(user: str, key: str) -> bytes:
+    """The name of an idempotency key under ``k:``, unambiguous for any user id:
+    ``<len(user)>:<user><key>`` (length in bytes)."""
+    uid = to_bytes(user)
+    return b"%d:%b%b" % (len(uid), uid, to_bytes(key))

@@ -25,6 +25,9 @@ Keys, under a prefix (default ``broker:``)::
     nodes               SET: node ids that may hold presence entries
     node:<id>           string with a TTL: the node's heartbeat and figures (JSON)
     events              pub/sub channel: presence join/leave, JSON [op, topic, user, name]
+    k:<len(user)>:<user><key>   string with a TTL of --dedupe-window: the seqs ("12,13")
+                        of the first publish with that idempotency key, set by the
+                        append script that recorded them
 
 A history member (in ``h:<topic>``, and at the end of a stream entry) is binary-safe:
 ``b"<seq> <ts> <len(id)> <len(name)>\\n" + id + name + data`` (lengths in bytes). Lua
@@ -51,7 +54,8 @@ from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
 from broker.store.base import Deliver, Replay, Store, chunks
-from broker.store.redis.codec import decode_member, encode_tail, split_batch, to_str
+from broker.store.dedupe import decode_seqs, number
+from broker.store.redis.codec import decode_member, encode_tail, key_id, split_batch, to_str
 from broker.store.redis.health import EpochChanged, Link
 from broker.store.redis.presence import Cluster
 from broker.store.redis.scripts import script
@@ -161,38 +165,48 @@ class RedisStore(Store):
             STREAM_MAXLEN,
             self.node_id,
             len(drafts),
+            int(self.dedupe_window * 1000),
         ]
         for d in drafts:
-            args += (d.topic, encode_tail(d), d.origin, 1 if d.echo else 0)
+            kid = "" if d.key is None else key_id(d.sender_id, d.key)
+            args += (d.topic, encode_tail(d), d.origin, 1 if d.echo else 0, kid, d.group)
         try:
-            last = await self._append_and_wait(args)
+            reply = await self._append_and_wait(args)
         except EpochChanged:
             # Redis started over (empty): name the new history, then retry once.
             await self._ensure_epoch(self.last_seq)
             args[1] = self.epoch
             try:
-                last = await self._append_and_wait(args)
+                reply = await self._append_and_wait(args)
             except EpochChanged:
                 raise Unavailable("the cluster's history is changing; retry later") from None
-        first = int(last) - len(drafts) + 1
-        return [d.to_message(first + i) for i, d in enumerate(drafts)]
+        # The script skipped the publishes whose key it found; the others got consecutive
+        # seqs ending at reply[0].
+        prior = {
+            (drafts[int(i)].sender_id, drafts[int(i)].key): decode_seqs(seqs)
+            for i, seqs in zip(reply[1::2], reply[2::2])
+        }
+        skipped = sum(max(drafts[int(i)].group, 1) for i in reply[1::2])
+        first = int(reply[0]) - (len(drafts) - skipped) + 1
+        return number(drafts, first, lambda user, key: prior.get((user, key))).results
 
-    async def _append_and_wait(self, args: list[Any]) -> int:
+    async def _append_and_wait(self, args: list[Any]) -> list[Any]:
         """Run the append script; with ``wait_replicas``, WAIT for them on the same
         connection (a pipeline), so that the ``ok`` survives a failover to a replica."""
         if not self.wait_replicas:
-            return int(await self.link.call("append", self._append(args=args)))
+            result: list[Any] = await self.link.call("append", self._append(args=args))
+            return result
         pipe = self.redis.pipeline(transaction=False)
         await self._append(args=args, client=pipe)
         pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
-        last, confirmed = await self.link.call("append", pipe.execute())
+        reply, confirmed = await self.link.call("append", pipe.execute())
         if int(confirmed) < self.wait_replicas:
             raise Unavailable(
                 f"recorded by the Redis primary but confirmed by {confirmed} of "
                 f"{self.wait_replicas} replicas within {self.wait_timeout:g}s: it may be "
                 "delivered, or lost if the primary fails over"
             )
-        return int(last)
+        return list(reply)
 
     async def trim(self, now: float) -> int:
         cutoff = str(int((now - self.retention) * 1000))

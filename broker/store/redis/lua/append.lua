@@ -1,3 +1,10 @@
+-- One group commit. ARGV: prefix, epoch, history, stream maxlen, node, n, dedupe window
+-- (ms), then per draft: topic, tail, session, echo, key id ('' without a key), group.
+-- A keyed publish (its first draft has the key id and the number of drafts it spans)
+-- whose key is already stored (k:<key id>, expiring after the window), or used earlier in
+-- this batch, is skipped: nothing is recorded for it. Returns {last seq (0 when nothing
+-- was recorded), then per skipped publish: the index of its first draft (0-based), the
+-- seqs of the first publish with that key ("12,13")}.
 local P = ARGV[1]
 local cur = redis.call('GET', P .. 'epoch')
 if cur ~= ARGV[2] then
@@ -6,22 +13,49 @@ end
 local history = tonumber(ARGV[3])
 local node = ARGV[5]
 local n = tonumber(ARGV[6])
-local last = redis.call('INCRBY', P .. 'seq', n)
-local first = last - n + 1
+local window = ARGV[7]
 local touched = {}
-for i = 0, n - 1 do
-  local a = 7 + i * 4
-  local topic = ARGV[a]
-  local seq = tostring(first + i)
-  local member = seq .. ' ' .. ARGV[a + 1]
-  redis.call('ZADD', P .. 'h:' .. topic, seq, member)
-  if not touched[topic] then
-    touched[topic] = true
-    redis.call('SADD', P .. 'topics', topic)
+local seen = {}
+local out = {0}
+local i = 0
+while i < n do
+  local a = 8 + i * 6
+  local kid = ARGV[a + 4]
+  local size = math.max(tonumber(ARGV[a + 5]), 1)
+  local prior = nil
+  if kid ~= '' then
+    prior = seen[kid] or redis.call('GET', P .. 'k:' .. kid)
   end
-  -- One field: "<node> <session> <echo> <len(topic)>" LF topic member (see RedisStore._entry)
-  redis.call('XADD', P .. 'log', 'MAXLEN', '~', ARGV[4], seq .. '-1', 'm',
-    node .. ' ' .. ARGV[a + 2] .. ' ' .. ARGV[a + 3] .. ' ' .. #topic .. '\\n' .. topic .. member)
+  if prior then
+    table.insert(out, i)
+    table.insert(out, prior)
+  else
+    local last = redis.call('INCRBY', P .. 'seq', size)
+    local first = last - size + 1
+    local seqs = {}
+    for j = 0, size - 1 do
+      local b = a + j * 6
+      local topic = ARGV[b]
+      local seq = tostring(first + j)
+      seqs[j + 1] = seq
+      local member = seq .. ' ' .. ARGV[b + 1]
+      redis.call('ZADD', P .. 'h:' .. topic, seq, member)
+      if not touched[topic] then
+        touched[topic] = true
+        redis.call('SADD', P .. 'topics', topic)
+      end
+      -- One field: "<node> <session> <echo> <len(topic)>" LF topic member (see RedisStore._entry)
+      redis.call('XADD', P .. 'log', 'MAXLEN', '~', ARGV[4], seq .. '-1', 'm',
+        node .. ' ' .. ARGV[b + 2] .. ' ' .. ARGV[b + 3] .. ' ' .. #topic .. '\n' .. topic .. member)
+    end
+    if kid ~= '' then
+      local joined = table.concat(seqs, ',')
+      seen[kid] = joined
+      redis.call('SET', P .. 'k:' .. kid, joined, 'PX', window)
+    end
+    out[1] = last
+  end
+  i = i + size
 end
 for topic in pairs(touched) do
   local key = P .. 'h:' .. topic
@@ -34,4 +68,4 @@ for topic in pairs(touched) do
     end
   end
 end
-return last
+return out
