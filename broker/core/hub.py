@@ -16,7 +16,10 @@ from typing import Protocol
 from broker.core.auth import Identity
 from broker.core.model import Draft, Message
 from broker.core.protocol import encode_presence_event
-from broker.core.topics import TopicIndex, inbox_owner, is_pattern, matches
+from broker.core.topics import TopicIndex, inbox_owner, is_pattern
+
+# Topics a replay filter remembers at once (a replay's topics, usually a handful).
+_FLOOR_CACHE = 4096
 
 PresenceListener = Callable[[str, str, dict[str, str]], None]
 
@@ -106,10 +109,22 @@ class Hub:
         self._forget(conn, sub, announce=True)
         return True
 
-    def detach(self, conn: Subscriber) -> None:
-        """Drop every subscription of a closed connection."""
-        for sub in list(self.subscriptions.pop(conn, {}).values()):
+    def detach(self, conn: Subscriber, budget: int | None = None) -> bool:
+        """Drop the subscriptions of a closed connection, at most ``budget`` of them
+        (None: all); True once it holds none. A caller with a huge one calls again on
+        later loop turns rather than stall every other connection."""
+        subs = self.subscriptions.get(conn)
+        if subs is None:
+            return True
+        left = len(subs) if budget is None else budget
+        while subs and left > 0:
+            _, sub = subs.popitem()
             self._forget(conn, sub, announce=True)
+            left -= 1
+        if subs:
+            return False
+        del self.subscriptions[conn]
+        return True
 
     def _forget(self, conn: Subscriber, sub: Subscription, announce: bool) -> None:
         self.index.remove(sub.pattern, conn)
@@ -147,6 +162,14 @@ class Hub:
             if not users:
                 del self._present[topic]
             self.on_presence("leave", topic, ident.user_json())
+
+    def rename(self, conn: Subscriber, name: str) -> None:
+        """``conn``'s user is now called ``name`` (a refreshed token): presence shows it."""
+        for pattern, sub in self.subscriptions.get(conn, {}).items():
+            if sub.exact:
+                entry = self._present.get(pattern, {}).get(conn.identity.id)
+                if entry is not None:
+                    entry.name = name
 
     def announce(self, op: str, topic: str, user: dict[str, str]) -> None:
         """Send a ``join``/``leave`` for ``user`` to this node's watchers of ``topic``
@@ -192,10 +215,31 @@ class Hub:
         if self.observe_fanout is not None:
             self.observe_fanout(time.perf_counter() - started)
 
-    def covered(self, conn: Subscriber, topic: str, seq: int, besides: str | None) -> bool:
-        """True when ``conn`` already got message ``seq`` on ``topic`` through a
-        subscription other than ``besides``."""
-        for sub in self.subscriptions.get(conn, {}).values():
-            if sub.pattern != besides and seq > sub.covered_from and matches(sub.pattern, topic):
-                return True
-        return False
+    def replay_filter(self, conn: Subscriber, besides: str) -> Callable[[str, int], bool]:
+        """A test for the messages a replay to ``conn``'s subscription ``besides`` should
+        skip: ``covered(topic, seq)`` is True when ``conn`` already got message ``seq`` on
+        ``topic`` through another of its subscriptions.
+
+        Each topic costs one walk of ``conn``'s own paths in the index, the first time it
+        is asked about; every later message on it is a dict lookup. This relies on the
+        connection's subscriptions not changing during the replay (the server handles a
+        connection's requests one at a time)."""
+        subs = self.subscriptions.get(conn, {})
+        floors: dict[str, int | None] = {}
+        patterns = self.index.matching_patterns
+
+        def covered(topic: str, seq: int) -> bool:
+            try:
+                floor = floors[topic]
+            except KeyError:
+                if len(floors) >= _FLOOR_CACHE:
+                    floors.clear()
+                marks = [
+                    subs[p].covered_from
+                    for p in patterns(topic, conn)
+                    if p != besides and p in subs
+                ]
+                floor = floors[topic] = min(marks) if marks else None
+            return floor is not None and seq > floor
+
+        return covered

@@ -117,7 +117,7 @@ T = TypeVar("T")
 
 
 class _Node(Generic[T]):
-    __slots__ = ("children", "hash", "here")
+    __slots__ = ("below", "children", "hash", "here")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node[T]] = {}
@@ -125,6 +125,9 @@ class _Node(Generic[T]):
         self.here: set[T] = set()
         # Subscribers whose pattern ends with '#' right below this node.
         self.hash: set[T] = set()
+        # Every subscriber with a pattern in this subtree, with how many: a walk skips a
+        # subtree whose subscribers were all found already.
+        self.below: dict[T, int] = {}
 
 
 class TopicIndex(Generic[T]):
@@ -133,30 +136,53 @@ class TopicIndex(Generic[T]):
 
     ``T`` is whatever identifies a subscriber (the server uses connections). A subscriber
     holds a pattern at most once; adding it again is a no-op.
+
+    A walk never enters a subtree whose subscribers it has all found already, so patterns
+    that overlap (``a/+/+``, ``a/a/+``, ``+/a/a``, ... held by one connection) cost one
+    path, not one per pattern: the work of ``match`` grows with the subscribers it finds
+    and the depth of the topic, not with how many patterns each of them holds. ``visits``
+    counts the nodes entered, for tests and benchmarks.
     """
 
     def __init__(self) -> None:
         self._root: _Node[T] = _Node()
         self._count = 0
+        self._patterns = 0
+        #: Nodes entered by ``match`` and ``matching_patterns`` since the index was made.
+        self.visits = 0
 
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def pattern_count(self) -> int:
+        """Distinct patterns with at least one subscriber (kept up to date, not counted)."""
+        return self._patterns
+
     def add(self, pattern: str, subscriber: T) -> None:
         """Register ``subscriber`` for ``pattern``."""
         node = self._root
+        path = [node]
         levels = pattern.split("/")
         for level in levels[:-1]:
             node = node.children.setdefault(level, _Node())
+            path.append(node)
         last = levels[-1]
         if last == "#":
             bucket = node.hash
         else:
             node = node.children.setdefault(last, _Node())
+            path.append(node)
             bucket = node.here
-        if subscriber not in bucket:
-            bucket.add(subscriber)
-            self._count += 1
+        if subscriber in bucket:
+            return
+        if not bucket:
+            self._patterns += 1
+        bucket.add(subscriber)
+        self._count += 1
+        for step in path:
+            below = step.below
+            below[subscriber] = below.get(subscriber, 0) + 1
 
     def remove(self, pattern: str, subscriber: T) -> None:
         """Drop ``subscriber`` from ``pattern`` (no-op when absent); prune empty nodes."""
@@ -183,6 +209,15 @@ class TopicIndex(Generic[T]):
             return
         bucket.discard(subscriber)
         self._count -= 1
+        if not bucket:
+            self._patterns -= 1
+        for step in [parent for parent, _ in path] + [node]:
+            below = step.below
+            left = below[subscriber] - 1
+            if left:
+                below[subscriber] = left
+            else:
+                del below[subscriber]
         while path and not (node.here or node.hash or node.children):
             parent, level = path.pop()
             del parent.children[level]
@@ -192,31 +227,65 @@ class TopicIndex(Generic[T]):
         """The subscribers with at least one pattern matching ``topic`` (each once)."""
         found: set[T] = set()
         levels = topic.split("/")
-        root = self._root
+        n = len(levels)
         dollar = topic.startswith("$")
         # Depth-first over (node, depth) pairs; MQTT topics are shallow, so a small
         # explicit stack beats recursion.
-        stack: list[tuple[_Node[T], int]] = [(root, 0)]
-        n = len(levels)
+        stack: list[tuple[_Node[T], int]] = [(self._root, 0)]
+        visits = 0
         while stack:
             node, depth = stack.pop()
-            if node.hash and not (dollar and node is root):
+            below = node.below
+            if len(below) <= len(found) and found.issuperset(below):
+                continue  # nobody new down there
+            visits += 1
+            wild = not (dollar and depth == 0)
+            if node.hash and wild:
                 found |= node.hash
             if depth == n:
                 found |= node.here
                 continue
-            level = levels[depth]
-            child = node.children.get(level)
-            if child is not None:
-                stack.append((child, depth + 1))
-            if not (dollar and node is root):
-                plus = node.children.get("+")
+            children = node.children
+            if wild:
+                plus = children.get("+")
                 if plus is not None:
                     stack.append((plus, depth + 1))
+            child = children.get(levels[depth])
+            if child is not None:
+                stack.append((child, depth + 1))
+        self.visits += visits
+        return found
+
+    def matching_patterns(self, topic: str, subscriber: T) -> list[str]:
+        """``subscriber``'s patterns that match ``topic``: a walk of its own paths only."""
+        found: list[str] = []
+        levels = topic.split("/")
+        n = len(levels)
+        dollar = topic.startswith("$")
+        stack: list[tuple[_Node[T], int, str]] = [(self._root, 0, "")]
+        visits = 0
+        while stack:
+            node, depth, prefix = stack.pop()
+            if subscriber not in node.below:
+                continue
+            visits += 1
+            wild = not (dollar and depth == 0)
+            if wild and subscriber in node.hash:
+                found.append(prefix + "#")
+            if depth == n:
+                if subscriber in node.here:
+                    found.append(prefix[:-1])
+                continue
+            children = node.children
+            for level in (levels[depth], "+") if wild else (levels[depth],):
+                child = children.get(level)
+                if child is not None:
+                    stack.append((child, depth + 1, prefix + level + "/"))
+        self.visits += visits
         return found
 
     def patterns(self) -> Iterator[tuple[str, set[T]]]:
-        """Every pattern in the index with its subscribers (for stats and tests)."""
+        """Every pattern in the index with its subscribers (for tests; a full walk)."""
 
         def walk(node: _Node[T], prefix: list[str]) -> Iterator[tuple[str, set[T]]]:
             if node.hash:

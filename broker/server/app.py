@@ -15,6 +15,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -43,19 +44,23 @@ from broker.errors import (
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOKEN_EXPIRED,
     CLOSE_UNAUTHORIZED,
+    BadRequest,
     BrokerError,
     Forbidden,
     RateLimited,
     Unauthorized,
     Unavailable,
 )
+from broker.server.api import HttpApi, Reply, error_reply
 from broker.server.config import ServerConfig
-from broker.server.connection import CLOSE_INTERNAL, Connection
-from broker.server.http import Routes
+from broker.server.connection import CLOSE_INTERNAL, Connection, HttpRequest
+from broker.server.http import Routes, origin_allowed
 from broker.server.journal import Journal
+from broker.server.memory import release_memory
 from broker.server.metrics import Metrics, wire_size
 from broker.server.session import Flusher, Session
 from broker.store.base import Store
+from broker.store.dedupe import Duplicate
 
 if TYPE_CHECKING:
     from broker.store.redis import Cluster
@@ -63,6 +68,8 @@ if TYPE_CHECKING:
 # Frames of one connection that wait while one of its requests runs as a task; past this
 # many, stop reading from its socket until they are handled.
 _BACKLOG_PAUSE = 64
+# Subscriptions dropped per loop turn when a connection that holds many closes.
+_DETACH_SLICE = 2000
 
 log = logging.getLogger("broker")
 
@@ -101,6 +108,8 @@ class BrokerServer:
         self.published = 0
         self.metrics = Metrics(self.stats)
         self.routes = Routes(self)
+        self.api = HttpApi(self)
+        store.dedupe_window = config.dedupe_window
         self.journal.commit_observers.append(self.metrics.observe_commit)
         self.hub.observe_fanout = self.metrics.fanout_seconds.observe
         if cluster is not None:
@@ -108,6 +117,7 @@ class BrokerServer:
         self._listener: asyncio.Server | None = None
         self._conns: set[Connection] = set()  # upgraded to WebSocket
         self._unauthenticated: set[Connection] = set()  # waiting for the first frame
+        self._http_conns: set[Connection] = set()  # plain HTTP (keep-alive) clients
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -211,6 +221,8 @@ class BrokerServer:
             session.close(CLOSE_GOING_AWAY, "server shutting down")
         for conn in list(self._conns):  # not authenticated yet
             conn.close(CLOSE_GOING_AWAY, "server shutting down")
+        for conn in list(self._http_conns):
+            conn.close_http()
         if self._conns:
             await asyncio.wait(
                 [conn.closed for conn in self._conns], timeout=self.config.drain_timeout
@@ -230,13 +242,12 @@ class BrokerServer:
         response = self.routes.respond(conn, request, path)
         if response is not None:
             return response
-        # A header sent twice is refused as a whole (headers.get would raise on it).
         origins = request.headers.get_all("Origin")
-        if origins and self.config.allowed_origins:
-            if len(origins) > 1 or origins[0] not in self.config.allowed_origins:
-                return self._refuse(
-                    conn, HTTPStatus.FORBIDDEN, "forbidden_origin", "origin not allowed"
-                )
+        hosts = request.headers.get_all("Host")
+        if not origin_allowed(origins, hosts, self.config.allowed_origins):
+            return self._refuse(
+                conn, HTTPStatus.FORBIDDEN, "forbidden_origin", "origin not allowed"
+            )
         if self.draining:
             return self._refuse(
                 conn, HTTPStatus.SERVICE_UNAVAILABLE, "shutting_down", "shutting down"
@@ -273,6 +284,49 @@ class BrokerServer:
             extra={"event": "refused", "result": result, "peer": peer},
         )
 
+    # -- plain HTTP and the HTTP API (called by Connection) -----------------------------
+
+    def http(self, conn: Connection, request: HttpRequest) -> None:
+        """A plain HTTP request: ``/api/...`` (answered by a task), or a plain path."""
+        if conn not in self._http_conns:
+            limit = self.config.max_connections
+            if limit is not None and self.connections >= limit:
+                self._refused(conn, "over_capacity", "too many connections")
+                self._reply(conn, request, error_reply(Unavailable("too many connections")), True)
+                return
+            self._http_conns.add(conn)
+            self.connections += 1
+        if request.error is not None:
+            status, reason = request.error
+            self._reply(conn, request, error_reply(BadRequest(reason), status), True)
+        elif request.path.startswith("/api/"):
+            self._spawn(self._api(conn, request))
+        else:
+            status, headers, body = self.routes.plain(conn, request)
+            self.metrics.http_request(request.path, status)
+            conn.respond(status, headers, body)
+
+    async def _api(self, conn: Connection, request: HttpRequest) -> None:
+        try:
+            reply = await self.api.handle(request)
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path)
+            reply = error_reply(BrokerError("internal error"))
+        self._reply(conn, request, reply)
+
+    def _reply(
+        self, conn: Connection, request: HttpRequest, reply: Reply, close: bool = False
+    ) -> None:
+        self.metrics.http_request(request.path, reply.status)
+        headers = list(reply.headers)
+        if reply.content_type is not None:
+            headers.append(("Content-Type", reply.content_type))
+        conn.respond(reply.status, headers, reply.body, close=close)
+
+    async def catch_up(self, seq: int) -> None:
+        """Wait (briefly) until this node has fanned out ``seq`` (cluster reads)."""
+        await self._catch_up(seq)
+
     # -- WebSocket (called by Connection) ----------------------------------------------
 
     def opened(self, conn: Connection) -> None:
@@ -305,6 +359,10 @@ class BrokerServer:
 
     def closed(self, conn: Connection) -> None:
         """The connection is gone: forget it and its session."""
+        if conn in self._http_conns:
+            self._http_conns.discard(conn)
+            self.connections -= 1
+            return
         if conn not in self._conns:
             return  # never upgraded: a plain HTTP request or a failed handshake
         self._conns.discard(conn)
@@ -485,8 +543,16 @@ class BrokerServer:
     def _drop(self, session: Session) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.hub.detach(session)
             session.set_expiry(None)
+            if not self.hub.detach(session, _DETACH_SLICE):
+                self._spawn(self._detach_rest(session))
+
+    async def _detach_rest(self, session: Session) -> None:
+        """Drop a closed connection's many subscriptions a slice per loop turn, then give
+        the memory they held back to the system."""
+        while not self.hub.detach(session, _DETACH_SLICE):
+            await asyncio.sleep(0)
+        release_memory()
 
     # -- requests ----------------------------------------------------------------------
 
@@ -499,7 +565,14 @@ class BrokerServer:
             raise RateLimited("publish rate limit exceeded")
         ident = session.identity
         draft = Draft(
-            frame.topic, frame.data, ident.id, ident.name, now_ms(), session.id, frame.echo
+            frame.topic,
+            frame.data,
+            ident.id,
+            ident.name,
+            now_ms(),
+            session.id,
+            frame.echo,
+            frame.key,
         )
         self.published += 1
         self.metrics.top_topics.add(frame.topic)
@@ -514,9 +587,59 @@ class BrokerServer:
                 return
             self.metrics.publish_seconds.observe(time.perf_counter() - received)
             if rid is not None and msg is not None:
-                session.send(encode_ok(rid, seq=msg.seq))
+                if type(msg) is Duplicate:
+                    seqs = msg.seqs  # the first publish's, whatever its size
+                    if len(seqs) == 1:
+                        session.send(encode_ok(rid, seq=seqs[0], duplicate=True))
+                    else:
+                        session.send(encode_ok(rid, seqs=list(seqs), duplicate=True))
+                else:
+                    session.send(encode_ok(rid, seq=msg.seq))
 
         self.journal.submit(draft, done)
+
+    def submit(
+        self,
+        identity: Identity,
+        topics: list[str],
+        data: bytes,
+        key: str | None,
+        answer: Callable[[tuple[int, ...] | None, bool, BrokerError | None], None],
+    ) -> None:
+        """Publish ``data`` to each of ``topics`` (already checked) as one publish with
+        ``key``: one append, consecutive seqs; ``answer(seqs, duplicate, error)`` once."""
+        ts = now_ms()
+        n = len(topics)
+        drafts = [
+            Draft(t, data, identity.id, identity.name, ts, 0, False, key, n)
+            if i == 0
+            else Draft(t, data, identity.id, identity.name, ts, group=0)
+            for i, t in enumerate(topics)
+        ]
+        got: list[Message] = []
+        failed: list[BrokerError] = []
+        received = time.perf_counter()
+
+        def done(msg: Message | None, error: BrokerError | None) -> None:
+            if error is not None or msg is None:
+                if not failed:
+                    failed.append(error or Unavailable("not recorded"))
+                    self.metrics.error(failed[0].code)
+                    answer(None, False, failed[0])
+                return
+            got.append(msg)
+            if len(got) == n and not failed:
+                self.metrics.publish_seconds.observe(time.perf_counter() - received)
+                first = got[0]
+                if type(first) is Duplicate:
+                    answer(first.seqs, True, None)
+                else:
+                    answer(tuple(m.seq for m in got), False, None)
+
+        self.published += n
+        for draft in drafts:
+            self.metrics.top_topics.add(draft.topic)
+            self.journal.submit(draft, done)
 
     async def _subscribe(self, session: Session, frame: Sub) -> None:
         ident = session.identity
@@ -552,12 +675,13 @@ class BrokerServer:
             if session.closing:
                 return
             session.send(encode_ok(frame.id, seq=upto, epoch=self.store.epoch, recovered=recovered))
+            covered = self.hub.replay_filter(session, frame.topic)
             await session.replay(
                 msg
                 for msg in replay
                 if ident.may_receive(msg.topic)
                 and not (old is not None and msg.seq > old.covered_from)
-                and not self.hub.covered(session, msg.topic, msg.seq, besides=frame.topic)
+                and not covered(msg.topic, msg.seq)
             )
             if old is not None:
                 sub.covered_from = min(sub.covered_from, old.covered_from)
@@ -593,6 +717,8 @@ class BrokerServer:
         identity = self.verifier.verify(frame.token)
         if identity.id != session.identity.id:
             raise Unauthorized("a refreshed token must be for the same user")
+        if identity.name != session.identity.name:
+            self.hub.rename(session, identity.name)  # presence shows the new name
         session.identity = identity
         for pattern in list(self.hub.subscriptions.get(session, {})):
             try:
@@ -605,11 +731,10 @@ class BrokerServer:
 
     def stats(self) -> dict[str, Any]:
         """Server-wide figures for the ``stats`` op."""
-        topics = {p for p, _ in self.hub.index.patterns()}
         return {
             "connections": len(self.sessions),
             "subscriptions": len(self.hub.index),
-            "topics": len(topics),
+            "topics": self.hub.index.pattern_count,
             "messages_in": self.published,
             "messages_out": self.hub.delivered,
             "last_seq": self.hub.last_seq,

@@ -28,6 +28,10 @@ log = logging.getLogger("broker.server.session")
 _ids = itertools.count(1)
 # Replay writes this much, then waits for the socket to drain.
 _REPLAY_CHUNK = 64 * 1024
+# A replay yields the event loop after this many seconds of work, checked every
+# _REPLAY_CHECK messages.
+_REPLAY_SLICE = 0.005
+_REPLAY_CHECK = 32
 
 
 class Link(Protocol):
@@ -149,9 +153,15 @@ class Session:
         # The socket pauses us above ``chunk`` buffered bytes (set in __init__), and we
         # queue at most ``chunk`` more: together never over max_queue, however small.
         chunk = self._replay_chunk
-        for message in messages:
+        loop = asyncio.get_running_loop()
+        turn = loop.time()
+        for count, message in enumerate(messages):
             if self.closing:
                 return
+            if not count % _REPLAY_CHECK and loop.time() - turn > _REPLAY_SLICE:
+                self.flush()
+                await asyncio.sleep(0)  # a long replay shares the loop with the others
+                turn = loop.time()
             wire = message.wire
             if self._pending and self._pending_bytes + len(wire) > chunk:
                 self.flush()
