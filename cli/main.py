@@ -6,7 +6,7 @@ import click
 
 from broker import __version__
 
-from . import bench, info, pub, serve, sub, token
+from . import backup, bench, config, info, pub, serve, sub, token
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -31,6 +31,8 @@ for command in (
     info.presence_command,
     info.stats_command,
     bench.bench,
+    config.config_group,
+    backup.backup_command,
 ):
     cli.add_command(command)
 

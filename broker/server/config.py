@@ -21,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import textwrap
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -689,7 +690,8 @@ def starter_file() -> str:
         "",
     ]
     for row in SETTINGS:
-        lines.append(f"# {row.help} [{row.flag}, {row.env}]")
+        text = f"{row.help} [{row.flag}, {row.env}]"
+        lines += textwrap.wrap(text, 88, initial_indent="# ", subsequent_indent="# ")
         if row.default is None or row.default == []:
             example = row.kind.show(row.example) if row.example is not None else '""'
             lines.append(f"# {row.name} = {example}  # not set by default")
