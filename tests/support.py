@@ -57,8 +57,11 @@ class BrokerProcess:
         secret: str | None = SECRET,
         memory: bool = False,
         data: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.home = home
+        #: Extra environment variables, set after isolated_env's.
+        self.env = env or {}
         self.port = port or free_port()
         self.secret = secret
         self.data = data if data is not None else home / "store"
@@ -86,7 +89,11 @@ class BrokerProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            self.command(), cwd=ROOT, env=isolated_env(self.home), stdout=log, stderr=log
+            self.command(),
+            cwd=ROOT,
+            env={**isolated_env(self.home), **self.env},
+            stdout=log,
+            stderr=log,
         )
         log.close()
         deadline = time.monotonic() + timeout
