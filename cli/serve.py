@@ -126,7 +126,8 @@ def effective_settings(
     for row in SETTINGS:
         if ctx.get_parameter_source(row.name) is ParameterSource.COMMANDLINE:
             value = opts[row.name]
-            flags[row.name] = list(value) if row.kind.multiple else value
+            # A repeated flag is a tuple of what each occurrence parsed to (a list each).
+            flags[row.name] = [v for part in value for v in part] if row.kind.multiple else value
     try:
         return load_settings(flags, os.environ, config_file)
     except ConfigError as exc:
