@@ -6,6 +6,7 @@ WebSocket handshake in ``broker.server.app``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -24,7 +25,32 @@ STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/console.js": ("console.js", "text/javascript; charset=utf-8"),
     "/console.css": ("console.css", "text/css; charset=utf-8"),
+    "/broker.js": ("broker.js", "text/javascript; charset=utf-8"),
+    "/broker.d.ts": ("broker.d.ts", "application/typescript; charset=utf-8"),
 }
+
+#: The client library (docs/web.md): cached a while and importable from allowed origins.
+LIBRARY_FILES = frozenset({"/broker.js", "/broker.d.ts"})
+
+
+def origin_allowed(origins: list[str], hosts: list[str], allowed: Sequence[str]) -> bool:
+    """Whether a request's ``Origin`` header(s) pass the ``--allowed-origin`` check.
+
+    No ``Origin`` (not a browser) or no list configured: allowed. The broker's own origin,
+    ``http(s)://`` + the ``Host`` header, is always allowed, so that its console works
+    whatever else the list names. A header sent twice is refused as a whole.
+    """
+    if not origins or not allowed:
+        return True
+    if len(origins) > 1:
+        return False
+    origin = origins[0]
+    if origin in allowed:
+        return True
+    if len(hosts) != 1:
+        return False
+    host = hosts[0].strip().lower()
+    return bool(host) and origin.lower() in (f"http://{host}", f"https://{host}")
 
 
 class Routes:
@@ -49,6 +75,8 @@ class Routes:
             return Response(200, "OK", headers, body)
         connection = ",".join(request.headers.get_all("Connection")).lower()
         if path in STATIC_FILES and "upgrade" not in connection:
+            if path in LIBRARY_FILES:
+                return library_file(path, request, self.server.config.allowed_origins)
             return static_file(path)
         return conn.protocol.reject(HTTPStatus.NOT_FOUND, "not found\n")
 
@@ -73,4 +101,28 @@ def static_file(path: str) -> Response:
             ),
         ]
     )
+    return Response(200, "OK", headers, body)
+
+
+def library_file(path: str, request: Request, allowed: Sequence[str]) -> Response:
+    """``/broker.js`` or its declarations, with CORS for the allowed origins (any when none)."""
+    name, content_type = STATIC_FILES[path]
+    try:
+        body = resources.files("broker").joinpath("static", name).read_bytes()
+    except OSError:
+        return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]), b"")
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "public, max-age=300"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Vary", "Origin"),
+        ]
+    )
+    origins = request.headers.get_all("Origin")
+    if not allowed:
+        headers["Access-Control-Allow-Origin"] = "*"
+    elif origins and origin_allowed(origins, request.headers.get_all("Host"), allowed):
+        headers["Access-Control-Allow-Origin"] = origins[0]
     return Response(200, "OK", headers, body)
