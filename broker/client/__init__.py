@@ -1,7 +1,9 @@
 """The Python client library: ``Client`` and what it hands you.
 
-``from broker.client import Client`` is the public entry point; the modules under it are
-the asyncio shell (``client``) and the load generator behind ``broker bench`` (``bench``).
+``from broker.client import Client`` is the public entry point. Under it: ``state``, the
+sans-I/O part (subscriptions, resume points, de-duplication by seq), ``client``, the asyncio
+shell around it (connect, authenticate, reconnect, refresh), and ``bench``, the load
+generator behind ``broker bench``.
 """
 
 from broker.client.client import (

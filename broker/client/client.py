@@ -39,13 +39,10 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import random
 import ssl
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Self
 
 import jwt
@@ -59,11 +56,25 @@ from websockets.exceptions import (
 )
 from websockets.uri import parse_uri
 
-from broker.core.topics import matches, validate_pattern, validate_topic
+from broker.client.state import ClientState, Gap, Message, SubState, User
+from broker.core.backoff import Backoff
+from broker.core.protocol import (
+    Auth,
+    Presence,
+    Pub,
+    Request,
+    Stats,
+    Sub,
+    Unsub,
+    encode_request,
+    parse_reply,
+)
+from broker.core.topics import validate_pattern, validate_topic
 from broker.errors import (
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOKEN_EXPIRED,
     CLOSE_UNAUTHORIZED,
+    BadRequest,
     BrokerError,
     ConnectionFailed,
     ConnectionLost,
@@ -93,81 +104,12 @@ TokenProvider = Callable[[], str | Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
-class User:
-    """A user as the broker names it: ``id`` (a string) and display ``name``."""
-
-    id: str
-    name: str
-
-    @classmethod
-    def from_json(cls, raw: Any) -> User:
-        """Build from the protocol's ``{"id", "name"}`` object (tolerant of odd input)."""
-        if not isinstance(raw, dict):
-            return cls(id="", name="")
-        uid = str(raw.get("id", ""))
-        return cls(id=uid, name=str(raw.get("name", uid)))
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A published message: ``topic``, broker-wide ``seq``, JSON ``data``, ``sender``, ``ts``."""
-
-    topic: str
-    seq: int
-    data: Any
-    sender: User
-    ts: int
-
-    @property
-    def time(self) -> datetime:
-        """The broker's receive time as an aware UTC ``datetime``."""
-        return datetime.fromtimestamp(self.ts / 1000, tz=UTC)
-
-    def to_json(self) -> dict[str, Any]:
-        """The message as the protocol's ``msg`` object (without ``op``)."""
-        return {
-            "topic": self.topic,
-            "seq": self.seq,
-            "data": self.data,
-            "from": {"id": self.sender.id, "name": self.sender.name},
-            "ts": self.ts,
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class PresenceEvent:
     """A ``join`` or ``leave`` on a topic subscribed to with ``presence=True``."""
 
     kind: str  # "join" or "leave"
     topic: str
     user: User
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """Resuming ``pattern`` after a reconnect could not recover every missed message."""
-
-    pattern: str
-    since: int | None
-    epoch: str | None
-    new_epoch: str | None
-
-    @property
-    def epoch_changed(self) -> bool:
-        """True when the broker's history started over (e.g. a memory broker restarted)."""
-        return self.epoch is not None and self.epoch != self.new_epoch
-
-    def describe(self) -> str:
-        """One line for humans."""
-        if self.epoch_changed:
-            return (
-                f"the broker's history started over (epoch {self.epoch} -> {self.new_epoch}); "
-                f"messages on {self.pattern!r} may have been missed"
-            )
-        return (
-            f"messages on {self.pattern!r} after seq {self.since} are no longer all in the "
-            "broker's history; some were missed"
-        )
 
 
 #: What ``Client.events()`` yields.
@@ -194,23 +136,9 @@ class PresenceUser:
 
 
 @dataclass
-class _SubState:
-    pattern: str
-    presence: bool
-    # Resume point: the highest seq delivered (or known covered) for this pattern.
-    watermark: int | None = None
-    epoch: str | None = None
-    # While a replay may still be arriving: the ``seq`` of the sub's ``ok``.
-    replay_until: int | None = None
-    # A ``last`` replay that has not delivered anything yet is redone as is on resume.
-    last: int | None = None
-    # The broker answered: resume this subscription on every new connection.
-    confirmed: bool = False
-
-
-@dataclass
 class _Request:
-    frame: dict[str, Any]
+    request: Request
+    frame: str  # the encoded request, sent again as is on a new connection
     future: asyncio.Future[dict[str, Any]]
     retry: bool  # idempotent: send again on the next connection
     generation: int = -1  # the connection it was last written to
@@ -326,8 +254,6 @@ class Client:
         self.server: str | None = None
         #: The URL of the current (or last) connection.
         self.url: str | None = None
-        #: The broker's history epoch, from the latest ``sub`` answer.
-        self.epoch: str | None = None
         #: How many times the client has reconnected.
         self.reconnects = 0
 
@@ -336,13 +262,11 @@ class Client:
         self._ready = asyncio.Event()
         self._next_id = 0
         self._pending: dict[int, _Request] = {}
-        self._subs: dict[str, _SubState] = {}
+        self._state = ClientState(dedupe_window)
+        self._subs = self._state.subs
         self._events: asyncio.Queue[Event | _End] = asyncio.Queue()
         self._room = asyncio.Event()  # set while the queue has room (see _session)
         self._room.set()
-        self._seen: set[int] = set()
-        self._seen_order: deque[int] = deque()
-        self._dedupe_window = dedupe_window
         self._failure: BrokerError | None = None
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
@@ -395,6 +319,11 @@ class Client:
         self._events.put_nowait(_END)
 
     @property
+    def epoch(self) -> str | None:
+        """The broker's history epoch, from the latest ``sub`` answer."""
+        return self._state.epoch
+
+    @property
     def connected(self) -> bool:
         """True while a connection is open and authenticated."""
         return self._ready.is_set()
@@ -430,24 +359,13 @@ class Client:
         for name, value in (("since", since), ("last", last)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer")
-        state = _SubState(pattern, presence, watermark=since, epoch=epoch, last=last)
+        state = SubState(pattern, presence, watermark=since, epoch=epoch, last=last)
         self._subs[pattern] = state
-        sent_since, sent_epoch = since, epoch
-        fields: dict[str, Any] = {"topic": pattern}
-        if since is not None:
-            fields["since"] = since
-            if epoch is not None:
-                fields["epoch"] = epoch
-        if last is not None:
-            fields["last"] = last
-        if presence:
-            fields["presence"] = True
         try:
             reply = await self._request(
-                "sub",
-                fields,
+                lambda rid: state.request(rid),
                 retry=True,
-                on_reply=lambda r: self._apply_sub_reply(state, sent_since, sent_epoch, r, False),
+                on_reply=lambda r: self._apply_sub_reply(state, since, epoch, r, False),
             )
         except BaseException:
             if self._subs.get(pattern) is state:
@@ -463,7 +381,7 @@ class Client:
     async def unsubscribe(self, pattern: str) -> None:
         """Drop the subscription to ``pattern`` (fine when there is none)."""
         self._subs.pop(pattern, None)
-        await self._request("unsub", {"topic": pattern}, retry=True)
+        await self._request(lambda rid: Unsub(rid, pattern), retry=True)
 
     async def publish(
         self, topic: str, data: Any, *, ack: bool = True, echo: bool = False
@@ -471,18 +389,16 @@ class Client:
         """Publish ``data`` (any JSON value) to ``topic``; its seq once recorded (None if
         not ``ack``)."""
         validate_topic(topic)
-        fields: dict[str, Any] = {"topic": topic, "data": data}
-        if echo:
-            fields["echo"] = True
+        payload = orjson.dumps(data)
         if not ack:
-            await self._send_unacked({"op": "pub", **fields})
+            await self._send_unacked(Pub(topic, payload, echo=echo))
             return None
-        reply = await self._request("pub", fields, retry=False)
+        reply = await self._request(lambda rid: Pub(topic, payload, rid, echo), retry=False)
         return int(reply["seq"])
 
     async def presence(self, topic: str) -> list[PresenceUser]:
         """Who holds a subscription to exactly ``topic`` now."""
-        reply = await self._request("presence", {"topic": topic}, retry=True)
+        reply = await self._request(lambda rid: Presence(rid, topic), retry=True)
         users = reply.get("users") or []
         return [
             PresenceUser(
@@ -496,14 +412,14 @@ class Client:
 
     async def stats(self) -> dict[str, Any]:
         """Server-wide figures (the token needs ``admin``)."""
-        reply = await self._request("stats", {}, retry=True)
+        reply = await self._request(lambda rid: Stats(rid), retry=True)
         return {k: v for k, v in reply.items() if k not in ("op", "id")}
 
     async def refresh_token(self, token: str | None = None) -> float | None:
         """Replace the token on the live connection (from ``token_provider`` when not
         given); return its new ``exp``."""
         new = token if token is not None else await self._get_token()
-        reply = await self._request("auth", {"token": new}, retry=False)
+        reply = await self._request(lambda rid: Auth(new, rid), retry=False)
         self._token = new
         exp = reply.get("exp")
         return float(exp) if isinstance(exp, (int, float)) else None
@@ -574,16 +490,17 @@ class Client:
 
     async def _request(
         self,
-        op: str,
-        fields: dict[str, Any],
+        build: Callable[[int], Request],
         *,
         retry: bool,
         on_reply: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         rid = self._new_id()
-        frame = {"op": op, "id": rid, **fields}
+        request = build(rid)
+        op = type(request).__name__.lower()  # the request classes are named after their op
+        frame = encode_request(request).decode()
         loop = asyncio.get_running_loop()
-        req = _Request(frame, loop.create_future(), retry, on_reply=on_reply)
+        req = _Request(request, frame, loop.create_future(), retry, on_reply=on_reply)
         deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
         try:
             while not req.future.done():
@@ -593,7 +510,7 @@ class Client:
                 self._pending[rid] = req
                 req.generation = generation
                 try:
-                    await ws.send(orjson.dumps(frame).decode())
+                    await ws.send(frame)
                 except ConnectionClosed:
                     self._dropped(ws)
                     # Not written: safe to send again on the next connection.
@@ -620,8 +537,8 @@ class Client:
         finally:
             self._pending.pop(rid, None)
 
-    async def _send_unacked(self, frame: dict[str, Any]) -> None:
-        data = orjson.dumps(frame).decode()
+    async def _send_unacked(self, request: Pub) -> None:
+        data = encode_request(request).decode()
         while True:
             ws = await self._ready_ws(self.request_timeout)
             try:
@@ -700,15 +617,15 @@ class Client:
             raise ConnectionFailed(f"cannot connect to {url}: {reason}") from None
         try:
             if not self.auth_header:
-                await ws.send(orjson.dumps({"op": "auth", "token": token}).decode())
+                await ws.send(encode_request(Auth(token)).decode())
             raw = await asyncio.wait_for(ws.recv(), self.connect_timeout)
-            frame = orjson.loads(raw)
+            frame = parse_reply(raw)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
             if code == CLOSE_UNAUTHORIZED:
                 raise _Fatal(_unauthorized(exc.rcvd.reason if exc.rcvd else "")) from None
             raise ConnectionFailed(f"{url}: connection closed during authentication") from None
-        except (TimeoutError, orjson.JSONDecodeError):
+        except (TimeoutError, BadRequest):
             await ws.close()
             raise ConnectionFailed(f"{url}: no hello from the broker") from None
         if frame.get("op") == "error":
@@ -730,7 +647,7 @@ class Client:
         """Reconnect with backoff and jitter until it works, times out or is refused."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        attempt = 0
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
         last_error = "connection lost"
         while True:
             if (
@@ -742,14 +659,12 @@ class Client:
                         f"could not reconnect within {self.reconnect_timeout:g}s: {last_error}"
                     )
                 )
-            delay = min(self.backoff_max, self.backoff_initial * 2**attempt)
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            attempt += 1
+            await asyncio.sleep(backoff.next())
             try:
                 return await self._open_next()
             except ConnectionFailed as exc:
                 last_error = exc.message
-                logger.debug("reconnect attempt %d failed: %s", attempt, exc.message)
+                logger.debug("reconnect attempt %d failed: %s", backoff.attempts, exc.message)
 
     def _set_state(self, state: str) -> None:
         if self.on_state is not None:
@@ -798,9 +713,7 @@ class Client:
         last_auth_error: str | None = None
         try:
             async for raw in ws:
-                frame = orjson.loads(raw)
-                if not isinstance(frame, dict):
-                    continue
+                frame = parse_reply(raw)
                 if frame.get("op") == "error" and frame.get("code") == "unauthorized":
                     last_auth_error = str(frame.get("message", ""))
                 try:
@@ -813,7 +726,7 @@ class Client:
                     await self._room.wait()
         except ConnectionClosed:
             pass
-        except orjson.JSONDecodeError:
+        except BadRequest:
             await ws.close()
         finally:
             self._ready.clear()
@@ -839,36 +752,28 @@ class Client:
     async def _resume(self, ws: ClientConnection, generation: int) -> None:
         """Re-subscribe confirmed subscriptions and resend retryable requests."""
         loop = asyncio.get_running_loop()
-        frames: list[dict[str, Any]] = []
+        frames: list[str] = []
         for state in self._subs.values():
             if not state.confirmed:
                 continue
-            fields: dict[str, Any] = {"op": "sub", "topic": state.pattern}
-            if state.watermark is not None:
-                fields["since"] = state.watermark
-                if state.epoch is not None:
-                    fields["epoch"] = state.epoch
-            elif state.last is not None:
-                fields["last"] = state.last
-            if state.presence:
-                fields["presence"] = True
             rid = self._new_id()
-            fields["id"] = rid
-            since, epoch = state.watermark, state.epoch
-            req = _Request(fields, loop.create_future(), retry=True, generation=generation)
+            request = state.request(rid)
+            frame = encode_request(request).decode()
+            req = _Request(request, frame, loop.create_future(), retry=True, generation=generation)
+            since, epoch = request.since, request.epoch
             req.on_reply = lambda r, s=state, a=since, e=epoch: self._apply_sub_reply(
                 s, a, e, r, True
             )
             req.future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
             self._pending[rid] = req
-            frames.append(fields)
+            frames.append(frame)
         for req in list(self._pending.values()):
             if req.retry and req.generation != generation:
                 req.generation = generation
                 frames.append(req.frame)
         try:
             for frame in frames:
-                await ws.send(orjson.dumps(frame).decode())
+                await ws.send(frame)
         except ConnectionClosed:
             pass  # the session's read loop sees the close at once
 
@@ -927,8 +832,8 @@ class Client:
                     else error_for_code(code, message, rid)
                 )
                 err.request_id = rid
-                if req.on_reply is not None and req.frame.get("op") == "sub":
-                    self._on_sub_refused(req.frame, err)
+                if isinstance(req.request, Sub) and self._state.refused(req.request.topic):
+                    self._report_error(err)
                 if not req.future.done():
                     req.future.set_exception(err)
         elif op in ("join", "leave"):
@@ -949,91 +854,28 @@ class Client:
         else:
             logger.warning("broker error: %s: %s", error.code, error.message)
 
-    def _remember(self, seq: int) -> bool:
-        """False when ``seq`` was already delivered."""
-        if seq in self._seen:
-            return False
-        self._seen.add(seq)
-        self._seen_order.append(seq)
-        while len(self._seen_order) > self._dedupe_window:
-            self._seen.discard(self._seen_order.popleft())
-        return True
-
     def _on_msg(self, frame: dict[str, Any]) -> None:
-        seq = frame.get("seq")
-        topic = frame.get("topic")
-        if not isinstance(seq, int) or not isinstance(topic, str):
-            return
-        for state in self._subs.values():
-            if not state.confirmed:
-                continue
-            if state.replay_until is not None and seq > state.replay_until:
-                # The first message past the sub's ok: its replay is complete.
-                state.watermark = max(state.watermark or 0, state.replay_until)
-                state.replay_until = None
-                state.last = None
-            if matches(state.pattern, topic):
-                state.watermark = max(state.watermark or 0, seq)
-                state.last = None
-        if not self._remember(seq):
-            return
-        ts = frame.get("ts")
-        self._events.put_nowait(
-            Message(
-                topic=topic,
-                seq=seq,
-                data=frame.get("data"),
-                sender=User.from_json(frame.get("from")),
-                ts=int(ts) if isinstance(ts, (int, float)) else 0,
-            )
-        )
-
-    def _note_epoch(self, epoch: str) -> None:
-        if self.epoch is not None and epoch != self.epoch:
-            # History started over: seqs restart, old ones mean nothing now.
-            self._seen.clear()
-            self._seen_order.clear()
-        self.epoch = epoch
+        message = self._state.on_msg(frame)
+        if message is not None:
+            self._events.put_nowait(message)
 
     def _apply_sub_reply(
         self,
-        state: _SubState,
+        state: SubState,
         since: int | None,
         epoch: str | None,
         reply: dict[str, Any],
         resumed: bool,
     ) -> None:
-        """Update a subscription's resume point from its ``ok`` (``since``/``epoch`` as sent)."""
-        new_epoch = str(reply.get("epoch", ""))
-        seq = int(reply.get("seq", 0))
-        recovered = bool(reply.get("recovered", True))
-        self._note_epoch(new_epoch)
-        state.epoch = new_epoch
-        state.confirmed = True
-        if since is None and state.last is None:
-            state.watermark = max(state.watermark or 0, seq)  # live from here on
+        """Update a subscription from its ``ok``; report a resume that lost messages."""
+        gap = self._state.apply_sub_reply(state, since, epoch, reply, resumed)
+        if gap is None:
             return
-        state.replay_until = seq  # replayed messages follow, up to about ``seq``
-        if recovered:
+        self._events.put_nowait(gap)
+        if self.on_gap is None:
+            logger.warning("%s", gap.describe())
             return
-        if since is not None and (epoch != new_epoch or since > seq):
-            # Another history, or since beyond it: the broker replays all it retains.
-            state.watermark = 0
-        if resumed:
-            gap = Gap(state.pattern, since, epoch, new_epoch)
-            self._events.put_nowait(gap)
-            if self.on_gap is None:
-                logger.warning("%s", gap.describe())
-                return
-            try:
-                self.on_gap(gap)
-            except Exception:
-                logger.exception("on_gap callback failed")
-
-    def _on_sub_refused(self, frame: dict[str, Any], error: BrokerError) -> None:
-        pattern = frame.get("topic")
-        state = self._subs.get(pattern) if isinstance(pattern, str) else None
-        if state is not None and state.confirmed:
-            # A resumed subscription the broker no longer allows (e.g. a new token's ACL).
-            del self._subs[state.pattern]
-            self._report_error(error)
+        try:
+            self.on_gap(gap)
+        except Exception:
+            logger.exception("on_gap callback failed")

@@ -216,3 +216,52 @@ def encode_hello(user: dict[str, str], server: str) -> bytes:
 def encode_presence_event(op: str, topic: str, user: dict[str, str]) -> bytes:
     """A ``join`` or ``leave`` frame."""
     return orjson.dumps({"op": op, "topic": topic, "user": user})
+
+
+# -- client side: the same frames, encoded by clients ------------------------------------
+
+
+def encode_request(request: Request) -> bytes:
+    """The frame a client sends for ``request``: what ``parse_request`` reads back."""
+    if isinstance(request, Pub):
+        head: dict[str, Any] = {"op": "pub", "topic": request.topic}
+        if request.id is not None:
+            head["id"] = request.id
+        if request.echo:
+            head["echo"] = True
+        if request.key is not None:
+            head["key"] = request.key
+        # ``data`` is already JSON: splice it in rather than decode and encode it again.
+        return orjson.dumps(head)[:-1] + b',"data":' + request.data + b"}"
+    if isinstance(request, Sub):
+        sub: dict[str, Any] = {"op": "sub", "id": request.id, "topic": request.topic}
+        if request.since is not None:
+            sub["since"] = request.since
+            if request.epoch is not None:
+                sub["epoch"] = request.epoch
+        if request.last is not None:
+            sub["last"] = request.last
+        if request.presence:
+            sub["presence"] = True
+        return orjson.dumps(sub)
+    if isinstance(request, Auth):
+        auth: dict[str, Any] = {"op": "auth", "token": request.token}
+        if request.id is not None:
+            auth["id"] = request.id
+        return orjson.dumps(auth)
+    if isinstance(request, Unsub):
+        return orjson.dumps({"op": "unsub", "id": request.id, "topic": request.topic})
+    if isinstance(request, Presence):
+        return orjson.dumps({"op": "presence", "id": request.id, "topic": request.topic})
+    return orjson.dumps({"op": "stats", "id": request.id})
+
+
+def parse_reply(raw: str | bytes) -> dict[str, Any]:
+    """A server frame as a JSON object (``BadRequest`` when it is not one)."""
+    try:
+        frame = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the broker sent a frame that is not JSON") from None
+    if not isinstance(frame, dict):
+        raise BadRequest("the broker sent a frame that is not a JSON object")
+    return frame

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.exceptions import RedisError
 
+from broker.core.backoff import Backoff
 from broker.core.hub import Hub
 from broker.core.topics import is_pattern
 from broker.errors import Unavailable
@@ -149,23 +150,22 @@ class Cluster:
     # -- writing presence -------------------------------------------------------------------
 
     async def _writer_loop(self) -> None:
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0, jitter=False)
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 while self._dirty:
                     await self._write_some()
-                delay = 0.1
+                backoff.reset()
             except Unavailable:
-                await asyncio.sleep(delay)  # Health logged it; the keys are dirty again
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())  # Health logged it; the keys are dirty again
                 self._wake.set()
             except Exception:
                 log.exception(
                     "writing presence to Redis failed", extra={"event": "presence_failed"}
                 )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(backoff.next())
                 self._wake.set()
 
     async def _write_some(self, limit: int = 1000) -> None:
@@ -195,12 +195,12 @@ class Cluster:
     # -- events -----------------------------------------------------------------------------
 
     async def _events_loop(self) -> None:
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0, jitter=False)
         while True:
             pubsub = self.store.link.blocking.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.prefix + "events")
-                delay = 0.1
+                backoff.reset()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
@@ -209,8 +209,7 @@ class Cluster:
                 raise
             except (RedisError, OSError) as exc:
                 self.store.link.health.failed("presence events", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -50,6 +50,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
+from broker.core.backoff import Backoff
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
@@ -270,7 +271,7 @@ class RedisStore(Store):
         """Feed ``deliver`` every message of the ``log`` stream after ``last_seq``, in seq
         order, forever; reconnect after Redis errors and resume from the last entry."""
         last = self.last_seq
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0, jitter=False)
         # After a new epoch the stream may start above last + 1 (seqs continue from the
         # highest any node had seen): not a gap.
         new_history = False
@@ -288,7 +289,7 @@ class RedisStore(Store):
                     await self.link.blocking.script_load(script("read_log"))
                     continue
                 self.health.ok()
-                delay = 0.1
+                backoff.reset()
                 epoch = to_str(epoch) if epoch else None
                 if epoch != self._followed_epoch:
                     await self._ensure_epoch(last)
@@ -317,16 +318,13 @@ class RedisStore(Store):
             except asyncio.CancelledError:
                 raise
             except Unavailable:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())
             except (RedisError, OSError) as exc:
                 self.health.failed("follow", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())
             except Exception:
                 log.exception("following the Redis stream failed", extra={"event": "follow_failed"})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())
 
     def _entry(self, entry: bytes) -> tuple[Message, Draft]:
         head, _, rest = entry.partition(b"\n")
