@@ -16,6 +16,7 @@ from typing import NoReturn, TypeVar
 import click
 
 from broker.errors import (
+    ERRORS_BY_CODE,
     BadRequest,
     BrokerError,
     ConnectionFailed,
@@ -83,7 +84,7 @@ class CommandError(click.ClickException):
     def from_broker(cls, error: BrokerError, context: str = "") -> CommandError:
         """Wrap a client-library error, keeping its message and mapping its exit code."""
         message = error.message
-        if isinstance(error, Forbidden | Unauthorized | BadRequest | RateLimited | Unavailable):
+        if error.code in ERRORS_BY_CODE and error.code != BrokerError.code:  # a wire code
             message = f"{error.code.replace('_', ' ')}: {message}"
         if context:
             message = f"{context}: {message}"

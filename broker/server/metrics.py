@@ -7,9 +7,9 @@ add, not a ``prometheus_client`` metric update (which takes a lock per call). Ea
 ``BrokerCollector`` turns the server's ``stats()`` figures and the histograms into metric
 families, so ``GET /metrics`` and the ``stats`` op can never disagree.
 
-Label values come from fixed sets only (``ERROR_CODES``, ``ATTEMPT_RESULTS``): never a
-topic or a user id. Topics appear only in the admin-only ``stats`` op, through ``TopTopics``,
-whose memory is bounded whatever the number of distinct topics.
+Label values come from fixed sets only (``broker.errors.ERROR_CODES``, ``ATTEMPT_RESULTS``):
+never a topic or a user id. Topics appear only in the admin-only ``stats`` op, through
+``TopTopics``, whose memory is bounded whatever the number of distinct topics.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -30,6 +29,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from broker.errors import ERROR_CODES
+
 __all__ = [
     "ATTEMPT_RESULTS",
     "CONTENT_TYPE_LATEST",
@@ -39,16 +40,6 @@ __all__ = [
     "TopTopics",
     "wire_size",
 ]
-
-#: Wire error codes, the only values of the ``code`` label (anything else counts as internal).
-ERROR_CODES = (
-    "bad_request",
-    "unauthorized",
-    "forbidden",
-    "rate_limited",
-    "unavailable",
-    "internal",
-)
 
 #: Outcomes of a WebSocket connection attempt, the only values of the ``result`` label.
 ATTEMPT_RESULTS = (
@@ -129,7 +120,7 @@ def wire_size(frame: str | bytes) -> int:
 class FastHistogram:
     """A Prometheus histogram for one event loop: ``observe`` is a bisect and two adds.
 
-    Exposed through ``BrokerCollector``; same ``observe``/``time`` calls as
+    Exposed through ``BrokerCollector``; the same ``observe`` call as
     ``prometheus_client.Histogram``, without its per-call lock.
     """
 
@@ -148,15 +139,6 @@ class FastHistogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += 1
         self.sum += value
-
-    @contextmanager
-    def time(self) -> Iterator[None]:
-        """Observe the wall time the ``with`` block takes."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.observe(time.perf_counter() - started)
 
     def family(self) -> HistogramMetricFamily:
         """The histogram as a metric family (cumulative buckets)."""
