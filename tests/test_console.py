@@ -101,9 +101,13 @@ class Console:
         ws.on("framesent", sent)
 
     def _on_console(self, msg: Any) -> None:
-        # Chromium logs each failed WebSocket attempt itself; reconnecting makes some.
-        if msg.type == "error" and not msg.text.startswith("WebSocket connection to"):
-            self.errors.append(msg.text)
+        # Chromium logs each failed WebSocket attempt itself, and each failed look at
+        # /healthz that broker.js takes to tell "down" from "refused"; reconnecting makes some.
+        if msg.type != "error" or msg.text.startswith("WebSocket connection to"):
+            return
+        if str((msg.location or {}).get("url", "")).endswith("/healthz"):
+            return
+        self.errors.append(msg.text)
 
     def by(self, testid: str) -> Locator:
         return self.page.get_by_test_id(testid)

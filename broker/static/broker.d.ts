@@ -188,6 +188,8 @@ export declare class Subscription extends Emitter<SubscriptionEvents> implements
   /** Where a resume starts. */
   readonly position: { since: number | null; epoch: string | null };
   readonly ended: boolean;
+  /** "pending" (waiting for the broker's answer or a connection), "active" or "ended". */
+  readonly state: "pending" | "active" | "ended";
   unsubscribe(): Promise<void>;
   [Symbol.asyncIterator](): AsyncIterator<Message>;
 }
@@ -207,7 +209,7 @@ export declare class BrokerClient extends Emitter<ClientEvents> {
   /** The error that stopped the client (state "failed"). */
   readonly error: BrokerError | null;
   readonly subscriptions: Map<string, Subscription>;
-  /** Resolves once connected (it keeps reconnecting meanwhile); rejects when the client fails. */
+  /** Resolves once connected (it keeps reconnecting meanwhile; while waiting to retry, it tries at once); rejects when the client fails. */
   connect(): Promise<void>;
   close(): void;
   subscribe(pattern: string, options?: SubscribeOptions): Subscription;

@@ -274,6 +274,11 @@ export class Subscription extends Emitter {
     this.ready.catch(() => {}); // awaited by callers that care; never an unhandled rejection
   }
 
+  /** "pending" (waiting for the broker's answer, or for a connection), "active" or "ended". */
+  get state() {
+    return this.ended ? "ended" : this.active ? "active" : "pending";
+  }
+
   /** Where a resume starts: `{since, epoch}` (since null before anything is known). */
   get position() {
     return { since: this.since, epoch: this.epoch };
@@ -434,7 +439,10 @@ export class BrokerClient extends Emitter {
 
   // -- lifecycle -----------------------------------------------------------------------
 
-  /** Connect (and keep reconnecting); resolves once connected, rejects if the client fails. */
+  /**
+   * Connect (and keep reconnecting); resolves once connected, rejects if the client fails.
+   * While waiting to retry ("disconnected"), it tries again at once.
+   */
   connect() {
     if (this.state === "closed" || this.state === "failed") {
       return Promise.reject(this.error || new ConnectionLost("the client was closed"));
@@ -443,6 +451,10 @@ export class BrokerClient extends Emitter {
     const waiting = new Promise((resolve, reject) => this._waiters.push({ resolve, reject }));
     if (this.state === "idle") {
       this._downSince = Date.now();
+      this._open();
+    } else if (this.state === "disconnected" && this._retryTimer !== null) {
+      clearTimeout(this._retryTimer);
+      this._retryTimer = null;
       this._open();
     }
     return waiting;
@@ -733,7 +745,17 @@ export class BrokerClient extends Emitter {
       }, delay);
     };
     if (!info.opened && info.url && !info.timedOut && code !== null) {
-      this._diagnose(info.url).then(report);
+      // One look at /healthz when the broker first becomes unreachable, then every fifth
+      // attempt (each failed fetch is a line in the browser's console).
+      const cached = this._diagnosis && this._diagnosis.url === info.url ? this._diagnosis : null;
+      if (cached && this._attempt > 1 && this._attempt % 5 !== 1) {
+        report(cached.error);
+      } else {
+        this._diagnose(info.url).then((error) => {
+          this._diagnosis = { url: info.url, error };
+          report(error);
+        });
+      }
     } else {
       report(info.hello ? null : new ConnectionFailed(`cannot connect to ${info.url || "the broker"}${reason ? ": " + reason : ""}`));
     }
