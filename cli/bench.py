@@ -17,10 +17,13 @@ import orjson
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from broker.client.bench import BenchConfig, BenchResult, run_bench
 from broker.core.auth import mint_token
+
+from .errors import EXIT_UNAUTHORIZED, EXIT_UNREACHABLE, CommandError
+from .params import Duration
 
 
 @contextlib.contextmanager
@@ -137,7 +140,7 @@ def render(result: BenchResult, console: Console) -> None:
     type=click.IntRange(1),
     help="Acked publishes in flight per publisher.",
 )
-@click.option("--duration", type=float, help="Stop publishing after this many seconds.")
+@click.option("--duration", type=Duration(), help="Stop publishing after this long (e.g. 30s, 2m).")
 @click.option("--memory", is_flag=True, help="Embedded broker: memory store instead of SQLite.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def bench(
@@ -157,15 +160,28 @@ def bench(
     Examples:
       broker bench --pub 1 --sub 1000 --msgs 20000
       broker bench --sub 0 --msgs 50000 --window 100     # acked publish throughput
-      broker bench --url ws://host:8765/ws --secret S --rate 2000
+      broker bench --url ws://host:8765/ws --secret S --rate 2000 --duration 1m
+
+    \b
+    Exit codes: 0 done, 1 other failure, 2 bad arguments, 3 broker unreachable or
+    connection lost, 4 token refused (wrong --secret).
     """
     console = Console(stderr=True)
 
     def go(target: str, key: str, pid: int | None) -> BenchResult:
         try:
             return measure(target, key, pid)
-        except (OSError, RuntimeError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
-            raise click.ClickException(f"benchmark failed: {exc or type(exc).__name__}") from None
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            code = EXIT_UNAUTHORIZED if status == 401 else EXIT_UNREACHABLE
+            reason = "token refused (is --secret the broker's?)" if status == 401 else exc
+            raise CommandError(f"benchmark failed: {target}: {reason}", code) from None
+        except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
+            # The same exit code as the other commands give an unreachable broker.
+            reason = str(exc) or type(exc).__name__
+            raise CommandError(f"benchmark failed: {target}: {reason}", EXIT_UNREACHABLE) from None
+        except RuntimeError as exc:
+            raise CommandError(f"benchmark failed: {exc}") from None
 
     def measure(target: str, key: str, pid: int | None) -> BenchResult:
         cfg = BenchConfig(

@@ -166,6 +166,13 @@ def pub_command(
     except BadRequest as exc:
         raise click.BadParameter(f"{topic!r}: {exc.message}", param_hint="TOPIC") from None
     data = _parse(message, as_json, "MESSAGE") if message is not None else None
+    if message is None and sys.stdin.isatty():
+        # Else a terminal just sits there: say what it waits for.
+        click.echo(
+            f"reading messages for {topic} from stdin, one per line; end with Ctrl-D "
+            f"(or give one: broker pub {topic} MESSAGE)",
+            err=True,
+        )
     client = make_client(url, token, ca_file, reconnect=False, on_error=on_error)
     terminal = sys.stderr.isatty()
 

@@ -13,7 +13,7 @@ import orjson
 from jwt.warnings import InsecureKeyLengthWarning
 from rich.console import Console
 
-from broker.core.auth import HMAC_ALGORITHMS, TokenVerifier, mint_token
+from broker.core.auth import ALGORITHMS, HMAC_ALGORITHMS, TokenVerifier, mint_token
 from broker.core.topics import validate_pattern
 from broker.errors import (
     BadRequest,
@@ -31,12 +31,19 @@ from .params import Duration
 
 
 def _ttl(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
-    if value.strip().lower() in ("never", "none", "0"):
+    # Only the word: a ttl of 0 (a typo, an unset variable) must not mean "forever".
+    if value.strip().lower() == "never":
         return None
     ttl = Duration().convert(value, param, ctx)
     if ttl < 1:
-        raise click.BadParameter("must be at least 1s (or 'never')")
+        raise click.BadParameter(f"{value!r}: must be at least 1s (or 'never' for no expiry)")
     return ttl
+
+
+def _user_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value == "":
+        raise click.BadParameter("must not be empty (leave --id out to use your login name)")
+    return value
 
 
 @click.command(
@@ -57,7 +64,12 @@ def _ttl(ctx: click.Context, param: click.Parameter, value: str) -> float | None
     """
     ),
 )
-@click.option("--id", "user_id", help="User id (the 'sub' claim). Default: your login name.")
+@click.option(
+    "--id",
+    "user_id",
+    callback=_user_id,
+    help="User id (the 'sub' claim). Default: your login name.",
+)
 @click.option("--name", help="Display name. Default: the id.")
 @click.option(
     "--ttl",
@@ -85,7 +97,7 @@ def _ttl(ctx: click.Context, param: click.Parameter, value: str) -> float | None
 @click.option("--secret", help="HMAC secret [env BROKER_SECRET]. Default: the local secret file.")
 @click.option(
     "--algorithm",
-    type=click.Choice([*HMAC_ALGORITHMS, "RS256", "ES256"]),
+    type=click.Choice(ALGORITHMS),
     default="HS256",
     show_default=True,
     help="Signing algorithm (must be the one the broker accepts). RS256/ES256 need "

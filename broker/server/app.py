@@ -52,6 +52,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.server.api import HttpApi, Reply, error_reply
+from broker.server.backpressure import Backpressure
 from broker.server.config import ServerConfig
 from broker.server.connection import CLOSE_INTERNAL, Connection, HttpRequest
 from broker.server.http import Routes, origin_allowed
@@ -100,6 +101,12 @@ class BrokerServer:
         self.hub = self.cluster.make_hub(self.stats) if self.cluster else Hub()
         # A shared store feeds every node through follow(); a local one after append.
         self.journal = Journal(self.store, _ignore if self.store.shared else self.hub.fanout)
+        self.backpressure = Backpressure(
+            config.max_pending_publishes,
+            config.max_pending_bytes,
+            config.max_store_backlog,
+            _BACKLOG_PAUSE,
+        )
         self.flusher = Flusher()
         self.sessions: set[Session] = set()
         self.connections = 0
@@ -541,6 +548,7 @@ class BrokerServer:
         self._drop(session)
 
     def _drop(self, session: Session) -> None:
+        self.backpressure.forget(session)
         if session in self.sessions:
             self.sessions.discard(session)
             session.set_expiry(None)
@@ -596,7 +604,7 @@ class BrokerServer:
                 else:
                     session.send(encode_ok(rid, seq=msg.seq))
 
-        self.journal.submit(draft, done)
+        self.journal.submit(draft, self.backpressure.wrap(session, draft, done))
 
     def submit(
         self,
@@ -636,10 +644,15 @@ class BrokerServer:
                 else:
                     answer(tuple(m.seq for m in got), False, None)
 
+        if self.backpressure.over_total:
+            error = Unavailable("too many publishes wait for the store; retry later")
+            self.metrics.error(error.code)
+            answer(None, False, error)
+            return
         self.published += n
         for draft in drafts:
             self.metrics.top_topics.add(draft.topic)
-            self.journal.submit(draft, done)
+            self.journal.submit(draft, self.backpressure.wrap(None, draft, done))
 
     async def _subscribe(self, session: Session, frame: Sub) -> None:
         ident = session.identity

@@ -483,6 +483,30 @@ class ServerConfig:
         Size(),
         "Unsent bytes per connection before it is closed as a slow consumer (4008).",
     )
+    max_pending_publishes: int = setting(
+        1000,
+        Integer(1),
+        "Publishes of one connection waiting to be recorded in history; past it the broker "
+        "stops reading that connection until they are.",
+    )
+    max_pending_bytes: int = setting(
+        256 << 10,
+        Size(),
+        "Bytes of one connection's publishes waiting to be recorded in history; past it the "
+        "broker stops reading that connection until they are.",
+    )
+    max_store_backlog: int = setting(
+        64 << 20,
+        Size(),
+        "Bytes of publishes waiting to be recorded, all connections together; past it "
+        "publishing connections stop being read and HTTP publishes get 'unavailable'.",
+    )
+    history_size: int = setting(
+        256 << 20,
+        Size(),
+        "Memory store: total bytes of messages kept, all topics together; past it the "
+        "oldest messages go first, whatever their topic.",
+    )
     rate_limit: float | None = setting(
         None, Number(), "Publishes per second per connection. Not set: no limit.", example=100
     )

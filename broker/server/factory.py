@@ -57,7 +57,7 @@ def build_store(config: ServerConfig) -> Store:
             wait_timeout=config.redis_wait_timeout,
         )
     if config.memory:
-        return MemoryStore(config.history, config.retention)
+        return MemoryStore(config.history, config.retention, config.history_size)
     folder = config.data or data_dir()
     return SqliteStore(Path(folder) / "broker.sqlite3", config.history, config.retention)
 

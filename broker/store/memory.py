@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 
@@ -11,14 +12,35 @@ from broker.store.base import Replay, Store
 from broker.store.dedupe import KeyId, number
 
 
-class MemoryStore(Store):
-    """History in process memory: fast, lost on restart (a new epoch every start)."""
+def message_size(msg: Message) -> int:
+    """What a message counts against ``history_size``: its data, topic and sender."""
+    return len(msg.data) + len(msg.topic) + len(msg.sender_id) + len(msg.sender_name)
 
-    def __init__(self, history: int = 1000, retention: float = 24 * 3600) -> None:
+
+class MemoryStore(Store):
+    """History in process memory: fast, lost on restart (a new epoch every start).
+
+    Bounded per topic (``history`` messages) and in all (``history_size`` bytes, see
+    ``message_size``): past the total, the oldest messages go first, whatever their topic,
+    and their topic's ``trimmed`` mark moves on, so a ``since`` replay that misses them
+    answers ``recovered: false``."""
+
+    def __init__(
+        self,
+        history: int = 1000,
+        retention: float = 24 * 3600,
+        history_size: int | None = None,
+    ) -> None:
         super().__init__(history, retention)
         self.epoch = new_epoch()
+        self.history_size = history_size
         self._topics: dict[str, deque[Message]] = {}
         self._trimmed: dict[str, int] = {}
+        #: Bytes of the retained messages (``message_size``).
+        self.size = 0
+        # (seq of a topic's oldest message, topic), a heap: finds the oldest message of all.
+        # Entries go stale when a topic loses messages another way; fixed when met.
+        self._oldest: list[tuple[int, str]] = []
         # (user, key) -> (seqs, monotonic time of the publish), oldest first.
         self._keys: dict[KeyId, tuple[tuple[int, ...], float]] = {}
 
@@ -29,9 +51,16 @@ class MemoryStore(Store):
             if q is None:
                 q = self._topics[msg.topic] = deque()
                 self._trimmed.setdefault(msg.topic, 0)
+            if not q:
+                heapq.heappush(self._oldest, (msg.seq, msg.topic))
             q.append(msg)
+            self.size += message_size(msg)
             if len(q) > self.history:
-                self._trimmed[msg.topic] = q.popleft().seq
+                gone = q.popleft()
+                self.size -= message_size(gone)
+                self._trimmed[msg.topic] = gone.seq
+        if self.history_size is not None and self.size > self.history_size:
+            self._evict(self.history_size)
         if numbered.fresh:
             self.last_seq = numbered.fresh[-1].seq
         now = time.monotonic()
@@ -39,6 +68,27 @@ class MemoryStore(Store):
             self._keys.pop(kid, None)  # a reused expired key moves to the end
             self._keys[kid] = (seqs, now)
         return numbered.results
+
+    def _evict(self, limit: int) -> None:
+        """Drop the oldest messages of all topics until the total is within ``limit``."""
+        oldest = self._oldest
+        while self.size > limit and oldest:
+            seq, topic = heapq.heappop(oldest)
+            q = self._topics.get(topic)
+            if not q:
+                continue
+            if q[0].seq != seq:  # stale: file the topic under its oldest message now
+                heapq.heappush(oldest, (q[0].seq, topic))
+                continue
+            gone = q.popleft()
+            self.size -= message_size(gone)
+            self._trimmed[topic] = gone.seq
+            if q:
+                heapq.heappush(oldest, (q[0].seq, topic))
+        if len(oldest) > 2 * len(self._topics) + 64:
+            # Topics emptied by age and made again leave entries behind: start afresh.
+            self._oldest = [(q[0].seq, t) for t, q in self._topics.items() if q]
+            heapq.heapify(self._oldest)
 
     def _known_key(self, user: str, key: str) -> tuple[int, ...] | None:
         found = self._keys.get((user, key))
@@ -70,7 +120,9 @@ class MemoryStore(Store):
         removed = 0
         for topic, q in self._topics.items():
             while q and q[0].ts < cutoff:
-                self._trimmed[topic] = q.popleft().seq
+                gone = q.popleft()
+                self.size -= message_size(gone)
+                self._trimmed[topic] = gone.seq
                 removed += 1
         for topic in [t for t, q in self._topics.items() if not q]:
             del self._topics[topic]

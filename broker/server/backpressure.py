@@ -1,0 +1,137 @@
+"""Back-pressure on publishers: what waits for the store is bounded, per connection and
+in all.
+
+A publish is accepted when its frame is parsed and recorded when the store has it (the
+journal's group commit). Nothing else bounds the publishes in between: a client sending
+fire-and-forget publishes faster than the disk takes them would pile them up in memory
+without end. So each connection's publishes waiting for the store are counted (number and
+bytes); past its bound, or past the bound on bytes waiting for all connections together,
+the server stops reading that connection's socket (``transport.pause_reading``) until
+enough of them are recorded. TCP flow control then slows the client down; nothing is
+refused. A publisher that waits for its acks never meets the bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from broker.core.model import Draft, Message
+from broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from broker.server.session import Session
+
+Done = Callable[[Message | None, BrokerError | None], None]
+
+log = logging.getLogger("broker.server.backpressure")
+
+
+class Backpressure:
+    """Counts publishes waiting for the store and pauses reading the connections that
+    send them past the bounds; resumes them at half the bounds (hysteresis, so a paused
+    connection is not woken for a single frame)."""
+
+    def __init__(
+        self, max_count: int, max_bytes: int, max_total: int, backlog_pause: int = 64
+    ) -> None:
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.max_total = max_total
+        self.backlog_pause = backlog_pause  # app.py pauses a connection for its backlog too
+        #: Bytes of publishes accepted and not yet recorded (or refused), in all.
+        self.total = 0
+        #: Times a connection was paused, and how many of those for the global bound.
+        self.pauses = 0
+        self.global_pauses = 0
+        self._waiting: dict[Session, list[int]] = {}  # session -> [count, bytes]
+        self._paused: set[Session] = set()
+        self._over_total = False
+
+    @property
+    def over_total(self) -> bool:
+        """Past the global bound: new publishes that cannot be paused are refused."""
+        return self.total >= self.max_total
+
+    def wrap(self, session: Session | None, draft: Draft, done: Done) -> Done:
+        """Count ``draft`` as waiting for the store until ``done`` is called for it."""
+        size = len(draft.data) + len(draft.topic)
+        self.accepted(session, size)
+
+        def recorded(msg: Message | None, error: BrokerError | None) -> None:
+            self.recorded(session, size)
+            done(msg, error)
+
+        return recorded
+
+    def accepted(self, session: Session | None, size: int) -> None:
+        """A publish of ``size`` bytes from ``session`` (None: HTTP) now waits for the store."""
+        self.total += size
+        if self.total >= self.max_total and not self._over_total:
+            self._over_total = True
+            log.warning(
+                "%d bytes of publishes wait for the store (bound %d): pausing publishers",
+                self.total,
+                self.max_total,
+                extra={"event": "store_backlog_full"},
+            )
+        if session is None:
+            return
+        waiting = self._waiting.get(session)
+        if waiting is None:
+            waiting = self._waiting[session] = [0, 0]
+        waiting[0] += 1
+        waiting[1] += size
+        if session in self._paused:
+            return
+        if waiting[0] >= self.max_count or waiting[1] >= self.max_bytes or self._over_total:
+            transport = session.conn.transport
+            if transport is not None and not session.closing:
+                transport.pause_reading()
+                self._paused.add(session)
+                self.pauses += 1
+                if self._over_total:
+                    self.global_pauses += 1
+
+    def recorded(self, session: Session | None, size: int) -> None:
+        """That publish is recorded or refused: it no longer waits."""
+        self.total -= size
+        if session is not None:
+            waiting = self._waiting.get(session)
+            if waiting is not None:
+                waiting[0] -= 1
+                waiting[1] -= size
+                if waiting[0] <= 0:
+                    del self._waiting[session]
+        if self._over_total and self.total <= self.max_total // 2:
+            self._over_total = False
+            log.warning(
+                "publishes waiting for the store back under %d bytes: resuming publishers",
+                self.max_total // 2,
+                extra={"event": "store_backlog_ok"},
+            )
+            for paused in list(self._paused):
+                self._maybe_resume(paused)
+        elif session is not None and session in self._paused:
+            self._maybe_resume(session)
+
+    def _maybe_resume(self, session: Session) -> None:
+        if session.closing:
+            self._paused.discard(session)
+            return
+        if self._over_total:
+            return
+        count, size = self._waiting.get(session, (0, 0))
+        if count > self.max_count // 2 or size > self.max_bytes // 2:
+            return
+        self._paused.discard(session)
+        transport = session.conn.transport
+        # A connection also paused for its backlog of requests (app.py) is resumed there.
+        backlog = session.backlog
+        if transport is not None and (backlog is None or len(backlog) < self.backlog_pause):
+            transport.resume_reading()
+
+    def forget(self, session: Session) -> None:
+        """``session`` closed: it will not be resumed (its publishes still count)."""
+        self._paused.discard(session)

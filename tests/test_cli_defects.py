@@ -1,0 +1,134 @@
+"""The CLI defects of issue 16, each against a real broker where one is involved."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from broker.cli.main import cli
+
+from .support import ROOT, SECRET, BrokerProcess, free_port, isolated_env
+
+
+def invoke(tmp_path: Path, *args: str) -> Result:
+    """The CLI in-process, no token or secret from the environment."""
+    env: dict[str, str | None] = {
+        "BROKER_URL": None,
+        "BROKER_TOKEN": None,
+        "BROKER_SECRET": None,
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "NO_COLOR": "1",
+    }
+    result = CliRunner().invoke(cli, list(args), env=env)
+    assert "Traceback" not in result.output
+    return result
+
+
+def run_cli(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The real ``broker`` command in a subprocess, stdin closed."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        cwd=ROOT,
+        env={**isolated_env(tmp_path), "BROKER_SECRET": SECRET},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_token_ttl_zero_is_refused_not_eternal(tmp_path: Path) -> None:
+    for ttl in ("0", "0s", "none"):
+        result = invoke(tmp_path, "token", "--secret", SECRET, "--id", "a", "--ttl", ttl)
+        assert result.exit_code == 2, (ttl, result.output)
+        assert "--ttl" in result.output
+    zero = invoke(tmp_path, "token", "--secret", SECRET, "--id", "a", "--ttl", "0")
+    assert "never" in zero.output  # says how to ask for no expiry
+    never = invoke(tmp_path, "token", "--secret", SECRET, "--id", "a", "--ttl", "never")
+    assert never.exit_code == 0 and never.output.count(".") == 2
+
+
+def test_token_empty_id_is_refused(tmp_path: Path) -> None:
+    result = invoke(tmp_path, "token", "--secret", SECRET, "--id", "")
+    assert result.exit_code == 2
+    assert "--id" in result.output and "must not be empty" in result.output
+
+
+def test_bench_unreachable_exits_3(tmp_path: Path) -> None:
+    url = f"ws://127.0.0.1:{free_port()}/ws"
+    result = run_cli(tmp_path, "bench", "--url", url, "--secret", SECRET, "--msgs", "10")
+    assert result.returncode == 3, result.stderr
+    assert url in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_refused_token_exits_4(broker: BrokerProcess, tmp_path: Path) -> None:
+    wrong = "another-secret-0123456789-abcdefghijklmnop"
+    result = run_cli(tmp_path, "bench", "--url", broker.url, "--secret", wrong, "--msgs", "10")
+    assert result.returncode == 4, result.stderr
+    assert "token refused" in result.stderr
+
+
+def test_bench_duration_takes_a_duration(broker: BrokerProcess, tmp_path: Path) -> None:
+    bad = invoke(tmp_path, "bench", "--url", broker.url, "--duration", "soon")
+    assert bad.exit_code == 2 and "is not a duration" in bad.output
+    started = time.monotonic()
+    result = run_cli(
+        tmp_path,
+        "bench",
+        "--url",
+        broker.url,
+        "--secret",
+        SECRET,
+        "--sub",
+        "1",
+        "--msgs",
+        "100000000",
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    # A rate of 200/s for 1s: about 200 published, nowhere near --msgs.
+    assert '"published":' in result.stdout
+    assert time.monotonic() - started < 30
+
+
+def test_pub_on_a_terminal_says_it_reads_stdin(broker: BrokerProcess, tmp_path: Path) -> None:
+    """``broker pub TOPIC`` with a terminal for stdin: a hint on stderr, Ctrl-D ends it."""
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "pub", "hint", "--url", broker.url],
+        cwd=ROOT,
+        env={**isolated_env(tmp_path), "BROKER_SECRET": SECRET},
+        stdin=terminal,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 15
+        while b"Ctrl-D" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:
+                    break
+        assert b"from stdin, one per line" in seen and b"Ctrl-D" in seen, seen
+        os.write(controller, b"goal\n\x04")
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(controller)
