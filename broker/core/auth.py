@@ -15,8 +15,12 @@ import jwt
 from broker.core.topics import any_covers, inbox_owner, pattern_inbox_owner
 from broker.errors import BadRequest, Forbidden, TokenExpired, Unauthorized
 
+#: JWT algorithms signed and verified with one shared secret.
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA")
+#: JWT algorithms signed with a private key and verified with its PEM public key.
+KEY_ALGORITHMS = ("RS256", "ES256")
+#: The one list of JWT algorithms (docs/protocol.md): a broker accepts exactly one of them
+#: (``broker serve --algorithm``) and ``broker token --algorithm`` signs with any of them.
 ALGORITHMS = HMAC_ALGORITHMS + KEY_ALGORITHMS
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import platformdirs
 
+from broker.core.auth import ALGORITHMS
 from broker.errors import ConfigError
 
 APP_NAME = "broker"
@@ -423,9 +424,6 @@ def setting(
     return field(default=default, metadata=meta)
 
 
-_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "ES256")
-
-
 @dataclass
 class ServerConfig:
     """Everything ``broker serve`` can be told; each ``setting(...)`` is a row of the table."""
@@ -444,7 +442,7 @@ class ServerConfig:
         secret=True,
         example="change-me-to-32-or-more-random-bytes",
     )
-    algorithm: str = setting("HS256", Choice(*_ALGORITHMS), "The one JWT algorithm accepted.")
+    algorithm: str = setting("HS256", Choice(*ALGORITHMS), "The one JWT algorithm accepted.")
     public_key: str | None = setting(
         None, FilePath(), "PEM public key, for RS256/ES256.", example="/etc/broker/jwt-public.pem"
     )
