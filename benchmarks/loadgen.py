@@ -11,7 +11,7 @@ publishing costs one bytes join.
 
 Three wire protocols, one class each:
 
-* ``broker`` -- this project's protocol (PROTOCOL.md): ``Authorization: Bearer`` in the
+* ``broker`` -- this project's protocol (docs/protocol.md): ``Authorization: Bearer`` in the
   handshake, ``hello``, ``sub`` -> ``ok``; deliveries are ``msg`` text frames; acked
   publishes are ``pub`` with an ``id`` answered by ``ok``.
 * ``socketio`` -- Socket.IO 4 over the Engine.IO 4 WebSocket transport: ``0{...}`` open,
@@ -273,7 +273,7 @@ class Conn(asyncio.Protocol):
 
 
 class BrokerConn(Conn):
-    """This project's protocol (PROTOCOL.md)."""
+    """This project's protocol (docs/protocol.md)."""
 
     path = "/ws"
 

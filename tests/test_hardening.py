@@ -1189,7 +1189,7 @@ async def test_allowed_origins(make_broker) -> None:  # type: ignore[no-untyped-
 
 
 async def test_compression_not_negotiated_by_default(broker: BrokerProcess) -> None:
-    """No permessage-deflate unless the server is started with compression (section 1):
+    """No permessage-deflate unless the server is started with compression (docs/protocol.md):
     nothing to inflate, so no decompression bombs."""
     ws = await connect(
         broker.url,

@@ -1,5 +1,6 @@
-"""Section 5 against real brokers: seq, history, replay/live without gap or duplicate,
-durability across kill -9, graceful shutdown, memory mode."""
+"""Delivery, order and history (docs/protocol.md) against real brokers: seq, history,
+replay/live without gap or duplicate, durability across kill -9, graceful shutdown, memory
+mode."""
 
 from __future__ import annotations
 
