@@ -300,8 +300,11 @@ class GateProxy:
     """A TCP relay in front of the broker that the test can shut, so that the page
     stays disconnected while messages are published behind its back."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, rewrite_host: str | None = None) -> None:
         self.target_port = target_port
+        # A reverse proxy that sends its own Host upstream (as nginx without
+        # `proxy_set_header Host $host` does): the page's origin is not the broker's then.
+        self.rewrite_host = rewrite_host
         self.port = free_port()
         self.open = True
         self.server: asyncio.Server | None = None
@@ -338,20 +341,26 @@ class GateProxy:
             return
         self.writers |= {writer, up_writer}
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        host = f"Host: 127.0.0.1:{self.port}\r\n".encode()
+
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool
+        ) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
+                    if upstream and self.rewrite_host is not None:
+                        data = data.replace(host, f"Host: {self.rewrite_host}\r\n".encode())
                     dst.write(data)
                     await dst.drain()
             dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
         self.writers -= {writer, up_writer}
 
 
 @contextlib.asynccontextmanager
-async def gate_proxy(port: int) -> AsyncIterator[GateProxy]:
-    proxy = await GateProxy(port).start()
+async def gate_proxy(port: int, rewrite_host: str | None = None) -> AsyncIterator[GateProxy]:
+    proxy = await GateProxy(port, rewrite_host).start()
     try:
         yield proxy
     finally:
@@ -555,15 +564,18 @@ def test_token_is_remembered_in_the_tab(broker: BrokerProcess) -> None:
         await a.connect(token)
         await a.page.reload()
         await expect(a.by("token")).to_have_value(token)
+        # A connected tab that is reloaded connects again by itself, with the kept token.
+        await expect(a.by("status-text")).to_have_text("Connected as Alice")
         stored = await a.page.evaluate("Object.keys(localStorage).length")
         assert stored == 0  # session storage only
 
-        # Connect from the remembered token, then disconnect: it stays disconnected.
-        await a.by("connect").press("Enter")
-        await expect(a.by("status-text")).to_have_text("Connected as Alice")
+        # Disconnected by choice, it stays disconnected, across a reload too.
         await a.by("disconnect").click()
         await expect(a.status).to_have_attribute("data-state", "idle")
         await expect(a.by("status-text")).to_have_text("Disconnected")
+        await a.page.reload()
+        await expect(a.by("token")).to_have_value(token)
+        await expect(a.by("status-text")).to_have_text("Not connected")
         await a.page.wait_for_timeout(600)
         await expect(a.status).to_have_attribute("data-state", "idle")
         await expect(a.by("pub-button")).to_be_disabled()
@@ -606,5 +618,88 @@ def test_screenshot_of_two_users_chatting(broker: BrokerProcess) -> None:
         assert SCREENSHOT.stat().st_size > 10_000
         a.assert_clean()
         b.assert_clean()
+
+    run(scenario)
+
+
+def test_reload_mid_stream_loses_and_repeats_nothing(broker: BrokerProcess) -> None:
+    async def scenario(browser: Browser) -> None:
+        a = await open_console(browser, broker.http_url)
+        await a.connect(broker.token(*ALICE))
+        await a.subscribe("football")
+        peer = await Peer.open(broker.url, broker.token(*BOB))
+        seqs: dict[str, int] = {}
+
+        async def publish(first: int, last: int) -> None:
+            for i in range(first, last):
+                ok = await peer.request("pub", topic="football", data=f"m{i}")
+                seqs[f"m{i}"] = ok["seq"]
+
+        await publish(0, 10)
+        await expect(message(a, "m9")).to_have_count(1)
+        sent_before = len(a.sent)
+        # The page reloads while the stream goes on, and a direct message arrives meanwhile.
+        await asyncio.gather(a.page.reload(), publish(10, 25))
+        dm = await peer.request("pub", topic="user/1", data="psst, during the reload")
+        await publish(25, 35)
+        await peer.close()
+
+        await expect(a.by("status-text")).to_have_text("Connected as Alice")
+        await expect(message(a, "psst, during the reload")).to_have_count(1)
+        await expect(message(a, "m34")).to_have_count(1)
+        await expect(a.messages()).to_have_count(36)
+        texts = await a.message_texts()
+        expected = sorted([*seqs, "psst, during the reload"], key=lambda t: seqs.get(t, dm["seq"]))
+        assert texts == expected
+        rendered = await a.messages().evaluate_all("rows => rows.map(r => Number(r.dataset.seq))")
+        assert rendered == sorted(set(rendered))
+        # The reloaded page resumed each subscription from where it was: `since` and `epoch`.
+        resumed = [f for f in a.sent[sent_before:] if f.get("op") == "sub"]
+        assert {f["topic"] for f in resumed} == {"football", "user/1"}, resumed
+        assert all(isinstance(f.get("since"), int) and f.get("epoch") for f in resumed), resumed
+        football = next(f for f in resumed if f["topic"] == "football")
+        assert seqs["m9"] <= football["since"] < seqs["m34"]
+        await expect(a.sub_row("football")).to_have_attribute("data-state", "active")
+        a.assert_clean()
+
+    run(scenario)
+
+
+def test_messages_come_first_on_a_phone(broker: BrokerProcess) -> None:
+    async def scenario(browser: Browser) -> None:
+        a = await open_console(browser, broker.http_url, width=390, height=844)
+        await a.connect(broker.token(*ALICE))
+        await a.subscribe("football")
+        messages = await a.page.locator(".messages-card").bounding_box()
+        controls = await a.page.locator(".controls").bounding_box()
+        assert messages is not None and controls is not None
+        assert messages["y"] < controls["y"]
+        assert messages["y"] < 120, messages  # right under the top bar, not 1,860 px down
+        overflow = await a.page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0
+        a.assert_clean()
+
+    run(scenario)
+
+
+def test_a_refusal_by_the_origin_check_is_named(make_broker: Any) -> None:
+    b = make_broker("--allowed-origin", "https://app.example")
+
+    async def scenario(browser: Browser) -> None:
+        # The console opened through a proxy that does not pass the page's Host on: its
+        # origin is neither the broker's own nor in the list.
+        async with gate_proxy(b.port, rewrite_host="broker.internal:8765") as proxy:
+            a = await open_console(browser, proxy.http_url)
+            await a.connect(b.token(*ALICE), expect_state="reconnecting")
+            await expect(a.by("status-text")).to_have_text("Refused by the broker's origin check")
+            await expect(a.by("conn-detail")).to_contain_text(f"origin {proxy.http_url}")
+            await expect(a.by("conn-detail")).not_to_contain_text("Cannot reach")
+            a.assert_clean()
+        # Opened from the broker itself, the console is always allowed.
+        direct = await open_console(browser, b.http_url)
+        await direct.connect(b.token(*ALICE))
+        direct.assert_clean()
 
     run(scenario)
