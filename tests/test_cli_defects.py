@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -132,3 +133,60 @@ def test_pub_on_a_terminal_says_it_reads_stdin(broker: BrokerProcess, tmp_path: 
             proc.kill()
             proc.wait()
         os.close(controller)
+
+
+def read_terminal(controller: int, until: bytes, timeout: float = 15) -> bytes:
+    """What a program wrote to its terminal, until ``until`` shows up or ``timeout`` passes."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while until not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 0.2)
+        if ready:
+            try:
+                seen += os.read(controller, 4096)
+            except OSError:
+                break
+    return seen
+
+
+def on_terminal(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """``broker ARGS`` with stdout and stderr on a terminal; (process, controller fd)."""
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", *args],
+        cwd=ROOT,
+        env={**isolated_env(tmp_path), "BROKER_SECRET": SECRET, "TERM": "dumb"},
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    return proc, controller
+
+
+def test_readme_three_terminals_output(broker: BrokerProcess, tmp_path: Path) -> None:
+    """What the README says terminals 2 and 3 show."""
+    sub, sub_out = on_terminal(
+        tmp_path, "sub", "football", "--count", "1", "--url", broker.url, "-v"
+    )
+    pub: subprocess.Popen[bytes] | None = None
+    try:
+        assert b"subscribed to football" in read_terminal(sub_out, b"epoch")
+        pub, pub_out = on_terminal(tmp_path, "pub", "football", "2-1", "--url", broker.url)
+        assert pub.wait(15) == 0
+        said = read_terminal(pub_out, b")\r\n").decode()
+        os.close(pub_out)
+        assert "published to football (seq 1)" in said
+        line = read_terminal(sub_out, b"2-1").decode()
+        assert sub.wait(15) == 0
+        # time, topic, sender (the local login name), data
+        assert re.search(r"\d\d:\d\d:\d\d\.\d{3} football \S+ 2-1", line), line
+    finally:
+        for proc in (sub, pub):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        os.close(sub_out)
+    # Piped, the same subscription prints the data alone.
+    piped = run_cli(tmp_path, "sub", "football", "--last", "1", "--count", "1", "--url", broker.url)
+    assert piped.stdout == "2-1\n"
