@@ -23,7 +23,7 @@ import re
 import secrets
 import textwrap
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -723,6 +723,11 @@ def starter_file() -> str:
     return "\n".join(lines)
 
 
-def settings_rows() -> Sequence[tuple[str, str, str, str]]:
-    """``(key, environment variable, default, help)`` per setting, for the docs' table."""
-    return [(row.name, row.env, row.show(row.default) or "not set", row.help) for row in SETTINGS]
+def settings_markdown() -> str:
+    """The settings table of docs/operations.md: key, environment variable, default, help."""
+    lines = ["| key (`--flag`) | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for row in SETTINGS:
+        shown = row.show(row.default).strip('"')
+        default = f"`{shown}`" if shown not in ("", "[]") else "not set"
+        lines.append(f"| `{row.name}` (`{row.flag}`) | `{row.env}` | {default} | {row.help} |")
+    return "\n".join(lines)
