@@ -16,9 +16,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 from typing import Protocol as Interface
 
+import h11
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.server.connection")
 
+_STATUSES = {int(status) for status in HTTPStatus}
+
 #: Close code websockets uses for an abnormal closure (no close frame).
 CLOSE_ABNORMAL = 1006
 #: Close code for a text message that is not UTF-8.
@@ -46,8 +50,65 @@ CLOSE_INVALID_DATA = 1007
 CLOSE_INTERNAL = 1011
 
 
+class HttpRequest:
+    """A whole plain HTTP request (not a WebSocket upgrade), as h11 parsed it; or, with
+    ``error`` set, a request that could not be read (status, reason): the server answers
+    it and the connection closes."""
+
+    __slots__ = ("body", "error", "headers", "method", "path", "query", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes = b"",
+        error: tuple[int, str] | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.path, _, self.query = target.partition("?")
+        self.headers = headers
+        self.body = body
+        self.error = error
+
+    def header(self, name: str) -> list[str]:
+        """The values of header ``name`` (lower case), in order."""
+        key = name.encode()
+        return [value.decode("latin-1") for field, value in self.headers if field == key]
+
+
+class _Http:
+    """A connection's HTTP/1.1 state while it is not a WebSocket: the h11 parser, the
+    raw bytes of the first request (handed to websockets if it is an upgrade), the
+    request being read and whether one is being answered."""
+
+    __slots__ = ("body", "busy", "closing", "head", "method", "parser", "request", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.parser = h11.Connection(h11.SERVER)
+        self.head: bytearray | None = bytearray()
+        self.request: h11.Request | None = None
+        self.method = b""
+        self.body = bytearray()
+        self.busy = False
+        self.closing = False
+        self.timeout = timeout
+
+
+def _is_upgrade(request: h11.Request) -> bool:
+    """Whether websockets' handshake should take this (first) request: ``/ws``, or any
+    request asking to upgrade (websockets answers those as before)."""
+    if request.target.split(b"?", 1)[0] == b"/ws":
+        return True
+    return any(name == b"upgrade" for name, _ in request.headers)
+
+
 class Handler(Interface):
     """What a ``Connection`` calls back into (the server)."""
+
+    def http(self, conn: Connection, request: HttpRequest) -> None:
+        """A plain HTTP request: answer it with ``conn.respond``, now or later."""
 
     def http_request(self, conn: Connection, request: Request) -> Response | None:
         """A plain HTTP response to send, or None to accept the WebSocket upgrade."""
@@ -75,6 +136,7 @@ class Connection(asyncio.Protocol):
         "_paused",
         "closed",
         "handler",
+        "http",
         "identity",
         "last_seen",
         "loop",
@@ -120,6 +182,9 @@ class Connection(asyncio.Protocol):
         self._direct = False
         self._partial = bytearray()
         self._paused = False
+        #: Plain HTTP/1.1 (h11) until the first request turns out to be a WebSocket
+        #: upgrade; then None, so that a WebSocket keeps no HTTP state.
+        self.http: _Http | None = _Http(open_timeout)
 
     def __repr__(self) -> str:
         return f"<Connection {self.peer} {self.protocol.state.name}>"
@@ -151,6 +216,13 @@ class Connection(asyncio.Protocol):
         if self._direct:
             self._receive_direct(data)
             return
+        if self.http is not None:
+            self._receive_http(data)
+            return
+        self._feed_protocol(data)
+
+    def _feed_protocol(self, data: bytes) -> None:
+        """Bytes for websockets' protocol; then maybe parse frames directly."""
         self._receive_protocol(data)
         # Past the handshake, and with nothing left half-parsed in websockets' reader,
         # read plain data frames ourselves (see _receive_direct).
@@ -246,7 +318,140 @@ class Connection(asyncio.Protocol):
             if self.transport is not None and not self.transport.is_closing():
                 self._receive_protocol(rest)
 
+    # -- plain HTTP (h11) ------------------------------------------------------------------
+
+    def _receive_http(self, data: bytes) -> None:
+        http = self.http
+        assert http is not None
+        if http.head is not None:
+            http.head += data
+        try:
+            http.parser.receive_data(data)
+        except h11.RemoteProtocolError:
+            self.abort()
+            return
+        self._http_events()
+
+    def _http_events(self) -> None:
+        """Act on what h11 parsed, until it needs more bytes or a request is being answered."""
+        http = self.http
+        while http is not None and not http.busy and not self.closed.done():
+            try:
+                event = http.parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._http_failed(exc.error_status_hint, str(exc) or "malformed HTTP request")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                if http.head is not None:
+                    raw, http.head = bytes(http.head), None
+                    if _is_upgrade(event):
+                        # websockets parses this request again and does the handshake.
+                        self.http = None
+                        self._feed_protocol(raw)
+                        return
+                http.request = event
+                http.method = event.method
+                http.body = bytearray()
+                length = next((v for n, v in event.headers if n == b"content-length"), b"0")
+                limit = self.protocol.max_message_size
+                if limit is not None and int(length) > limit:
+                    self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
+                    return
+            elif isinstance(event, h11.Data):
+                http.body += event.data
+                limit = self.protocol.max_message_size
+                if limit is not None and len(http.body) > limit:
+                    self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                request, http.request = http.request, None
+                assert request is not None
+                if self.timer is not None:
+                    self.timer.cancel()
+                    self.timer = None
+                http.busy = True
+                body, http.body = bytes(http.body), bytearray()
+                self.handler.http(
+                    self,
+                    HttpRequest(
+                        request.method.decode("ascii", "replace"),
+                        request.target.decode("ascii", "replace"),
+                        list(request.headers),
+                        body,
+                    ),
+                )
+            elif isinstance(event, h11.ConnectionClosed):
+                if self.transport is not None:
+                    self.transport.close()
+                return
+
+    def _http_failed(self, status: int, reason: str) -> None:
+        """A request that cannot be read: the server answers it, then the connection closes."""
+        http = self.http
+        assert http is not None
+        http.head = None
+        http.busy = True
+        http.closing = True
+        request = http.request
+        method = request.method.decode("ascii", "replace") if request else ""
+        target = request.target.decode("ascii", "replace") if request else ""
+        headers = list(request.headers) if request else []
+        self.handler.http(self, HttpRequest(method, target, headers, error=(status, reason)))
+
+    def respond(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool = False
+    ) -> None:
+        """Send the response to the request being answered; then read the next one on
+        this connection (keep-alive), or close it."""
+        http = self.http
+        transport = self.transport
+        if http is None or transport is None or self.closed.done():
+            return
+        parser = http.parser
+        close = close or http.closing
+        fields = [("Server", self.server_header), *headers]
+        head_only = http.method == b"HEAD"
+        fields.append(("Content-Length", str(len(body))))
+        if close:
+            fields.append(("Connection", "close"))
+        try:
+            reason = HTTPStatus(status).phrase.encode() if status in _STATUSES else b""
+            out = parser.send(h11.Response(status_code=status, headers=fields, reason=reason))
+            if body and not head_only:
+                out += parser.send(h11.Data(data=body))
+            out += parser.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            log.exception("cannot send the HTTP response to %s", self.peer)
+            self.abort()
+            return
+        transport.write(out)
+        http.busy = False
+        if close or parser.our_state is not h11.DONE or parser.their_state is not h11.DONE:
+            # Closing, or the client is still sending a body we refused: end here.
+            transport.close()
+            return
+        parser.start_next_cycle()
+        # The next request (or an idle keep-alive connection) has the same time bound.
+        self.timer = self.loop.call_later(http.timeout, self.abort)
+        self._http_events()
+
+    def close_http(self) -> None:
+        """Close a plain HTTP connection: now when idle, after its response otherwise."""
+        http = self.http
+        if http is None:
+            return
+        if http.busy:
+            http.closing = True
+        elif self.transport is not None:
+            self.transport.close()
+
     def eof_received(self) -> bool:
+        if self.http is not None:
+            # Half-closed after its request: keep the socket to send the response.
+            self.http.closing = True
+            return self.http.busy
         self.protocol.receive_eof()
         self._write_protocol_data()
         return False

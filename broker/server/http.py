@@ -18,7 +18,7 @@ from broker.server.metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from broker.server.app import BrokerServer
-    from broker.server.connection import Connection
+    from broker.server.connection import Connection, HttpRequest
 
 #: Path -> (file in broker/static, content type).
 STATIC_FILES = {
@@ -58,6 +58,24 @@ class Routes:
 
     def __init__(self, server: BrokerServer) -> None:
         self.server = server
+
+    def plain(
+        self, conn: Connection, request: HttpRequest
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Status, headers and body for a plain (not upgrade) request that h11 parsed."""
+        headers = Headers([(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers])
+        response = self.respond(conn, Request(request.target, headers), request.path)
+        if response is None:  # /ws, but not a WebSocket handshake
+            response = conn.protocol.reject(
+                HTTPStatus.UPGRADE_REQUIRED, "send a WebSocket handshake on a new connection\n"
+            )
+        # h11 frames the response (Content-Length, Connection) itself.
+        fields = [
+            (name, value)
+            for name, value in response.headers.raw_items()
+            if name.lower() not in ("content-length", "connection")
+        ]
+        return response.status_code, fields, bytes(response.body or b"")
 
     def respond(self, conn: Connection, request: Request, path: str) -> Response | None:
         """The response for ``path``, or None for ``/ws`` (the WebSocket upgrade)."""

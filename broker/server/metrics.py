@@ -51,6 +51,17 @@ ATTEMPT_RESULTS = (
     "abandoned",  # the client closed before authenticating
 )
 
+#: Paths that are values of the ``path`` label of HTTP requests (any other is ``other``).
+HTTP_PATHS = (
+    "/api/publish",
+    "/api/history",
+    "/api/presence",
+    "/api/stats",
+    "/healthz",
+    "/metrics",
+    "/",
+)
+
 #: Latency buckets (seconds) for publish-to-ack, fan-out, store commits and Redis.
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -210,6 +221,8 @@ class Metrics:
         self.rate_limited = 0
         self.errors: dict[str, int] = dict.fromkeys(ERROR_CODES, 0)
         self.attempts: dict[str, int] = dict.fromkeys(ATTEMPT_RESULTS, 0)
+        #: (path, status) -> plain HTTP requests answered.
+        self.http_requests: dict[tuple[str, int], int] = {}
         self.top_topics = TopTopics()
         self.publish_seconds = FastHistogram(
             "broker_publish_ack_seconds",
@@ -258,6 +271,12 @@ class Metrics:
         """Count one connection attempt with outcome ``result`` (one of ATTEMPT_RESULTS)."""
         self.attempts[result] += 1
 
+    def http_request(self, path: str, status: int) -> None:
+        """Count one plain HTTP request answered with ``status`` (paths outside
+        ``HTTP_PATHS`` count as ``other``)."""
+        key = (path if path in HTTP_PATHS else "other", status)
+        self.http_requests[key] = self.http_requests.get(key, 0) + 1
+
     def observe_commit(self, size: int, seconds: float) -> None:
         """A ``Journal.commit_observers`` hook: one store append of ``size`` publishes."""
         self.commit_seconds.observe(seconds)
@@ -289,6 +308,15 @@ class BrokerCollector(Collector):
             for value in values:
                 family.add_metric([value], counts.get(value, 0))
             yield family
+        family = CounterMetricFamily(
+            "broker_http_requests",
+            "Plain HTTP requests answered (the HTTP API, health, metrics, console), by path "
+            "and status.",
+            labels=["path", "status"],
+        )
+        for (path, status), count in sorted(metrics.http_requests.items()):
+            family.add_metric([path, str(status)], count)
+        yield family
         for histogram in metrics.histograms:
             yield histogram.family()
         yield GaugeMetricFamily(

@@ -1,0 +1,324 @@
+"""The HTTP API for application backends: ``/api/publish``, ``/api/history``,
+``/api/presence``, ``/api/stats`` (section 7 of docs/protocol.md).
+
+Requests arrive whole from ``Connection`` (parsed by h11); this module turns one into one
+``Reply``. Authentication, ACL and inbox rules are those of a WebSocket connection with
+the same token (``TokenVerifier`` and ``Identity``), and publishes take the same path as
+an acknowledged ``pub``: ``BrokerServer.submit`` and the journal, answered once recorded.
+Errors are ``broker.errors`` classes, mapped to a status in one place (``STATUS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import orjson
+
+from broker.core.auth import Identity, parse_bearer
+from broker.core.limits import TokenBucket
+from broker.core.model import Message
+from broker.core.protocol import parse_key
+from broker.core.topics import is_pattern, validate_pattern, validate_topic
+from broker.errors import (
+    BadRequest,
+    BrokerError,
+    Forbidden,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+)
+
+if TYPE_CHECKING:
+    from broker.server.app import BrokerServer
+    from broker.server.connection import HttpRequest
+
+#: Status of each wire error code.
+STATUS = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "rate_limited": 429,
+    "unavailable": 503,
+    "internal": 500,
+}
+#: The API's paths and the methods each allows (OPTIONS: CORS preflight, on every one).
+ROUTES = {
+    "/api/publish": ("POST",),
+    "/api/history": ("GET",),
+    "/api/presence": ("GET",),
+    "/api/stats": ("GET",),
+}
+#: Most topics in one batch publish.
+MAX_TOPICS = 100
+#: Most messages in one history answer.
+PAGE = 1000
+#: Per-user rate buckets kept at once (the least recently used go first).
+MAX_BUCKETS = 10_000
+JSON = "application/json"
+
+
+@dataclass
+class Reply:
+    """One HTTP response."""
+
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str | None = JSON
+
+
+def error_reply(error: BrokerError, status: int | None = None) -> Reply:
+    """``{"error": {"code", "message"}}`` with the status of its code (or ``status``)."""
+    body = orjson.dumps({"error": {"code": error.code, "message": error.message}})
+    return Reply(status or STATUS.get(error.code, 500), body)
+
+
+class HttpApi:
+    """Answers ``/api/`` requests for one ``BrokerServer``."""
+
+    def __init__(self, server: BrokerServer) -> None:
+        self.server = server
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    # -- entry points ------------------------------------------------------------------
+
+    def origin_allowed(self, request: HttpRequest) -> tuple[bool, str | None]:
+        """Whether the request's ``Origin`` (if any) is allowed, and that origin."""
+        origins = request.header("origin")
+        if not origins:
+            return True, None
+        allowed = self.server.config.allowed_origins
+        if len(origins) > 1 or (allowed and origins[0] not in allowed):
+            return False, None
+        return True, origins[0]
+
+    async def handle(self, request: HttpRequest) -> Reply:
+        """The reply to one ``/api/`` request (never raises)."""
+        allowed, origin = self.origin_allowed(request)
+        if not allowed:
+            reply = error_reply(Forbidden("origin not allowed"))
+        else:
+            try:
+                reply = await self._route(request)
+            except BrokerError as exc:
+                reply = error_reply(exc)
+            if origin is not None:
+                reply.headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        if reply.status >= 400 and reply.content_type == JSON:
+            code = orjson.loads(reply.body)["error"]["code"]
+            self.server.metrics.error(code)
+        return reply
+
+    async def _route(self, request: HttpRequest) -> Reply:
+        methods = ROUTES.get(request.path)
+        if methods is None:
+            return error_reply(BadRequest(f"no such API path: {request.path}"), 404)
+        if request.method == "OPTIONS":
+            return Reply(
+                204,
+                headers=[
+                    ("Access-Control-Allow-Methods", ", ".join((*methods, "OPTIONS"))),
+                    ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                    ("Access-Control-Max-Age", "600"),
+                    ("Allow", ", ".join((*methods, "OPTIONS"))),
+                ],
+                content_type=None,
+            )
+        if request.method not in methods:
+            reply = error_reply(
+                BadRequest(f"{request.path} takes {' or '.join(methods)}, not {request.method}"),
+                405,
+            )
+            reply.headers.append(("Allow", ", ".join((*methods, "OPTIONS"))))
+            return reply
+        identity = self._authenticate(request)
+        if request.path == "/api/publish":
+            return await self._publish(identity, request)
+        query = self._query(request)
+        if request.path == "/api/history":
+            return await self._history(identity, query)
+        if request.path == "/api/presence":
+            return await self._presence(identity, query)
+        return await self._stats(identity)
+
+    # -- parts -------------------------------------------------------------------------
+
+    def _authenticate(self, request: HttpRequest) -> Identity:
+        values = request.header("authorization")
+        if not values:
+            raise Unauthorized("an 'Authorization: Bearer <token>' header is required")
+        if len(values) > 1:
+            raise Unauthorized("more than one Authorization header")
+        return self.server.verifier.verify(parse_bearer(values[0]))
+
+    @staticmethod
+    def _query(request: HttpRequest) -> dict[str, str]:
+        try:
+            parsed = parse_qs(
+                request.query, keep_blank_values=True, strict_parsing=False, errors="strict"
+            )
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("the query string is not valid") from None
+        out: dict[str, str] = {}
+        for name, values in parsed.items():
+            if len(values) > 1:
+                raise BadRequest(f"{name!r} is given more than once")
+            out[name] = values[0]
+        return out
+
+    @staticmethod
+    def _count(query: dict[str, str], name: str) -> int | None:
+        raw = query.get(name)
+        if raw is None:
+            return None
+        if not raw.isascii() or not raw.isdigit():
+            raise BadRequest(f"{name!r} must be a non-negative integer")
+        return int(raw)
+
+    def _rate(self, identity: Identity, units: int) -> None:
+        rate = self.server.config.rate_limit
+        if rate is None:
+            return
+        bucket = self._buckets.get(identity.id)
+        if bucket is None:
+            bucket = self._buckets[identity.id] = TokenBucket(rate)
+            if len(self._buckets) > MAX_BUCKETS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(identity.id)
+        if not bucket.allow(cost=units):
+            self.server.metrics.rate_limited += 1
+            raise RateLimited("publish rate limit exceeded")
+
+    @staticmethod
+    def _publish_body(request: HttpRequest) -> tuple[list[str], bool, bytes, str | None]:
+        """The topics, whether a batch (``topics``), the data and the key of a publish."""
+        types = request.header("content-type")
+        kind = types[0].split(";", 1)[0].strip().lower() if len(types) == 1 else ""
+        if kind != JSON:
+            raise BadRequest("the body must be JSON (Content-Type: application/json)")
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            raise BadRequest("the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        if "data" not in body:
+            raise BadRequest("'data' is required")
+        if ("topic" in body) == ("topics" in body):
+            raise BadRequest("give exactly one of 'topic' and 'topics'")
+        if "topic" in body:
+            topics = [validate_topic(body["topic"])]
+        else:
+            raw = body["topics"]
+            if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_TOPICS:
+                raise BadRequest(f"'topics' must be a list of 1 to {MAX_TOPICS} topics")
+            topics = [validate_topic(t) for t in raw]
+            if len(set(topics)) != len(topics):
+                raise BadRequest("'topics' must not repeat a topic")
+        key = parse_key(body)
+        return topics, "topics" in body, orjson.dumps(body["data"]), key
+
+    async def _publish(self, identity: Identity, request: HttpRequest) -> Reply:
+        topics, batch, data, key = self._publish_body(request)
+        server = self.server
+        if server.draining:
+            raise Unavailable("the broker is shutting down")
+        for topic in topics:  # the whole batch first: nothing is published on a refusal
+            identity.check_publish(topic)
+        self._rate(identity, len(topics))
+        answer: asyncio.Future[tuple[tuple[int, ...], bool]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+        def done(seqs: tuple[int, ...] | None, duplicate: bool, error: BrokerError | None) -> None:
+            if answer.done():
+                return
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                assert seqs is not None
+                answer.set_result((seqs, duplicate))
+
+        server.submit(identity, topics, data, key, done)
+        seqs, duplicate = await answer
+        # A retry gets the shape of its own request; a key reused for a publish of another
+        # size gets the first publish's seqs as they were.
+        out: dict[str, Any] = {"seqs": list(seqs)} if batch or len(seqs) > 1 else {"seq": seqs[0]}
+        if duplicate:
+            out["duplicate"] = True
+        return Reply(200, orjson.dumps(out))
+
+    async def _history(self, identity: Identity, query: dict[str, str]) -> Reply:
+        pattern = validate_pattern(query.get("topic"))
+        last, since = self._count(query, "last"), self._count(query, "since")
+        if last is not None and since is not None:
+            raise BadRequest("'since' and 'last' cannot be used together")
+        epoch = query.get("epoch")
+        identity.check_subscribe(pattern)
+        server = self.server
+        store = server.store
+        if store.shared and since is not None and epoch in (None, store.epoch):
+            await server.catch_up(since)
+        upto = server.hub.last_seq
+        recovered = True
+        try:
+            if since is not None:
+                if (epoch is not None and epoch != store.epoch) or since > upto:
+                    since, recovered = 0, False
+                replay = await store.read_since(pattern, since, upto)
+                messages = replay.messages
+                recovered = recovered and replay.recovered
+            else:
+                messages = await store.read_last(pattern, last or 0, upto)
+        except BrokerError:
+            raise
+        except Exception:
+            raise Unavailable("history cannot be read now; retry later") from None
+        visible = [m for m in messages if identity.may_receive(m.topic)]
+        page = visible[:PAGE]
+        body = b"".join(
+            (
+                b'{"seq":',
+                str(upto).encode(),
+                b',"epoch":',
+                orjson.dumps(store.epoch),
+                b',"recovered":',
+                b"true" if recovered else b"false",
+                b',"messages":[',
+                b",".join(_message_json(m) for m in page),
+                b'],"more":',
+                b"true" if len(visible) > PAGE else b"false",
+                b"}",
+            )
+        )
+        return Reply(200, body)
+
+    async def _presence(self, identity: Identity, query: dict[str, str]) -> Reply:
+        topic = validate_pattern(query.get("topic"))
+        if is_pattern(topic):
+            raise BadRequest("presence takes a topic, not a pattern")
+        identity.check_subscribe(topic)
+        server = self.server
+        users = server.hub.presence(topic)
+        if server.cluster is not None:
+            users = await server.cluster.presence(topic, users)
+        return Reply(200, orjson.dumps({"users": users}))
+
+    async def _stats(self, identity: Identity) -> Reply:
+        if not identity.admin:
+            raise Forbidden("stats needs an admin token")
+        server = self.server
+        figures = server.stats()
+        if server.cluster is not None:
+            figures = await server.cluster.stats(figures)
+        return Reply(200, orjson.dumps(figures))
+
+
+def _message_json(msg: Message) -> bytes:
+    """A message as the fields of its ``msg`` frame, without ``op``."""
+    return b"{" + msg.frame[len(b'{"op":"msg",') :]
