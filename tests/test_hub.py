@@ -1,0 +1,270 @@
+"""broker.core.hub.Hub in-process: subscriptions, presence and fan-out, with fake
+subscribers (no sockets, no event loop)."""
+
+from __future__ import annotations
+
+import itertools
+
+import orjson
+import pytest
+
+from broker.core.auth import Identity
+from broker.core.hub import Hub, Subscription
+from broker.core.model import Draft, Message
+
+_ids = itertools.count(1)
+_seqs = itertools.count(1)
+
+
+class FakeSubscriber:
+    """A connection as the hub sees it: records what it is handed."""
+
+    def __init__(self, user: str, name: str | None = None) -> None:
+        self.id = next(_ids)
+        self.identity = Identity(id=user, name=name or user)
+        self.messages: list[Message] = []
+        self.frames: list[dict[str, object]] = []
+
+    def deliver(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def send(self, frame: bytes) -> None:
+        self.frames.append(orjson.loads(frame))
+
+    def seqs(self) -> list[int]:
+        return [m.seq for m in self.messages]
+
+
+Event = tuple[str, str, dict[str, str]]
+
+
+@pytest.fixture
+def events() -> list[Event]:
+    return []
+
+
+@pytest.fixture
+def hub(events: list[Event]) -> Hub:
+    """A hub that records presence changes and still announces them to local watchers."""
+    hub = Hub()
+
+    def listener(op: str, topic: str, user: dict[str, str]) -> None:
+        events.append((op, topic, user))
+        hub.announce(op, topic, user)
+
+    hub.on_presence = listener
+    return hub
+
+
+def publish(
+    hub: Hub, topic: str, sender: FakeSubscriber | None = None, *, echo: bool = False
+) -> Message:
+    """Fan out one committed message on ``topic`` from ``sender``; return it."""
+    who = sender.identity if sender is not None else Identity(id="server", name="server")
+    draft = Draft(
+        topic=topic,
+        data=b'"x"',
+        sender_id=who.id,
+        sender_name=who.name,
+        ts=0,
+        origin=sender.id if sender is not None else 0,
+        echo=echo,
+    )
+    message = draft.to_message(next(_seqs))
+    hub.fanout([(message, draft)])
+    return message
+
+
+def sub(hub: Hub, conn: FakeSubscriber, pattern: str, presence: bool = False) -> None:
+    hub.attach(conn)
+    hub.subscribe(conn, Subscription(pattern, presence=presence))
+
+
+# -- subscriptions ---------------------------------------------------------------------
+
+
+def test_subscribe_then_fanout_reaches_matching_patterns_only(hub: Hub) -> None:
+    exact, plus, hash_, other = (FakeSubscriber(u) for u in "abcd")
+    sub(hub, exact, "scores/uk")
+    sub(hub, plus, "scores/+")
+    sub(hub, hash_, "scores/#")
+    sub(hub, other, "news/#")
+    m = publish(hub, "scores/uk")
+    assert exact.seqs() == plus.seqs() == hash_.seqs() == [m.seq]
+    assert other.seqs() == []
+    assert hub.delivered == 3
+
+
+def test_overlapping_subscriptions_deliver_once(hub: Hub) -> None:
+    conn = FakeSubscriber("a")
+    for pattern in ("t/x", "t/+", "t/#", "#"):
+        sub(hub, conn, pattern)
+    m = publish(hub, "t/x")
+    assert conn.seqs() == [m.seq]
+    assert hub.delivered == 1
+
+
+def test_replacing_a_subscription_returns_the_old_one_and_keeps_one_entry(
+    hub: Hub, events: list[Event]
+) -> None:
+    conn = FakeSubscriber("a")
+    first = Subscription("room")
+    hub.attach(conn)
+    assert hub.subscribe(conn, first) is None
+    assert hub.subscribe(conn, Subscription("room", presence=True)) is first
+    assert list(hub.subscriptions[conn]) == ["room"]
+    # Replacing is not leaving and joining again.
+    assert [e[0] for e in events] == ["join"]
+    assert hub.presence("room") == [{"id": "a", "name": "a", "connections": 1}]
+    publish(hub, "room")
+    assert len(conn.messages) == 1
+
+
+def test_unsubscribe_stops_delivery(hub: Hub) -> None:
+    conn = FakeSubscriber("a")
+    sub(hub, conn, "t/+")
+    assert hub.unsubscribe(conn, "t/+") is True
+    assert hub.unsubscribe(conn, "t/+") is False  # not subscribed any more
+    assert hub.unsubscribe(conn, "never") is False
+    publish(hub, "t/1")
+    assert conn.messages == [] and hub.delivered == 0
+
+
+def test_detach_drops_everything_within_a_budget(hub: Hub, events: list[Event]) -> None:
+    conn = FakeSubscriber("a")
+    topics = [f"t/{i}" for i in range(5)]
+    for topic in topics:
+        sub(hub, conn, topic)
+    assert hub.detach(conn, budget=2) is False
+    assert len(hub.subscriptions[conn]) == 3
+    assert hub.detach(conn, budget=2) is False
+    assert hub.detach(conn, budget=2) is True
+    assert conn not in hub.subscriptions
+    assert sorted(t for op, t, _ in events if op == "leave") == topics
+    assert all(hub.presence(t) == [] for t in topics)
+    publish(hub, "t/0")
+    assert conn.messages == []
+    assert hub.detach(conn) is True  # a second detach is harmless
+
+
+# -- presence --------------------------------------------------------------------------
+
+
+def test_presence_is_per_user_not_per_connection(hub: Hub, events: list[Event]) -> None:
+    tab1, tab2 = FakeSubscriber("u", "Ann"), FakeSubscriber("u", "Ann")
+    sub(hub, tab1, "room")
+    sub(hub, tab2, "room")
+    assert events == [("join", "room", {"id": "u", "name": "Ann"})]
+    assert hub.presence("room") == [{"id": "u", "name": "Ann", "connections": 2}]
+    hub.unsubscribe(tab1, "room")
+    assert len(events) == 1  # one tab left: still present
+    assert hub.presence("room") == [{"id": "u", "name": "Ann", "connections": 1}]
+    hub.detach(tab2)
+    assert events[1:] == [("leave", "room", {"id": "u", "name": "Ann"})]
+    assert hub.presence("room") == []
+
+
+def test_patterns_do_not_make_a_user_present(hub: Hub, events: list[Event]) -> None:
+    conn = FakeSubscriber("a")
+    sub(hub, conn, "room/+")
+    sub(hub, conn, "#")
+    assert events == []
+    assert hub.presence("room/1") == []
+
+
+def test_watchers_hear_joins_and_leaves_of_others_only(hub: Hub) -> None:
+    watcher = FakeSubscriber("w")
+    sub(hub, watcher, "room", presence=True)
+    assert watcher.frames == []  # not told about its own join
+    plain = FakeSubscriber("p")
+    sub(hub, plain, "room")  # no presence: true, so never told
+    other = FakeSubscriber("o", "Olga")
+    sub(hub, other, "room")
+    hub.unsubscribe(other, "room")
+    assert watcher.frames == [
+        {"op": "join", "topic": "room", "user": {"id": "p", "name": "p"}},
+        {"op": "join", "topic": "room", "user": {"id": "o", "name": "Olga"}},
+        {"op": "leave", "topic": "room", "user": {"id": "o", "name": "Olga"}},
+    ]
+    assert plain.frames == []
+    # A second connection of the watcher's own user is not announced to it either.
+    sub(hub, FakeSubscriber("w"), "room")
+    assert len(watcher.frames) == 3
+
+
+def test_rename_shows_in_presence(hub: Hub) -> None:
+    conn = FakeSubscriber("a", "Old")
+    sub(hub, conn, "room")
+    hub.rename(conn, "New")
+    assert hub.presence("room") == [{"id": "a", "name": "New", "connections": 1}]
+
+
+# -- fan-out rules ---------------------------------------------------------------------
+
+
+def test_publisher_gets_its_own_message_only_with_echo(hub: Hub) -> None:
+    publisher, reader = FakeSubscriber("a"), FakeSubscriber("b")
+    sub(hub, publisher, "t")
+    sub(hub, reader, "t")
+    quiet = publish(hub, "t", publisher)
+    loud = publish(hub, "t", publisher, echo=True)
+    assert publisher.seqs() == [loud.seq]
+    assert reader.seqs() == [quiet.seq, loud.seq]
+    assert hub.delivered == 3
+
+
+def test_echo_is_per_connection_not_per_user(hub: Hub) -> None:
+    publisher, same_user = FakeSubscriber("a"), FakeSubscriber("a")
+    sub(hub, publisher, "t")
+    sub(hub, same_user, "t")
+    m = publish(hub, "t", publisher)
+    assert publisher.seqs() == [] and same_user.seqs() == [m.seq]
+
+
+def test_inbox_reaches_only_its_owner_whatever_the_pattern(hub: Hub) -> None:
+    owner, snoop_hash, snoop_plus = (
+        FakeSubscriber("bob"),
+        FakeSubscriber("eve"),
+        FakeSubscriber("mal"),
+    )
+    sub(hub, owner, "user/bob/#")
+    sub(hub, snoop_hash, "#")
+    sub(hub, snoop_plus, "user/+/+")
+    sender = FakeSubscriber("alice")
+    m = publish(hub, "user/bob/dm", sender)
+    assert owner.seqs() == [m.seq]
+    assert snoop_hash.seqs() == [] and snoop_plus.seqs() == []
+    assert hub.delivered == 1
+    # Ordinary topics still reach the wildcard subscribers.
+    n = publish(hub, "users/bob", sender)
+    assert snoop_hash.seqs() == [n.seq]
+
+
+def test_fanout_skips_seqs_already_fanned_out(hub: Hub) -> None:
+    conn = FakeSubscriber("a")
+    sub(hub, conn, "t")
+    draft = Draft(topic="t", data=b"1", sender_id="s", sender_name="s", ts=0)
+    first, second = draft.to_message(1_000_001), draft.to_message(1_000_002)
+    hub.fanout([(first, draft), (second, draft)])
+    hub.fanout([(first, draft), (second, draft)])  # a cluster redelivery
+    assert conn.seqs() == [1_000_001, 1_000_002]
+    assert hub.last_seq == 1_000_002 and hub.delivered == 2
+
+
+def test_delivered_counts_every_subscriber_handed_a_message(hub: Hub) -> None:
+    readers = [FakeSubscriber(f"r{i}") for i in range(7)]
+    for reader in readers:
+        sub(hub, reader, "wide/#")
+    for _ in range(3):
+        publish(hub, "wide/open")
+    publish(hub, "nobody/listens")
+    assert hub.delivered == 21
+    assert all(len(r.messages) == 3 for r in readers)
+
+
+def test_fanout_reports_its_duration(hub: Hub) -> None:
+    seen: list[float] = []
+    hub.observe_fanout = seen.append
+    sub(hub, FakeSubscriber("a"), "t")
+    publish(hub, "t")
+    assert len(seen) == 1 and 0 <= seen[0] < 1
