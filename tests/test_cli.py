@@ -691,9 +691,9 @@ def test_ca_file_for_wss(make_broker: Any, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--redis-wait", "1"], "--redis-wait needs --redis"),
-        (["--memory", "--data", "d"], "--memory and --data exclude each other"),
-        (["--tls-cert", __file__], "--tls-cert needs --tls-key"),
+        (["--redis-wait", "1"], "redis_wait (flag --redis-wait) needs redis"),
+        (["--memory", "--data", "d"], "memory (flag --memory) and data (flag --data) exclude"),
+        (["--tls-cert", __file__], "tls_cert (flag --tls-cert) needs tls_key"),
     ],
 )
 def test_serve_refuses_option_combinations(args: list[str], message: str) -> None:
