@@ -51,7 +51,7 @@ def banner(server: BrokerServer) -> None:
     http = config.url.removesuffix("/ws").replace("ws", "http", 1)
     if config.algorithm.startswith("HS"):
         keys = (
-            "--secret / BROKER_SECRET"
+            "the secret setting (--secret, BROKER_SECRET or the file)"
             if config.secret != read_local_secret()
             else str(secret_path())
         )
