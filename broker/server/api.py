@@ -11,6 +11,7 @@ Errors are ``broker.errors`` classes, mapped to a status in one place (``STATUS`
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,8 @@ MAX_TOPICS = 100
 PAGE = 1000
 #: Per-user rate buckets kept at once (the least recently used go first).
 MAX_BUCKETS = 10_000
+#: Verified tokens remembered at once (the least recently used go first).
+MAX_IDENTITIES = 1_000
 JSON = "application/json"
 
 
@@ -83,6 +86,7 @@ class HttpApi:
     def __init__(self, server: BrokerServer) -> None:
         self.server = server
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._identities: OrderedDict[str, Identity] = OrderedDict()
 
     # -- entry points ------------------------------------------------------------------
 
@@ -153,7 +157,19 @@ class HttpApi:
             raise Unauthorized("an 'Authorization: Bearer <token>' header is required")
         if len(values) > 1:
             raise Unauthorized("more than one Authorization header")
-        return self.server.verifier.verify(parse_bearer(values[0]))
+        token = parse_bearer(values[0])
+        # A backend sends the same token with every request: verifying its signature
+        # each time was most of a publish's cost. A verified token is remembered until
+        # its exp (checked on every use); anything else is verified afresh.
+        cached = self._identities.get(token)
+        if cached is not None and (cached.exp is None or cached.exp > time.time()):
+            self._identities.move_to_end(token)
+            return cached
+        identity = self.server.verifier.verify(token)
+        self._identities[token] = identity
+        if len(self._identities) > MAX_IDENTITIES:
+            self._identities.popitem(last=False)
+        return identity
 
     @staticmethod
     def _query(request: HttpRequest) -> dict[str, str]:
