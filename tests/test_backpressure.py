@@ -16,10 +16,17 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import psutil
+import pytest
+
+from broker.core.model import Draft, Message, now_ms
+from broker.store.base import Pages, Store
+from broker.store.memory import MemoryStore
+from broker.store.sqlite import SqliteStore
 
 from .support import BrokerProcess, Peer
 
@@ -190,3 +197,101 @@ async def test_memory_history_is_bounded_in_bytes_oldest_first(make_broker: Any)
     assert (await again.request("sub", topic="t/#", since=first_kept - 1))["recovered"] is True
     other = await Peer.open(broker.url, broker.token("s3"))
     assert (await other.request("sub", topic="t/#", since=first_kept - 2))["recovered"] is False
+
+
+async def publish_window(peer: Peer, items: list[tuple[str, Any]], window: int = 20) -> list[int]:
+    """Publish with ids, ``window`` unacknowledged at most; return the seqs in order."""
+    seqs: dict[int, int] = {}
+    sent = 0
+    while len(seqs) < len(items):
+        while sent < len(items) and sent - len(seqs) < window:
+            topic, data = items[sent]
+            await peer.send({"op": "pub", "id": sent, "topic": topic, "data": data})
+            sent += 1
+        frame = await peer.recv(timeout=20)
+        assert frame["op"] == "ok", frame
+        seqs[frame["id"]] = frame["seq"]
+    return [seqs[i] for i in range(len(items))]
+
+
+async def test_readers_that_never_read_cost_a_page_not_the_history(broker: BrokerProcess) -> None:
+    pub = await Peer.open(broker.url, broker.token("p"))
+    blob = "z" * 60_000
+    await publish_window(pub, [(f"big/{i % 4}", [i, blob]) for i in range(1000)])  # 60 MB
+    base = rss(broker)
+    readers = [await RawClient.open(broker, f"r{i}", rcvbuf=4096) for i in range(4)]
+    for reader in readers:
+        reader.writer.write(RawClient.frame({"op": "sub", "id": 1, "topic": "#", "since": 0}))
+    peak = base
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        peak = max(peak, rss(broker))
+        await asyncio.sleep(0.1)
+    # Before: each reader loaded the whole 60 MB replay (+240 MB for four).
+    assert peak - base < 60 << 20, f"RSS grew by {(peak - base) >> 20} MB"
+    for reader in readers:
+        reader.close()
+    # A reader that reads gets all of it, in order, page after page, then live messages.
+    sub = await Peer.open(broker.url, broker.token("s"))
+    ok = await sub.request("sub", topic="big/#", since=0)
+    assert ok["recovered"] is True
+    got = [(await sub.recv(timeout=10))["seq"] for _ in range(1000)]
+    assert got == list(range(got[0], got[0] + 1000))
+    live = await publish_window(pub, [("big/0", "live")])
+    assert (await sub.recv())["seq"] == live[0]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    made: Store = (
+        MemoryStore(history=50) if request.param == "memory" else SqliteStore(tmp_path / "db", 50)
+    )
+    await made.open()
+    yield made
+    await made.close()
+
+
+async def read_all(pages: Pages) -> list[int]:
+    seqs: list[int] = []
+    for _ in range(100_000):
+        page = await pages.next()
+        if not page:
+            return seqs
+        seqs += [m.seq for m in page]
+    raise AssertionError("a replay that never ends")
+
+
+def drafts(topics: list[str], data: bytes = b"1") -> list[Draft]:
+    return [Draft(t, data, "u", "u", now_ms()) for t in topics]
+
+
+async def test_pages_hold_what_whole_reads_hold(store: Store) -> None:
+    # 1,200 topics (a pattern over them pages through seq order) and 7 busy ones.
+    for i in range(0, 3000, 100):
+        await store.append(drafts([f"a/t{j % 1200}" for j in range(i, i + 100)]))
+    await store.append(drafts([f"a/t{j % 7}" for j in range(500)]))
+    upto = store.last_seq - 2
+    for pattern in ("#", "a/+", "a/t3", "a/t1", "nothing/here"):
+        for since in (0, 100, 3100, upto):
+            whole = await store.read_since(pattern, since, upto)
+            pages = await store.replay(pattern, since=since, upto=upto, page_size=37)
+            assert await read_all(pages) == [m.seq for m in whole.messages], (pattern, since)
+            assert pages.recovered == whole.recovered and not pages.gap
+        for n in (1, 10, 1000, 10**6):
+            last: list[Message] = await store.read_last(pattern, n, upto)
+            pages = await store.replay(pattern, last=n, upto=upto, page_size=50, page_bytes=3)
+            assert await read_all(pages) == [m.seq for m in last], (pattern, n)
+            assert pages.start == (last[0].seq - 1 if last else upto)
+
+
+async def test_a_replay_stops_before_a_message_removed_under_it(store: Store) -> None:
+    await store.append(drafts(["t"] * 50))
+    pages = await store.replay("t", since=0, upto=store.last_seq, page_size=10)
+    assert pages.recovered is True
+    first = await pages.next()
+    assert [m.seq for m in first] == list(range(1, 11))
+    await store.append(drafts(["t"] * 20))  # the per-topic bound (50) drops seqs 1-20
+    assert await pages.next() == [] and pages.gap
+    # Resuming after what was sent now tells the client of the loss.
+    again = await store.replay("t", since=first[-1].seq, upto=store.last_seq)
+    assert again.recovered is False

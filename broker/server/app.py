@@ -60,7 +60,7 @@ from broker.server.journal import Journal
 from broker.server.memory import release_memory
 from broker.server.metrics import Metrics, wire_size
 from broker.server.session import Flusher, Session
-from broker.store.base import Store
+from broker.store.base import Pages, Store
 from broker.store.dedupe import Duplicate
 
 if TYPE_CHECKING:
@@ -674,7 +674,7 @@ class BrokerServer:
             sub = Subscription(frame.topic, frame.presence, covered_from=upto)
             old = self.hub.subscribe(session, sub)
             try:
-                replay, recovered = await self._read_history(frame, sub, upto)
+                pages, recovered = await self._read_history(frame, sub, upto)
             except Exception as exc:
                 # Undo: a refused sub must not keep receiving live messages.
                 if old is not None:
@@ -688,37 +688,62 @@ class BrokerServer:
             if session.closing:
                 return
             session.send(encode_ok(frame.id, seq=upto, epoch=self.store.epoch, recovered=recovered))
-            covered = self.hub.replay_filter(session, frame.topic)
-            await session.replay(
-                msg
-                for msg in replay
-                if ident.may_receive(msg.topic)
-                and not (old is not None and msg.seq > old.covered_from)
-                and not covered(msg.topic, msg.seq)
-            )
+            if pages is not None:
+                await self._replay(session, frame.topic, old, pages)
             if old is not None:
                 sub.covered_from = min(sub.covered_from, old.covered_from)
         finally:
             session.release()
 
+    async def _replay(
+        self, session: Session, pattern: str, old: Subscription | None, pages: Pages
+    ) -> None:
+        """Send a replay page by page: the next page is read from the store only once the
+        socket has drained the last, so a replay holds one page whatever the history."""
+        ident = session.identity
+        covered = self.hub.replay_filter(session, pattern)
+        while not session.closing:
+            try:
+                page = await pages.next()
+            except Exception as exc:
+                log.warning(
+                    "history read failed during a replay: %s", exc, extra={"event": "store_error"}
+                )
+                session.close(CLOSE_INTERNAL, "history cannot be read now")
+                return
+            if not page:
+                break
+            await session.replay(
+                msg
+                for msg in page
+                if ident.may_receive(msg.topic)
+                and not (old is not None and msg.seq > old.covered_from)
+                and not covered(msg.topic, msg.seq)
+            )
+            if not await session.drained():
+                return
+        if pages.gap and not session.closing:
+            # Retention removed messages of this replay before they were sent: the client
+            # resumes with `since` and learns of the loss from `recovered: false`.
+            session.close(CLOSE_SLOW_CONSUMER, "history moved on during the replay")
+
     async def _read_history(
         self, frame: Sub, sub: Subscription, upto: int
-    ) -> tuple[list[Message], bool]:
-        """The messages a ``sub`` replays (up to ``upto``) and its ``recovered`` flag;
+    ) -> tuple[Pages | None, bool]:
+        """The replay of a ``sub`` (up to ``upto``, None: none) and its ``recovered`` flag;
         sets how far back the subscription covers."""
         if frame.since is not None:
             since, recovered = frame.since, True
             if (frame.epoch is not None and frame.epoch != self.store.epoch) or since > upto:
                 since, recovered = 0, False
-            result = await self.store.read_since(frame.topic, since, upto)
+            pages = await self.store.replay(frame.topic, since=since, upto=upto)
             sub.covered_from = since
-            return result.messages, recovered and result.recovered
+            return pages, recovered and pages.recovered
         if frame.last is not None:
-            replay = await self.store.read_last(frame.topic, frame.last, upto)
-            if replay:
-                sub.covered_from = min(upto, replay[0].seq - 1)
-            return replay, True
-        return [], True
+            pages = await self.store.replay(frame.topic, last=frame.last, upto=upto)
+            sub.covered_from = min(upto, pages.start)
+            return pages, True
+        return None, True
 
     async def _catch_up(self, seq: int, timeout: float = 1.0) -> None:
         """Wait (briefly) until this node has fanned out ``seq``."""

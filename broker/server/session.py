@@ -172,6 +172,17 @@ class Session:
                     return
             self._queue(wire)
 
+    async def drained(self, timeout: float = 30.0) -> bool:
+        """Write what is queued and wait until the socket has taken it (below its
+        high-water mark); False when the session is closing, or closed now as a slow
+        consumer because the client read nothing for ``timeout`` seconds."""
+        self.flush()
+        try:
+            await asyncio.wait_for(self.conn.drain(), timeout)
+        except (TimeoutError, ConnectionError):
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        return not self.closing
+
     def hold(self) -> None:
         """Hold live messages back until ``release`` (during a replay)."""
         self._held = []

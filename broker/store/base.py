@@ -5,6 +5,8 @@ The interface is deliberately narrow so that a Redis store fits behind it too:
 * ``append(drafts)`` assigns each draft the next broker-wide ``seq`` and records the batch
   durably before returning (the caller batches: see ``broker.server.journal``);
 * ``read_since(pattern, since, upto)`` and ``read_last(pattern, n, upto)`` replay history;
+  ``replay(pattern, since=/last=, upto)`` does the same a page at a time (``Pages``), so
+  a replay holds one page in memory however much history it covers;
 * ``trim(now)`` applies the age limit (the per-topic count limit is applied on append).
 
 Each store also knows its ``epoch`` (a name for this history, new when history starts
@@ -40,6 +42,45 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 
 Deliver = Callable[[list[tuple[Message, Draft]]], None]
+
+#: A replay page: at most this many messages, and this many bytes of data (one more
+#: message when the first alone is larger).
+PAGE_SIZE = 500
+PAGE_BYTES = 1 << 20
+
+
+class Pages(ABC):
+    """A replay read from the store a page at a time, in increasing seq.
+
+    ``start``: the replay holds the messages with ``seq > start`` (up to its ``upto``);
+    ``recovered``: as in ``Replay``. ``next()`` returns the next page, ``[]`` at the end.
+    When a message the replay should hold is removed (retention, the history bound)
+    before it was read, the replay stops there with ``gap`` set: the client, told
+    ``recovered`` already, must resume with ``since`` to learn of the loss.
+    """
+
+    def __init__(self, start: int, recovered: bool) -> None:
+        self.start = start
+        self.recovered = recovered
+        self.gap = False
+
+    @abstractmethod
+    async def next(self) -> list[Message]:
+        """The next page of messages (``[]``: the replay is over, or stopped at a gap)."""
+
+
+class ListPages(Pages):
+    """Pages over messages already read whole (stores that cannot read by page)."""
+
+    def __init__(self, messages: list[Message], start: int, recovered: bool, size: int) -> None:
+        super().__init__(start, recovered)
+        self._messages = messages
+        self._size = size
+
+    async def next(self) -> list[Message]:
+        page = self._messages[: self._size]
+        del self._messages[: self._size]
+        return page
 
 
 class Store(ABC):
@@ -86,6 +127,25 @@ class Store(ABC):
     @abstractmethod
     async def trim(self, now: float) -> int:
         """Remove messages older than the retention age; return how many went."""
+
+    async def replay(
+        self,
+        pattern: str,
+        *,
+        since: int | None = None,
+        last: int | None = None,
+        upto: int,
+        page_size: int = PAGE_SIZE,
+        page_bytes: int = PAGE_BYTES,
+    ) -> Pages:
+        """The messages ``read_since(pattern, since, upto)`` (or ``read_last(pattern, last,
+        upto)``) returns, to be read a page at a time. This default reads them whole;
+        stores that can read a page at a time (memory, SQLite) do."""
+        if since is not None:
+            result = await self.read_since(pattern, since, upto)
+            return ListPages(result.messages, since, result.recovered, page_size)
+        messages = await self.read_last(pattern, last or 0, upto)
+        return ListPages(messages, messages[0].seq - 1 if messages else upto, True, page_size)
 
     async def follow(self, deliver: Deliver, restart: Callable[[int], None]) -> None:
         """Shared stores: call ``deliver`` with every committed message in seq order,

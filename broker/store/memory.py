@@ -2,14 +2,72 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import time
 from collections import deque
 
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
-from broker.store.base import Replay, Store
+from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store
 from broker.store.dedupe import KeyId, number
+
+
+def _seq(msg: Message) -> int:
+    return msg.seq
+
+
+class _MemoryPages(Pages):
+    """A replay over the memory store's topics a page at a time: a merge of the topics'
+    runs by seq that resumes where the last page stopped (a heap of each topic's next
+    seq), so a page costs its own size, not the history's."""
+
+    def __init__(
+        self,
+        runs: dict[str, deque[Message]],
+        topics: list[str],
+        start: int,
+        recovered: bool,
+        upto: int,
+        size: int,
+        max_bytes: int,
+    ) -> None:
+        super().__init__(start, recovered)
+        self._runs = runs
+        self._upto = upto
+        self._size = size
+        self._max_bytes = max_bytes
+        self._heap: list[tuple[int, str]] = []
+        for topic in topics:
+            q = runs.get(topic)
+            if not q or q[-1].seq <= start:
+                continue
+            i = bisect.bisect_right(q, start, key=_seq)
+            if q[i].seq <= upto:
+                self._heap.append((q[i].seq, topic))
+        heapq.heapify(self._heap)
+
+    async def next(self) -> list[Message]:
+        page: list[Message] = []
+        total = 0
+        heap = self._heap
+        while heap and len(page) < self._size and not self.gap:
+            seq, topic = heap[0]
+            q = self._runs.get(topic)
+            i = bisect.bisect_left(q, seq, key=_seq) if q else 0
+            if not q or i == len(q) or q[i].seq != seq:
+                # Removed (age, count, size) before it was sent: stop before the hole.
+                self.gap = True
+                break
+            msg = q[i]
+            if page and total + len(msg.data) > self._max_bytes:
+                break
+            heapq.heappop(heap)
+            page.append(msg)
+            total += len(msg.data)
+            if i + 1 < len(q) and q[i + 1].seq <= self._upto:
+                heapq.heappush(heap, (q[i + 1].seq, topic))
+        return page
 
 
 def message_size(msg: Message) -> int:
@@ -106,6 +164,36 @@ class MemoryStore(Store):
         recovered = all(self._trimmed[t] <= since for t in topics)
         runs = [[m for m in self._topics.get(t, ()) if since < m.seq <= upto] for t in topics]
         return Replay(list(merge_by_seq(runs)), recovered)
+
+    async def replay(
+        self,
+        pattern: str,
+        *,
+        since: int | None = None,
+        last: int | None = None,
+        upto: int,
+        page_size: int = PAGE_SIZE,
+        page_bytes: int = PAGE_BYTES,
+    ) -> Pages:
+        topics = self._matching(pattern)
+        if since is not None:
+            start, recovered = since, all(self._trimmed[t] <= since for t in topics)
+        else:
+            start, recovered = self._nth_latest(topics, last or 0, upto), True
+        return _MemoryPages(self._topics, topics, start, recovered, upto, page_size, page_bytes)
+
+    def _nth_latest(self, topics: list[str], n: int, upto: int) -> int:
+        """The seq after which the latest ``n`` messages (``seq <= upto``) of ``topics``
+        begin; ``upto`` when there are none."""
+        if n <= 0:
+            return upto
+        runs = [(m.seq for m in reversed(self._topics.get(t, ())) if m.seq <= upto) for t in topics]
+        nth = None
+        for i, seq in enumerate(heapq.merge(*runs, reverse=True)):
+            nth = seq
+            if i + 1 >= n:
+                break
+        return upto if nth is None else nth - 1
 
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         runs = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import heapq
 import logging
 import os
 import sqlite3
@@ -15,7 +16,7 @@ from typing import Any
 from broker.core.model import Draft, Message, new_epoch, now_ms
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
-from broker.store.base import Replay, Store, chunks
+from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store, chunks
 from broker.store.dedupe import decode_seqs, encode_seqs, number
 
 _SCHEMA = """
@@ -71,6 +72,48 @@ def describe(exc: BaseException) -> str:
 
 def _row_message(row: tuple[Any, ...]) -> Message:
     return Message(row[0], row[1], bytes(row[2]), row[3], row[4], row[5])
+
+
+class _SqlitePages(Pages):
+    """A replay read from SQLite a page at a time, on the store's reader thread."""
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        topics: dict[str, int],
+        start: int,
+        recovered: bool,
+        upto: int,
+        size: int,
+        max_bytes: int,
+    ) -> None:
+        super().__init__(start, recovered)
+        self._store = store
+        self._topics = topics  # topic -> its trimmed mark when the replay began
+        self._after = start
+        self._upto = upto
+        self._size = size
+        self._max_bytes = max_bytes
+
+    async def next(self) -> list[Message]:
+        store = self._store
+        while not self.gap and self._topics and self._after < self._upto:
+            result: tuple[list[Message], int, bool] = await store._on(
+                store._reader,
+                store._page_sync,
+                self._topics,
+                self._after,
+                self._upto,
+                self._size,
+                self._max_bytes,
+            )
+            page, scanned, gap = result
+            self._after = scanned
+            if gap:
+                self.gap = True
+            elif page:
+                return page
+        return []
 
 
 class SqliteStore(Store):
@@ -321,7 +364,6 @@ class SqliteStore(Store):
             self._refused = 0
         self._refused += refused
 
-
     def _topics_sync(self, pattern: str) -> list[tuple[str, int]]:
         db = self._rdb
         assert db is not None
@@ -378,6 +420,126 @@ class SqliteStore(Store):
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         result: list[Message] = await self._on(self._reader, self._read_last_sync, pattern, n, upto)
         return result
+
+    async def replay(
+        self,
+        pattern: str,
+        *,
+        since: int | None = None,
+        last: int | None = None,
+        upto: int,
+        page_size: int = PAGE_SIZE,
+        page_bytes: int = PAGE_BYTES,
+    ) -> Pages:
+        pages: Pages = await self._on(
+            self._reader, self._replay_sync, pattern, since, last, upto, page_size, page_bytes
+        )
+        return pages
+
+    def _replay_sync(
+        self,
+        pattern: str,
+        since: int | None,
+        last: int | None,
+        upto: int,
+        page_size: int,
+        page_bytes: int,
+    ) -> Pages:
+        topics = dict(self._topics_sync(pattern))
+        if since is not None:
+            start, recovered = since, all(trimmed <= since for trimmed in topics.values())
+        else:
+            start, recovered = self._nth_latest_sync(list(topics), last or 0, upto), True
+        return _SqlitePages(self, topics, start, recovered, upto, page_size, page_bytes)
+
+    def _nth_latest_sync(self, topics: list[str], n: int, upto: int) -> int:
+        """The seq after which the latest ``n`` messages (``seq <= upto``) of ``topics``
+        begin; ``upto`` when there are none. Reads seqs only, lazily."""
+        db = self._rdb
+        assert db is not None
+        if n <= 0 or not topics:
+            return upto
+        n = min(n, 1 << 62)  # SQLite integers are 64-bit
+        runs = []
+        for chunk in chunks(topics, _CHUNK):
+            marks = ",".join("?" * len(chunk))
+            cursor = db.execute(
+                f"SELECT seq FROM messages WHERE topic IN ({marks}) AND seq<=? "
+                "ORDER BY seq DESC LIMIT ?",
+                (*chunk, upto, n),
+            )
+            runs.append(row[0] for row in cursor)
+        nth = None
+        for i, seq in enumerate(heapq.merge(*runs, reverse=True)):
+            nth = seq
+            if i + 1 >= n:
+                break
+        return upto if nth is None else int(nth) - 1
+
+    def _page_sync(
+        self, topics: dict[str, int], after: int, upto: int, size: int, max_bytes: int
+    ) -> tuple[list[Message], int, bool]:
+        """One page of a replay: messages of ``topics`` with ``after < seq <= upto``, at
+        most ``size`` of them and ``max_bytes`` of data; the seq read up to; and whether
+        a message of the replay was removed before it could be read (a gap)."""
+        db = self._rdb
+        assert db is not None
+        names = list(topics)
+        if len(names) <= 2 * _CHUNK:
+            # Few topics: their (topic, seq) index finds the next messages.
+            found: list[tuple[int, int]] = []
+            for chunk in chunks(names, _CHUNK):
+                marks = ",".join("?" * len(chunk))
+                found += db.execute(
+                    f"SELECT seq, length(data) FROM messages WHERE topic IN ({marks}) "
+                    "AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
+                    (*chunk, after, upto, size),
+                ).fetchall()
+            found.sort()
+            scanned = upto if len(found) < size else found[size - 1][0]
+        else:
+            # Many topics: walk the messages in seq order, keep those of these topics.
+            rows = db.execute(
+                "SELECT seq, topic, length(data) FROM messages WHERE seq>? AND seq<=? "
+                "ORDER BY seq LIMIT ?",
+                (after, upto, 4 * size),
+            ).fetchall()
+            found = [(seq, length) for seq, topic, length in rows if topic in topics]
+            scanned = upto if len(rows) < 4 * size else rows[-1][0]
+        seqs: list[int] = []
+        total = 0
+        for seq, length in found[:size]:
+            if seqs and total + length > max_bytes:
+                break
+            seqs.append(seq)
+            total += length
+        if len(seqs) < len(found):
+            scanned = seqs[-1]
+        messages: list[Message] = []
+        if seqs:
+            marks = ",".join("?" * len(seqs))
+            rows = db.execute(
+                f"SELECT * FROM messages WHERE seq IN ({marks}) ORDER BY seq", seqs
+            ).fetchall()
+            messages = [_row_message(r) for r in rows]
+        # A message of the replay removed before it was read (retention, the per-topic
+        # count) moved its topic's mark past `after` since the replay began.
+        if len(names) <= 2 * _CHUNK:
+            moved: list[tuple[str, int]] = []
+            for chunk in chunks(names, _CHUNK):
+                marks = ",".join("?" * len(chunk))
+                moved += db.execute(
+                    f"SELECT topic, trimmed FROM topics WHERE topic IN ({marks}) AND trimmed>?",
+                    (*chunk, after),
+                ).fetchall()
+        else:
+            moved = db.execute(
+                "SELECT topic, trimmed FROM topics WHERE trimmed>?", (after,)
+            ).fetchall()
+        gap = any(trimmed > topics.get(topic, trimmed) for topic, trimmed in moved)
+        if len(messages) < len(seqs):
+            gap = True
+        return messages, scanned, gap
 
     @staticmethod
     def _first_kept(db: sqlite3.Connection, cutoff: int) -> int:
