@@ -1,0 +1,1140 @@
+"""Abuse benchmark: can one client freeze, exhaust or blind a broker with default settings?
+
+For each attack of issue 13's table, this script starts a fresh broker (default settings,
+SQLite store in a temporary directory, loopback, a random port), lets a well-behaved pair
+of clients publish and receive 20 messages per second on ``pair/t`` (in a process of its
+own, so the attacker's CPU does not slow it), runs the attack for a bounded time and
+reports per attack:
+
+* the pair's p99 and max delivery latency (scheduled publish time -> ``msg`` received) and
+  the messages it lost (sent but never received, refused ones included);
+* the broker's RSS peak (psutil, every 0.1 s), its log growth and tracebacks logged;
+* whether it served throughout: alive at the end, and a new client (TCP, handshake with a
+  bearer token, ``hello``) admitted within 3 s at every probe, once a second.
+
+The target with defaults: p99 < 100 ms, nothing lost, RSS < 512 MB for every attack.
+
+The broker is started with a soft file-descriptor limit of 1,024 (the usual default; the
+hard limit is left as it is) so that the idle-socket attack meets the limit it would meet
+on a default server. An attack whose broker passes 2 GiB of RSS is stopped there (the
+machine is shared); its row says so. Every loop is bounded in count and time.
+
+    python benchmarks/abuse.py                       # every attack, ~4 minutes
+    python benchmarks/abuse.py --only fire_forget,idle_sockets --json out.json
+    PYTHONPATH=/path/to/other/checkout python benchmarks/abuse.py   # another version
+
+Only the wire protocol is used (tokens are minted here, HS256), so any version of the
+broker can be measured: it is run as ``python -m broker.cli serve`` when the importable
+``broker`` package has the layered layout, else as ``python -m broker.cli serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+SECRET = "abuse-benchmark-secret-0123456789abcdef"
+RSS_CAP = 2 * 1024**3  # stop an attack whose broker grows past this (shared machine)
+BROKER_NOFILE = 1024  # soft fd limit the broker starts with (see the docstring)
+PAIR_RATE = 20.0  # messages per second of the well-behaved pair
+PAIR_TOPIC = "pair/t"
+TARGET_P99_MS = 100.0
+TARGET_RSS_MB = 512.0
+
+# -- tokens (HS256, minted here: the benchmark talks the wire protocol only) -----------
+
+
+def _b64(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def mint_raw(header: bytes, payload: bytes, secret: str = SECRET) -> str:
+    """A JWT from raw JSON ``header`` and ``payload`` bytes, signed HS256."""
+    signing = _b64(header) + b"." + _b64(payload)
+    sig = hmac.new(secret.encode(), signing, hashlib.sha256).digest()
+    return (signing + b"." + _b64(sig)).decode()
+
+
+def token(user: str, ttl: float = 3600) -> str:
+    """An ordinary token for ``user``."""
+    payload = {"sub": user, "name": user, "exp": int(time.time() + ttl)}
+    return mint_raw(b'{"alg":"HS256","typ":"JWT"}', orjson.dumps(payload))
+
+
+# -- a raw WebSocket client (for sockets that never read, and odd handshakes) -----------
+
+
+def ws_request(port: int, bearer: str | None = None) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        "GET /ws HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if bearer is not None:
+        lines.append(f"Authorization: Bearer {bearer}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """A client frame; the mask key is zero, so the payload goes as it is."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """Complete server frames at the start of ``buf`` (removed from it)."""
+    out: list[tuple[int, bytes]] = []
+    while len(buf) >= 2:
+        n = buf[1] & 0x7F
+        pos = 2
+        if n == 126:
+            if len(buf) < 4:
+                break
+            n, pos = int.from_bytes(buf[2:4], "big"), 4
+        elif n == 127:
+            if len(buf) < 10:
+                break
+            n, pos = int.from_bytes(buf[2:10], "big"), 10
+        if len(buf) < pos + n:
+            break
+        out.append((buf[0] & 0x0F, bytes(buf[pos : pos + n])))
+        del buf[: pos + n]
+    return out
+
+
+def probe_once(port: int, bearer: str, timeout: float = 3.0) -> float | None:
+    """Seconds for a new client to get ``hello`` (None: not admitted within ``timeout``)."""
+    started = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(ws_request(port, bearer))
+            buf = bytearray()
+            while b"\r\n\r\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk or time.monotonic() - started > timeout:
+                    return None
+                buf += chunk
+            head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+            if b" 101 " not in head.split(b"\r\n", 1)[0]:
+                return None
+            buf = bytearray(rest)
+            while time.monotonic() - started < timeout:
+                for opcode, payload in parse_frames(buf):
+                    if opcode == 1 and b'"hello"' in payload:
+                        return time.monotonic() - started
+                    if opcode == 8:
+                        return None
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                buf += chunk
+    except OSError:
+        return None
+    return None
+
+
+class RawClient:
+    """An asyncio raw WebSocket client: handshake, send frames, read only when asked."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.status = 0
+        self.buf = bytearray()
+
+    @classmethod
+    async def open(
+        cls, port: int, bearer: str | None = None, rcvbuf: int | None = None, timeout: float = 5.0
+    ) -> RawClient:
+        sock = socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.wait_for(
+            asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), timeout
+        )
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**22)
+        client = cls(reader, writer)
+        writer.write(ws_request(port, bearer))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        client.status = int(head.split(b" ", 2)[1])
+        return client
+
+    def send(self, frame: dict[str, Any] | bytes) -> None:
+        payload = frame if isinstance(frame, bytes) else orjson.dumps(frame)
+        self.writer.write(ws_frame(payload))
+
+    async def frames(self, timeout: float) -> list[tuple[int, bytes]]:
+        """Whatever complete frames arrive within ``timeout`` (at least one, unless EOF)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = parse_frames(self.buf)
+            if got:
+                return got
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(65536), deadline - time.monotonic())
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+        return parse_frames(self.buf)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
+
+
+# -- the broker under test --------------------------------------------------------------
+
+
+def serve_module(env: dict[str, str]) -> tuple[list[str], Path]:
+    """How to run ``serve`` for the importable ``broker`` package, and where from."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import broker, os; print(os.path.dirname(broker.__file__))"],
+        env=env,
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    package = Path(out.stdout.strip())
+    if (package / "server").is_dir():
+        return ["-m", "broker.cli"], package.parent
+    return ["-m", "cli.main"], package.parent
+
+
+class Broker:
+    """A broker subprocess with default settings, SQLite store in a temp directory."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], extra: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.data = workdir / "data"
+        self.log_path = workdir / f"broker-{self.port}.log"
+        self.env = dict(env)
+        self.env["XDG_CONFIG_HOME"] = str(workdir / "config")
+        self.env["XDG_DATA_HOME"] = str(workdir / "xdg-data")
+        self.env["NO_COLOR"] = "1"
+        self.env["COLUMNS"] = "200"
+        module, self.cwd = serve_module(self.env)
+        self.cmd = [sys.executable, *module, "serve", "--port", str(self.port)]
+        self.cmd += ["--secret", SECRET, "--data", str(self.data), *(extra or [])]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, timeout: float = 20.0) -> bool:
+        """Start and wait until it listens; False if it exited (see ``log()``)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+        def limits() -> None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            soft = BROKER_NOFILE if hard == resource.RLIM_INFINITY else min(BROKER_NOFILE, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, cwd=self.cwd, env=self.env, stdout=log, stderr=log, preexec_fn=limits
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                return True
+            time.sleep(0.05)
+        self.kill()
+        return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def stop(self, timeout: float = 12.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Monitor:
+    """Samples the broker's RSS every 0.1 s and probes for new clients every second."""
+
+    def __init__(self, broker: Broker) -> None:
+        assert broker.proc is not None
+        self.broker = broker
+        self.process = psutil.Process(broker.proc.pid)
+        self.rss_peak = 0
+        self.rss_last = 0
+        self.capped = threading.Event()
+        self.probes: list[float | None] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._rss, daemon=True),
+            threading.Thread(target=self._probe, daemon=True),
+        ]
+
+    def start(self) -> Monitor:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+    def _rss(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                rss = self.process.memory_info().rss
+            except psutil.Error:
+                return
+            self.rss_last = rss
+            self.rss_peak = max(self.rss_peak, rss)
+            if rss > RSS_CAP:
+                self.capped.set()
+                self.broker.kill()
+                return
+
+    def _probe(self) -> None:
+        bearer = token("probe")
+        while not self._stop.wait(1.0):
+            if not self.broker.alive():
+                self.probes.append(None)
+                return
+            self.probes.append(probe_once(self.broker.port, bearer))
+
+
+# -- the well-behaved pair (a process of its own) ----------------------------------------
+
+
+async def pair_main(url: str, seconds: float) -> dict[str, Any]:
+    """Publish PAIR_RATE messages/s for ``seconds`` on one connection, receive them on
+    another; print ``ready`` once both are set up, and return the figures."""
+    received: dict[int, float] = {}
+    sent: dict[int, float] = {}
+    errors: Counter[str] = Counter()
+    closed: list[str] = []
+    sub = await connect(
+        url, additional_headers={"Authorization": f"Bearer {token('pair-sub')}"}, max_size=None
+    )
+    pub = await connect(
+        url, additional_headers={"Authorization": f"Bearer {token('pair-pub')}"}, max_size=None
+    )
+    for ws in (sub, pub):
+        hello = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert hello["op"] == "hello", hello
+    await sub.send(orjson.dumps({"op": "sub", "id": 1, "topic": PAIR_TOPIC}).decode())
+    reply = orjson.loads(await asyncio.wait_for(sub.recv(), 10))
+    assert reply["op"] == "ok", reply
+    print("ready", flush=True)
+
+    async def receive() -> None:
+        try:
+            async for raw in sub:
+                now = time.perf_counter()
+                frame = orjson.loads(raw)
+                if frame.get("op") == "msg" and frame.get("topic") == PAIR_TOPIC:
+                    n = frame["data"]["n"]
+                    if n in sent and n not in received:
+                        received[n] = now - sent[n]
+        except ConnectionClosed as exc:
+            closed.append(f"sub closed {exc.rcvd.code if exc.rcvd else 1006}")
+
+    async def acks() -> None:
+        try:
+            async for raw in pub:
+                frame = orjson.loads(raw)
+                if frame.get("op") == "error":
+                    errors[frame.get("code", "?")] += 1
+        except ConnectionClosed as exc:
+            closed.append(f"pub closed {exc.rcvd.code if exc.rcvd else 1006}")
+
+    tasks = [asyncio.create_task(receive()), asyncio.create_task(acks())]
+    start = time.perf_counter()
+    count = int(seconds * PAIR_RATE)
+    for n in range(count):
+        at = start + n / PAIR_RATE
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent[n] = at  # latency counts from the schedule: a stalled send shows too
+        try:
+            await asyncio.wait_for(
+                pub.send(
+                    orjson.dumps(
+                        {"op": "pub", "id": n, "topic": PAIR_TOPIC, "data": {"n": n}}
+                    ).decode()
+                ),
+                5,
+            )
+        except (ConnectionClosed, TimeoutError):
+            break
+    deadline = time.perf_counter() + 10
+    while len(received) < len(sent) and time.perf_counter() < deadline and not closed:
+        await asyncio.sleep(0.05)
+    for task in tasks:
+        task.cancel()
+    for ws in (sub, pub):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 2)
+    lat = sorted(received.values())
+    return {
+        "sent": len(sent),
+        "received": len(received),
+        "lost": len(sent) - len(received),
+        "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+        "max_ms": 1000 * lat[-1] if lat else None,
+        "errors": dict(errors),
+        "closed": closed,
+    }
+
+
+# -- attacks ------------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    """What an attack gets: the broker, its deadline, and a place for notes."""
+
+    broker: Broker
+    deadline: float
+    notes: dict[str, Any] = field(default_factory=dict)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def url(self) -> str:
+        return self.broker.url
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def over(self) -> bool:
+        return self.stop.is_set() or time.monotonic() >= self.deadline
+
+
+async def open_ws(url: str, user: str) -> ClientConnection:
+    ws = await connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token(user)}"},
+        max_size=None,
+        open_timeout=10,
+    )
+    hello = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert hello["op"] == "hello", hello
+    return ws
+
+
+async def publish_acked(
+    url: str, items: list[tuple[str, Any]], window: int = 100, timeout: float = 120
+) -> int:
+    """Publish ``items`` (topic, data) with ids, ``window`` in flight; return acks."""
+    ws = await open_ws(url, "filler")
+    acked = 0
+    deadline = time.monotonic() + timeout
+    try:
+        sent = 0
+        while acked < len(items) and time.monotonic() < deadline:
+            while sent < len(items) and sent - acked < window:
+                topic, data = items[sent]
+                await ws.send(
+                    orjson.dumps({"op": "pub", "id": sent, "topic": topic, "data": data}).decode()
+                )
+                sent += 1
+            frame = orjson.loads(
+                await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
+            )
+            if frame.get("op") in ("ok", "error"):
+                acked += 1
+    finally:
+        await ws.close()
+    return acked
+
+
+class Replies:
+    """Reads one connection's frames in the background, counting replies and messages."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.ok = 0
+        self.errors: Counter[str] = Counter()
+        self.msgs = 0
+        self.last_msg = 0.0
+        self.closed: int | None = None
+        self.events: dict[Any, asyncio.Event] = {}
+        self.task = asyncio.create_task(self._run())
+
+    @property
+    def answered(self) -> int:
+        return self.ok + sum(self.errors.values())
+
+    async def _run(self) -> None:
+        try:
+            async for raw in self.ws:
+                frame = orjson.loads(raw)
+                op = frame.get("op")
+                if op == "ok":
+                    self.ok += 1
+                elif op == "error":
+                    self.errors[frame.get("code", "?")] += 1
+                elif op == "msg":
+                    self.msgs += 1
+                    self.last_msg = time.monotonic()
+                event = self.events.pop(frame.get("id"), None) if op in ("ok", "error") else None
+                if event is not None:
+                    event.set()
+        except ConnectionClosed as exc:
+            self.closed = exc.rcvd.code if exc.rcvd else 1006
+
+    async def subscribe_many(self, topics: Any, ctx: Ctx, limit: float, window: int = 2000) -> int:
+        """Subscribe to ``topics`` (an iterable) with ``window`` requests in flight, until
+        done or ``limit`` (a monotonic time); return how many were sent."""
+        sent = 0
+        for i, topic in enumerate(topics, start=1_000_000):
+            while sent - self.answered >= window:
+                if time.monotonic() >= limit or ctx.over() or self.closed is not None:
+                    return sent
+                await asyncio.sleep(0.005)
+            if time.monotonic() >= limit or ctx.over() or self.closed is not None:
+                return sent
+            await self.ws.send(orjson.dumps({"op": "sub", "id": i, "topic": topic}).decode())
+            sent += 1
+        while self.answered < sent and time.monotonic() < limit and self.closed is None:
+            await asyncio.sleep(0.01)
+        return sent
+
+    async def request(self, frame: dict[str, Any], timeout: float) -> bool:
+        event = self.events[frame["id"]] = asyncio.Event()
+        await self.ws.send(orjson.dumps(frame).decode())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 3)
+
+
+async def setup_history_small(broker: Broker) -> None:
+    await publish_acked(broker.url, [("hist/a", {"i": i}) for i in range(1000)])
+
+
+async def attack_subs_replay(ctx: Ctx) -> None:
+    """Row 1: one connection holds 50,000 subscriptions, then `sub` with `last: 1000`."""
+    ws = await open_ws(ctx.url, "evil")
+    r = Replies(ws)
+    sent = await r.subscribe_many(
+        (f"s/{i}" for i in range(50_000)), ctx, time.monotonic() + ctx.left() * 0.5
+    )
+    ctx.notes["subs"] = f"{r.ok}/{sent} ok"
+    replays = []
+    for i in range(20):
+        if ctx.over() or r.closed is not None:
+            break
+        before = r.msgs
+        started = time.monotonic()
+        if not await r.request(
+            {"op": "sub", "id": i, "topic": "hist/#", "last": 1000}, max(0.1, ctx.left())
+        ):
+            ctx.notes["replay"] = f"no answer within {time.monotonic() - started:.1f} s"
+            break
+        while r.msgs - before < 1000 and not ctx.over() and r.closed is None:
+            await asyncio.sleep(0.01)
+        replays.append(time.monotonic() - started)
+    if replays:
+        ctx.notes["replay"] = f"{len(replays)} replays of 1000, slowest {max(replays):.2f} s"
+    ctx.notes["errors"] = dict(r.errors)
+    await r.close()
+
+
+async def attack_plus_patterns(ctx: Ctx) -> None:
+    """Row 2: all 65,536 `a`/`+` patterns of 16 levels, then publishes to `a/.../a`."""
+    ws = await open_ws(ctx.url, "evil")
+    r = Replies(ws)
+    patterns = ("/".join("+" if i >> b & 1 else "a" for b in range(16)) for i in range(65_536))
+    sent = await r.subscribe_many(patterns, ctx, time.monotonic() + ctx.left() * 0.6)
+    ctx.notes["subs"] = f"{r.ok}/{sent} ok"
+    topic = "/".join(["a"] * 16)
+    published = 0
+    started = time.monotonic()
+    for i in range(200):
+        if ctx.over() or r.closed is not None:
+            break
+        if not await r.request(
+            {"op": "pub", "id": f"p{i}", "topic": topic, "data": i}, max(0.1, ctx.left())
+        ):
+            break
+        published += 1
+    ctx.notes["publishes"] = f"{published} acked in {time.monotonic() - started:.1f} s"
+    ctx.notes["errors"] = dict(r.errors)
+    await r.close()
+
+
+async def attack_fire_forget(ctx: Ctx) -> None:
+    """Row 3: fire-and-forget 60 KB `pub`s as fast as the broker takes them."""
+    ws = await open_ws(ctx.url, "evil")
+    r = Replies(ws)
+    frame = orjson.dumps({"op": "pub", "topic": "flood", "data": "x" * 60_000}).decode()
+    sent = 0
+    started = time.monotonic()
+    with contextlib.suppress(ConnectionClosed, TimeoutError):
+        while not ctx.over() and sent < 1_000_000:
+            await asyncio.wait_for(ws.send(frame), max(0.1, ctx.left()))
+            sent += 1
+    took = time.monotonic() - started
+    ctx.notes["sent"] = (
+        f"{sent} x 60 KB in {took:.1f} s ({sent * 0.06 / max(took, 0.001):.0f} MB/s)"
+    )
+    ctx.notes["errors"] = dict(r.errors)
+    await r.close()
+
+
+async def attack_idle_sockets(ctx: Ctx) -> None:
+    """Row 4: 1,100 idle TCP sockets (no HTTP request), reopened when the broker drops them."""
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    opened = failed = 0
+
+    async def one() -> socket.socket | None:
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(s, ("127.0.0.1", ctx.broker.port)), 2)
+        except (OSError, TimeoutError):
+            s.close()
+            return None
+        return s
+
+    for _ in range(1100):
+        if ctx.over():
+            break
+        s = await one()
+        if s is None:
+            failed += 1
+        else:
+            socks.append(s)
+            opened += 1
+    reopened = 0
+    while not ctx.over() and reopened < 5000:
+        await asyncio.sleep(0.5)
+        for i, s in enumerate(socks):
+            try:
+                dead = s.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                dead = False
+            except OSError:
+                dead = True
+            if dead and not ctx.over():
+                s.close()
+                fresh = await one()
+                if fresh is not None:
+                    socks[i] = fresh
+                    reopened += 1
+    for s in socks:
+        s.close()
+    ctx.notes["sockets"] = f"{opened} opened ({failed} failed), {reopened} reopened after a drop"
+
+
+async def attack_million_subs(ctx: Ctx) -> None:
+    """Row 5: up to 1,000,000 subscriptions on one connection, /metrics scraped meanwhile,
+    then the connection closed."""
+    ws = await open_ws(ctx.url, "evil")
+    r = Replies(ws)
+    scrapes: list[float] = []
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.wait(1.0):
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{ctx.broker.port}/metrics", timeout=10
+                ) as resp:
+                    resp.read()
+            except OSError:
+                continue
+            scrapes.append(time.monotonic() - started)
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    sent = await r.subscribe_many(
+        (f"m/{i}" for i in range(1_000_000)), ctx, time.monotonic() + ctx.left() - 6, window=5000
+    )
+    ctx.notes["subs"] = f"{r.ok}/{sent} ok in the time given"
+    await r.close()
+    while not ctx.over():
+        await asyncio.sleep(0.2)
+    stop.set()
+    scraper.join(12)
+    if scrapes:
+        ctx.notes["metrics"] = f"{len(scrapes)} scrapes, slowest {max(scrapes) * 1000:.0f} ms"
+    ctx.notes["errors"] = dict(r.errors)
+
+
+async def _bad_tokens(ctx: Ctx, tok: str, workers: int = 4) -> None:
+    closes: Counter[str] = Counter()
+    attempts = 0
+
+    async def worker() -> None:
+        nonlocal attempts
+        while not ctx.over() and attempts < 100_000:
+            attempts += 1
+            try:
+                c = await RawClient.open(ctx.broker.port)
+            except (OSError, TimeoutError, IndexError, ValueError, asyncio.IncompleteReadError):
+                closes["connect failed"] += 1
+                await asyncio.sleep(0.05)
+                continue
+            c.send({"op": "auth", "token": tok})
+            code = "none"
+            for opcode, payload in await c.frames(min(5.0, max(0.1, ctx.left()))):
+                if opcode == 8:
+                    code = str(int.from_bytes(payload[:2], "big")) if len(payload) >= 2 else "1005"
+                    break
+            if code == "none":
+                for opcode, payload in await c.frames(min(5.0, max(0.1, ctx.left()))):
+                    if opcode == 8:
+                        code = (
+                            str(int.from_bytes(payload[:2], "big")) if len(payload) >= 2 else "1005"
+                        )
+            closes[code] += 1
+            c.close()
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    ctx.notes["attempts"] = attempts
+    ctx.notes["closes"] = dict(closes)
+
+
+async def attack_huge_alg(ctx: Ctx) -> None:
+    """Row 6: tokens with a 40,000-character `alg`, repeated."""
+    header = orjson.dumps({"alg": "A" * 40_000, "typ": "JWT"})
+    await _bad_tokens(ctx, mint_raw(header, orjson.dumps({"sub": "evil"})))
+
+
+async def attack_non_ascii_alg(ctx: Ctx) -> None:
+    """Row 7: a non-ASCII `alg` (the close reason must be cut by bytes)."""
+    header = orjson.dumps({"alg": "\u00e9" * 20_000, "typ": "JWT"})
+    await _bad_tokens(ctx, mint_raw(header, orjson.dumps({"sub": "evil"})))
+
+
+BIG_MESSAGES = 2000  # x 60 KB = 120 MB of history (the issue's 200 MB, scaled down)
+
+
+async def setup_history_big(broker: Broker) -> None:
+    blob = "y" * 60_000
+    items = [(f"big/{i % 4}", {"i": i, "pad": blob}) for i in range(BIG_MESSAGES)]
+    await publish_acked(broker.url, items, window=20, timeout=180)
+
+
+async def attack_never_readers(ctx: Ctx) -> None:
+    """Row 8: four readers of `#` with `since: 0` over 120 MB of history, never reading."""
+    readers = []
+    for i in range(4):
+        c = await RawClient.open(ctx.broker.port, token(f"reader{i}"), rcvbuf=4096)
+        c.send({"op": "sub", "id": 1, "topic": "#", "since": 0})
+        readers.append(c)
+    while not ctx.over():
+        await asyncio.sleep(0.2)
+    for c in readers:
+        c.close()
+    ctx.notes["readers"] = f"4 x `#` since 0 over {BIG_MESSAGES * 60 // 1000} MB"
+
+
+async def attack_second_broker(ctx: Ctx) -> None:
+    """Row 9: a second broker started on the same --data, publishing through it."""
+    second = Broker(ctx.broker.workdir / "second", ctx.broker.env)
+    second.data = ctx.broker.data
+    second.cmd[second.cmd.index("--data") + 1] = str(ctx.broker.data)
+    started = await asyncio.to_thread(second.start, 15.0)
+    try:
+        if not started:
+            last = [ln for ln in second.log().splitlines() if ln.strip()][-1:] or ["(no output)"]
+            code = second.proc.returncode if second.proc else None
+            ctx.notes["second"] = f"refused to start (exit {code}): {last[0][:120]}"
+            while not ctx.over():
+                await asyncio.sleep(0.2)
+            return
+        items = [("second/t", {"i": i}) for i in range(50)]
+        acked = 0
+        errors: Counter[str] = Counter()
+        ws = await open_ws(second.url, "evil")
+        r = Replies(ws)
+        for i, (topic, data) in enumerate(items):
+            if ctx.over():
+                break
+            await r.request(
+                {"op": "pub", "id": i, "topic": topic, "data": data}, max(0.1, min(5, ctx.left()))
+            )
+        acked, errors = r.ok, r.errors
+        await r.close()
+        ctx.notes["second"] = (
+            f"started; {acked}/{len(items)} publishes acked, errors {dict(errors)}"
+        )
+        while not ctx.over():
+            await asyncio.sleep(0.2)
+    finally:
+        await asyncio.to_thread(second.stop, 5.0)
+
+
+async def setup_history_odd(broker: Broker) -> None:
+    await publish_acked(broker.url, [("odd/0", 1), ("odd/1", 2)])
+
+
+async def attack_odd_values(ctx: Ctx) -> None:
+    """Row 10: odd values on the wire: exp 10**400, `last`/`since` >= 2^63, integers
+    beyond 64 bits in `data`; repeated."""
+    big_exp = mint_raw(b'{"alg":"HS256","typ":"JWT"}', b'{"sub":"odd","exp":1' + b"0" * 400 + b"}")
+    seen: Counter[str] = Counter()
+    rounds = 0
+    while not ctx.over() and rounds < 2000:
+        rounds += 1
+        c = await RawClient.open(ctx.broker.port, big_exp)
+        seen[f"exp 10**400 in header: HTTP {c.status}"] += 1
+        c.close()
+        c = await RawClient.open(ctx.broker.port)
+        c.send({"op": "auth", "token": big_exp})
+        got = await c.frames(2.0)
+        kinds = [
+            orjson.loads(p).get("code", orjson.loads(p).get("op"))
+            if op == 1
+            else f"close {int.from_bytes(p[:2], 'big')}"
+            for op, p in got
+        ]
+        seen[f"exp 10**400 in auth: {kinds[:2]}"] += 1
+        c.close()
+        ws = await open_ws(ctx.url, "odd")
+        r = Replies(ws)
+        for rid, (field_name, value) in enumerate([("last", 2**63), ("since", 2**64)]):
+            before = dict(r.errors)
+            event = r.events[rid] = asyncio.Event()
+            await ws.send(f'{{"op":"sub","id":{rid},"topic":"odd/{rid}","{field_name}":{value}}}')
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), 3)
+            diff = {k: v - before.get(k, 0) for k, v in r.errors.items() if v != before.get(k, 0)}
+            seen[f"{field_name}={value}: {diff or 'ok'}"] += 1
+        await ws.send(orjson.dumps({"op": "sub", "id": 10, "topic": "odd/echo"}).decode())
+        await asyncio.sleep(0.05)
+        r.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await r.task
+        raw = b'{"op":"pub","id":11,"echo":true,"topic":"odd/echo","data":123456789012345678901234567890}'
+        await ws.send(raw.decode())
+        data = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                while data is None:
+                    frame_raw = await ws.recv()
+                    if b'"op":"msg"' in (
+                        frame_raw if isinstance(frame_raw, bytes) else frame_raw.encode()
+                    ):
+                        text = frame_raw if isinstance(frame_raw, str) else frame_raw.decode()
+                        data = text.split('"data":', 1)[1].split(",", 1)[0].rstrip("}")
+                    elif '"error"' in str(frame_raw):
+                        data = "error " + str(frame_raw)[:80]
+        seen[f"data 1234...890 (30 digits) delivered as {data}"] += 1
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 2)
+    ctx.notes["rounds"] = rounds
+    ctx.notes["seen"] = dict(seen)
+
+
+@dataclass
+class Attack:
+    name: str
+    row: int
+    seconds: float
+    run: Callable[[Ctx], Awaitable[None]]
+    setup: Callable[[Broker], Awaitable[None]] | None = None
+
+
+ATTACKS = [
+    Attack("subs_replay", 1, 25, attack_subs_replay, setup_history_small),
+    Attack("plus_patterns", 2, 20, attack_plus_patterns),
+    Attack("fire_forget", 3, 15, attack_fire_forget),
+    Attack("idle_sockets", 4, 15, attack_idle_sockets),
+    Attack("million_subs", 5, 30, attack_million_subs),
+    Attack("huge_alg", 6, 10, attack_huge_alg),
+    Attack("non_ascii_alg", 7, 10, attack_non_ascii_alg),
+    Attack("never_readers", 8, 15, attack_never_readers, setup_history_big),
+    Attack("second_broker", 9, 10, attack_second_broker),
+    Attack("odd_values", 10, 10, attack_odd_values, setup_history_odd),
+]
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def run_attack(attack: Attack, env: dict[str, str], root: Path) -> dict[str, Any]:
+    workdir = root / attack.name
+    broker = Broker(workdir, env)
+    row: dict[str, Any] = {"attack": attack.name, "row": attack.row, "seconds": attack.seconds}
+    if not broker.start():
+        row["error"] = "broker did not start: " + broker.log()[-300:]
+        return row
+    monitor: Monitor | None = None
+    pair: subprocess.Popen[str] | None = None
+    try:
+        if attack.setup is not None:
+            t0 = time.monotonic()
+            asyncio.run(asyncio.wait_for(attack.setup(broker), 240))
+            row["setup_s"] = round(time.monotonic() - t0, 1)
+        log_before = broker.log_size()
+        tracebacks_before = broker.log().count("Traceback")
+        monitor = Monitor(broker).start()
+        pair = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--pair",
+                broker.url,
+                "--pair-seconds",
+                str(attack.seconds + 2),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert pair.stdout is not None
+        line = pair.stdout.readline().strip()
+        if line != "ready":
+            row["error"] = f"pair not ready: {line!r}"
+            return row
+        ctx_notes: dict[str, Any] = {}
+
+        async def attack_main() -> None:
+            ctx = Ctx(broker, time.monotonic() + attack.seconds, ctx_notes)
+
+            async def watch_cap() -> None:
+                while not ctx.over():
+                    if monitor is not None and monitor.capped.is_set():
+                        ctx.notes["stopped"] = (
+                            f"RSS over {RSS_CAP >> 20} MB: attack stopped, broker killed"
+                        )
+                        ctx.stop.set()
+                    await asyncio.sleep(0.1)
+
+            watcher = asyncio.create_task(watch_cap())
+            try:
+                await asyncio.wait_for(attack.run(ctx), attack.seconds + 30)
+            except (TimeoutError, ConnectionClosed, InvalidStatus, OSError) as exc:
+                ctx.notes["attack ended"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+            finally:
+                watcher.cancel()
+
+        asyncio.run(attack_main())
+        out, _ = pair.communicate(timeout=attack.seconds + 40)
+        row["pair"] = (
+            json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": "no output"}
+        )
+        time.sleep(1.0)  # one more RSS sample and probe after the attack
+        row["notes"] = ctx_notes
+        row["alive"] = broker.alive()
+        row["log_mb"] = round((broker.log_size() - log_before) / 1e6, 2)
+        row["tracebacks"] = broker.log().count("Traceback") - tracebacks_before
+    except Exception as exc:  # a benchmark row, not a crash of the whole run
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if pair is not None and pair.poll() is None:
+            pair.kill()
+            pair.wait()
+        if monitor is not None:
+            monitor.stop()
+            row["rss_peak_mb"] = round(monitor.rss_peak / 2**20)
+            row["capped"] = monitor.capped.is_set()
+            probes = monitor.probes
+            row["probes"] = len(probes)
+            row["probe_failures"] = sum(p is None for p in probes)
+            ok = [p for p in probes if p is not None]
+            row["probe_max_ms"] = round(max(ok) * 1000) if ok else None
+        broker.stop()
+    return row
+
+
+def verdict(row: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the row meets the target, and whether the broker served throughout."""
+    pair = row.get("pair") or {}
+    served = bool(row.get("alive")) and row.get("probe_failures", 1) == 0 and not row.get("capped")
+    ok = (
+        served
+        and "error" not in row
+        and pair.get("lost", 1) == 0
+        and pair.get("p99_ms") is not None
+        and pair["p99_ms"] < TARGET_P99_MS
+        and row.get("rss_peak_mb", 1e9) < TARGET_RSS_MB
+    )
+    return ok, "yes" if served else "no"
+
+
+def fmt_ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.0f}" if v >= 10 else f"{v:.1f}")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| # | attack | pair p99 ms | pair max ms | lost | RSS peak MB | served | log MB | tracebacks | target | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        pair = row.get("pair") or {}
+        ok, served = verdict(row)
+        if row.get("probe_failures"):
+            served += f" ({row['probe_failures']}/{row['probes']} probes refused)"
+        notes = "; ".join(
+            f"{k}: {v}" for k, v in (row.get("notes") or {}).items() if v not in ({}, None)
+        )
+        if row.get("error"):
+            notes = f"ERROR {row['error'][:200]}; " + notes
+        if pair.get("errors"):
+            notes += f"; pair errors {pair['errors']}"
+        if pair.get("closed"):
+            notes += f"; pair {pair['closed']}"
+        lost = f"{pair.get('lost', '-')}/{pair.get('sent', '-')}"
+        lines.append(
+            f"| {row['row']} | {row['attack']} | {fmt_ms(pair.get('p99_ms'))} | {fmt_ms(pair.get('max_ms'))} "
+            f"| {lost} | {row.get('rss_peak_mb', '-')}{' (capped)' if row.get('capped') else ''} | {served} "
+            f"| {row.get('log_mb', '-')} | {row.get('tracebacks', '-')} | {'met' if ok else 'MISSED'} "
+            f"| {notes.replace('|', '/')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", help="comma-separated attack names (default: all)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--pair", help=argparse.SUPPRESS)
+    parser.add_argument("--pair-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.pair:
+        try:
+            import uvloop
+
+            result = uvloop.run(pair_main(args.pair, min(args.pair_seconds, 120)))
+        except ImportError:  # pragma: no cover
+            result = asyncio.run(pair_main(args.pair, min(args.pair_seconds, 120)))
+        print(json.dumps(result), flush=True)
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE,
+            (min(hard, 8192) if hard != resource.RLIM_INFINITY else 8192, hard),
+        )
+    chosen = ATTACKS
+    if args.only:
+        names = set(args.only.split(","))
+        unknown = names - {a.name for a in ATTACKS}
+        if unknown:
+            parser.error(f"unknown attacks: {', '.join(sorted(unknown))}")
+        chosen = [a for a in ATTACKS if a.name in names]
+    env = dict(os.environ)
+    env.pop("BROKER_SECRET", None)
+    root = Path(tempfile.mkdtemp(prefix="broker-abuse-"))
+    rows = []
+    started = time.monotonic()
+    try:
+        for attack in chosen:
+            print(
+                f"[{time.monotonic() - started:5.0f} s] {attack.name} ({attack.seconds:.0f} s)...",
+                file=sys.stderr,
+                flush=True,
+            )
+            row = run_attack(attack, env, root)
+            rows.append(row)
+            ok, served = verdict(row)
+            pair = row.get("pair") or {}
+            print(
+                f"    p99 {fmt_ms(pair.get('p99_ms'))} ms, max {fmt_ms(pair.get('max_ms'))} ms, "
+                f"lost {pair.get('lost')}, RSS {row.get('rss_peak_mb')} MB, served {served}: "
+                f"{'met' if ok else 'MISSED'}",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"version: {serve_module(env)[1]}; {time.monotonic() - started:.0f} s in all")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=str))
+    return 0 if all(verdict(r)[0] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
