@@ -229,14 +229,22 @@ async def test_readers_that_never_read_cost_a_page_not_the_history(broker: Broke
         await asyncio.sleep(0.1)
     # Before: each reader loaded the whole 60 MB replay (+240 MB for four).
     assert peak - base < 60 << 20, f"RSS grew by {(peak - base) >> 20} MB"
+    # Live messages held back during those replays are bounded too: past max_queue
+    # (1 MiB) each reader is closed as a slow consumer.
+    await publish_window(pub, [("big/0", [i, blob]) for i in range(30)])
+    deadline = time.monotonic() + 10
+    while broker.log().count("slow consumer (4008)") < 4 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert broker.log().count("slow consumer (4008)") >= 4, broker.log()[-2000:]
+    assert rss(broker) - base < 60 << 20
     for reader in readers:
         reader.close()
     # A reader that reads gets all of it, in order, page after page, then live messages.
     sub = await Peer.open(broker.url, broker.token("s"))
     ok = await sub.request("sub", topic="big/#", since=0)
     assert ok["recovered"] is True
-    got = [(await sub.recv(timeout=10))["seq"] for _ in range(1000)]
-    assert got == list(range(got[0], got[0] + 1000))
+    got = [(await sub.recv(timeout=10))["seq"] for _ in range(1030)]
+    assert got == list(range(got[0], got[0] + 1030))
     live = await publish_window(pub, [("big/0", "live")])
     assert (await sub.recv())["seq"] == live[0]
 
