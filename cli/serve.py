@@ -207,6 +207,9 @@ def _run(effective: Effective) -> None:
         runner = asyncio.run  # type: ignore[assignment]
     try:
         runner(run(config, on_ready=banner if config.log_format == "rich" else None))
+    except ConfigError as exc:  # found at start: a key file, the data directory
+        click.echo(f"broker: {exc.message}", err=True)
+        sys.exit(1)
     except OSError as exc:
         click.echo(
             f"broker: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", err=True

@@ -6,6 +6,7 @@ No I/O. ``TokenVerifier.verify`` turns a JWT into an ``Identity`` or raises
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,10 +106,23 @@ def identity_from_claims(claims: dict[str, Any]) -> Identity:
     return Identity(
         id=user_id,
         name=name,
-        exp=float(exp) if exp is not None else None,
+        exp=_expiry(exp),
         acl=_parse_acl(claims.get("acl")),
         admin=admin,
     )
+
+
+def _expiry(raw: Any) -> float | None:
+    """The ``exp`` claim as a float; ``Unauthorized`` when it is not a finite number."""
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (OverflowError, TypeError, ValueError):
+        value = math.inf
+    if not math.isfinite(value):
+        raise Unauthorized("invalid token: claim 'exp' is out of range")
+    return value
 
 
 class TokenVerifier:
@@ -144,7 +158,8 @@ class TokenVerifier:
             raise Unauthorized("malformed token") from None
         alg = header.get("alg")
         if alg != self.algorithm:
-            raise Unauthorized(f"invalid algorithm {alg!r} (this server accepts {self.algorithm})")
+            shown = repr(alg) if len(repr(alg)) <= 40 else repr(alg)[:37] + "..."
+            raise Unauthorized(f"invalid algorithm {shown} (this server accepts {self.algorithm})")
         # PyJWT insists that `sub` is a string; the protocol accepts numbers and
         # stringifies them (identity_from_claims), as it does for the `id` claim.
         options: jwt.types.Options = {

@@ -8,6 +8,8 @@ every subscriber.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,13 @@ from broker.errors import BadRequest, BrokerError
 RequestId = int | float | str
 
 _MISSING = object()
+
+#: Largest ``since``/``last``: seqs are signed 64-bit integers in every store.
+MAX_COUNT = 2**63 - 1
+# The integers orjson reads exactly (int64 and uint64); a run of 19 digits may be past them.
+_MIN_INT = -(2**63)
+_MAX_INT = 2**64 - 1
+_LONG_DIGITS = re.compile(r"\d{19,}")
 
 #: Longest idempotency key, in characters (section 8 of docs/protocol.md).
 MAX_KEY = 128
@@ -109,9 +118,32 @@ def _optional_count(frame: dict[str, Any], name: str) -> int | None:
     value = frame.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"'{name}' must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise BadRequest(f"'{name}' must be an integer from 0 to {MAX_COUNT}")
     return value
+
+
+def check_exact_numbers(raw: str | bytes) -> None:
+    """Raise ``BadRequest`` when the JSON text ``raw`` holds an integer beyond 64 bits.
+
+    orjson reads such an integer as a float, which would change the number silently: it
+    is refused instead (send it as a string). Only a text with a run of 19 digits or more
+    is parsed again, exactly, to find out."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
+    if _LONG_DIGITS.search(text) is None:
+        return
+    try:
+        stack: list[Any] = [json.loads(text)]
+    except (ValueError, RecursionError):
+        raise BadRequest("frame is not valid JSON or nested too deeply") from None
+    while stack:
+        value = stack.pop()
+        if type(value) is int and not _MIN_INT <= value <= _MAX_INT:
+            raise BadRequest("integers beyond 64 bits are not supported; send them as strings")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def parse_key(fields: dict[str, Any]) -> str | None:
@@ -135,6 +167,7 @@ def parse_request(raw: str | bytes) -> Request:
         raise BadRequest("frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise BadRequest("frame must be a JSON object")
+    check_exact_numbers(raw)
     rid = _request_id(frame)
     try:
         return _parse_op(frame, rid)

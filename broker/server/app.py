@@ -51,12 +51,19 @@ from broker.errors import (
     Unauthorized,
     Unavailable,
 )
+from broker.server.admission import (
+    Admission,
+    connection_budget,
+    default_unauthenticated,
+    raise_descriptor_limit,
+)
 from broker.server.api import HttpApi, Reply, error_reply
 from broker.server.backpressure import Backpressure
 from broker.server.config import ServerConfig
 from broker.server.connection import CLOSE_INTERNAL, Connection, HttpRequest
 from broker.server.http import Routes, origin_allowed
 from broker.server.journal import Journal
+from broker.server.logs import Repeats
 from broker.server.memory import release_memory
 from broker.server.metrics import Metrics, wire_size
 from broker.server.session import Flusher, Session
@@ -71,6 +78,15 @@ if TYPE_CHECKING:
 _BACKLOG_PAUSE = 64
 # Subscriptions dropped per loop turn when a connection that holds many closes.
 _DETACH_SLICE = 2000
+# Refused connections logged in full per result and 10 s window; the rest are summarised.
+_REFUSALS_LOGGED = 10
+#: What each limit of ``metrics.LIMITS`` refuses, for the log line.
+_LIMIT_TEXT = {
+    "connections": "max_connections, new connections refused",
+    "unauthenticated": "max_unauthenticated, the oldest unauthenticated connections dropped",
+    "unauthenticated_per_address": "max_unauthenticated_per_address, new connections refused",
+    "subscriptions": "max_subscriptions, subscriptions refused",
+}
 
 log = logging.getLogger("broker")
 
@@ -127,6 +143,10 @@ class BrokerServer:
         self._http_conns: set[Connection] = set()  # plain HTTP (keep-alive) clients
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.admission = self._admission()
+        # Refused connections and limits reached: a few lines in full, then a summary.
+        self._refusals = Repeats(log, burst=_REFUSALS_LOGGED)
+        self._limits = Repeats(log, burst=1)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -152,8 +172,15 @@ class BrokerServer:
             )
 
         self._listener = await asyncio.get_running_loop().create_server(
-            connection, self.config.host, self.config.port, ssl=ssl_context
+            connection,
+            self.config.host,
+            self.config.port,
+            ssl=ssl_context,
+            ssl_handshake_timeout=self.config.auth_timeout if ssl_context else None,
         )
+        if self.config.port == 0:  # the port the system chose, for the logs and the banner
+            self.config.port = int(self._listener.sockets[0].getsockname()[1])
+        self._spawn(self._summary_loop())
         self._spawn(self._trim_loop())
         if self.config.ping_interval > 0:
             self._spawn(self._keepalive_loop(self.config.ping_interval))
@@ -239,6 +266,8 @@ class BrokerServer:
         for task in list(self._tasks):
             task.cancel()
         await self.store.close()
+        self._refusals.flush(final=True)
+        self._limits.flush(final=True)
         self._stopped.set()
 
     # -- HTTP --------------------------------------------------------------------------
@@ -259,8 +288,7 @@ class BrokerServer:
             return self._refuse(
                 conn, HTTPStatus.SERVICE_UNAVAILABLE, "shutting_down", "shutting down"
             )
-        limit = self.config.max_connections
-        if limit is not None and self.connections >= limit:
+        if self.admission.refused(conn):
             return self._refuse(
                 conn, HTTPStatus.SERVICE_UNAVAILABLE, "over_capacity", "too many connections"
             )
@@ -283,6 +311,8 @@ class BrokerServer:
     def _refused(self, conn: Connection, result: str, reason: str) -> None:
         """Count and log a connection refused before or after the upgrade."""
         self.metrics.attempt(result)
+        if not self._refusals.allow(result, f"refused connections ({result})"):
+            return
         peer = conn.peer
         log.info(
             "refused connection from %s: %s",
@@ -295,9 +325,9 @@ class BrokerServer:
 
     def http(self, conn: Connection, request: HttpRequest) -> None:
         """A plain HTTP request: ``/api/...`` (answered by a task), or a plain path."""
+        self.admission.settle(conn)
         if conn not in self._http_conns:
-            limit = self.config.max_connections
-            if limit is not None and self.connections >= limit:
+            if self.admission.refused(conn):
                 self._refused(conn, "over_capacity", "too many connections")
                 self._reply(conn, request, error_reply(Unavailable("too many connections")), True)
                 return
@@ -334,6 +364,51 @@ class BrokerServer:
         """Wait (briefly) until this node has fanned out ``seq`` (cluster reads)."""
         await self._catch_up(seq)
 
+    # -- limits ------------------------------------------------------------------------
+
+    def _admission(self) -> Admission:
+        """Connection limits from the settings and the file-descriptor limit (raised to
+        its hard limit first)."""
+        budget = connection_budget(raise_descriptor_limit())
+        wanted = self.config.max_connections
+        if wanted is not None and wanted > budget:
+            log.warning(
+                "max_connections %d is more than the file-descriptor limit allows: using %d",
+                wanted,
+                budget,
+                extra={"event": "limit_lowered", "limit": "connections"},
+            )
+        cap = budget if wanted is None else min(wanted, budget)
+        unauthenticated = self.config.max_unauthenticated or default_unauthenticated(cap)
+        return Admission(
+            max_connections=cap,
+            max_unauthenticated=min(unauthenticated, cap),
+            max_per_address=self.config.max_unauthenticated_per_address,
+            on_limit=lambda limit, conn: self._limit_reached(limit, f"from {conn.peer}"),
+        )
+
+    def accepted(self, conn: Connection) -> bool:
+        """A TCP connection was accepted: count it, or refuse it (False: drop it now)."""
+        return self.admission.admit(conn, conn.loop.time())
+
+    def _limit_reached(self, limit: str, who: str) -> None:
+        """Count a refusal by ``limit``; log it once per episode, then a summary."""
+        self.metrics.limit_hit(limit)
+        if self._limits.allow(limit, f"refusals by the {limit} limit"):
+            log.warning(
+                "limit reached: %s (%s); further refusals are summarised",
+                _LIMIT_TEXT[limit],
+                who,
+                extra={"event": "limit_reached", "limit": limit},
+            )
+
+    async def _summary_loop(self) -> None:
+        """Write the summaries of repeated refusals as their windows end."""
+        while True:
+            await asyncio.sleep(1.0)
+            self._refusals.flush()
+            self._limits.flush()
+
     # -- WebSocket (called by Connection) ----------------------------------------------
 
     def opened(self, conn: Connection) -> None:
@@ -344,7 +419,11 @@ class BrokerServer:
             self._start_session(conn, conn.identity)
         else:
             self._unauthenticated.add(conn)
-            conn.timer = conn.loop.call_later(self.config.auth_timeout, self._auth_timeout, conn)
+            # One deadline from accept for the HTTP request and the 'auth' frame together.
+            since = self.admission.accepted_at(conn)
+            spent = 0.0 if since is None else conn.loop.time() - since
+            left = max(0.0, self.config.auth_timeout - spent)
+            conn.timer = conn.loop.call_later(left, self._auth_timeout, conn)
 
     def message(self, conn: Connection, data: str | bytes) -> None:
         """One incoming message: ``auth`` first, then requests, in order."""
@@ -366,6 +445,7 @@ class BrokerServer:
 
     def closed(self, conn: Connection) -> None:
         """The connection is gone: forget it and its session."""
+        self.admission.forget(conn)
         if conn in self._http_conns:
             self._http_conns.discard(conn)
             self.connections -= 1
@@ -442,6 +522,7 @@ class BrokerServer:
             on_close=self._on_session_close,
         )
         conn.session = session
+        self.admission.settle(conn)
         self.sessions.add(session)
         self.hub.attach(session)
         log.info(
@@ -659,7 +740,8 @@ class BrokerServer:
         ident.check_subscribe(frame.topic)
         subs = self.hub.subscriptions.get(session, {})
         limit = self.config.max_subscriptions
-        if limit is not None and frame.topic not in subs and len(subs) >= limit:
+        if frame.topic not in subs and len(subs) >= limit:
+            self._limit_reached("subscriptions", f"user={ident.id}")
             raise Forbidden(f"subscription limit reached ({limit} per connection)")
         if (
             self.store.shared
@@ -785,6 +867,9 @@ class BrokerServer:
             "rate_limited": self.metrics.rate_limited,
             "errors": dict(self.metrics.errors),
             "connection_attempts": dict(self.metrics.attempts),
+            "limit_hits": dict(self.metrics.limit_hits),
+            "max_connections": self.admission.max_connections,
+            "unauthenticated": self.admission.unauthenticated,
             "top_topics": dict(self.metrics.top_topics.top(10)),
         }
 

@@ -111,6 +111,8 @@ def parse_duration(text: str | float) -> float:
             raise ValueError(
                 f"{text!r} is not a duration (use seconds or e.g. 30s, 15m, 1h, 7d)"
             ) from None
+    if math.isinf(value):
+        raise ValueError(f"{text!r} is not a finite duration")
     if value < 0 or math.isnan(value):
         raise ValueError(f"{text!r} is not a positive duration")
     return value
@@ -509,20 +511,38 @@ class ServerConfig:
         None, Number(), "Publishes per second per connection. Not set: no limit.", example=100
     )
     max_connections: int | None = setting(
-        None, Integer(1), "Connections accepted at once. Not set: no limit.", example=10000
+        None,
+        Integer(1),
+        "Connections (TCP sockets, counted from accept) at once; over it a new one gets 503. "
+        "Not set: what the file-descriptor limit allows (raised to its hard limit at start, "
+        "128 kept aside), at most 65536.",
+        example=10000,
+    )
+    max_unauthenticated: int | None = setting(
+        None,
+        Integer(1),
+        "Connections not authenticated yet, at once; when full, the oldest is dropped. "
+        "Not set: a quarter of max_connections (at least 16), at most 4096.",
+        example=1000,
+    )
+    max_unauthenticated_per_address: int = setting(
+        64,
+        Integer(0),
+        "Connections not authenticated yet from one IP address, at once; over it a new one "
+        "gets 503 (0: no limit).",
     )
     dedupe_window: float = setting(
         120.0,
         Duration(),
         "How long a publish's idempotency key is remembered, from its first publish.",
     )
-    max_subscriptions: int | None = setting(
-        None, Integer(1), "Subscriptions per connection. Not set: no limit.", example=1000
+    max_subscriptions: int = setting(
+        1000, Integer(1), "Subscriptions per connection; past it a 'sub' gets forbidden."
     )
     auth_timeout: float = setting(
-        10.0,
+        5.0,
         Duration(),
-        "Time a new connection has to send its HTTP request, and then its 'auth' frame.",
+        "Time a new connection has, from accept, to send its HTTP request and authenticate.",
     )
     ping_interval: float = setting(
         20.0,
@@ -676,6 +696,8 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('tls_key')} needs tls_cert")
     if config.memory and config.data:
         raise ConfigError(f"{given('memory')} and {given('data')} exclude each other")
+    if config.redis and not config.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{given('redis')} is not a Redis URL (redis://, rediss:// or unix://)")
     if config.redis_wait and not config.redis:
         raise ConfigError(f"{given('redis_wait')} needs redis")
     if config.redis and (config.memory or config.data):

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
 from broker.core.auth import Identity
+from broker.server.logs import clip_utf8
 
 if TYPE_CHECKING:
     from broker.server.session import Session
@@ -45,6 +46,9 @@ _STATUSES = {int(status) for status in HTTPStatus}
 CLOSE_ABNORMAL = 1006
 #: Close code for a text message that is not UTF-8.
 CLOSE_INVALID_DATA = 1007
+#: Longest close reason, in UTF-8 bytes: a close frame's payload is at most 125 bytes,
+#: two of them the code (RFC 6455 5.5).
+MAX_CLOSE_REASON = 123
 #: Close code for an internal error; also for a peer that stopped answering pings, as
 #: websockets uses it.
 CLOSE_INTERNAL = 1011
@@ -112,6 +116,9 @@ class Handler(Interface):
 
     def http_request(self, conn: Connection, request: Request) -> Response | None:
         """A plain HTTP response to send, or None to accept the WebSocket upgrade."""
+
+    def accepted(self, conn: Connection) -> bool:
+        """A TCP connection was accepted; False: drop it at once (a limit is reached)."""
 
     def opened(self, conn: Connection) -> None:
         """The WebSocket handshake completed."""
@@ -210,6 +217,8 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
+        if not self.handler.accepted(self):
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.loop.time()
@@ -495,7 +504,7 @@ class Connection(asyncio.Protocol):
         """Start the closing handshake; drop the TCP connection if the peer has not
         finished it within ``timeout`` seconds. Does nothing if already closing."""
         if self.protocol.state is State.OPEN:
-            self.protocol.send_close(code, reason)
+            self.protocol.send_close(code, clip_utf8(reason, MAX_CLOSE_REASON))
             self._write_protocol_data()
             self._expect_close(timeout)
         elif self.protocol.state is State.CONNECTING:
@@ -515,7 +524,7 @@ class Connection(asyncio.Protocol):
     def fail(self, code: int, reason: str) -> None:
         """Close at once, without waiting for the peer (a dead or broken peer)."""
         if self.protocol.state is State.OPEN:
-            self.protocol.fail(code, reason)
+            self.protocol.fail(code, clip_utf8(reason, MAX_CLOSE_REASON))
             self._write_protocol_data()
         self.abort()
 

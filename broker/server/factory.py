@@ -14,8 +14,11 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import jwt
+
 from broker import __version__
 from broker.core.auth import TokenVerifier
+from broker.errors import ConfigError
 from broker.server.app import BrokerServer
 from broker.server.config import ServerConfig, data_dir
 from broker.store.base import Store
@@ -34,7 +37,19 @@ def build_verifier(config: ServerConfig) -> TokenVerifier:
     else:
         if not config.public_key:
             raise ValueError(f"--public-key is required for {config.algorithm}")
-        key = Path(config.public_key).read_bytes()
+        try:
+            key = Path(config.public_key).read_bytes()
+            # Checked now: a key jwt cannot load would refuse every token, one by one.
+            jwt.get_algorithm_by_name(config.algorithm).prepare_key(key)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read public_key {config.public_key}: {exc.strerror or exc}"
+            ) from None
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"public_key {config.public_key} is not a PEM public key for "
+                f"{config.algorithm}: {exc}"
+            ) from None
     return TokenVerifier(
         key,
         config.algorithm,
@@ -58,7 +73,11 @@ def build_store(config: ServerConfig) -> Store:
         )
     if config.memory:
         return MemoryStore(config.history, config.retention, config.history_size)
-    folder = config.data or data_dir()
+    folder = Path(config.data or data_dir())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create data directory {folder}: {exc.strerror or exc}") from None
     return SqliteStore(Path(folder) / "broker.sqlite3", config.history, config.retention)
 
 

@@ -62,6 +62,14 @@ HTTP_PATHS = (
     "/",
 )
 
+#: Limits that refuse work when reached, the only values of the ``limit`` label.
+LIMITS = (
+    "connections",  # --max-connections (TCP sockets, counted from accept)
+    "unauthenticated",  # --max-unauthenticated (the oldest waiting one is dropped)
+    "unauthenticated_per_address",  # --max-unauthenticated-per-address
+    "subscriptions",  # --max-subscriptions (per connection)
+)
+
 #: Latency buckets (seconds) for publish-to-ack, fan-out, store commits and Redis.
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -106,6 +114,13 @@ LABELLED_COUNTERS = (
         ATTEMPT_RESULTS,
         "WebSocket connection attempts, by outcome.",
     ),
+    (
+        "limit_hits",
+        "broker_limit_hits",
+        "limit",
+        LIMITS,
+        "Requests and connections refused because a limit was reached, by limit.",
+    ),
 )
 # (stats key, metric name, help): gauges taken from ``stats()``.
 GAUGES = (
@@ -118,6 +133,16 @@ GAUGES = (
         "Publishes accepted but not yet written to the store.",
     ),
     ("last_seq", "broker_last_seq", "The highest seq fanned out on this node."),
+    (
+        "max_connections",
+        "broker_max_connections",
+        "Connections accepted at once: --max-connections, or what the descriptor limit allows.",
+    ),
+    (
+        "unauthenticated",
+        "broker_unauthenticated_connections",
+        "Connections accepted and not authenticated yet.",
+    ),
 )
 
 
@@ -221,6 +246,7 @@ class Metrics:
         self.rate_limited = 0
         self.errors: dict[str, int] = dict.fromkeys(ERROR_CODES, 0)
         self.attempts: dict[str, int] = dict.fromkeys(ATTEMPT_RESULTS, 0)
+        self.limit_hits: dict[str, int] = dict.fromkeys(LIMITS, 0)
         #: (path, status) -> plain HTTP requests answered.
         self.http_requests: dict[tuple[str, int], int] = {}
         self.top_topics = TopTopics()
@@ -270,6 +296,10 @@ class Metrics:
     def attempt(self, result: str) -> None:
         """Count one connection attempt with outcome ``result`` (one of ATTEMPT_RESULTS)."""
         self.attempts[result] += 1
+
+    def limit_hit(self, limit: str) -> None:
+        """Count one refusal by ``limit`` (one of ``LIMITS``)."""
+        self.limit_hits[limit] += 1
 
     def http_request(self, path: str, status: int) -> None:
         """Count one plain HTTP request answered with ``status`` (paths outside
