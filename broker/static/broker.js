@@ -426,7 +426,8 @@ export class BrokerClient extends Emitter {
     this._pending = new Map(); // id -> request, in creation order
     this._subs = new Map(); // pattern -> Subscription
     this._seen = new Set();
-    this._seenOrder = [];
+    this._seenRing = []; // the same seqs in arrival order, a ring of dedupeWindow
+    this._seenHead = 0;
     this._attempt = 0;
     this._urlIndex = 0;
     this._everConnected = false;
@@ -659,9 +660,11 @@ export class BrokerClient extends Emitter {
     this._everConnected = true;
     this._attempt = 0;
     this._downSince = null;
-    this._setState("connected", { user: this.user, server: this.server, url });
+    // Resume first: a subscription made by a "connected" listener is then sent once.
+    this.state = "connected";
     this._resume();
     this._scheduleRefresh();
+    this._setState("connected", { user: this.user, server: this.server, url });
     const waiters = this._waiters.splice(0);
     for (const w of waiters) w.resolve();
   }
@@ -700,17 +703,19 @@ export class BrokerClient extends Emitter {
     const hasGetToken = typeof this.options.getToken === "function";
     let fatal = null;
     let delay = null;
+    // After a working connection a new token is fetched at once; again and again only with backoff.
+    const soon = this._attempt === 0 ? 0 : null;
     if (code === CloseCode.UNAUTHORIZED) {
       if (hasGetToken && /expired/i.test(reason)) {
         this._token = null; // ask getToken for a new one
-        delay = 0;
+        delay = soon;
       } else {
         fatal = errorForCode("unauthorized", reason || "token refused");
       }
     } else if (code === CloseCode.TOKEN_EXPIRED) {
       if (hasGetToken) {
         this._token = null;
-        delay = 0;
+        delay = soon;
       } else {
         fatal = new TokenExpired(reason || "token expired");
       }
@@ -1030,7 +1035,8 @@ export class BrokerClient extends Emitter {
     if (this.epoch !== null && newEpoch !== this.epoch) {
       // History started over: seqs restart, the ones seen mean nothing now.
       this._seen.clear();
-      this._seenOrder = [];
+      this._seenRing = [];
+      this._seenHead = 0;
     }
     this.epoch = newEpoch;
     sub.epoch = newEpoch;
@@ -1077,8 +1083,14 @@ export class BrokerClient extends Emitter {
     this._save();
     if (this._seen.has(seq)) return;
     this._seen.add(seq);
-    this._seenOrder.push(seq);
-    if (this._seenOrder.length > this.options.dedupeWindow) this._seen.delete(this._seenOrder.shift());
+    const ring = this._seenRing;
+    if (ring.length < this.options.dedupeWindow) {
+      ring.push(seq);
+    } else {
+      this._seen.delete(ring[this._seenHead]);
+      ring[this._seenHead] = seq;
+      this._seenHead = (this._seenHead + 1) % ring.length;
+    }
     const msg = message(frame);
     this.emit("message", msg);
     for (const sub of targets) sub._deliver(msg);
