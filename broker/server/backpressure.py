@@ -83,16 +83,17 @@ class Backpressure:
             waiting = self._waiting[session] = [0, 0]
         waiting[0] += 1
         waiting[1] += size
-        if session in self._paused:
-            return
         if waiting[0] >= self.max_count or waiting[1] >= self.max_bytes or self._over_total:
+            # Checked whether paused already or not: the request backlog (app.py) may
+            # have resumed reading meanwhile.
             transport = session.conn.transport
-            if transport is not None and not session.closing:
+            if transport is not None and not session.closing and transport.is_reading():
                 transport.pause_reading()
-                self._paused.add(session)
-                self.pauses += 1
-                if self._over_total:
-                    self.global_pauses += 1
+                if session not in self._paused:
+                    self._paused.add(session)
+                    self.pauses += 1
+                    if self._over_total:
+                        self.global_pauses += 1
 
     def recorded(self, session: Session | None, size: int) -> None:
         """That publish is recorded or refused: it no longer waits."""
