@@ -112,6 +112,13 @@ def test_api_in_node(broker: BrokerProcess) -> None:
     ]
     assert out["nowhere"]["name"] == "ConnectionFailed" and out["nowhereIsConnectionFailed"]
     assert out["afterClose"]["name"] == "ConnectionLost"
+    # A new client on the same storage resumes where the first one was.
+    assert out["restored"] == ["stored/#"]
+    assert out["resumedAfterRestore"] == {
+        "messages": ["two", "three"],
+        "recovered": True,
+        "resumed": True,
+    }
 
 
 def test_node_resumes_across_a_broker_restart_exactly_once(broker: BrokerProcess) -> None:

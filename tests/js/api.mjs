@@ -72,6 +72,33 @@ const nowhere = new BrokerClient(closedUrl, { token: aliceToken, reconnect: fals
 result.nowhere = await errorOf(nowhere.connect());
 result.nowhereIsConnectionFailed = nowhere.error instanceof ConnectionFailed;
 
+// With storage, a new client (a reloaded page) resumes the subscriptions where they were.
+const store = new Map();
+const storage = { getItem: (k) => store.get(k) ?? null, setItem: (k, v) => store.set(k, v) };
+const first = new BrokerClient(url, { token: aliceToken, storage });
+const kept = first.subscribe("stored/#");
+await first.connect();
+await kept.ready;
+await bob.publish("stored/a", "one");
+for await (const m of kept) break; // eslint-disable-line no-unused-vars
+first.close();
+await bob.publish("stored/a", "two");
+await bob.publish("stored/b", "three");
+const second = new BrokerClient(url, { token: aliceToken, storage });
+result.restored = [...second.subscriptions.keys()];
+const again = [];
+let resumed = null;
+second.subscriptions.get("stored/#").on("subscribed", (info) => (resumed = info));
+await new Promise((resolve) => {
+  second.on("message", (m) => {
+    again.push(m.data);
+    if (again.length === 2) resolve();
+  });
+  second.connect();
+});
+result.resumedAfterRestore = { messages: again, recovered: resumed.recovered, resumed: resumed.resumed };
+second.close();
+
 result.states = states;
 alice.close();
 bob.close();

@@ -10,6 +10,9 @@ import BrokerClient, {
   TokenExpired,
 } from "../../broker/static/broker.js";
 
+// No DOM or Node typings: broker.d.ts must stand on its own.
+declare const console: { log(...args: unknown[]): void };
+
 async function main(): Promise<void> {
   const client = new BrokerClient(["ws://127.0.0.1:8765/ws", "ws://127.0.0.1:8766/ws"], {
     getToken: async () => "a.jwt.token",
