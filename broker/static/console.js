@@ -266,7 +266,6 @@ function subRow(pattern, state, inbox, sub, error) {
     li.append(rm);
   }
   if (state === "error") {
-    li.style.flexWrap = "wrap";
     const err = document.createElement("span");
     err.className = "sub-error";
     err.setAttribute("data-testid", "sub-error");
