@@ -282,20 +282,29 @@ class HttpApi:
             await server.catch_up(since)
         upto = server.hub.last_seq
         recovered = True
+        # Read a page at a time, up to one message more than a response holds: the memory
+        # a request takes is bounded by that, not by the history it could cover.
+        visible: list[Message] = []
         try:
             if since is not None:
                 if (epoch is not None and epoch != store.epoch) or since > upto:
                     since, recovered = 0, False
-                replay = await store.read_since(pattern, since, upto)
-                messages = replay.messages
-                recovered = recovered and replay.recovered
+                pages = await store.replay(pattern, since=since, upto=upto, page_size=PAGE + 1)
+                recovered = recovered and pages.recovered
             else:
-                messages = await store.read_last(pattern, last or 0, upto)
+                pages = await store.replay(pattern, last=last or 0, upto=upto, page_size=PAGE + 1)
+            while len(visible) <= PAGE:
+                chunk = await pages.next()
+                if not chunk:
+                    break
+                visible += [m for m in chunk if identity.may_receive(m.topic)]
         except BrokerError:
             raise
         except Exception:
             raise Unavailable("history cannot be read now; retry later") from None
-        visible = [m for m in messages if identity.may_receive(m.topic)]
+        # A gap (retention removed some before they were read): "more", and the next
+        # request (since = the last seq returned) answers recovered: false.
+        more = len(visible) > PAGE or pages.gap
         page = visible[:PAGE]
         body = b"".join(
             (
@@ -308,7 +317,7 @@ class HttpApi:
                 b',"messages":[',
                 b",".join(_message_json(m) for m in page),
                 b'],"more":',
-                b"true" if len(visible) > PAGE else b"false",
+                b"true" if more else b"false",
                 b"}",
             )
         )
