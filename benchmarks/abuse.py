@@ -12,6 +12,9 @@ reports per attack:
 * whether it served throughout: alive at the end, and a new client (TCP, handshake with a
   bearer token, ``hello``) admitted within 3 s at every probe, once a second.
 
+Row 0 ("none") is the pair alone, for what the machine gives it at the time of the run;
+the load average at the end is printed with the table.
+
 The target with defaults: p99 < 100 ms, nothing lost, RSS < 512 MB for every attack.
 
 The broker is started with a soft file-descriptor limit of 1,024 (the usual default; the
@@ -590,6 +593,12 @@ class Replies:
             await asyncio.wait_for(self.ws.close(), 3)
 
 
+async def attack_none(ctx: Ctx) -> None:
+    """Row 0: no attack, the pair alone: what the machine gives it right now."""
+    while not ctx.over():
+        await asyncio.sleep(0.2)
+
+
 async def setup_history_small(broker: Broker) -> None:
     await publish_acked(broker.url, [("hist/a", {"i": i}) for i in range(1000)])
 
@@ -923,6 +932,7 @@ class Attack:
 
 
 ATTACKS = [
+    Attack("none", 0, 10, attack_none),
     Attack("subs_replay", 1, 25, attack_subs_replay, setup_history_small),
     Attack("plus_patterns", 2, 20, attack_plus_patterns),
     Attack("fire_forget", 3, 15, attack_fire_forget),
@@ -1129,7 +1139,10 @@ def main() -> int:
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"version: {serve_module(env)[1]}; {time.monotonic() - started:.0f} s in all")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"version: {serve_module(env)[1]}; {time.monotonic() - started:.0f} s in all; load {load}"
+    )
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
