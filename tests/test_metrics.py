@@ -8,6 +8,8 @@ the byte counters are checked exactly too.
 from __future__ import annotations
 
 import asyncio
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +27,7 @@ from broker.server.config import ServerConfig
 from broker.server.factory import create_server
 from broker.server.metrics import (
     ATTEMPT_RESULTS,
+    LIMITS,
     FastHistogram,
     Metrics,
     TopTopics,
@@ -152,7 +155,11 @@ async def test_metrics_and_stats_after_a_known_workload(
             "abandoned": 0,
         },
         "top_topics": {"scores/uk": 7, "scores/fr": 3},
+        "limit_hits": dict.fromkeys(LIMITS, 0),
+        "max_connections": figures["max_connections"],  # from the descriptor limit
+        "unauthenticated": 0,
     }
+    assert figures["max_connections"] > 100
     assert list(stats["top_topics"]) == ["scores/uk", "scores/fr"]  # busiest first
     # Everything written before the stats reply has been read by the peers.
     assert figures["bytes_out"] == tally.received - ws_frame_size(orjson.dumps(stats))
@@ -239,9 +246,16 @@ async def test_over_capacity_is_counted(make_broker: Callable[..., BrokerProcess
     with pytest.raises(InvalidStatus) as refused:
         await connect(broker.url, open_timeout=5)
     assert refused.value.response.status_code == 503
-    m = parse((await asyncio.to_thread(scrape, broker))[1])
+    await first.close()  # a scrape is a connection too: make room for it
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            m = parse((await asyncio.to_thread(scrape, broker))[1])
+            break
+        except urllib.error.HTTPError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
     assert value(m, "broker_connection_attempts_total", result="over_capacity") == 1
-    await first.close()
 
 
 # -- in-process units ------------------------------------------------------------------

@@ -119,7 +119,7 @@ def _optional_count(frame: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
-        raise BadRequest(f"'{name}' must be an integer from 0 to {MAX_COUNT}")
+        raise BadRequest(f"'{name}' must be a non-negative integer up to {MAX_COUNT}")
     return value
 
 

@@ -97,8 +97,8 @@ class Admission:
         # Not authenticated yet, oldest first: connection -> (address, accepted at).
         self._pending: dict[Conn, tuple[str, float]] = {}
         self._per_address: dict[str, int] = {}
-        # Over a limit, kept only to answer 503.
-        self._refusing: set[Conn] = set()
+        # Over a limit, kept only to answer 503: connection -> the limit.
+        self._refusing: dict[Conn, str] = {}
 
     @property
     def unauthenticated(self) -> int:
@@ -128,12 +128,24 @@ class Admission:
         self.on_limit(limit, conn)
         if len(self._refusing) >= REFUSE_SLACK:
             return False
-        self._refusing.add(conn)
+        self._refusing[conn] = limit
         return True
 
-    def refused(self, conn: Conn) -> bool:
-        """True for a connection kept only to be answered 503."""
-        return conn in self._refusing
+    def refused(self, conn: Conn, now: float) -> bool:
+        """True for a connection kept only to be answered 503. One refused at accept for
+        want of room gets in after all when room was made since (a socket that was
+        closing when it came)."""
+        limit = self._refusing.get(conn)
+        if limit is None:
+            return False
+        if limit != "connections" or len(self.sockets) >= self.max_connections:
+            return True
+        del self._refusing[conn]
+        address = peer_address(conn.peer)
+        self.sockets.add(conn)
+        self._pending[conn] = (address, now)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        return False
 
     def accepted_at(self, conn: Conn) -> float | None:
         """When a connection not authenticated yet was accepted (None otherwise)."""
@@ -156,4 +168,4 @@ class Admission:
         """``conn`` is closed."""
         self.settle(conn)
         self.sockets.discard(conn)
-        self._refusing.discard(conn)
+        self._refusing.pop(conn, None)

@@ -288,7 +288,7 @@ class BrokerServer:
             return self._refuse(
                 conn, HTTPStatus.SERVICE_UNAVAILABLE, "shutting_down", "shutting down"
             )
-        if self.admission.refused(conn):
+        if self.admission.refused(conn, conn.loop.time()):
             return self._refuse(
                 conn, HTTPStatus.SERVICE_UNAVAILABLE, "over_capacity", "too many connections"
             )
@@ -327,7 +327,7 @@ class BrokerServer:
         """A plain HTTP request: ``/api/...`` (answered by a task), or a plain path."""
         self.admission.settle(conn)
         if conn not in self._http_conns:
-            if self.admission.refused(conn):
+            if self.admission.refused(conn, conn.loop.time()):
                 self._refused(conn, "over_capacity", "too many connections")
                 self._reply(conn, request, error_reply(Unavailable("too many connections")), True)
                 return
