@@ -56,6 +56,7 @@ class Cluster:
         self._written: dict[tuple[str, str], int] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     def make_hub(self, figures: Callable[[], Mapping[str, Any]]) -> Hub:
         """The node's hub, with presence made cluster-wide; ``figures`` gives the node's
@@ -80,6 +81,9 @@ class Cluster:
     async def close(self) -> None:
         """Stop, and drop this node's presence entries (leaves go out for users who had
         no other node) and its heartbeat."""
+        # redis-py's PubSub.get_message can swallow a cancellation and return None: the
+        # events loop also stops on this flag, within its 1 s read timeout.
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -196,12 +200,12 @@ class Cluster:
 
     async def _events_loop(self) -> None:
         backoff = Backoff(0.1, 2.0, jitter=False)
-        while True:
+        while not self._closing:
             pubsub = self.store.link.blocking.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.prefix + "events")
                 backoff.reset()
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._announce(message["data"])
