@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,75 @@ class BrokerProcess:
     def restart(self) -> BrokerProcess:
         self.stop()
         return self.start()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it returns something true; AssertionError after ``timeout``
+    seconds. For conditions another process or thread makes true (a log line, a file)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        time.sleep(interval)
+
+
+async def async_wait_for(
+    predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.02
+) -> None:
+    """``wait_for`` inside a coroutine: polls without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+class RedisServer:
+    """A throwaway redis-server without persistence on a free port (never the machine's
+    6379), restartable on the same port. Tests use the session's one through the
+    ``redis_server`` fixture (tests/conftest.py)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, *extra: str) -> None:
+        import redis
+
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.home), *extra]
+        with open(self.home / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def ensure_running(self) -> None:
+        """Start it again if a previous test killed it."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis(port=self.port).flushall()
 
 
 class Peer:

@@ -1,16 +1,14 @@
 """Cluster mode against a real ``redis-server`` and real broker nodes (``serve --redis``).
 
-One redis-server per test session on a free port (never the machine's 6379), flushed
-before each test; every test starts its own two or three nodes on it.
+One redis-server per test session on a free port (never the machine's 6379: the
+``redis_server`` fixture of tests/conftest.py), flushed before each test; every test starts
+its own two or three nodes on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,58 +21,9 @@ from broker.client import Client
 from broker.errors import Unavailable
 from broker.store.redis.store import Draft, decode_member, encode_tail
 
-from .support import BrokerProcess, Peer, free_port
+from .support import BrokerProcess, Peer, RedisServer
 
 pytestmark = pytest.mark.redis
-
-
-class RedisServer:
-    """A throwaway redis-server without persistence, restartable on the same port."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, *extra: str) -> None:
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.home), *extra]
-        with open(self.home / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def flush(self) -> None:
-        redis.Redis(port=self.port).flushall()
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is required in CI")
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.kill()
 
 
 class Node(BrokerProcess):
@@ -96,8 +45,7 @@ NodeFactory = Callable[..., list[Node]]
 @pytest.fixture
 def nodes(redis_server: RedisServer, tmp_path: Path) -> Iterator[NodeFactory]:
     """``nodes(3, "--history", "5")``: that many nodes on a freshly flushed Redis."""
-    if redis_server.proc is None or redis_server.proc.poll() is not None:
-        redis_server.start()  # a previous test killed it
+    redis_server.ensure_running()  # a previous test may have killed it
     redis_server.flush()
     started: list[Node] = []
 
