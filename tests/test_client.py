@@ -26,7 +26,7 @@ from broker.errors import (
     Unavailable,
 )
 
-from .support import SECRET, BrokerProcess, free_port
+from .support import SECRET, BrokerProcess, async_wait_for, free_port
 
 
 def tok(user: str = "alice", name: str | None = None, **kw: Any) -> str:
@@ -177,7 +177,8 @@ async def test_iteration_ends_on_close(broker: BrokerProcess) -> None:
         return [m async for m in c]
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.1)
+    for _ in range(3):  # a few loop turns: the consumer is now waiting in the iterator
+        await asyncio.sleep(0)
     await c.close()
     assert await asyncio.wait_for(task, 3) == []
     with pytest.raises(ConnectionLost):
@@ -246,7 +247,7 @@ async def test_token_provider_refreshes_in_place(broker: BrokerProcess) -> None:
         Client(broker.url, tok("bob")) as pub,
     ):
         await c.subscribe("x")
-        await asyncio.sleep(2.8)  # past the first token's exp
+        await asyncio.sleep(2.8)  # real time past the first token's exp (the broker's clock)
         await pub.publish("x", "still here")
         msg = await c.next_message(2)
         assert msg.data == "still here"
@@ -312,17 +313,17 @@ async def test_no_loss_no_duplicates_across_restart(broker: BrokerProcess) -> No
                 except (ConnectionLost, Unavailable, OSError):
                     await asyncio.sleep(0.02)  # unknown outcome or broker away: go on
                 i += 1
-                await asyncio.sleep(0.003)
+                await asyncio.sleep(0.003)  # a steady stream, not a flood
 
         async def consumer() -> None:
             async for msg in sub:
                 received.append(msg)
 
         tasks = [asyncio.create_task(publisher()), asyncio.create_task(consumer())]
-        await asyncio.sleep(0.4)
+        await async_wait_for(lambda: len(acked) > 20, 10)  # the stream runs
         before = len(acked)
         await asyncio.to_thread(broker.restart)
-        await asyncio.sleep(0.8)
+        await async_wait_for(lambda: len(acked) > before + 20, 15)  # and runs again
         stop.set()
         await tasks[0]
         deadline = time.monotonic() + 5
@@ -371,7 +372,8 @@ async def test_a_consumer_that_falls_behind_is_bounded_and_loses_nothing(
             seqs += await asyncio.gather(
                 *(pub.publish("flood", {"i": i, "pad": payload}) for i in batch)
             )
-        # Nobody reads: the client stopped reading at its bound instead of growing.
+        # Nobody reads: the client stopped reading at its bound instead of growing. Time
+        # passes on purpose: an unbounded buffer would fill up within it.
         await asyncio.sleep(0.5)
         assert sub.buffered <= 50
         got = await collect(sub, n, timeout=60)
@@ -483,7 +485,7 @@ async def test_inflight_publish_fails_with_connection_lost_and_sub_is_retried() 
         Client(url, tok(), backoff_initial=0.01) as c,
     ):
         sub_task = asyncio.create_task(c.subscribe("t"))
-        await asyncio.sleep(0.05)
+        await async_wait_for(lambda: len(frames) == 1, 3)  # the peer has the sub
         with pytest.raises(ConnectionLost) as info:
             await c.publish("t", "in flight")
         assert "may or may not" in info.value.message

@@ -21,7 +21,7 @@ from broker.client import Client
 from broker.errors import Unavailable
 from broker.store.redis.store import Draft, decode_member, encode_tail
 
-from .support import BrokerProcess, Peer, RedisServer
+from .support import BrokerProcess, Peer, RedisServer, async_wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -292,7 +292,7 @@ async def test_node_killed_client_resumes_on_another(nodes: NodeFactory) -> None
     async def produce() -> None:
         for i in range(60):
             acked.append((await pub.request("pub", topic="feed", data=i))["seq"])
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # spread over the failover, not all before it
 
     async def consume() -> None:
         while len(received) < 60:
@@ -300,8 +300,7 @@ async def test_node_killed_client_resumes_on_another(nodes: NodeFactory) -> None
 
     producing = asyncio.create_task(produce())
     consuming = asyncio.create_task(consume())
-    while len(received) < 15:
-        await asyncio.sleep(0.01)
+    await async_wait_for(lambda: len(received) >= 15, 10)
     a.kill()
     await asyncio.wait_for(asyncio.gather(producing, consuming), 20)
     assert client.url == b.url and client.reconnects >= 1

@@ -173,7 +173,7 @@ async def test_frames_cut_at_every_byte(broker: BrokerProcess) -> None:
     for i in range(0, len(stream), 3):
         transport.write(stream[i : i + 3])
         if i % 30 == 0:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # let the pieces go out as separate TCP segments
     assert await acks(peer, 3) == [1, 2, 3]
     await peer.close()
 

@@ -515,6 +515,7 @@ async def test_token_refresh_keeps_the_connection(broker: BrokerProcess) -> None
     )
     assert await with_id.recv() == {"op": "ok", "id": "r2", "exp": None}
 
+    # Real time: the broker's expiry timers run in its own process, on its own clock.
     await asyncio.sleep(max(exp, short_exp) - time.time() + 1.0)
     code, reason, _ = await closed_with(never_expiring, timeout=1)
     assert (code, reason) == (4003, "token expired")
@@ -607,7 +608,7 @@ async def test_close_code_survives_frames_in_flight_4003(broker: BrokerProcess) 
             while time.time() < exp + 3:
                 for _ in range(10):
                     await peer.send({"op": "presence", "id": 1, "topic": "a"})
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # let the reader run: requests, not a flood
         await reader
         return peer.ws.close_code
 
@@ -1504,12 +1505,15 @@ async def test_graceful_shutdown(make_broker, tmp_path: Path) -> None:  # type: 
                 await writer.send({"op": "pub", "topic": "t", "data": sent, "id": sent})
                 sent += 1
                 if sent % 20 == 0:
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(0.001)  # let the collector read the replies
         return sent
 
     collector = asyncio.create_task(collect())
     publisher = asyncio.create_task(publish())
-    await asyncio.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while len(replies) < 100:  # publishes are flowing: the drain will land among them
+        assert time.monotonic() < deadline, "no replies to the publisher"
+        await asyncio.sleep(0.01)
     assert broker.proc is not None
     began = time.monotonic()
     broker.proc.send_signal(signal.SIGTERM)

@@ -3,7 +3,7 @@ never a token or a message payload."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from broker.server.logs import REDACTED, JsonFormatter, RedactTokens, setup_logging
 
-from .support import BrokerProcess, Peer
+from .support import BrokerProcess, Peer, async_wait_for
 
 PAYLOAD = "payload-marker-7f3a9c"
 
@@ -33,6 +33,18 @@ def json_lines(broker: BrokerProcess) -> list[dict[str, Any]]:
 
 def events(entries: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in entries if e.get("event") == name]
+
+
+def disconnected(broker: BrokerProcess) -> set[str]:
+    """Users whose disconnect the running broker has logged so far (a line being written
+    is skipped)."""
+    users = set()
+    for line in broker.log().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):
+            entry = orjson.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == "disconnect":
+                users.add(str(entry.get("user")))
+    return users
 
 
 async def closed_with(peer: Peer) -> int | None:
@@ -80,7 +92,8 @@ async def test_json_logs_have_events_ids_and_no_secrets(
 
     await alice.close()
     await bob.close()
-    await asyncio.sleep(0.2)
+    # Their closes (1000) are logged before the shutdown would close them (1001).
+    await async_wait_for(lambda: {"alice", "bob"} <= disconnected(broker), 5)
     assert broker.stop() == 0
 
     text = broker.log()

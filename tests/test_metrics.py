@@ -229,9 +229,16 @@ async def test_slow_consumer_and_first_frame_refusals_are_counted(
     assert (await wrong.recv())["code"] == "unauthorized"
     gone = await Peer.open(broker.url)  # closes without authenticating
     await gone.close()
-    await asyncio.sleep(0.2)
 
-    m = parse((await asyncio.to_thread(scrape, broker))[1])
+    async def scraped() -> Samples:
+        return parse((await asyncio.to_thread(scrape, broker))[1])
+
+    deadline = time.monotonic() + 5
+    m = await scraped()
+    while value(m, "broker_connection_attempts_total", result="abandoned") != 1:
+        assert time.monotonic() < deadline, "the abandoned connection was never counted"
+        await asyncio.sleep(0.05)
+        m = await scraped()
     assert value(m, "broker_slow_consumer_closes_total") == 1
     assert value(m, "broker_errors_total", code="unauthorized") == 1
     assert value(m, "broker_connection_attempts_total", result="unauthorized") == 1

@@ -161,7 +161,7 @@ async def test_journal_batches_while_a_commit_runs() -> None:
     done: list[int] = []
     for i in range(10):
         journal.submit(draft("t", i), lambda m, e: done.append(m.seq if m else -1))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the first commit is now running
     for i in range(10):
         journal.submit(draft("t", i), lambda m, e: done.append(m.seq if m else -1))
     await journal.close()
