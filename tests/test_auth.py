@@ -9,6 +9,8 @@ import jwt
 import pytest
 
 from broker.core.auth import (
+    ALGORITHMS,
+    HMAC_ALGORITHMS,
     Acl,
     Identity,
     TokenVerifier,
@@ -170,3 +172,27 @@ def test_subscribe_rules() -> None:
         ident().check_subscribe("user/42/#")
     ident().check_subscribe("user/+")  # allowed, but only one's own inbox is delivered
     assert ident().may_receive("user/7/x") and not ident().may_receive("user/8")
+
+
+def test_one_algorithm_list_for_the_verifier_serve_and_token() -> None:
+    import click
+
+    from broker.cli.serve import serve
+    from broker.cli.token import token_command
+
+    def accepts(command: click.Command, value: str) -> bool:
+        [option] = [p for p in command.params if p.name == "algorithm"]
+        try:
+            option.type.convert(value, option, None)
+        except click.BadParameter:
+            return False
+        return True
+
+    assert set(HMAC_ALGORITHMS) < set(ALGORITHMS)
+    for algorithm in ALGORITHMS:
+        assert accepts(serve, algorithm) and accepts(token_command, algorithm)
+        TokenVerifier("k" * 32, algorithm)
+    for outside in ("none", "HS1", "RS384", "ES384", "PS256", "EdDSA"):
+        assert not accepts(serve, outside) and not accepts(token_command, outside)
+        with pytest.raises(ValueError):
+            TokenVerifier("k" * 32, outside)
