@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,16 @@ def test_the_docstring_tree_names_every_error_class() -> None:
     for name in classes:
         assert f" {name} " in doc, f"{name} is missing from the tree in broker/errors.py"
     assert "CLOSE_TOO_BIG" not in vars(errors)
+
+
+def test_the_javascript_client_has_the_same_codes() -> None:
+    """broker.js cannot import the table: its copy must match it."""
+    source = (Path(errors.__file__).parent / "static" / "broker.js").read_text()
+    table = re.search(r"const ERRORS_BY_CODE = \{(.*?)\};", source, re.S)
+    assert table is not None
+    assert tuple(re.findall(r"^\s*(\w+):", table.group(1), re.M)) == ERROR_CODES
+    closes = re.search(r"export const CloseCode = Object\.freeze\(\{(.*?)\}\);", source, re.S)
+    assert closes is not None
+    js = {name: int(code) for name, code in re.findall(r"(\w+): (\d+)", closes.group(1))}
+    for name in ("GOING_AWAY", "UNAUTHORIZED", "TOKEN_EXPIRED", "SLOW_CONSUMER"):
+        assert js[name] == getattr(errors, "CLOSE_" + name), name
