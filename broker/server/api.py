@@ -5,7 +5,7 @@ Requests arrive whole from ``Connection`` (parsed by h11); this module turns one
 ``Reply``. Authentication, ACL and inbox rules are those of a WebSocket connection with
 the same token (``TokenVerifier`` and ``Identity``), and publishes take the same path as
 an acknowledged ``pub``: ``BrokerServer.submit`` and the journal, answered once recorded.
-Errors are ``broker.errors`` classes, mapped to a status in one place (``STATUS``).
+Errors are ``broker.errors`` classes, answered with their class's ``http_status``.
 """
 
 from __future__ import annotations
@@ -37,15 +37,6 @@ if TYPE_CHECKING:
     from broker.server.app import BrokerServer
     from broker.server.connection import HttpRequest
 
-#: Status of each wire error code.
-STATUS = {
-    "bad_request": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "rate_limited": 429,
-    "unavailable": 503,
-    "internal": 500,
-}
 #: The API's paths and the methods each allows (OPTIONS: CORS preflight, on every one).
 ROUTES = {
     "/api/publish": ("POST",),
@@ -75,9 +66,9 @@ class Reply:
 
 
 def error_reply(error: BrokerError, status: int | None = None) -> Reply:
-    """``{"error": {"code", "message"}}`` with the status of its code (or ``status``)."""
+    """``{"error": {"code", "message"}}`` with the error's ``http_status`` (or ``status``)."""
     body = orjson.dumps({"error": {"code": error.code, "message": error.message}})
-    return Reply(status or STATUS.get(error.code, 500), body)
+    return Reply(status or error.http_status, body)
 
 
 class HttpApi:
