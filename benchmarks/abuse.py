@@ -9,8 +9,9 @@ reports per attack:
 * the pair's p99 and max delivery latency (scheduled publish time -> ``msg`` received) and
   the messages it lost (sent but never received, refused ones included);
 * the broker's RSS peak (psutil, every 0.1 s), its log growth and tracebacks logged;
-* whether it served throughout: alive at the end, and a new client (TCP, handshake with a
-  bearer token, ``hello``) admitted within 3 s at every probe, once a second.
+* whether it served throughout: alive at the end, and a new client (TCP from 127.0.0.2,
+  handshake with a bearer token, ``hello``) admitted within 3 s at every probe, once a
+  second (the attacks come from 127.0.0.1: per-address limits must not count the probe).
 
 Row 0 ("none") is the pair alone, for what the machine gives it at the time of the run;
 the load average at the end is printed with the table.
@@ -68,6 +69,7 @@ PAIR_RATE = 20.0  # messages per second of the well-behaved pair
 PAIR_TOPIC = "pair/t"
 TARGET_P99_MS = 100.0
 TARGET_RSS_MB = 512.0
+PROBE_ADDRESS = "127.0.0.2"  # loopback too, but another address than the attacker's
 
 # -- tokens (HS256, minted here: the benchmark talks the wire protocol only) -----------
 
@@ -144,7 +146,11 @@ def probe_once(port: int, bearer: str, timeout: float = 3.0) -> float | None:
     """Seconds for a new client to get ``hello`` (None: not admitted within ``timeout``)."""
     started = time.monotonic()
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        # From 127.0.0.2: the attacks come from 127.0.0.1, and a per-address limit must
+        # not make the probe look refused when the attacker alone is.
+        with socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(PROBE_ADDRESS, 0)
+        ) as sock:
             sock.settimeout(timeout)
             sock.sendall(ws_request(port, bearer))
             buf = bytearray()
