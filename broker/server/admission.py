@@ -5,8 +5,8 @@ WebSocket, a plain HTTP request, nothing at all), so idle sockets cannot take th
 descriptors the broker needs. Until it authenticates a connection is *unauthenticated*:
 those are bounded on their own (``max_unauthenticated``; when full, the oldest is
 dropped, so a flood of sockets that never authenticate cannot hold the door shut) and per
-peer address (``max_unauthenticated_per_address``), and must authenticate within the
-authentication timeout counted from accept.
+peer address (``max_unauthenticated_per_address``, the oldest of that address dropped), and
+must authenticate within the authentication timeout counted from accept.
 
 A connection over ``max_connections`` is answered ``503`` by the handshake when few are
 being refused at once (``REFUSE_SLACK``); beyond that it is dropped at accept.
@@ -96,9 +96,10 @@ class Admission:
         self.sockets: set[Conn] = set()
         # Not authenticated yet, oldest first: connection -> (address, accepted at).
         self._pending: dict[Conn, tuple[str, float]] = {}
-        self._per_address: dict[str, int] = {}
-        # Over a limit, kept only to answer 503: connection -> the limit.
-        self._refusing: dict[Conn, str] = {}
+        # The same, per peer address, oldest first.
+        self._per_address: dict[str, dict[Conn, None]] = {}
+        # Over max_connections, kept only to answer 503.
+        self._refusing: set[Conn] = set()
 
     @property
     def unauthenticated(self) -> int:
@@ -107,44 +108,48 @@ class Admission:
 
     def admit(self, conn: Conn, now: float) -> bool:
         """Count a new connection, or refuse it. False: drop it now. A connection over
-        ``max_connections`` may be kept to be answered 503 (``refused(conn)``)."""
+        ``max_connections`` may be kept to be answered 503 (``refused(conn)``).
+
+        An unauthenticated bound that is full makes room by dropping its oldest
+        connection (of the same address, for the per-address one): the longer one has
+        waited, the likelier it never authenticates, and a flood of sockets then only
+        displaces itself while an honest client, done in a round trip, gets through."""
         if len(self.sockets) >= self.max_connections:
-            return self._refuse("connections", conn)
+            self.on_limit("connections", conn)
+            if len(self._refusing) >= REFUSE_SLACK:
+                return False
+            self._refusing.add(conn)
+            return True
         address = peer_address(conn.peer)
-        if self.max_per_address and self._per_address.get(address, 0) >= self.max_per_address:
-            return self._refuse("unauthenticated_per_address", conn)
-        if len(self._pending) >= self.max_unauthenticated:
-            # The oldest is the likeliest never to authenticate: it makes room.
+        mine = self._per_address.get(address)
+        if self.max_per_address and mine is not None and len(mine) >= self.max_per_address:
+            self.on_limit("unauthenticated_per_address", conn)
+            self._drop(next(iter(mine)))
+        elif len(self._pending) >= self.max_unauthenticated:
             self.on_limit("unauthenticated", conn)
-            oldest = next(iter(self._pending))
-            self.settle(oldest)
-            oldest.abort()
-        self.sockets.add(conn)
-        self._pending[conn] = (address, now)
-        self._per_address[address] = self._per_address.get(address, 0) + 1
+            self._drop(next(iter(self._pending)))
+        self._admit(conn, address, now)
         return True
 
-    def _refuse(self, limit: str, conn: Conn) -> bool:
-        self.on_limit(limit, conn)
-        if len(self._refusing) >= REFUSE_SLACK:
-            return False
-        self._refusing[conn] = limit
-        return True
+    def _admit(self, conn: Conn, address: str, now: float) -> None:
+        self.sockets.add(conn)
+        self._pending[conn] = (address, now)
+        self._per_address.setdefault(address, {})[conn] = None
+
+    def _drop(self, conn: Conn) -> None:
+        self.settle(conn)
+        conn.abort()
 
     def refused(self, conn: Conn, now: float) -> bool:
         """True for a connection kept only to be answered 503. One refused at accept for
         want of room gets in after all when room was made since (a socket that was
         closing when it came)."""
-        limit = self._refusing.get(conn)
-        if limit is None:
+        if conn not in self._refusing:
             return False
-        if limit != "connections" or len(self.sockets) >= self.max_connections:
+        if len(self.sockets) >= self.max_connections:
             return True
-        del self._refusing[conn]
-        address = peer_address(conn.peer)
-        self.sockets.add(conn)
-        self._pending[conn] = (address, now)
-        self._per_address[address] = self._per_address.get(address, 0) + 1
+        self._refusing.discard(conn)
+        self._admit(conn, peer_address(conn.peer), now)
         return False
 
     def accepted_at(self, conn: Conn) -> float | None:
@@ -157,15 +162,13 @@ class Admission:
         entry = self._pending.pop(conn, None)
         if entry is None:
             return
-        address = entry[0]
-        left = self._per_address[address] - 1
-        if left:
-            self._per_address[address] = left
-        else:
-            del self._per_address[address]
+        mine = self._per_address[entry[0]]
+        del mine[conn]
+        if not mine:
+            del self._per_address[entry[0]]
 
     def forget(self, conn: Conn) -> None:
         """``conn`` is closed."""
         self.settle(conn)
         self.sockets.discard(conn)
-        self._refusing.pop(conn, None)
+        self._refusing.discard(conn)

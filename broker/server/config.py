@@ -528,8 +528,8 @@ class ServerConfig:
     max_unauthenticated_per_address: int = setting(
         64,
         Integer(0),
-        "Connections not authenticated yet from one IP address, at once; over it a new one "
-        "gets 503 (0: no limit).",
+        "Connections not authenticated yet from one IP address, at once; when full, that "
+        "address's oldest is dropped (0: no limit).",
     )
     dedupe_window: float = setting(
         120.0,

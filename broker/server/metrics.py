@@ -66,7 +66,7 @@ HTTP_PATHS = (
 LIMITS = (
     "connections",  # --max-connections (TCP sockets, counted from accept)
     "unauthenticated",  # --max-unauthenticated (the oldest waiting one is dropped)
-    "unauthenticated_per_address",  # --max-unauthenticated-per-address
+    "unauthenticated_per_address",  # --max-unauthenticated-per-address (its oldest dropped)
     "subscriptions",  # --max-subscriptions (per connection)
 )
 
