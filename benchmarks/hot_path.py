@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.core.auth import mint_token  # noqa: E402
 from broker.server.app import SERVER_NAME  # noqa: E402
-from broker.server.factory import create_server  # noqa: E402
 from broker.server.config import ServerConfig  # noqa: E402
 from broker.server.connection import Connection  # noqa: E402
+from broker.server.factory import create_server  # noqa: E402
 
 
 class CountingTransport:

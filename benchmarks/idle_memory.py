@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker.core.auth import mint_token  # noqa: E402
-from broker.server.factory import create_server  # noqa: E402
 from broker.server.config import ServerConfig  # noqa: E402
+from broker.server.factory import create_server  # noqa: E402
 
 # The child: N raw connections (handshake by hand, one masked 'sub' frame each), kept open.
 CLIENTS = r"""

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from broker.cli.bench import embedded_broker  # noqa: E402
 from broker.client.bench import BenchConfig, run_bench  # noqa: E402
 from broker.core.auth import mint_token  # noqa: E402
-from broker.cli.bench import embedded_broker  # noqa: E402
 
 
 def main() -> None:

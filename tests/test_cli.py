@@ -21,8 +21,8 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
-from broker.core.auth import mint_token
 from broker.cli.main import cli
+from broker.core.auth import mint_token
 
 from .support import (
     ROOT,

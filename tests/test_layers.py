@@ -30,7 +30,13 @@ ALLOWED = {
     "broker.store": {"broker.errors", "broker.core"},
     "broker.server": {"broker.errors", "broker.core", "broker.store"},
     "broker.client": {"broker.errors", "broker.core"},
-    "broker.cli": {"broker.errors", "broker.core", "broker.store", "broker.server", "broker.client"},
+    "broker.cli": {
+        "broker.errors",
+        "broker.core",
+        "broker.store",
+        "broker.server",
+        "broker.client",
+    },
     "broker": set(),
 }
 #: What the sans-I/O core must never import: no event loop, no sockets, no threads.
