@@ -116,14 +116,18 @@ class BrokerServer:
         self.cluster = cluster
         self.hub = self.cluster.make_hub(self.stats) if self.cluster else Hub()
         # A shared store feeds every node through follow(); a local one after append.
-        self.journal = Journal(self.store, _ignore if self.store.shared else self.hub.fanout)
+        self.flusher = Flusher()
+        self.journal = Journal(
+            self.store,
+            _ignore if self.store.shared else self.hub.fanout,
+            defer=self.flusher.defer,
+        )
         self.backpressure = Backpressure(
             config.max_pending_publishes,
             config.max_pending_bytes,
             config.max_store_backlog,
             _BACKLOG_PAUSE,
         )
-        self.flusher = Flusher()
         self.sessions: set[Session] = set()
         self.connections = 0
         self.draining = False

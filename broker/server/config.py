@@ -460,6 +460,20 @@ class ServerConfig:
         example="/var/lib/broker",
     )
     memory: bool = setting(False, Switch(), "Keep history in memory only (lost on restart).")
+    fsync: str = setting(
+        "interval",
+        Choice("interval", "always"),
+        "SQLite store: 'interval' acknowledges a publish once it is written to the operating "
+        "system (a crash of the broker loses nothing acknowledged) and fsyncs every "
+        "fsync_interval; 'always' fsyncs before every acknowledgement (a power loss loses "
+        "nothing acknowledged either), at a cost in CPU and latency.",
+    )
+    fsync_interval: float = setting(
+        1.0,
+        Duration(),
+        "SQLite store with fsync 'interval': the longest time between two fsyncs, i.e. "
+        "the publishes a power loss or OS crash can lose.",
+    )
     redis: str | None = setting(
         None,
         Text("URL"),
@@ -705,6 +719,11 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('redis')} keeps history in Redis: {given(other)} doesn't apply")
     if not config.algorithm.startswith("HS") and not config.public_key:
         raise ConfigError(f"{given('algorithm')} {config.algorithm} needs public_key")
+    if config.fsync_interval <= 0:
+        raise ConfigError(
+            f"{given('fsync_interval')} must be more than 0; for an fsync before every "
+            "acknowledgement use fsync = 'always'"
+        )
 
 
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")

@@ -78,7 +78,13 @@ def build_store(config: ServerConfig) -> Store:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create data directory {folder}: {exc.strerror or exc}") from None
-    return SqliteStore(Path(folder) / "broker.sqlite3", config.history, config.retention)
+    return SqliteStore(
+        Path(folder) / "broker.sqlite3",
+        config.history,
+        config.retention,
+        fsync=config.fsync,
+        fsync_interval=config.fsync_interval,
+    )
 
 
 def create_server(config: ServerConfig, store: Store | None = None) -> BrokerServer:

@@ -1,8 +1,14 @@
-"""Group commit: publishes that arrive while a batch is being written form the next batch.
+"""Group commit: the publishes of one event-loop turn, or those that arrive while a batch
+is being written, form one batch.
 
-At most one ``Store.append`` is in flight, so batches commit, and are fanned out, in seq
-order. Each publish's callback runs after its message is recorded (with the message) or
-refused (with the error); fire-and-forget publishes take the same path.
+A store that records on the calling thread (``Store.append_now``: memory, SQLite with the
+default fsync policy) commits the turn's publishes at the end of that same turn, just
+before the flusher writes: the acks and the deliveries go out in the turn the frames came
+in, with no task, no thread hop and no extra loop wake-up. Other stores (or one that is
+busy) are written by a task awaiting ``Store.append``. Either way at most one batch is in
+flight, so batches commit, and are fanned out, in seq order. Each publish's callback runs
+after its message is recorded (with the message) or refused (with the error);
+fire-and-forget publishes take the same path.
 """
 
 from __future__ import annotations
@@ -26,12 +32,22 @@ Committed = Callable[[list[tuple[Message, Draft]]], None]
 class Journal:
     """Feeds publishes to the store in batches and hands committed messages on."""
 
-    def __init__(self, store: Store, on_committed: Committed, max_batch: int = 2000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        on_committed: Committed,
+        max_batch: int = 2000,
+        defer: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         self.store = store
         self.on_committed = on_committed
         self.max_batch = max_batch
+        #: Runs a callback at the end of this loop turn (the flusher's ``defer``, so the
+        #: acks and deliveries are written in the same pass); ``call_soon`` without one.
+        self.defer = defer
         self._pending: list[tuple[Draft, Done | None]] = []
         self._task: asyncio.Task[None] | None = None
+        self._due = False  # a commit at the end of this turn is scheduled
         self._closed = False
         #: Observers of (batch size, seconds) per commit, e.g. metrics.
         self.commit_observers: list[Callable[[int, float], None]] = []
@@ -43,20 +59,47 @@ class Journal:
                 done(None, Unavailable("the broker is shutting down"))
             return
         self._pending.append((draft, done))
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._task is None and not self._due:
+            self._due = True
+            if self.defer is not None:
+                self.defer(self._commit_now)
+            else:
+                asyncio.get_running_loop().call_soon(self._commit_now)
+
+    def _cut(self) -> list[tuple[Draft, Done | None]]:
+        """Take the next batch off the pending publishes."""
+        cut = self.max_batch
+        pending = self._pending
+        # The drafts of one publish (a batch to several topics) commit together.
+        while cut < len(pending) and pending[cut][0].group == 0:
+            cut += 1
+        batch = pending[:cut]
+        del pending[:cut]
+        return batch
+
+    def _commit_now(self) -> None:
+        """Commit this turn's publishes here if the store can record them on this thread,
+        else hand them to a task."""
+        self._due = False
+        while self._pending and self._task is None:
+            batch = self._cut()
+            drafts = [d for d, _ in batch]
+            started = time.perf_counter()
+            try:
+                messages = self.store.append_now(drafts)
+            except Exception as exc:
+                self._failed(batch, exc)
+                continue
+            if messages is None:  # not now (an fsync policy, a trim running): a task waits
+                self._pending[:0] = batch
+                self._task = asyncio.get_running_loop().create_task(self._run())
+                return
+            self._committed(batch, drafts, messages, started)
 
     async def _run(self) -> None:
         try:
             while self._pending:
-                cut = self.max_batch
-                pending = self._pending
-                # The drafts of one publish (a batch to several topics) commit together.
-                while cut < len(pending) and pending[cut][0].group == 0:
-                    cut += 1
-                batch = pending[:cut]
-                del pending[:cut]
-                await self._commit(batch)
+                await self._commit(self._cut())
         finally:
             self._task = None
 
@@ -65,13 +108,25 @@ class Journal:
         started = time.perf_counter()
         try:
             messages = await self.store.append(drafts)
-        except BrokerError as exc:
+        except Exception as exc:
+            self._failed(batch, exc)
+            return
+        self._committed(batch, drafts, messages, started)
+
+    def _failed(self, batch: list[tuple[Draft, Done | None]], exc: Exception) -> None:
+        if isinstance(exc, BrokerError):
             self._refuse(batch, exc)
             return
-        except Exception:
-            log.exception("store append failed; refusing %d publishes", len(batch))
-            self._refuse(batch, Unavailable("the store cannot take messages now"))
-            return
+        log.error("store append failed; refusing %d publishes", len(batch), exc_info=exc)
+        self._refuse(batch, Unavailable("the store cannot take messages now"))
+
+    def _committed(
+        self,
+        batch: list[tuple[Draft, Done | None]],
+        drafts: list[Draft],
+        messages: list[Message],
+        started: float,
+    ) -> None:
         elapsed = time.perf_counter() - started
         for observe in self.commit_observers:
             observe(len(batch), elapsed)
@@ -100,5 +155,8 @@ class Journal:
     async def close(self) -> None:
         """Refuse new publishes and wait until every accepted one is committed."""
         self._closed = True
-        while self._task is not None:
-            await asyncio.shield(self._task)
+        while self._task is not None or self._pending:
+            if self._task is None:
+                self._commit_now()  # commits, or starts the task that will
+            if self._task is not None:
+                await asyncio.shield(self._task)

@@ -51,22 +51,55 @@ class Link(Protocol):
 
 
 class Flusher:
-    """Writes every connection's queued frames once per event-loop turn."""
+    """Writes every connection's queued frames once per event-loop turn.
+
+    One callback per turn does it all: first what was deferred to the end of the turn
+    (the journal's commit, whose acks and deliveries are queued then), then the writes.
+    """
 
     def __init__(self) -> None:
         self._dirty: list[Session] = []
+        self._deferred: list[Callable[[], None]] = []
+        self._scheduled = False
         #: Bytes written to every connection's socket (metrics: broker_sent_bytes_total).
         self.bytes_out = 0
 
     def mark(self, session: Session) -> None:
-        if not self._dirty:
+        """Write ``session``'s queue at the end of this turn."""
+        if not self._scheduled:
+            self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         self._dirty.append(session)
 
+    def defer(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` at the end of this turn, before the queued frames are written."""
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._deferred.append(callback)
+
     def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, []
-        for session in dirty:
-            session.flush()
+        try:
+            # A deferred callback queues frames; writing them never defers more, so two
+            # passes do; the bound only guards against a callback that defers itself.
+            for _ in range(4):
+                if self._deferred:
+                    deferred, self._deferred = self._deferred, []
+                    for callback in deferred:
+                        try:
+                            callback()
+                        except Exception:
+                            log.exception("deferred callback %r failed", callback)
+                dirty, self._dirty = self._dirty, []
+                for session in dirty:
+                    session.flush()
+                if not self._deferred and not self._dirty:
+                    break
+        finally:
+            self._scheduled = False
+            if self._deferred or self._dirty:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
 
 class Session:

@@ -116,6 +116,12 @@ class Store(ABC):
         ``dedupe_window`` is not recorded: its drafts come back as ``Duplicate``
         (``broker.store.dedupe``), and a new key is recorded with its messages."""
 
+    def append_now(self, drafts: list[Draft]) -> list[Message] | None:
+        """``append`` done at once on the calling (event-loop) thread, for a store that
+        records a batch faster than a hand-off to a thread costs; None: not now (this
+        store, or its state, needs ``append``)."""
+        return None
+
     @abstractmethod
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
         """Retained messages with ``since < seq <= upto`` in topics matching ``pattern``."""

@@ -103,6 +103,9 @@ class MemoryStore(Store):
         self._keys: dict[KeyId, tuple[tuple[int, ...], float]] = {}
 
     async def append(self, drafts: list[Draft]) -> list[Message]:
+        return self.append_now(drafts)
+
+    def append_now(self, drafts: list[Draft]) -> list[Message]:
         numbered = number(drafts, self.last_seq + 1, self._known_key)
         for msg in numbered.fresh:
             q = self._topics.get(msg.topic)

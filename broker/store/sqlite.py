@@ -9,9 +9,10 @@ import heapq
 import logging
 import os
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from broker.core.model import Draft, Message, new_epoch, now_ms
 from broker.core.topics import is_pattern, matches
@@ -117,13 +118,44 @@ class _SqlitePages(Pages):
 
 
 class SqliteStore(Store):
-    """History in an SQLite database (WAL, synchronous=FULL): survives crashes and
-    restarts. One writer thread does all writes; reads use their own thread and
-    connection, so replay never waits for a commit and nothing blocks the event loop."""
+    """History in an SQLite database (WAL): survives a crash of the broker and restarts.
 
-    def __init__(self, path: Path, history: int = 1000, retention: float = 24 * 3600) -> None:
+    The fsync policy (docs/operations.md, "Durability and fsync") decides when a batch
+    counts as recorded. ``interval`` (the default): once its transaction is written to
+    the WAL file, i.e. handed to the operating system, which a ``kill -9`` of the broker
+    cannot undo (``synchronous=NORMAL``). Such a commit takes tens of microseconds, so it
+    runs on the event loop's thread (``append_now``), and a thread of its own fsyncs the
+    WAL and checkpoints it into the database every ``fsync_interval`` seconds: a power
+    loss can cost the publishes of the last interval, never the database's consistency.
+    ``always``: every commit is fsynced before it counts (``synchronous=FULL``), on the
+    writer thread, and publishes that arrive meanwhile form the next group commit.
+    Reads use their own thread and connection, so replay never waits for a commit."""
+
+    def __init__(
+        self,
+        path: Path,
+        history: int = 1000,
+        retention: float = 24 * 3600,
+        *,
+        fsync: str = "interval",
+        fsync_interval: float = 1.0,
+    ) -> None:
         super().__init__(history, retention)
         self.path = path
+        self._path_name = str(path)
+        if fsync not in ("interval", "always"):
+            raise ValueError(f"unknown fsync policy {fsync!r}")
+        #: Fsync before every commit counts (True), or every ``fsync_interval`` seconds.
+        self.fsync_always = fsync == "always"
+        self.fsync_interval = fsync_interval
+        # Held by whoever writes through _wdb: the loop thread (append_now, which never
+        # waits for it) or the writer thread (append, trim, close).
+        self._write_lock = threading.Lock()
+        self._cdb: sqlite3.Connection | None = None  # the writer thread's checkpoints
+        self._wal_fd: int | None = None
+        self._unsynced = False  # committed since the last fsync
+        self._syncer: threading.Thread | None = None
+        self._stop_syncer = threading.Event()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-read")
         self._wdb: sqlite3.Connection | None = None
@@ -143,11 +175,18 @@ class SqliteStore(Store):
     async def _on(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, writer: bool = False) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        # NORMAL in WAL mode: a commit is written to the WAL, not fsynced; the WAL is
+        # fsynced before each checkpoint copies it and the database after, so a power loss
+        # can lose the last commits but never corrupt the file.
+        db.execute(f"PRAGMA synchronous={'FULL' if self.fsync_always else 'NORMAL'}")
         db.execute("PRAGMA busy_timeout=5000")
+        if writer and not self.fsync_always:
+            # Checkpoints (they fsync) are the fsync thread's job (_sync_sync), never a
+            # commit's on the event loop.
+            db.execute("PRAGMA wal_autocheckpoint=0")
         return db
 
     def _lock_directory(self) -> None:
@@ -211,7 +250,7 @@ class SqliteStore(Store):
 
     def _identity(self) -> tuple[int, int] | None:
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._path_name)  # a str: a Path converts itself on every call
         except FileNotFoundError:
             return None
         return (st.st_dev, st.st_ino)
@@ -234,7 +273,7 @@ class SqliteStore(Store):
             self._check_database(probe)
         finally:
             probe.close()
-        db = self._wdb = self._connect()
+        db = self._wdb = self._connect(writer=True)
         if os.environ.get(MAX_PAGES_ENV):
             db.execute(f"PRAGMA max_page_count={int(os.environ[MAX_PAGES_ENV])}")
         db.executescript(_SCHEMA)
@@ -244,21 +283,73 @@ class SqliteStore(Store):
             db.execute("INSERT INTO meta VALUES ('epoch', ?)", (self.epoch,))
         else:
             self.epoch = row[0]
+        # The highest seq ever given: the newest message, or the newest one retention
+        # removed (topics.trimmed); meta.last_seq is only in databases from before.
         stored = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         top = db.execute("SELECT max(seq) FROM messages").fetchone()[0]
-        self.last_seq = max(int(stored[0]) if stored else 0, top or 0)
+        trimmed = db.execute("SELECT max(trimmed) FROM topics").fetchone()[0]
+        self.last_seq = max(int(stored[0]) if stored else 0, top or 0, trimmed or 0)
         self._rdb = self._connect()
+        if not self.fsync_always:
+            self._cdb = self._connect()
+            # The schema script wrote to the WAL, so it exists, and lives as long as our
+            # connections do.
+            self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
 
     async def open(self) -> None:
         await self._on(self._writer, self._open_sync)
+        if not self.fsync_always:
+            self._syncer = threading.Thread(target=self._sync_loop, name="store-fsync", daemon=True)
+            self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        """Every ``fsync_interval``: fsync what was committed since the last time. A thread
+        of its own, so that the fsyncs keep their pace whatever the event loop does."""
+        while not self._stop_syncer.wait(self.fsync_interval):
+            if self._unsynced:
+                try:
+                    self._sync_sync()
+                except (sqlite3.Error, OSError) as exc:
+                    log.error(
+                        "store cannot fsync: %s (%s); will retry",
+                        describe(exc),
+                        self.path,
+                        extra={"event": "fsync_failed"},
+                    )
+
+    def _sync_sync(self) -> None:
+        """Make every commit so far durable (fsync the WAL), then checkpoint the WAL into
+        the database so that it stays small. Runs on the writer thread, beside commits:
+        a passive checkpoint neither waits for nor blocks them, and _cdb is its own."""
+        self._unsynced = False
+        if self._wal_fd is not None:
+            os.fsync(self._wal_fd)
+        if self._cdb is not None:
+            self._cdb.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _close_sync(self, db: sqlite3.Connection | None) -> None:
         if db is not None:
             db.close()
 
+    def _close_writer_sync(self) -> None:
+        with self._write_lock:
+            if self._unsynced:
+                self._sync_sync()
+            for db in (self._cdb, self._wdb):
+                if db is not None:
+                    db.close()
+            self._cdb = self._wdb = None
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+
     async def close(self) -> None:
-        await self._on(self._writer, self._close_sync, self._wdb)
+        if self._syncer is not None:
+            self._stop_syncer.set()
+            await asyncio.to_thread(self._syncer.join, 30)
+            self._syncer = None
         await self._on(self._reader, self._close_sync, self._rdb)
+        await self._on(self._writer, self._close_writer_sync)
         self._writer.shutdown()
         self._reader.shutdown()
         self._unlock_directory()
@@ -289,7 +380,6 @@ class SqliteStore(Store):
             )
             for topic, added in touched.items():
                 self._trim_count(db, topic, added)
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(last),))
             db.execute("COMMIT")
         except BaseException:
             # SQLite may have rolled back already (a full disk): a second ROLLBACK would
@@ -299,8 +389,13 @@ class SqliteStore(Store):
             self._counts.clear()
             raise
         self.last_seq = last
+        self._unsynced = True
         self._check_file()
         return numbered.results
+
+    def _append_locked(self, drafts: list[Draft]) -> list[Message]:
+        with self._write_lock:
+            return self._append_sync(drafts)
 
     def _known_key(
         self, db: sqlite3.Connection, user: str, key: str, now: int
@@ -334,13 +429,26 @@ class SqliteStore(Store):
             count = self.history
         self._counts[topic] = count
 
+    def append_now(self, drafts: list[Draft]) -> list[Message] | None:
+        # With fsync always a commit waits for the disk: the writer thread does it. And a
+        # trim or a close holding the write lock is waited for there too.
+        if self.fsync_always or self._failure is not None:
+            return None
+        if not self._write_lock.acquire(blocking=False):
+            return None
+        try:
+            result = self._append_sync(drafts)
+        except (sqlite3.Error, OSError, Unavailable) as exc:
+            self._append_failed(exc, len(drafts))
+        finally:
+            self._write_lock.release()
+        return result
+
     async def append(self, drafts: list[Draft]) -> list[Message]:
         try:
-            result: list[Message] = await self._on(self._writer, self._append_sync, drafts)
+            result: list[Message] = await self._on(self._writer, self._append_locked, drafts)
         except (sqlite3.Error, OSError, Unavailable) as exc:
-            cause = exc.message if isinstance(exc, Unavailable) else describe(exc)
-            self._failing(cause, len(drafts))
-            raise Unavailable("the store cannot record messages now; retry later") from None
+            self._append_failed(exc, len(drafts))
         if self._failure is not None:
             log.warning(
                 "store records publishes again (%d refused meanwhile; the cause was: %s)",
@@ -350,6 +458,11 @@ class SqliteStore(Store):
             )
             self._failure = None
         return result
+
+    def _append_failed(self, exc: sqlite3.Error | OSError | Unavailable, refused: int) -> NoReturn:
+        cause = exc.message if isinstance(exc, Unavailable) else describe(exc)
+        self._failing(cause, refused)
+        raise Unavailable("the store cannot record messages now; retry later") from None
 
     def _failing(self, cause: str, refused: int) -> None:
         """Log a storage failure once when it starts, not once per batch."""
@@ -564,6 +677,10 @@ class SqliteStore(Store):
         return int(lo)
 
     def _trim_sync(self, now: float) -> int:
+        with self._write_lock:
+            return self._trim_locked(now)
+
+    def _trim_locked(self, now: float) -> int:
         db = self._wdb
         assert db is not None
         cutoff = int((now - self.retention) * 1000)
