@@ -9,7 +9,6 @@ every subscriber.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,8 @@ MAX_COUNT = 2**63 - 1
 # The integers orjson reads exactly (int64 and uint64); a run of 19 digits may be past them.
 _MIN_INT = -(2**63)
 _MAX_INT = 2**64 - 1
-_LONG_DIGITS = re.compile(r"\d{19,}")
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_DIGIT_RUN = b"0" * 19
 
 #: Longest idempotency key, in characters (section 8 of docs/protocol.md).
 MAX_KEY = 128
@@ -129,9 +129,12 @@ def check_exact_numbers(raw: str | bytes) -> None:
     orjson reads such an integer as a float, which would change the number silently: it
     is refused instead (send it as a string). Only a text with a run of 19 digits or more
     is parsed again, exactly, to find out."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
-    if _LONG_DIGITS.search(text) is None:
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    # Every digit made a '0', then a plain substring search: a fraction of the cost of a
+    # regular expression, on every frame.
+    if _DIGIT_RUN not in data.translate(_DIGITS_TO_ZERO):
         return
+    text = raw if isinstance(raw, str) else data.decode("utf-8", "replace")
     try:
         stack: list[Any] = [json.loads(text)]
     except (ValueError, RecursionError):
