@@ -335,3 +335,18 @@ async def test_redis_wait_acknowledges_only_what_a_replica_has(
             assert await pub.publish("kept", "replicated again") > seq
     finally:
         replica.kill()
+
+
+async def test_presence_name_follows_a_refresh_on_every_node(nodes: NodeFactory) -> None:
+    a, b = nodes(2)
+    alice = await Peer.open(a.url, a.token("alice", "Old Name"))
+    assert (await alice.request("sub", topic="room"))["op"] == "ok"
+    asker = await Peer.open(b.url, b.token("dave"))
+
+    async def named(name: str) -> bool:
+        users = (await asker.request("presence", topic="room"))["users"]
+        return [(u["id"], u["name"]) for u in users] == [("alice", name)]
+
+    await eventually(lambda: named("Old Name"))
+    assert (await alice.request("auth", token=a.token("alice", "New Name")))["op"] == "ok"
+    await eventually(lambda: named("New Name"))

@@ -79,6 +79,9 @@ class Hub:
         self.delivered = 0
         #: Called with the seconds each ``fanout`` call took (metrics), when set.
         self.observe_fanout: Callable[[float], None] | None = None
+        #: Called with (topic, user id) when a user present on a topic is renamed (a
+        #: cluster rewrites its presence entry), when set.
+        self.on_rename: Callable[[str, str], None] | None = None
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -168,8 +171,10 @@ class Hub:
         for pattern, sub in self.subscriptions.get(conn, {}).items():
             if sub.exact:
                 entry = self._present.get(pattern, {}).get(conn.identity.id)
-                if entry is not None:
+                if entry is not None and entry.name != name:
                     entry.name = name
+                    if self.on_rename is not None:
+                        self.on_rename(pattern, conn.identity.id)
 
     def announce(self, op: str, topic: str, user: dict[str, str]) -> None:
         """Send a ``join``/``leave`` for ``user`` to this node's watchers of ``topic``

@@ -62,12 +62,18 @@ class Cluster:
         """The node's hub, with presence made cluster-wide; ``figures`` gives the node's
         ``stats`` figures for its heartbeat."""
         self.hub = Hub(self.on_presence)
+        self.hub.on_rename = self.on_rename
         self.figures = figures
         return self.hub
 
     def on_presence(self, op: str, topic: str, user: dict[str, str]) -> None:
         """The hub's presence listener: queue the change for the writer task."""
         self._dirty.add((topic, user["id"]))
+        self._wake.set()
+
+    def on_rename(self, topic: str, user_id: str) -> None:
+        """A user present on ``topic`` has a new name (a refreshed token): rewrite it."""
+        self._dirty.add((topic, user_id))
         self._wake.set()
 
     # -- lifecycle --------------------------------------------------------------------------

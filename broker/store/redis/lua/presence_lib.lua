@@ -5,6 +5,8 @@ local function set_count(node, topic, user, name, count)
   local pkey = P .. 'p:' .. topic
   local field = node .. '|' .. user
   local old = tonumber(redis.call('HGET', pkey, field) or '0')
+  -- The name is written even when the count stays: a refreshed token may rename the user.
+  if count > 0 then redis.call('HSET', P .. 'pn:' .. topic, user, name) end
   if count == old then return end
   if count == 0 then
     redis.call('HDEL', pkey, field)
@@ -15,7 +17,6 @@ local function set_count(node, topic, user, name, count)
     redis.call('HSET', pkey, field, count)
     if old == 0 then redis.call('HINCRBY', P .. 'pt:' .. node, topic, 1) end
   end
-  if count > 0 then redis.call('HSET', P .. 'pn:' .. topic, user, name) end
   local total = redis.call('HINCRBY', P .. 'pu:' .. topic, user, count - old)
   local before = total - (count - old)
   if total <= 0 then
