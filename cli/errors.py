@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import NoReturn, TypeVar
@@ -24,6 +25,7 @@ from broker.errors import (
     Forbidden,
     RateLimited,
     RequestTimeout,
+    TooLarge,
     Unauthorized,
     Unavailable,
 )
@@ -83,12 +85,49 @@ class CommandError(click.ClickException):
     @classmethod
     def from_broker(cls, error: BrokerError, context: str = "") -> CommandError:
         """Wrap a client-library error, keeping its message and mapping its exit code."""
+        error = explain(error)
         message = error.message
         if error.code in ERRORS_BY_CODE and error.code != BrokerError.code:  # a wire code
             message = f"{error.code.replace('_', ' ')}: {message}"
         if context:
             message = f"{context}: {message}"
         return cls(message, exit_code_for(error))
+
+
+# What the client library says about a URL that failed (messages of broker.client).
+_HTTP_404 = re.compile(r"(wss?://[^\s;]+?): HTTP 404\b[^;]*")
+_TLS_FAILED = re.compile(r"cannot connect to (wss://[^\s;]+): ([^;]*)")
+
+
+def explain(error: BrokerError) -> BrokerError:
+    """``error`` with what a person at a terminal needs next: the likely cause and fix."""
+    message = error.message
+    if isinstance(error, ConnectionLost) and "(close 1009" in message:
+        # The broker closes with 1009 on a frame over its size limit, which it never reads.
+        return TooLarge(
+            "refused by the broker: the message is over its size limit (max_message_size); "
+            "it was not recorded"
+        )
+    if not isinstance(error, ConnectionFailed):
+        return error
+
+    def wrong_path(match: re.Match[str]) -> str:
+        scheme, _, rest = match[1].partition("://")
+        endpoint = f"{scheme}://{rest.split('/', 1)[0]}/ws"
+        return f"{match[0]} (the broker's WebSocket endpoint is /ws: {endpoint})"
+
+    def plain_server(match: re.Match[str]) -> str:
+        reason = match[2]
+        if "CERTIFICATE" in reason or not ("SSL" in reason or "reset" in reason.lower()):
+            return match[0]  # a real TLS server whose certificate failed, or no server
+        plain = "ws://" + match[1].removeprefix("wss://")
+        return (
+            f"cannot connect to {match[1]}: TLS handshake failed ({reason}); "
+            f"if the broker serves plain WebSocket, use {plain}"
+        )
+
+    explained = _TLS_FAILED.sub(plain_server, _HTTP_404.sub(wrong_path, message))
+    return error if explained == message else ConnectionFailed(explained)
 
 
 T = TypeVar("T")
