@@ -14,6 +14,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+import h11
 import pytest
 
 from .support import BrokerProcess, Peer
@@ -405,3 +406,45 @@ def test_metrics_count_http_requests_by_path_and_status(broker: BrokerProcess) -
     _, _, text = call(broker, "GET", "/metrics", token=None)
     assert 'broker_http_requests_total{path="/api/publish",status="200"} 1.0' in text
     assert 'broker_http_requests_total{path="other",status="404"} 1.0' in text
+
+
+def test_pipelined_requests_are_answered_in_order(broker: BrokerProcess) -> None:
+    token = broker.token("1")
+    wire = b""
+    for i in range(5):
+        body = json.dumps({"topic": "pipe", "data": i}).encode()
+        headers = [
+            ("Host", "x"),
+            ("Authorization", f"Bearer {token}"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+        ]
+        one = h11.Connection(h11.CLIENT)
+        wire += one.send(h11.Request(method="POST", target="/api/publish", headers=headers))
+        wire += one.send(h11.Data(data=body)) + one.send(h11.EndOfMessage())
+    # Five requests in one write; h11 on this side reads the five answers back.
+    reader = h11.Connection(h11.CLIENT)
+    seqs: list[int] = []
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as s:
+        s.sendall(wire)
+        deadline = time.monotonic() + 10
+        while len(seqs) < 5:
+            reader.send(h11.Request(method="POST", target="/", headers=[("Host", "x")]))
+            reader.send(h11.EndOfMessage())
+            body = b""
+            while True:
+                assert time.monotonic() < deadline
+                event = reader.next_event()
+                if event is h11.NEED_DATA:
+                    reader.receive_data(s.recv(65536))
+                elif isinstance(event, h11.Response):
+                    assert event.status_code == 200
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            seqs.append(json.loads(body)["seq"])
+            reader.start_next_cycle()
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    page = history(broker, "topic=pipe&last=10")[2]
+    assert [m["data"] for m in page["messages"]] == [0, 1, 2, 3, 4]

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker.server.connection")
 
 _STATUSES = {int(status) for status in HTTPStatus}
+#: Bytes a plain HTTP client may pipeline while its request is answered; past this, the
+#: connection is not read until the answer is sent.
+_MAX_QUEUED = 256 * 1024
 
 #: Close code websockets uses for an abnormal closure (no close frame).
 CLOSE_ABNORMAL = 1006
@@ -87,7 +90,18 @@ class _Http:
     raw bytes of the first request (handed to websockets if it is an upgrade), the
     request being read and whether one is being answered."""
 
-    __slots__ = ("body", "busy", "closing", "head", "method", "parser", "request", "timeout")
+    __slots__ = (
+        "body",
+        "busy",
+        "closing",
+        "head",
+        "method",
+        "parser",
+        "paused",
+        "queued",
+        "request",
+        "timeout",
+    )
 
     def __init__(self, timeout: float) -> None:
         self.parser = h11.Connection(h11.SERVER)
@@ -98,6 +112,10 @@ class _Http:
         self.busy = False
         self.closing = False
         self.timeout = timeout
+        # Bytes received while a request is being answered (pipelined), and whether
+        # reading is paused because there are too many of them.
+        self.queued = 0
+        self.paused = False
 
 
 def _is_upgrade(request: h11.Request) -> bool:
@@ -334,6 +352,11 @@ class Connection(asyncio.Protocol):
         assert http is not None
         if http.head is not None:
             http.head += data
+        if http.busy:
+            http.queued += len(data)
+            if http.queued > _MAX_QUEUED and not http.paused and self.transport is not None:
+                http.paused = True
+                self.transport.pause_reading()
         try:
             http.parser.receive_data(data)
         except h11.RemoteProtocolError:
@@ -437,6 +460,10 @@ class Connection(asyncio.Protocol):
             return
         transport.write(out)
         http.busy = False
+        http.queued = 0
+        if http.paused:
+            http.paused = False
+            transport.resume_reading()
         if close or parser.our_state is not h11.DONE or parser.their_state is not h11.DONE:
             # Closing, or the client is still sending a body we refused: end here.
             transport.close()
