@@ -9,6 +9,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from click.testing import CliRunner, Result
@@ -190,3 +191,36 @@ def test_readme_three_terminals_output(broker: BrokerProcess, tmp_path: Path) ->
     # Piped, the same subscription prints the data alone.
     piped = run_cli(tmp_path, "sub", "football", "--last", "1", "--count", "1", "--url", broker.url)
     assert piped.stdout == "2-1\n"
+
+
+def test_wss_to_a_plain_broker_is_one_clear_line(broker: BrokerProcess, tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "pub", "t", "x", "--url", f"wss://127.0.0.1:{broker.port}/ws")
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "TLS" in lines[0] and f"ws://127.0.0.1:{broker.port}/ws" in lines[0], lines[0]
+    assert "ConnectionResetError" not in lines[0]
+
+
+def test_a_wrong_path_hints_at_ws(broker: BrokerProcess, tmp_path: Path) -> None:
+    for command in ("pub", "sub"):
+        result = run_cli(tmp_path, command, "t", "x", "--url", f"ws://127.0.0.1:{broker.port}/")
+        assert result.returncode == 3
+        assert "HTTP 404" in result.stderr
+        assert f"ws://127.0.0.1:{broker.port}/ws" in result.stderr, result.stderr
+
+
+def test_a_message_over_the_size_limit_says_it_was_refused(
+    make_broker: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    small = make_broker("--max-message-size", "1KiB")
+    result = run_cli(tmp_path, "pub", "big", "x" * 2000, "--url", small.url)
+    assert result.returncode == 2, result.stderr
+    assert "may or may not" not in result.stderr
+    assert "refused" in result.stderr and "size limit" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    # It was indeed not recorded.
+    kept = run_cli(
+        tmp_path, "sub", "big", "--last", "10", "--timeout", "1s", "--json", "--url", small.url
+    )
+    assert kept.stdout == ""
