@@ -27,6 +27,9 @@ from .errors import (
 )
 from .render import PubProgress, stderr
 
+#: How long ``broker pub`` waits for a lost broker to come back (seconds).
+RECONNECT_TIMEOUT = 60.0
+
 
 def _parse(text: str, as_json: bool, where: str) -> Any:
     if not as_json:
@@ -131,7 +134,9 @@ async def _pub_lines(client: Client, topic: str, as_json: bool, echo: bool) -> t
     value (number, object, ...). Reading stdin, blank lines are skipped, up to 100
     messages are in flight at once, and a progress bar shows on a terminal. The exit
     code is 0 only when the broker acknowledged (durably recorded) every message;
-    rate-limited ones are retried a few times.
+    rate-limited ones are retried a few times. When the connection drops (a broker
+    restart), pub reconnects for up to a minute and sends what was in flight again with
+    the same idempotency keys, so each message is recorded exactly once.
 
     \b
     Examples:
@@ -173,7 +178,17 @@ def pub_command(
             f"(or give one: broker pub {topic} MESSAGE)",
             err=True,
         )
-    client = make_client(url, token, ca_file, reconnect=False, on_error=on_error)
+    # Reconnect after a lost connection (a broker restart, say): the client sends the
+    # publishes that were in flight again with their idempotency keys, so every message
+    # is recorded once. A broker that does not come back within the timeout fails them.
+    client = make_client(
+        url,
+        token,
+        ca_file,
+        reconnect=True,
+        reconnect_timeout=RECONNECT_TIMEOUT,
+        on_error=on_error,
+    )
     terminal = sys.stderr.isatty()
 
     async def main() -> None:

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from typing import Any
 
 import pytest
 
+from broker.client import Client
+
 from . import test_cluster
-from .support import BrokerProcess, Peer
+from .support import ROOT, BrokerProcess, Peer, isolated_env
 from .test_cluster import NodeFactory
 from .test_http_api import call, error_of, history, publish
 
@@ -170,3 +174,81 @@ def test_http_duplicate_keeps_its_status(broker: BrokerProcess) -> None:
     assert (
         call(broker, "GET", "/api/stats", token=broker.token("a", admin=True))[2]["last_seq"] == 1
     )
+
+
+# -- the client and `broker pub` retry with their keys --------------------------------------
+
+
+def all_data(broker: BrokerProcess, topic: str) -> list[Any]:
+    """Every retained message of ``topic`` in seq order, over as many pages as it takes."""
+    out: list[Any] = []
+    since = 0
+    while True:
+        page = history(broker, f"topic={topic}&since={since}")[2]
+        out += [m["data"] for m in page["messages"]]
+        if not page["more"]:
+            return out
+        since = page["messages"][-1]["seq"]
+
+
+async def test_client_publishes_survive_a_broker_restart_exactly_once(
+    broker: BrokerProcess,
+) -> None:
+    n = 400
+    acked: list[int] = []
+    async with Client(broker.url, broker.token("1"), backoff_initial=0.05, backoff_max=0.2) as c:
+        window = asyncio.Semaphore(20)
+
+        async def one(i: int) -> None:
+            async with window:
+                await c.publish("stream", i)
+                acked.append(i)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        deadline = time.monotonic() + 10
+        while len(acked) < n // 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(broker.kill)  # kill -9 with publishes in flight
+        await asyncio.to_thread(broker.start)
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert c.reconnects >= 1
+    assert sorted(acked) == list(range(n))
+    data = all_data(broker, "stream")
+    assert sorted(data) == list(range(n)), "a message was lost or published twice"
+
+
+def test_broker_pub_from_stdin_survives_a_restart(broker: BrokerProcess) -> None:
+    env = isolated_env(broker.home)
+    env["BROKER_TOKEN"] = broker.token("1")
+    env["BROKER_URL"] = broker.url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "pub", "lines", "--json"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        for i in range(150):
+            proc.stdin.write(f"{i}\n".encode())
+        proc.stdin.flush()
+        deadline = time.monotonic() + 10
+        while len(all_data(broker, "lines")) < 50:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        broker.kill()
+        broker.start()
+        for i in range(150, 300):
+            proc.stdin.write(f"{i}\n".encode())
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    assert proc.returncode == 0, proc.stderr.read().decode()
+    assert sorted(all_data(broker, "lines")) == list(range(300))

@@ -20,9 +20,12 @@ client emits a ``Gap`` event and calls ``on_gap``.
 
 Requests in flight when the connection drops:
 
-* ``publish`` whose frame was written: fails with ``ConnectionLost`` (the broker may or may
-  not have recorded it; it is *not* retried, which could publish it twice). A publish whose
-  frame could not be written at all is sent again on the next connection.
+* ``publish``: sent again on the next connection. Every publish carries an idempotency
+  ``key`` (a fresh one unless the caller gives one), so a publish the broker did record
+  before the connection dropped is answered with its first seq instead of being published
+  twice (within the broker's ``--dedupe-window``, 2 minutes by default): ``publish``
+  returns once, with the one seq. Only with ``reconnect=False`` does a publish in flight
+  fail with ``ConnectionLost``.
 * ``subscribe``, ``unsubscribe``, ``presence``, ``stats``: idempotent, sent again on the
   next connection; the caller just waits a little longer.
 
@@ -41,6 +44,7 @@ import inspect
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -384,17 +388,30 @@ class Client:
         await self._request(lambda rid: Unsub(rid, pattern), retry=True)
 
     async def publish(
-        self, topic: str, data: Any, *, ack: bool = True, echo: bool = False
+        self,
+        topic: str,
+        data: Any,
+        *,
+        ack: bool = True,
+        echo: bool = False,
+        key: str | None = None,
     ) -> int | None:
         """Publish ``data`` (any JSON value) to ``topic``; its seq once recorded (None if
-        not ``ack``)."""
+        not ``ack``).
+
+        ``key`` (1 to 128 characters; a random one when not given) names this publish for
+        the broker: a publish interrupted by a lost connection is sent again with the same
+        key after reconnecting, and the broker records it once. Give your own key (an
+        order id, say) to make retries of your own, across processes, safe as well."""
         validate_topic(topic)
         payload = orjson.dumps(data)
+        key = uuid.uuid4().hex if key is None else key
         if not ack:
-            await self._send_unacked(Pub(topic, payload, echo=echo))
+            await self._send_unacked(Pub(topic, payload, echo=echo, key=key))
             return None
-        reply = await self._request(lambda rid: Pub(topic, payload, rid, echo), retry=False)
-        return int(reply["seq"])
+        reply = await self._request(lambda rid: Pub(topic, payload, rid, echo, key), retry=True)
+        # A key already used for a batch (HTTP API) answers with that batch's seqs.
+        return int(reply["seq"] if "seq" in reply else reply["seqs"][0])
 
     async def presence(self, topic: str) -> list[PresenceUser]:
         """Who holds a subscription to exactly ``topic`` now."""
