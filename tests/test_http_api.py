@@ -17,6 +17,10 @@ from urllib.parse import quote
 import h11
 import pytest
 
+from broker.client.http import HttpClient
+from broker.client.http import publish as publish_helper
+from broker.errors import BadRequest, Forbidden, Unauthorized
+
 from .support import BrokerProcess, Peer
 
 Answer = tuple[int, dict[str, str], Any]
@@ -448,3 +452,46 @@ def test_pipelined_requests_are_answered_in_order(broker: BrokerProcess) -> None
     assert seqs == sorted(seqs) and len(set(seqs)) == 5
     page = history(broker, "topic=pipe&last=10")[2]
     assert [m["data"] for m in page["messages"]] == [0, 1, 2, 3, 4]
+
+
+def test_sync_helper(broker: BrokerProcess) -> None:
+    token = broker.token("1")
+    assert publish_helper(broker.http_url, token, "a", {"n": 0}) == 1
+    with HttpClient(broker.url, token) as client:  # a ws:// URL works too
+        seq = client.publish("a", {"n": 1})
+        assert client.publish("a", {"n": 2}, key="same") == seq + 1
+        assert client.publish("a", {"n": 3}, key="same") == seq + 1  # a retry: no new message
+        assert client.publish_many(["b", "c"], 0) == [seq + 2, seq + 3]
+        page = client.history("a", last=5)
+        assert [m["data"] for m in page["messages"]] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        with pytest.raises(Forbidden):
+            client.publish("$x", 1)
+        with pytest.raises(BadRequest):
+            client.publish_many(["a", "a"], 1)
+    with HttpClient(broker.http_url, "not.a.token") as client, pytest.raises(Unauthorized):
+        client.publish("a", 1)
+
+
+def test_sync_helper_retries_on_a_stale_keep_alive_connection(make_broker: Any) -> None:
+    broker = make_broker("--auth-timeout", "1s", memory=True)
+    with HttpClient(broker.http_url, broker.token("1")) as client:
+        first = client.publish("a", 1)
+        deadline = time.monotonic() + 5
+        # The broker closes the idle keep-alive connection after the timeout; the next
+        # publish finds it closed and is sent again on a new one.
+        while not _closed_by_peer(client):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.publish("a", 2) == first + 1
+
+
+def _closed_by_peer(client: HttpClient) -> bool:
+    conn = client._conn
+    assert conn is not None and conn.sock is not None
+    conn.sock.setblocking(False)
+    try:
+        return conn.sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    finally:
+        conn.sock.setblocking(True)
