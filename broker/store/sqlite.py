@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS dedupe (
 ) WITHOUT ROWID;
 """
 
+#: fsync = interval: a WAL of more frames (4 KiB pages) than this after a complete
+#: checkpoint is truncated, so that it never only grows.
+_WAL_TRUNCATE_FRAMES = 4096
 # SQLite limits the number of bound parameters; stay well below it.
 _CHUNK = 500
 
@@ -187,6 +190,9 @@ class SqliteStore(Store):
             # Checkpoints (they fsync) are the fsync thread's job (_sync_sync), never a
             # commit's on the event loop.
             db.execute("PRAGMA wal_autocheckpoint=0")
+            # A WAL that grew (a burst, a long replay holding its snapshot) is cut back to
+            # this size when it starts over.
+            db.execute("PRAGMA journal_size_limit=67108864")
         return db
 
     def _lock_directory(self) -> None:
@@ -319,22 +325,30 @@ class SqliteStore(Store):
 
     def _sync_sync(self) -> None:
         """Make every commit so far durable (fsync the WAL), then checkpoint the WAL into
-        the database so that it stays small. Runs on the writer thread, beside commits:
-        a passive checkpoint neither waits for nor blocks them, and _cdb is its own."""
+        the database so that it stays small. Runs on the fsync thread, beside commits:
+        only the checkpoint holds back commits, and _cdb is its own connection."""
         self._unsynced = False
         if self._wal_fd is not None:
             os.fsync(self._wal_fd)
         if self._cdb is not None:
-            self._cdb.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            # Under the write lock: with no commit landing meanwhile the checkpoint copies
+            # the whole WAL, so the next commit starts it over from the beginning; beside
+            # a steady stream of commits it would never be complete and the WAL would only
+            # grow. Publishes of those few ms are committed by the writer thread instead.
+            with self._write_lock:
+                row = self._cdb.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if row is not None and row[1] > _WAL_TRUNCATE_FRAMES and row[1] == row[2]:
+                    # Copied whole, yet long: a reader kept it from starting over. Empty it.
+                    self._cdb.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _close_sync(self, db: sqlite3.Connection | None) -> None:
         if db is not None:
             db.close()
 
     def _close_writer_sync(self) -> None:
+        if self._unsynced:
+            self._sync_sync()
         with self._write_lock:
-            if self._unsynced:
-                self._sync_sync()
             for db in (self._cdb, self._wdb):
                 if db is not None:
                     db.close()
