@@ -29,9 +29,10 @@ from __future__ import annotations
 
 from typing import Any
 
-# WebSocket close codes of the protocol (docs/protocol.md, "Limits and closing"). A frame
-# over the max message size closes with 1009, which the WebSocket layer sends itself.
+# WebSocket close codes of the protocol (docs/protocol.md, "Limits and closing"). The
+# server's WebSocket layer sends 1009 itself; the client needs to recognise it.
 CLOSE_GOING_AWAY = 1001  # the server is shutting down
+CLOSE_TOO_BIG = 1009  # a frame over the max message size, never read (TooLarge)
 CLOSE_UNAUTHORIZED = 4001  # no valid token in time, or a refused refresh (Unauthorized)
 CLOSE_TOKEN_EXPIRED = 4003  # the token's exp has passed (TokenExpired)
 CLOSE_SLOW_CONSUMER = 4008  # the connection's send queue went over its bound

@@ -77,6 +77,7 @@ from broker.core.topics import validate_pattern, validate_topic
 from broker.errors import (
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOO_BIG,
     CLOSE_UNAUTHORIZED,
     BadRequest,
     BrokerError,
@@ -85,6 +86,7 @@ from broker.errors import (
     Forbidden,
     RequestTimeout,
     TokenExpired,
+    TooLarge,
     Unauthorized,
     error_for_code,
 )
@@ -574,6 +576,25 @@ class Client:
         if self._ws is ws:
             self._ready.clear()
 
+    def _refuse_oversized(self, reason: str) -> None:
+        """After a 1009 close: the largest frame written was over the broker's size limit.
+
+        The broker closes without reading it, so it recorded nothing; sending it again
+        on the next connection would only be refused again, so it fails here instead."""
+        written = [(rid, req) for rid, req in self._pending.items() if req.written]
+        if not written:
+            return
+        rid, req = max(written, key=lambda item: len(item[1].frame))
+        del self._pending[rid]
+        if not req.future.done():
+            req.future.set_exception(
+                TooLarge(
+                    "refused by the broker: over its message size limit "
+                    f"({reason or 'close 1009'}); not recorded"
+                )
+            )
+            req.future.exception()  # mark retrieved: the caller may be gone
+
     def _fail_pending(
         self, make_error: Callable[[_Request], BrokerError], *, everything: bool
     ) -> None:
@@ -758,6 +779,8 @@ class Client:
             "before the broker answered; the publish may or may not have been recorded"
         )
         self._fail_pending(lambda req: lost, everything=False)
+        if code == CLOSE_TOO_BIG:
+            self._refuse_oversized(reason)
         if code == CLOSE_UNAUTHORIZED:
             return _Fatal(_unauthorized(last_auth_error or reason or "token refused"))
         if code == CLOSE_TOKEN_EXPIRED and self._token_provider is None:
