@@ -95,7 +95,7 @@ async def messages(peer: Peer, n: int, timeout: float = 10) -> list[dict[str, An
 def test_member_encoding_is_binary_safe() -> None:
     draft = Draft("a/b", b'{"x":"\\n|1 2"}', "id 1\n|", "n\u00e9 \ud800", 1_700_000_000_123)
     msg = decode_member("a/b", b"42 " + encode_tail(draft))
-    assert (msg.seq, msg.ts, msg.data) == (42, draft.ts, draft.data)
+    assert (msg.seq, msg.ts, msg.payload) == (42, draft.ts, draft.payload)
     assert (msg.sender_id, msg.sender_name) == (draft.sender_id, draft.sender_name)
 
 

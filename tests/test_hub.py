@@ -63,7 +63,7 @@ def publish(
     who = sender.identity if sender is not None else Identity(id="server", name="server")
     draft = Draft(
         topic=topic,
-        data=b'"x"',
+        payload=b'"x"',
         sender_id=who.id,
         sender_name=who.name,
         ts=0,
@@ -243,7 +243,7 @@ def test_inbox_reaches_only_its_owner_whatever_the_pattern(hub: Hub) -> None:
 def test_fanout_skips_seqs_already_fanned_out(hub: Hub) -> None:
     conn = FakeSubscriber("a")
     sub(hub, conn, "t")
-    draft = Draft(topic="t", data=b"1", sender_id="s", sender_name="s", ts=0)
+    draft = Draft(topic="t", payload=b"1", sender_id="s", sender_name="s", ts=0)
     first, second = draft.to_message(1_000_001), draft.to_message(1_000_002)
     hub.fanout([(first, draft), (second, draft)])
     hub.fanout([(first, draft), (second, draft)])  # a cluster redelivery

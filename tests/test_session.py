@@ -74,7 +74,9 @@ class FakeLink:
 
 
 def message(topic: str = "t", size: int = 10) -> Message:
-    draft = Draft(topic=topic, data=b'"' + b"x" * size + b'"', sender_id="p", sender_name="p", ts=0)
+    draft = Draft(
+        topic=topic, payload=b'"' + b"x" * size + b'"', sender_id="p", sender_name="p", ts=0
+    )
     return draft.to_message(next(_seqs))
 
 

@@ -60,8 +60,9 @@ from websockets.exceptions import (
 )
 from websockets.uri import parse_uri
 
-from broker.client.state import ClientState, Gap, Message, SubState, User
+from broker.client.state import ClientState, Gap, SubState
 from broker.core.backoff import Backoff
+from broker.core.model import Message, User
 from broker.core.protocol import (
     Auth,
     Presence,

@@ -10,53 +10,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from broker.core.model import Message
 from broker.core.protocol import Sub
 from broker.core.topics import matches
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    """A user as the broker names it: ``id`` (a string) and display ``name``."""
-
-    id: str
-    name: str
-
-    @classmethod
-    def from_json(cls, raw: Any) -> User:
-        """Build from the protocol's ``{"id", "name"}`` object (tolerant of odd input)."""
-        if not isinstance(raw, dict):
-            return cls(id="", name="")
-        uid = str(raw.get("id", ""))
-        return cls(id=uid, name=str(raw.get("name", uid)))
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A published message: ``topic``, broker-wide ``seq``, JSON ``data``, ``sender``, ``ts``."""
-
-    topic: str
-    seq: int
-    data: Any
-    sender: User
-    ts: int
-
-    @property
-    def time(self) -> datetime:
-        """The broker's receive time as an aware UTC ``datetime``."""
-        return datetime.fromtimestamp(self.ts / 1000, tz=UTC)
-
-    def to_json(self) -> dict[str, Any]:
-        """The message as the protocol's ``msg`` object (without ``op``)."""
-        return {
-            "topic": self.topic,
-            "seq": self.seq,
-            "data": self.data,
-            "from": {"id": self.sender.id, "name": self.sender.name},
-            "ts": self.ts,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,14 +113,7 @@ class ClientState:
                 state.last = None
         if not self.remember(seq):
             return None
-        ts = frame.get("ts")
-        return Message(
-            topic=topic,
-            seq=seq,
-            data=frame.get("data"),
-            sender=User.from_json(frame.get("from")),
-            ts=int(ts) if isinstance(ts, (int, float)) else 0,
-        )
+        return Message.from_json(frame)
 
     def note_epoch(self, epoch: str) -> None:
         """The broker named its history ``epoch``; a new one makes old seqs meaningless."""

@@ -1,9 +1,11 @@
 """The data model every layer shares: a publish before and after it gets its ``seq``.
 
 ``Draft`` is a publish the server accepted; a store turns it into a ``Message`` with the
-next broker-wide ``seq`` (``Draft.to_message``). A ``Message`` is encoded once: ``frame``
-is its ``msg`` JSON and ``wire`` the whole WebSocket frame, the same bytes for every
-subscriber. ``merge_by_seq`` merges runs of messages read per topic into one seq order.
+next broker-wide ``seq`` (``Draft.to_message``). ``Message`` is the one message type of
+server and client: ``payload`` is its data as JSON bytes, ``data`` the decoded value. The
+server encodes it once: ``frame`` is its ``msg`` JSON and ``wire`` the whole WebSocket
+frame, the same bytes for every subscriber; a client builds it from a ``msg`` frame
+(``Message.from_json``). ``merge_by_seq`` merges per-topic runs into one seq order.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -24,7 +28,7 @@ class Draft:
     """A publish accepted by the server but not yet given a seq."""
 
     topic: str
-    data: bytes
+    payload: bytes  # the data, JSON-encoded
     sender_id: str
     sender_name: str
     ts: int
@@ -40,21 +44,89 @@ class Draft:
 
     def to_message(self, seq: int) -> Message:
         """This draft recorded as message ``seq``."""
-        return Message(seq, self.topic, self.data, self.sender_id, self.sender_name, self.ts)
+        return Message(seq, self.topic, self.payload, self.sender_id, self.sender_name, self.ts)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A user as the broker names it: ``id`` (a string) and display ``name``."""
+
+    id: str
+    name: str
+
+    @classmethod
+    def from_json(cls, raw: Any) -> User:
+        """Build from the protocol's ``{"id", "name"}`` object (tolerant of odd input)."""
+        if not isinstance(raw, dict):
+            return cls(id="", name="")
+        uid = str(raw.get("id", ""))
+        return cls(id=uid, name=str(raw.get("name", uid)))
+
+
+_UNDECODED: Any = object()
 
 
 @dataclass
 class Message:
-    """A published message as stored and delivered. ``data`` is its JSON encoding."""
+    """A published message: ``topic``, broker-wide ``seq``, ``data``, ``sender``, ``ts``.
+
+    ``payload`` is the data as JSON bytes (what the stores keep and the server sends);
+    ``data`` is the decoded value, decoded once when first asked for."""
 
     seq: int
     topic: str
-    data: bytes
+    payload: bytes
     sender_id: str
     sender_name: str
     ts: int
     _frame: bytes | None = field(default=None, repr=False, compare=False)
     _wire: bytes | None = field(default=None, repr=False, compare=False)
+    _data: Any = field(default=_UNDECODED, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, frame: dict[str, Any]) -> Message | None:
+        """The message in a ``msg`` frame as a client parsed it (None if malformed)."""
+        seq, topic, ts = frame.get("seq"), frame.get("topic"), frame.get("ts")
+        if not isinstance(seq, int) or not isinstance(topic, str):
+            return None
+        sender = User.from_json(frame.get("from"))
+        data = frame.get("data")
+        return cls(
+            seq,
+            topic,
+            orjson.dumps(data),
+            sender.id,
+            sender.name,
+            int(ts) if isinstance(ts, (int, float)) else 0,
+            _data=data,
+        )
+
+    @property
+    def data(self) -> Any:
+        """The published JSON value, decoded."""
+        if self._data is _UNDECODED:
+            self._data = orjson.loads(self.payload)
+        return self._data
+
+    @property
+    def sender(self) -> User:
+        """Who published it, as the broker stamped it from their token."""
+        return User(self.sender_id, self.sender_name)
+
+    @property
+    def time(self) -> datetime:
+        """The broker's receive time as an aware UTC ``datetime``."""
+        return datetime.fromtimestamp(self.ts / 1000, tz=UTC)
+
+    def to_json(self) -> dict[str, Any]:
+        """The message as the protocol's ``msg`` object (without ``op``)."""
+        return {
+            "topic": self.topic,
+            "seq": self.seq,
+            "data": self.data,
+            "from": {"id": self.sender_id, "name": self.sender_name},
+            "ts": self.ts,
+        }
 
     @property
     def frame(self) -> bytes:
@@ -66,7 +138,7 @@ class Message:
                     "op": "msg",
                     "topic": self.topic,
                     "seq": self.seq,
-                    "data": orjson.Fragment(self.data),
+                    "data": orjson.Fragment(self.payload),
                     "from": {"id": self.sender_id, "name": self.sender_name},
                     "ts": self.ts,
                 }

@@ -56,7 +56,7 @@ class Backpressure:
 
     def wrap(self, session: Session | None, draft: Draft, done: Done) -> Done:
         """Count ``draft`` as waiting for the store until ``done`` is called for it."""
-        size = len(draft.data) + len(draft.topic)
+        size = len(draft.payload) + len(draft.topic)
         self.accepted(session, size)
 
         def recorded(msg: Message | None, error: BrokerError | None) -> None:

@@ -65,7 +65,7 @@ def number(
             if prior is not None:
                 results += [
                     Duplicate(
-                        prior[0], d.topic, d.data, d.sender_id, d.sender_name, d.ts, seqs=prior
+                        prior[0], d.topic, d.payload, d.sender_id, d.sender_name, d.ts, seqs=prior
                     )
                     for d in group
                 ]

@@ -60,11 +60,11 @@ class _MemoryPages(Pages):
                 self.gap = True
                 break
             msg = q[i]
-            if page and total + len(msg.data) > self._max_bytes:
+            if page and total + len(msg.payload) > self._max_bytes:
                 break
             heapq.heappop(heap)
             page.append(msg)
-            total += len(msg.data)
+            total += len(msg.payload)
             if i + 1 < len(q) and q[i + 1].seq <= self._upto:
                 heapq.heappush(heap, (q[i + 1].seq, topic))
         return page
@@ -72,7 +72,7 @@ class _MemoryPages(Pages):
 
 def message_size(msg: Message) -> int:
     """What a message counts against ``history_size``: its data, topic and sender."""
-    return len(msg.data) + len(msg.topic) + len(msg.sender_id) + len(msg.sender_name)
+    return len(msg.payload) + len(msg.topic) + len(msg.sender_id) + len(msg.sender_name)
 
 
 class MemoryStore(Store):

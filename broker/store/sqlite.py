@@ -390,7 +390,7 @@ class SqliteStore(Store):
                 )
             db.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
-                [(m.seq, m.topic, m.data, m.sender_id, m.sender_name, m.ts) for m in msgs],
+                [(m.seq, m.topic, m.payload, m.sender_id, m.sender_name, m.ts) for m in msgs],
             )
             for topic, added in touched.items():
                 self._trim_count(db, topic, added)

@@ -22,7 +22,7 @@ def to_str(raw: bytes | str) -> str:
 def encode_tail(draft: Draft) -> bytes:
     """The part of a history member after ``"<seq> "``: ts, sender and data."""
     sid, name = to_bytes(draft.sender_id), to_bytes(draft.sender_name)
-    return b"%d %d %d\n%b%b%b" % (draft.ts, len(sid), len(name), sid, name, draft.data)
+    return b"%d %d %d\n%b%b%b" % (draft.ts, len(sid), len(name), sid, name, draft.payload)
 
 
 def decode_member(topic: str, member: bytes) -> Message:

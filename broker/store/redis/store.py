@@ -333,7 +333,7 @@ class RedisStore(Store):
         msg = decode_member(topic, rest[int(size) :])
         draft = Draft(
             topic,
-            msg.data,
+            msg.payload,
             msg.sender_id,
             msg.sender_name,
             msg.ts,
@@ -355,4 +355,4 @@ class RedisStore(Store):
             len(missed),
             extra={"event": "follow_gap"},
         )
-        return [(m, Draft(m.topic, m.data, m.sender_id, m.sender_name, m.ts)) for m in missed]
+        return [(m, Draft(m.topic, m.payload, m.sender_id, m.sender_name, m.ts)) for m in missed]
