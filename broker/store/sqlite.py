@@ -64,6 +64,23 @@ _OWN_TABLES = {"meta", "messages", "topics"}
 #: Test-only: cap the database at this many pages (SQLite's max_page_count), so a test
 #: meets "database or disk is full" without filling a real disk.
 MAX_PAGES_ENV = "BROKER_TEST_SQLITE_MAX_PAGES"
+#: Test-only: this machine's boot id, as if it had rebooted (a power loss) since the last
+#: run of the broker.
+BOOT_ID_ENV = "BROKER_TEST_BOOT_ID"
+#: fsync = interval: seqs are reserved durably this many at a time (see _reserve).
+SEQ_RESERVE = 10_000
+
+
+def boot_id() -> str:
+    """An id of this boot of the machine ("" where the system does not say)."""
+    override = os.environ.get(BOOT_ID_ENV)
+    if override:
+        return override
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def describe(exc: BaseException) -> str:
@@ -156,6 +173,8 @@ class SqliteStore(Store):
         self._write_lock = threading.Lock()
         self._cdb: sqlite3.Connection | None = None  # the writer thread's checkpoints
         self._wal_fd: int | None = None
+        #: Seqs up to this one are durably reserved (see _resume_sequence).
+        self._reserved = 0
         self._unsynced = False  # committed since the last fsync
         self._syncer: threading.Thread | None = None
         self._stop_syncer = threading.Event()
@@ -295,12 +314,42 @@ class SqliteStore(Store):
         top = db.execute("SELECT max(seq) FROM messages").fetchone()[0]
         trimmed = db.execute("SELECT max(trimmed) FROM topics").fetchone()[0]
         self.last_seq = max(int(stored[0]) if stored else 0, top or 0, trimmed or 0)
+        self._resume_sequence(db)
         self._rdb = self._connect()
         if not self.fsync_always:
             self._cdb = self._connect()
             # The schema script wrote to the WAL, so it exists, and lives as long as our
             # connections do.
             self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            os.fsync(self._wal_fd)  # the "not shut down cleanly" mark must survive a crash
+
+    def _resume_sequence(self, db: sqlite3.Connection) -> None:
+        """Never give a seq twice, even after a power loss.
+
+        With ``fsync = interval`` a power loss can take the last commits, and their seqs,
+        which clients may have seen: giving those seqs to new messages would make a client
+        that resumes with ``since`` skip them. So seqs are reserved durably ahead of use
+        (``_reserve``) and, when the last run did not shut down cleanly and the machine
+        has rebooted since (a power loss is possible), the sequence goes on after the
+        reservation. A broker that was only killed (same boot) lost nothing: its WAL is
+        in the OS, and the sequence goes on without a jump."""
+        meta = dict(
+            db.execute("SELECT key, value FROM meta WHERE key IN ('reserved', 'clean', 'boot')")
+        )
+        self._reserved = int(meta.get("reserved", 0))
+        booted = boot_id()
+        if meta.get("clean") == "0" and (not booted or meta.get("boot") != booted):
+            if self._reserved > self.last_seq:
+                log.warning(
+                    "the last run did not shut down cleanly and the machine has restarted "
+                    "since: seqs go on after %d, past any the last run may have given",
+                    self._reserved,
+                    extra={"event": "seq_resumed_after_reservation"},
+                )
+                self.last_seq = self._reserved
+        db.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", [("clean", "0"), ("boot", booted)]
+        )
 
     async def open(self) -> None:
         await self._on(self._writer, self._open_sync)
@@ -346,6 +395,13 @@ class SqliteStore(Store):
             db.close()
 
     def _close_writer_sync(self) -> None:
+        if self._wdb is not None:
+            # A clean shutdown: the next start goes on from the last seq given, no jump.
+            self._wdb.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [("clean", "1"), ("reserved", str(self.last_seq))],
+            )
+            self._unsynced = True
         if self._unsynced:
             self._sync_sync()
         with self._write_lock:
@@ -394,6 +450,12 @@ class SqliteStore(Store):
             )
             for topic, added in touched.items():
                 self._trim_count(db, topic, added)
+            reserving = not self.fsync_always and last > self._reserved
+            if reserving:
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('reserved', ?)",
+                    (str(last + SEQ_RESERVE),),
+                )
             db.execute("COMMIT")
         except BaseException:
             # SQLite may have rolled back already (a full disk): a second ROLLBACK would
@@ -404,8 +466,17 @@ class SqliteStore(Store):
             raise
         self.last_seq = last
         self._unsynced = True
+        if reserving:
+            self._reserve(last + SEQ_RESERVE)
         self._check_file()
         return numbered.results
+
+    def _reserve(self, upto: int) -> None:
+        """Make the reservation of seqs up to ``upto`` durable before any is acknowledged:
+        one WAL fsync per SEQ_RESERVE messages (see _resume_sequence)."""
+        if self._wal_fd is not None:
+            os.fsync(self._wal_fd)
+        self._reserved = upto
 
     def _append_locked(self, drafts: list[Draft]) -> list[Message]:
         with self._write_lock:
