@@ -99,13 +99,21 @@ class Routes:
         return conn.protocol.reject(HTTPStatus.NOT_FOUND, "not found\n")
 
 
-def static_file(path: str) -> Response:
-    """One of the ``STATIC_FILES`` (the browser console), never cached stale."""
+def _read_static(path: str) -> tuple[str, bytes] | Response:
+    """The content type and bytes of one of the ``STATIC_FILES``, or a 404."""
     name, content_type = STATIC_FILES[path]
     try:
-        body = resources.files("broker").joinpath("static", name).read_bytes()
+        return content_type, resources.files("broker").joinpath("static", name).read_bytes()
     except OSError:
         return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]), b"")
+
+
+def static_file(path: str) -> Response:
+    """One of the ``STATIC_FILES`` (the browser console), never cached stale."""
+    found = _read_static(path)
+    if isinstance(found, Response):
+        return found
+    content_type, body = found
     headers = Headers(
         [
             ("Content-Type", content_type),
@@ -124,11 +132,10 @@ def static_file(path: str) -> Response:
 
 def library_file(path: str, request: Request, allowed: Sequence[str]) -> Response:
     """``/broker.js`` or its declarations, with CORS for the allowed origins (any when none)."""
-    name, content_type = STATIC_FILES[path]
-    try:
-        body = resources.files("broker").joinpath("static", name).read_bytes()
-    except OSError:
-        return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]), b"")
+    found = _read_static(path)
+    if isinstance(found, Response):
+        return found
+    content_type, body = found
     headers = Headers(
         [
             ("Content-Type", content_type),
