@@ -1,9 +1,10 @@
 """The broker server: a thin asyncio shell around the protocol core.
 
 ``BrokerServer`` owns the store, the journal (group commit) and the hub (subscriptions,
-presence, fan-out). ``Connection`` (websockets' sans-I/O protocol in an asyncio.Protocol)
-does the HTTP handshake and framing; this module answers the plain HTTP paths,
-authenticates, and moves frames between connections and the core. Requests are handled
+presence, fan-out): it runs the server's lifecycle, authenticates connections and
+dispatches their frames. Around it: ``connection`` (bytes, HTTP parsing, WebSocket
+framing), ``http`` and ``api`` (the plain HTTP paths and the HTTP API), ``admission`` and
+``backpressure`` (limits), ``replay`` (serving a ``sub`` from history). Requests are handled
 synchronously as they arrive; only those that wait on the store or the cluster (``sub``,
 ``presence``, ``stats``) run as a task, while later frames of that connection wait.
 """
@@ -24,7 +25,7 @@ from websockets.http11 import Request, Response
 
 from broker import __version__
 from broker.core.auth import Identity, TokenVerifier, parse_bearer
-from broker.core.hub import Hub, Subscription
+from broker.core.hub import Hub
 from broker.core.model import Draft, Message, now_ms, text_frame
 from broker.core.protocol import (
     Auth,
@@ -66,8 +67,9 @@ from broker.server.journal import Journal
 from broker.server.logs import Repeats
 from broker.server.memory import release_memory
 from broker.server.metrics import Metrics, wire_size
+from broker.server.replay import Subscriptions
 from broker.server.session import Flusher, Session
-from broker.store.base import Pages, Store
+from broker.store.base import Store
 from broker.store.dedupe import Duplicate
 
 if TYPE_CHECKING:
@@ -121,6 +123,9 @@ class BrokerServer:
             self.store,
             _ignore if self.store.shared else self.hub.fanout,
             defer=self.flusher.defer,
+        )
+        self.subscriptions = Subscriptions(
+            self.hub, self.store, config.max_subscriptions, self._limit_reached
         )
         self.backpressure = Backpressure(
             config.max_pending_publishes,
@@ -366,7 +371,7 @@ class BrokerServer:
 
     async def catch_up(self, seq: int) -> None:
         """Wait (briefly) until this node has fanned out ``seq`` (cluster reads)."""
-        await self._catch_up(seq)
+        await self.subscriptions.catch_up(seq)
 
     # -- limits ------------------------------------------------------------------------
 
@@ -561,7 +566,7 @@ class BrokerServer:
     async def _handle_async(self, session: Session, frame: Frame) -> None:
         try:
             if isinstance(frame, Sub):
-                await self._subscribe(session, frame)
+                await self.subscriptions.subscribe(session, frame)
             elif isinstance(frame, Presence):
                 session.identity.check_subscribe(frame.topic)
                 users = self.hub.presence(frame.topic)
@@ -738,104 +743,6 @@ class BrokerServer:
         for draft in drafts:
             self.metrics.top_topics.add(draft.topic)
             self.journal.submit(draft, self.backpressure.wrap(None, draft, done))
-
-    async def _subscribe(self, session: Session, frame: Sub) -> None:
-        ident = session.identity
-        ident.check_subscribe(frame.topic)
-        subs = self.hub.subscriptions.get(session, {})
-        limit = self.config.max_subscriptions
-        if frame.topic not in subs and len(subs) >= limit:
-            self._limit_reached("subscriptions", f"user={ident.id}")
-            raise Forbidden(f"subscription limit reached ({limit} per connection)")
-        if (
-            self.store.shared
-            and frame.since is not None
-            and frame.epoch in (None, self.store.epoch)
-        ):
-            # In a cluster the client may have seen `since` on a node a few ms ahead.
-            await self._catch_up(frame.since)
-        session.hold()
-        try:
-            upto = self.hub.last_seq
-            sub = Subscription(frame.topic, frame.presence, covered_from=upto)
-            old = self.hub.subscribe(session, sub)
-            try:
-                pages, recovered = await self._read_history(frame, sub, upto)
-            except Exception as exc:
-                # Undo: a refused sub must not keep receiving live messages.
-                if old is not None:
-                    self.hub.subscribe(session, old)
-                else:
-                    self.hub.unsubscribe(session, frame.topic)
-                if isinstance(exc, BrokerError):
-                    raise
-                log.warning("history read failed: %s", exc, extra={"event": "store_error"})
-                raise Unavailable("history cannot be read now; retry later") from None
-            if session.closing:
-                return
-            session.send(encode_ok(frame.id, seq=upto, epoch=self.store.epoch, recovered=recovered))
-            if pages is not None:
-                await self._replay(session, frame.topic, old, pages)
-            if old is not None:
-                sub.covered_from = min(sub.covered_from, old.covered_from)
-        finally:
-            session.release()
-
-    async def _replay(
-        self, session: Session, pattern: str, old: Subscription | None, pages: Pages
-    ) -> None:
-        """Send a replay page by page: the next page is read from the store only once the
-        socket has drained the last, so a replay holds one page whatever the history."""
-        ident = session.identity
-        covered = self.hub.replay_filter(session, pattern)
-        while not session.closing:
-            try:
-                page = await pages.next()
-            except Exception as exc:
-                log.warning(
-                    "history read failed during a replay: %s", exc, extra={"event": "store_error"}
-                )
-                session.close(CLOSE_INTERNAL, "history cannot be read now")
-                return
-            if not page:
-                break
-            await session.replay(
-                msg
-                for msg in page
-                if ident.may_receive(msg.topic)
-                and not (old is not None and msg.seq > old.covered_from)
-                and not covered(msg.topic, msg.seq)
-            )
-            if not await session.drained():
-                return
-        if pages.gap and not session.closing:
-            # Retention removed messages of this replay before they were sent: the client
-            # resumes with `since` and learns of the loss from `recovered: false`.
-            session.close(CLOSE_SLOW_CONSUMER, "history moved on during the replay")
-
-    async def _read_history(
-        self, frame: Sub, sub: Subscription, upto: int
-    ) -> tuple[Pages | None, bool]:
-        """The replay of a ``sub`` (up to ``upto``, None: none) and its ``recovered`` flag;
-        sets how far back the subscription covers."""
-        if frame.since is not None:
-            since, recovered = frame.since, True
-            if (frame.epoch is not None and frame.epoch != self.store.epoch) or since > upto:
-                since, recovered = 0, False
-            pages = await self.store.replay(frame.topic, since=since, upto=upto)
-            sub.covered_from = since
-            return pages, recovered and pages.recovered
-        if frame.last is not None:
-            pages = await self.store.replay(frame.topic, last=frame.last, upto=upto)
-            sub.covered_from = min(upto, pages.start)
-            return pages, True
-        return None, True
-
-    async def _catch_up(self, seq: int, timeout: float = 1.0) -> None:
-        """Wait (briefly) until this node has fanned out ``seq``."""
-        deadline = time.monotonic() + timeout
-        while self.hub.last_seq < seq and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
 
     def _refresh(self, session: Session, frame: Auth) -> None:
         identity = self.verifier.verify(frame.token)
