@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import gc
-import os
 import statistics
 import sys
 import tempfile
@@ -29,45 +27,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hot_path import CountingTransport, masked  # noqa: E402
+from hot_path import SECRET, CountingTransport, masked, open_rooms  # noqa: E402
 
-from broker.core.auth import mint_token  # noqa: E402
-from broker.server.app import SERVER_NAME  # noqa: E402
 from broker.server.config import ServerConfig  # noqa: E402
-from broker.server.connection import Connection  # noqa: E402
-from broker.server.factory import create_server  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
-    secret = "k" * 32
     extra = {"fsync": args.fsync} if args.fsync else {}
     config = ServerConfig(
-        secret=secret,
+        secret=SECRET,
         memory=args.store == "memory",
         data=None if args.store == "memory" else Path(tempfile.mkdtemp(prefix="chat-path-")),
         max_queue=1 << 30,
         ping_interval=0,
         **extra,  # type: ignore[arg-type]
     )
-    server = create_server(config)
-    await server.store.open()
-    server.hub.last_seq = server.store.last_seq
-    conns = []
-    for i in range(args.connections):
-        conn = Connection(
-            server, max_size=65536, extensions=None, server_header=SERVER_NAME, open_timeout=10
-        )
-        conn.connection_made(CountingTransport(i))  # type: ignore[arg-type]
-        key = base64.b64encode(os.urandom(16)).decode()
-        token = mint_token(secret, f"u{i}", ttl=3600)
-        conn.data_received(
-            f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        conn.data_received(masked({"op": "sub", "topic": f"room/{i // args.room_size}", "id": 1}))
-        conns.append(conn)
-    await asyncio.sleep(0.2)
+    server, conns = await open_rooms(config, args.connections, args.room_size)
     frames = [
         masked(
             {

@@ -28,7 +28,7 @@ from websockets.frames import Frame, Opcode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.core.auth import mint_token  # noqa: E402
-from broker.server.app import SERVER_NAME  # noqa: E402
+from broker.server.app import SERVER_NAME, BrokerServer  # noqa: E402
 from broker.server.config import ServerConfig  # noqa: E402
 from broker.server.connection import Connection  # noqa: E402
 from broker.server.factory import create_server  # noqa: E402
@@ -79,6 +79,36 @@ def masked(obj: object) -> bytes:
     return Frame(Opcode.TEXT, orjson.dumps(obj)).serialize(mask=True)
 
 
+SECRET = "k" * 32
+
+
+async def open_rooms(
+    config: ServerConfig, connections: int, room_size: int
+) -> tuple[BrokerServer, list[Connection]]:
+    """An in-process broker for ``config`` with ``connections`` authenticated connections
+    on counting transports, each subscribed to its room of ``room_size``."""
+    server = create_server(config)
+    await server.store.open()
+    server.hub.last_seq = server.store.last_seq
+    conns = []
+    for i in range(connections):
+        conn = Connection(
+            server, max_size=65536, extensions=None, server_header=SERVER_NAME, open_timeout=10
+        )
+        conn.connection_made(CountingTransport(i))  # type: ignore[arg-type]
+        key = base64.b64encode(os.urandom(16)).decode()
+        token = mint_token(SECRET, f"u{i}", ttl=3600)
+        conn.data_received(
+            f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        conn.data_received(masked({"op": "sub", "topic": f"room/{i // room_size}", "id": 1}))
+        conns.append(conn)
+    await asyncio.sleep(0.2)
+    return server, conns
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", choices=["memory", "sqlite"], default="memory")
@@ -86,33 +116,17 @@ async def main() -> None:
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--room-size", type=int, default=5)
     args = parser.parse_args()
-    secret = "k" * 32
-    config = ServerConfig(
-        secret=secret,
-        memory=args.store == "memory",
-        data=Path(tempfile.mkdtemp(prefix="hot-path-")),
-        max_queue=1 << 30,
-        ping_interval=0,
+    server, conns = await open_rooms(
+        ServerConfig(
+            secret=SECRET,
+            memory=args.store == "memory",
+            data=Path(tempfile.mkdtemp(prefix="hot-path-")),
+            max_queue=1 << 30,
+            ping_interval=0,
+        ),
+        args.connections,
+        args.room_size,
     )
-    server = create_server(config)
-    await server.store.open()
-    server.hub.last_seq = server.store.last_seq
-    conns = []
-    for i in range(args.connections):
-        conn = Connection(
-            server, max_size=65536, extensions=None, server_header=SERVER_NAME, open_timeout=10
-        )
-        conn.connection_made(CountingTransport(i))  # type: ignore[arg-type]
-        key = base64.b64encode(os.urandom(16)).decode()
-        token = mint_token(secret, f"u{i}", ttl=3600)
-        conn.data_received(
-            f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        conn.data_received(masked({"op": "sub", "topic": f"room/{i // args.room_size}", "id": 1}))
-        conns.append(conn)
-    await asyncio.sleep(0.2)
     frames = [
         masked(
             {
