@@ -390,6 +390,18 @@ def test_cors_preflight_and_origin_check(make_broker: Any) -> None:
     assert status == 200
 
 
+def test_the_brokers_own_origin_is_allowed_as_on_the_websocket(make_broker: Any) -> None:
+    # http.client sends Host: 127.0.0.1:<port>; a page served by the broker has that origin.
+    broker = make_broker("--allowed-origin", "https://app.example", memory=True)
+    own = f"http://127.0.0.1:{broker.port}"
+    status, headers, _ = publish_from(broker, own)
+    assert status == 200 and headers["access-control-allow-origin"] == own
+    assert error_of(publish_from(broker, f"http://127.0.0.1:{broker.port + 1}")) == (
+        403,
+        "forbidden",
+    )
+
+
 def test_any_origin_when_none_is_configured(broker: BrokerProcess) -> None:
     status, headers, _ = publish_from(broker, "https://anything.example")
     assert status == 200 and headers["access-control-allow-origin"] == "https://anything.example"

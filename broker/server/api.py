@@ -32,6 +32,7 @@ from broker.errors import (
     Unauthorized,
     Unavailable,
 )
+from broker.server.http import origin_allowed
 
 if TYPE_CHECKING:
     from broker.server.app import BrokerServer
@@ -86,8 +87,11 @@ class HttpApi:
         origins = request.header("origin")
         if not origins:
             return True, None
+        if len(origins) > 1:  # a header sent twice is refused as a whole
+            return False, None
+        # The same rule as /ws, the broker's own origin included.
         allowed = self.server.config.allowed_origins
-        if len(origins) > 1 or (allowed and origins[0] not in allowed):
+        if not origin_allowed(origins, request.header("host"), allowed):
             return False, None
         return True, origins[0]
 
