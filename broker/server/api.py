@@ -64,12 +64,14 @@ class Reply:
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
     content_type: str | None = JSON
+    #: The error code of an error reply (counted in the metrics), None for a success.
+    code: str | None = None
 
 
 def error_reply(error: BrokerError, status: int | None = None) -> Reply:
     """``{"error": {"code", "message"}}`` with the error's ``http_status`` (or ``status``)."""
     body = orjson.dumps({"error": {"code": error.code, "message": error.message}})
-    return Reply(status or error.http_status, body)
+    return Reply(status or error.http_status, body, code=error.code)
 
 
 class HttpApi:
@@ -107,9 +109,8 @@ class HttpApi:
                 reply = error_reply(exc)
             if origin is not None:
                 reply.headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-        if reply.status >= 400 and reply.content_type == JSON:
-            code = orjson.loads(reply.body)["error"]["code"]
-            self.server.metrics.error(code)
+        if reply.code is not None:
+            self.server.metrics.error(reply.code)
         return reply
 
     async def _route(self, request: HttpRequest) -> Reply:
