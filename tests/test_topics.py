@@ -196,3 +196,46 @@ def test_index_scales_without_scanning() -> None:
     for _ in range(100):
         i = rng.randrange(10_000)
         assert index.match(f"room/{i}") == {i}
+
+
+def test_index_exact_lookup_gives_way_to_patterns() -> None:
+    # Exact topics skip the walk only while no wildcard pattern could match them.
+    index: TopicIndex[str] = TopicIndex()
+    index.add("room/1", "exact")
+    index.add("room/1", "other")
+    assert index.match("room/1") == {"exact", "other"}
+    index.match("room/1").clear()  # the caller's copy, not the index's set
+    assert index.match("room/1") == {"exact", "other"}
+    for pattern in ("room/+", "room/#", "+/1", "#", "room/1/#"):
+        index.add(pattern, "wild")
+        assert index.match("room/1") == {"exact", "other", "wild"}, pattern
+        assert index.match("room/2") == ({"wild"} if matches(pattern, "room/2") else set())
+        index.remove(pattern, "wild")
+        assert index.match("room/1") == {"exact", "other"}, pattern
+        assert index.match("room/2") == set(), pattern
+    index.add("lobby/+", "wild")  # another first level: room/1 is still a lookup
+    assert index.match("room/1") == {"exact", "other"}
+    assert index.match("lobby/x") == {"wild"}
+    index.remove("room/1", "exact")
+    index.remove("room/1", "other")
+    assert index.match("room/1") == set()
+    index.add("room/1", "again")  # a fresh node after pruning
+    assert index.match("room/1") == {"again"}
+
+
+@given(st.lists(st.tuples(st.booleans(), pattern_st, st.integers(0, 3)), max_size=24), topic_st)
+def test_index_equals_brute_force_after_removals(
+    ops: list[tuple[bool, str, int]], topic: str
+) -> None:
+    index: TopicIndex[int] = TopicIndex()
+    held: set[tuple[str, int]] = set()
+    for add, pattern, who in ops:
+        if add:
+            index.add(pattern, who)
+            held.add((pattern, who))
+        else:
+            index.remove(pattern, who)
+            held.discard((pattern, who))
+        expected = {w for p, w in held if matches(p, topic)}
+        assert index.match(topic) == expected
+        assert len(index) == len(held)

@@ -116,6 +116,10 @@ def pattern_inbox_owner(pattern: str) -> str | None:
 T = TypeVar("T")
 
 
+def _has_wildcard(levels: list[str]) -> bool:
+    return "+" in levels or "#" in levels
+
+
 class _Node(Generic[T]):
     __slots__ = ("below", "children", "hash", "here")
 
@@ -142,12 +146,19 @@ class TopicIndex(Generic[T]):
     path, not one per pattern: the work of ``match`` grows with the subscribers it finds
     and the depth of the topic, not with how many patterns each of them holds. ``visits``
     counts the nodes entered, for tests and benchmarks.
+
+    A topic that no wildcard pattern can match (none starts with its first level, ``+``
+    or ``#``) skips the walk: its subscribers are one dict lookup.
     """
 
     def __init__(self) -> None:
         self._root: _Node[T] = _Node()
         self._count = 0
         self._patterns = 0
+        # Exact pattern -> its node's ``here`` set (the same object), while non-empty.
+        self._exact: dict[str, set[T]] = {}
+        # First level of wildcard patterns ('+' and '#' included) -> how many are held.
+        self._wild: dict[str, int] = {}
         #: Nodes entered by ``match`` and ``matching_patterns`` since the index was made.
         self.visits = 0
 
@@ -178,8 +189,13 @@ class TopicIndex(Generic[T]):
             return
         if not bucket:
             self._patterns += 1
+            if bucket is node.here and not _has_wildcard(levels):
+                self._exact[pattern] = bucket
         bucket.add(subscriber)
         self._count += 1
+        if _has_wildcard(levels):
+            wild = self._wild
+            wild[levels[0]] = wild.get(levels[0], 0) + 1
         for step in path:
             below = step.below
             below[subscriber] = below.get(subscriber, 0) + 1
@@ -211,6 +227,15 @@ class TopicIndex(Generic[T]):
         self._count -= 1
         if not bucket:
             self._patterns -= 1
+            if self._exact.get(pattern) is bucket:
+                del self._exact[pattern]
+        if _has_wildcard(levels):
+            wild = self._wild
+            left = wild[levels[0]] - 1
+            if left:
+                wild[levels[0]] = left
+            else:
+                del wild[levels[0]]
         for step in [parent for parent, _ in path] + [node]:
             below = step.below
             left = below[subscriber] - 1
@@ -225,6 +250,11 @@ class TopicIndex(Generic[T]):
 
     def match(self, topic: str) -> set[T]:
         """The subscribers with at least one pattern matching ``topic`` (each once)."""
+        roots = self._wild
+        if not roots or not ("+" in roots or "#" in roots or topic.partition("/")[0] in roots):
+            exact = self._exact.get(topic)
+            # A copy: a delivery may close a connection, which unsubscribes it.
+            return set(exact) if exact else set()
         found: set[T] = set()
         levels = topic.split("/")
         n = len(levels)
