@@ -106,10 +106,20 @@ async def test_full_disk_is_unavailable_and_logged_once_per_episode(
     make_broker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(MAX_PAGES_ENV, "48")  # ~190 KiB of database
-    broker = make_broker("--retention", "2s")
+    # The default policy acknowledges from the commit log and applies it to SQLite every
+    # fsync interval: the full database is met at the next apply, and publishes are
+    # refused from then on.
+    broker = make_broker("--retention", "2s", "--fsync-interval", "0.1s")
     peer = await Peer.open(broker.url, broker.token("p"))
     blob = "x" * 3000
-    replies = [await publish(peer, "t", blob) for _ in range(120)]
+    replies = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(replies) < 2000:
+        replies.append(await publish(peer, "t", blob))
+        if replies[-1].get("code") == "unavailable":
+            break
+        await asyncio.sleep(0.005)
+    replies += [await publish(peer, "t", blob) for _ in range(3)]
     codes = [r.get("code", r["op"]) for r in replies]
     assert "ok" in codes and codes[-1] == "unavailable", codes
     first_refusal = codes.index("unavailable")

@@ -18,7 +18,8 @@ from broker.core.model import Draft, Message, new_epoch, now_ms
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
 from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store, chunks
-from broker.store.dedupe import decode_seqs, encode_seqs, number
+from broker.store.dedupe import KeyId, decode_seqs, encode_seqs, number
+from broker.store.log import Batch, CommitLog, encode
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,8 +68,13 @@ MAX_PAGES_ENV = "BROKER_TEST_SQLITE_MAX_PAGES"
 #: Test-only: this machine's boot id, as if it had rebooted (a power loss) since the last
 #: run of the broker.
 BOOT_ID_ENV = "BROKER_TEST_BOOT_ID"
-#: fsync = interval: seqs are reserved durably this many at a time (see _reserve).
+#: fsync = interval: seqs are reserved durably this many at a time (see _resume_sequence).
 SEQ_RESERVE = 10_000
+#: fsync = interval: the commit log's batches not yet in SQLite are applied early when
+#: they pass this many bytes, and publishes wait for the store (``append``) past the
+#: second bound: the memory they take stays bounded when SQLite is slow.
+_TAIL_APPLY_BYTES = 4 << 20
+_TAIL_MAX_BYTES = 32 << 20
 
 
 def boot_id() -> str:
@@ -141,15 +147,17 @@ class SqliteStore(Store):
     """History in an SQLite database (WAL): survives a crash of the broker and restarts.
 
     The fsync policy (docs/operations.md, "Durability and fsync") decides when a batch
-    counts as recorded. ``interval`` (the default): once its transaction is written to
-    the WAL file, i.e. handed to the operating system, which a ``kill -9`` of the broker
-    cannot undo (``synchronous=NORMAL``). Such a commit takes tens of microseconds, so it
-    runs on the event loop's thread (``append_now``), and a thread of its own fsyncs the
-    WAL and checkpoints it into the database every ``fsync_interval`` seconds: a power
-    loss can cost the publishes of the last interval, never the database's consistency.
-    ``always``: every commit is fsynced before it counts (``synchronous=FULL``), on the
-    writer thread, and publishes that arrive meanwhile form the next group commit.
-    Reads use their own thread and connection, so replay never waits for a commit."""
+    counts as recorded. ``interval`` (the default): once it is appended to the commit log
+    (``broker.store.log``) with one ``write``, on the event loop's thread
+    (``append_now``): handed to the operating system, which a ``kill -9`` of the broker
+    cannot undo. A thread of its own, every ``fsync_interval`` seconds, fsyncs the log,
+    applies its batches to SQLite in one transaction, fsyncs and checkpoints the WAL and
+    removes the applied log: a power loss can cost the publishes of the last interval,
+    never the database's consistency. Reads apply the log first, so they see every
+    recorded message. ``always``: every commit goes to SQLite and is fsynced before it
+    counts (``synchronous=FULL``), on the writer thread, and publishes that arrive
+    meanwhile form the next group commit. Reads use their own thread and connection, so
+    replay never waits for a commit."""
 
     def __init__(
         self,
@@ -171,13 +179,29 @@ class SqliteStore(Store):
         # Held by whoever writes through _wdb: the loop thread (append_now, which never
         # waits for it) or the writer thread (append, trim, close).
         self._write_lock = threading.Lock()
-        self._cdb: sqlite3.Connection | None = None  # the writer thread's checkpoints
+        self._cdb: sqlite3.Connection | None = None  # the fsync thread's checkpoints
+        self._kdb: sqlite3.Connection | None = None  # the loop thread's key lookups
         self._wal_fd: int | None = None
         #: Seqs up to this one are durably reserved (see _resume_sequence).
         self._reserved = 0
-        self._unsynced = False  # committed since the last fsync
         self._syncer: threading.Thread | None = None
         self._stop_syncer = threading.Event()
+        self._wake_syncer = threading.Event()
+        # fsync = interval: the commit log, and what it holds that SQLite does not yet:
+        # messages, keys ((user, key) -> (seqs, ts)), reservation, bytes. _tail_lock makes
+        # an append (log write + tail) and a rotation (new segment + taking the tail) one
+        # step each; _apply_lock lets one thread at a time apply.
+        self._log: CommitLog | None = None
+        self._tail: list[Message] = []
+        self._tail_keys: dict[KeyId, tuple[tuple[int, ...], int]] = {}
+        self._tail_reserved = 0
+        self._tail_bytes = 0
+        #: Keys taken from the tail by an apply that has not committed yet: still live.
+        self._applying_keys: dict[KeyId, tuple[tuple[int, ...], int]] = {}
+        #: The highest seq SQLite holds (what reads see without applying the log first).
+        self._applied_seq = 0
+        self._tail_lock = threading.Lock()
+        self._apply_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-read")
         self._wdb: sqlite3.Connection | None = None
@@ -314,14 +338,61 @@ class SqliteStore(Store):
         top = db.execute("SELECT max(seq) FROM messages").fetchone()[0]
         trimmed = db.execute("SELECT max(trimmed) FROM topics").fetchone()[0]
         self.last_seq = max(int(stored[0]) if stored else 0, top or 0, trimmed or 0)
+        log_ = CommitLog(self.path.parent, f"{self.path.name}-log")
+        recovered = self._recover_log(db, log_)
         self._resume_sequence(db)
+        self._applied_seq = self.last_seq
         self._rdb = self._connect()
         if not self.fsync_always:
             self._cdb = self._connect()
+            self._kdb = self._connect()
             # The schema script wrote to the WAL, so it exists, and lives as long as our
             # connections do.
             self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
             os.fsync(self._wal_fd)  # the "not shut down cleanly" mark must survive a crash
+            log_.remove_upto(recovered)
+            log_.start()
+            self._log = log_
+        else:
+            log_.remove_upto(recovered)
+
+    def _recover_log(self, db: sqlite3.Connection, log_: CommitLog) -> int:
+        """Apply what the commit log holds beyond SQLite (the broker was killed before its
+        fsync thread applied it); returns the last segment read, to be removed once the
+        WAL is durable."""
+        segments = log_.segments()
+        if not segments:
+            return 0
+        batches = log_.recover()
+        messages = [m for b in batches for m in b.messages if m.seq > self.last_seq]
+        keys = [k for b in batches for k in b.keys]
+        reserved = max((b.reserved for b in batches), default=0)
+        if messages or keys or reserved:
+            row = db.execute("SELECT value FROM meta WHERE key='reserved'").fetchone()
+            if row is not None and int(row[0]) >= reserved:
+                reserved = 0
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._write_rows(db, messages, keys, reserved)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            if messages:
+                self.last_seq = max(self.last_seq, messages[-1].seq)
+            with contextlib.suppress(FileNotFoundError):
+                wal = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(wal)  # applied durably before the log goes
+                finally:
+                    os.close(wal)
+            log.info(
+                "applied %d messages from the commit log the last run left",
+                len(messages),
+                extra={"event": "commit_log_recovered"},
+            )
+        return segments[-1][0]
 
     def _resume_sequence(self, db: sqlite3.Connection) -> None:
         """Never give a seq twice, even after a power loss.
@@ -329,7 +400,7 @@ class SqliteStore(Store):
         With ``fsync = interval`` a power loss can take the last commits, and their seqs,
         which clients may have seen: giving those seqs to new messages would make a client
         that resumes with ``since`` skip them. So seqs are reserved durably ahead of use
-        (``_reserve``) and, when the last run did not shut down cleanly and the machine
+        (``_append_log``) and, when the last run did not shut down cleanly and the machine
         has rebooted since (a power loss is possible), the sequence goes on after the
         reservation. A broker that was only killed (same boot) lost nothing: its WAL is
         in the OS, and the sequence goes on without a jump."""
@@ -353,37 +424,88 @@ class SqliteStore(Store):
 
     async def open(self) -> None:
         await self._on(self._writer, self._open_sync)
-        if not self.fsync_always:
+        if self._log is not None:
             self._syncer = threading.Thread(target=self._sync_loop, name="store-fsync", daemon=True)
             self._syncer.start()
 
     def _sync_loop(self) -> None:
-        """Every ``fsync_interval``: fsync what was committed since the last time. A thread
-        of its own, so that the fsyncs keep their pace whatever the event loop does."""
-        while not self._stop_syncer.wait(self.fsync_interval):
-            if self._unsynced:
-                try:
-                    self._sync_sync()
-                except (sqlite3.Error, OSError) as exc:
-                    log.error(
-                        "store cannot fsync: %s (%s); will retry",
-                        describe(exc),
-                        self.path,
-                        extra={"event": "fsync_failed"},
-                    )
+        """Every ``fsync_interval``, or sooner when the log's tail grows large: apply the
+        commit log to SQLite (``_apply_sync``). A thread of its own, so that the fsyncs
+        keep their pace whatever the event loop does."""
+        while True:
+            self._wake_syncer.wait(self.fsync_interval)
+            self._wake_syncer.clear()
+            if self._stop_syncer.is_set():
+                return
+            try:
+                self._apply_sync()
+            except (sqlite3.Error, OSError) as exc:
+                # Publishes wait for the store from now on (append), and are refused
+                # while it still fails; what the log holds stays there.
+                self._failing(describe(exc), 0)
+
+    def _apply_sync(self) -> None:
+        """Make every batch appended so far durable and move it into SQLite: rotate the
+        log, fsync the finished segment, commit its batches in one transaction, fsync and
+        checkpoint the WAL, then remove the segment. On failure the batches go back to
+        the tail (and their segments stay) for the next attempt."""
+        log_ = self._log
+        if log_ is None:
+            return
+        with self._apply_lock:
+            log_.prepare()  # the directory fsync, outside _tail_lock
+            with self._tail_lock:
+                if not self._tail and not self._tail_keys and not self._tail_reserved:
+                    return
+                messages, self._tail = self._tail, []
+                keys, self._tail_keys = self._tail_keys, {}
+                reserved, self._tail_reserved = self._tail_reserved, 0
+                size, self._tail_bytes = self._tail_bytes, 0
+                self._applying_keys = keys
+                finished = log_.rotate()
+            try:
+                if finished is not None:
+                    os.fdatasync(finished[1])
+                rows = [(u, k, encode_seqs(seqs), ts) for (u, k), (seqs, ts) in keys.items()]
+                with self._write_lock:
+                    db = self._wdb
+                    assert db is not None
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._write_rows(db, messages, rows, reserved)
+                        db.execute("COMMIT")
+                    except BaseException:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
+                        self._counts.clear()
+                        raise
+                if messages:
+                    self._applied_seq = messages[-1].seq
+                self._sync_sync()
+            except BaseException:
+                with self._tail_lock:  # back in front of what came meanwhile, in order
+                    self._tail[:0] = messages
+                    self._tail_keys = {**keys, **self._tail_keys}
+                    self._tail_reserved = max(reserved, self._tail_reserved)
+                    self._tail_bytes += size
+                    self._applying_keys = {}
+                raise
+            finally:
+                if finished is not None:
+                    os.close(finished[1])
+            self._applying_keys = {}
+            if finished is not None:
+                log_.remove_upto(finished[0])
 
     def _sync_sync(self) -> None:
         """Make every commit so far durable (fsync the WAL), then checkpoint the WAL into
-        the database so that it stays small. Runs on the fsync thread, beside commits:
-        only the checkpoint holds back commits, and _cdb is its own connection."""
-        self._unsynced = False
+        the database so that it stays small (fsync = interval: the fsync thread and
+        close; ``always`` fsyncs every commit itself)."""
         if self._wal_fd is not None:
             os.fsync(self._wal_fd)
         if self._cdb is not None:
             # Under the write lock: with no commit landing meanwhile the checkpoint copies
-            # the whole WAL, so the next commit starts it over from the beginning; beside
-            # a steady stream of commits it would never be complete and the WAL would only
-            # grow. Publishes of those few ms are committed by the writer thread instead.
+            # the whole WAL, so the next commit starts it over from the beginning.
             with self._write_lock:
                 row = self._cdb.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if row is not None and row[1] > _WAL_TRUNCATE_FRAMES and row[1] == row[2]:
@@ -395,27 +517,32 @@ class SqliteStore(Store):
             db.close()
 
     def _close_writer_sync(self) -> None:
+        if self._log is not None:
+            self._apply_sync()
         if self._wdb is not None:
             # A clean shutdown: the next start goes on from the last seq given, no jump.
             self._wdb.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [("clean", "1"), ("reserved", str(self.last_seq))],
             )
-            self._unsynced = True
-        if self._unsynced:
             self._sync_sync()
         with self._write_lock:
-            for db in (self._cdb, self._wdb):
+            for db in (self._cdb, self._kdb, self._wdb):
                 if db is not None:
                     db.close()
-            self._cdb = self._wdb = None
+            self._cdb = self._kdb = self._wdb = None
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
                 self._wal_fd = None
+        if self._log is not None:
+            self._log.close()
+            self._log.remove_upto(1 << 62)  # all applied, and the WAL fsynced
+            self._log = None
 
     async def close(self) -> None:
         if self._syncer is not None:
             self._stop_syncer.set()
+            self._wake_syncer.set()
             await asyncio.to_thread(self._syncer.join, 30)
             self._syncer = None
         await self._on(self._reader, self._close_sync, self._rdb)
@@ -425,6 +552,7 @@ class SqliteStore(Store):
         self._unlock_directory()
 
     def _append_sync(self, drafts: list[Draft]) -> list[Message]:
+        """fsync = always: number and commit a batch in one SQLite transaction."""
         db = self._wdb
         assert db is not None
         self._check_file()
@@ -434,28 +562,8 @@ class SqliteStore(Store):
             # Keys are looked up and recorded inside the transaction of their messages.
             now = now_ms()
             numbered = number(drafts, first, lambda user, key: self._known_key(db, user, key, now))
-            msgs = numbered.fresh
-            last = msgs[-1].seq if msgs else self.last_seq
-            touched: dict[str, int] = {}
-            for m in msgs:
-                touched[m.topic] = touched.get(m.topic, 0) + 1
-            if numbered.keys:
-                db.executemany(
-                    "INSERT OR REPLACE INTO dedupe VALUES (?, ?, ?, ?)",
-                    [(u, k, encode_seqs(seqs), now) for (u, k), seqs in numbered.keys.items()],
-                )
-            db.executemany(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
-                [(m.seq, m.topic, m.payload, m.sender_id, m.sender_name, m.ts) for m in msgs],
-            )
-            for topic, added in touched.items():
-                self._trim_count(db, topic, added)
-            reserving = not self.fsync_always and last > self._reserved
-            if reserving:
-                db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('reserved', ?)",
-                    (str(last + SEQ_RESERVE),),
-                )
+            keys = [(u, k, encode_seqs(seqs), now) for (u, k), seqs in numbered.keys.items()]
+            self._write_rows(db, numbered.fresh, keys, 0)
             db.execute("COMMIT")
         except BaseException:
             # SQLite may have rolled back already (a full disk): a second ROLLBACK would
@@ -464,19 +572,84 @@ class SqliteStore(Store):
                 db.execute("ROLLBACK")
             self._counts.clear()
             raise
-        self.last_seq = last
-        self._unsynced = True
-        if reserving:
-            self._reserve(last + SEQ_RESERVE)
+        if numbered.fresh:
+            self.last_seq = self._applied_seq = numbered.fresh[-1].seq
         self._check_file()
         return numbered.results
 
-    def _reserve(self, upto: int) -> None:
-        """Make the reservation of seqs up to ``upto`` durable before any is acknowledged:
-        one WAL fsync per SEQ_RESERVE messages (see _resume_sequence)."""
-        if self._wal_fd is not None:
-            os.fsync(self._wal_fd)
-        self._reserved = upto
+    def _write_rows(
+        self,
+        db: sqlite3.Connection,
+        messages: list[Message],
+        keys: list[tuple[str, str, str, int]],
+        reserved: int,
+    ) -> None:
+        """Inside a transaction: insert messages (in seq order) and keys, apply the
+        per-topic history bound, record a seq reservation (0: none)."""
+        if keys:
+            db.executemany("INSERT OR REPLACE INTO dedupe VALUES (?, ?, ?, ?)", keys)
+        db.executemany(
+            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+            [(m.seq, m.topic, m.payload, m.sender_id, m.sender_name, m.ts) for m in messages],
+        )
+        touched: dict[str, int] = {}
+        for m in messages:
+            touched[m.topic] = touched.get(m.topic, 0) + 1
+        for topic, added in touched.items():
+            self._trim_count(db, topic, added)
+        if reserved:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('reserved', ?)", (str(reserved),))
+
+    def _append_log(self, drafts: list[Draft]) -> list[Message]:
+        """fsync = interval: number a batch and append it to the commit log, on the
+        calling (event-loop) thread; recorded once this returns."""
+        log_ = self._log
+        assert log_ is not None
+        self._check_file()
+        now = now_ms()
+        numbered = number(drafts, self.last_seq + 1, lambda u, k: self._live_key(u, k, now))
+        messages = numbered.fresh
+        if not messages:
+            return numbered.results  # duplicates only: nothing to record
+        last = messages[-1].seq
+        # Seqs are reserved durably ahead of use (see _resume_sequence): the record that
+        # crosses the reservation carries the next one and is fsynced before any ok.
+        reserved = last + SEQ_RESERVE if last > self._reserved else 0
+        record = encode(
+            Batch(
+                messages,
+                [(u, k, encode_seqs(seqs), now) for (u, k), seqs in numbered.keys.items()],
+                reserved,
+            )
+        )
+        with self._tail_lock:
+            log_.append(record)
+            if reserved:
+                log_.sync()
+                self._tail_reserved = reserved
+            self._tail += messages
+            for kid, seqs in numbered.keys.items():
+                self._tail_keys[kid] = (seqs, now)
+            self._tail_bytes += len(record)
+            size = self._tail_bytes
+        self.last_seq = last
+        if reserved:
+            self._reserved = reserved
+        if size > _TAIL_APPLY_BYTES:
+            self._wake_syncer.set()
+        return numbered.results
+
+    def _live_key(self, user: str, key: str, now: int) -> tuple[int, ...] | None:
+        """The seqs of ``user``'s publish with ``key`` within the dedupe window, wherever
+        it is: the log's tail, a batch being applied, or SQLite."""
+        kid = (user, key)
+        oldest = now - self.dedupe_window * 1000
+        for held in (self._tail_keys, self._applying_keys):
+            hit = held.get(kid)
+            if hit is not None and hit[1] >= oldest:
+                return hit[0]
+        assert self._kdb is not None
+        return self._known_key(self._kdb, user, key, now)
 
     def _append_locked(self, drafts: list[Draft]) -> list[Message]:
         with self._write_lock:
@@ -515,23 +688,23 @@ class SqliteStore(Store):
         self._counts[topic] = count
 
     def append_now(self, drafts: list[Draft]) -> list[Message] | None:
-        # With fsync always a commit waits for the disk: the writer thread does it. And a
-        # trim or a close holding the write lock is waited for there too.
-        if self.fsync_always or self._failure is not None:
-            return None
-        if not self._write_lock.acquire(blocking=False):
+        # With fsync always a commit waits for the disk: the writer thread does it. A
+        # failing store, or a tail SQLite has not caught up with, is waited for there too.
+        if self._log is None or self._failure is not None or self._tail_bytes > _TAIL_MAX_BYTES:
             return None
         try:
-            result = self._append_sync(drafts)
+            return self._append_log(drafts)
         except (sqlite3.Error, OSError, Unavailable) as exc:
             self._append_failed(exc, len(drafts))
-        finally:
-            self._write_lock.release()
-        return result
 
     async def append(self, drafts: list[Draft]) -> list[Message]:
         try:
-            result: list[Message] = await self._on(self._writer, self._append_locked, drafts)
+            if self._log is None:
+                result: list[Message] = await self._on(self._writer, self._append_locked, drafts)
+            else:
+                # SQLite first takes what the log holds (or says why it cannot).
+                await self._on(self._writer, self._apply_sync)
+                result = self._append_log(drafts)
         except (sqlite3.Error, OSError, Unavailable) as exc:
             self._append_failed(exc, len(drafts))
         if self._failure is not None:
@@ -611,11 +784,23 @@ class SqliteStore(Store):
         rows.sort(key=lambda r: r[0])
         return [_row_message(r) for r in rows[-n:]]
 
+    async def _visible(self, upto: int) -> None:
+        """Apply the commit log if SQLite does not hold every message up to ``upto`` yet.
+        When it cannot (the store is failing), reads go on without the log's tail."""
+        if self._applied_seq >= upto or self._log is None:
+            return
+        try:
+            await self._on(self._writer, self._apply_sync)
+        except (sqlite3.Error, OSError) as exc:
+            self._failing(describe(exc), 0)
+
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
+        await self._visible(upto)
         result: Replay = await self._on(self._reader, self._read_since_sync, pattern, since, upto)
         return result
 
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
+        await self._visible(upto)
         result: list[Message] = await self._on(self._reader, self._read_last_sync, pattern, n, upto)
         return result
 
@@ -629,6 +814,7 @@ class SqliteStore(Store):
         page_size: int = PAGE_SIZE,
         page_bytes: int = PAGE_BYTES,
     ) -> Pages:
+        await self._visible(upto)
         pages: Pages = await self._on(
             self._reader, self._replay_sync, pattern, since, last, upto, page_size, page_bytes
         )
@@ -762,6 +948,10 @@ class SqliteStore(Store):
         return int(lo)
 
     def _trim_sync(self, now: float) -> int:
+        # Retention covers what the log holds too; but when SQLite cannot take the log (a
+        # full disk), trimming is what frees the room for it.
+        with contextlib.suppress(sqlite3.Error, OSError):
+            self._apply_sync()
         with self._write_lock:
             return self._trim_locked(now)
 
