@@ -13,6 +13,7 @@ from broker.core.protocol import (
     Stats,
     Sub,
     Unsub,
+    encode_ack,
     encode_error,
     encode_ok,
     parse_request,
@@ -121,3 +122,13 @@ def test_error_and_ok_encoding() -> None:
     }
     assert "id" not in orjson.loads(encode_error(BadRequest("bad")))
     assert orjson.loads(encode_ok(1, seq=3)) == {"op": "ok", "id": 1, "seq": 3}
+
+
+_IDS = [0, 1, -1, 7, 2**63 - 1, -(2**63), 2**64 - 1, 1.5, 2.0, -0.0, "", "x", 'a"\\b\u00e9']
+
+
+@pytest.mark.parametrize("request_id", _IDS)
+@pytest.mark.parametrize("seq", [1, 42, 2**63 - 1])
+def test_ack_is_the_ok_encoding(request_id: int | float | str, seq: int) -> None:
+    # The publish ack's template gives the very bytes of the general encoder.
+    assert encode_ack(request_id, seq) == encode_ok(request_id, seq=seq)

@@ -253,6 +253,18 @@ def encode_ok(request_id: RequestId, **fields: Any) -> bytes:
     return orjson.dumps({"op": "ok", "id": request_id, **fields})
 
 
+_ACK = b'{"op":"ok","id":%d,"seq":%d}'
+
+
+def encode_ack(request_id: RequestId, seq: int) -> bytes:
+    """The ``ok`` reply to a publish: the bytes of ``encode_ok(request_id, seq=seq)``."""
+    # Every publish is acknowledged: an integer id (the usual kind, and within 64 bits as
+    # parsed) is formatted into a template instead of building a dict for orjson.
+    if type(request_id) is int:
+        return _ACK % (request_id, seq)
+    return orjson.dumps({"op": "ok", "id": request_id, "seq": seq})
+
+
 def encode_error(error: BrokerError) -> bytes:
     """The ``error`` frame for ``error`` (with ``id`` when the request had a valid one)."""
     frame: dict[str, Any] = {"op": "error", "code": error.code, "message": error.message}

@@ -34,6 +34,7 @@ from broker.core.protocol import (
     Stats,
     Sub,
     Unsub,
+    encode_ack,
     encode_error,
     encode_hello,
     encode_ok,
@@ -692,7 +693,7 @@ class BrokerServer:
                     else:
                         session.send(encode_ok(rid, seqs=list(seqs), duplicate=True))
                 else:
-                    session.send(encode_ok(rid, seq=msg.seq))
+                    session.send(encode_ack(rid, msg.seq))
 
         self.journal.submit(draft, self.backpressure.wrap(session, draft, done))
 
