@@ -99,6 +99,12 @@ async def run(config: ServerConfig, on_ready: Callable[[BrokerServer], None] | N
     called once it listens (the CLI prints its banner there)."""
     server = create_server(config)
     await server.start()
+    # Before anyone can be told the broker listens: a SIGTERM right after that must shut
+    # it down gracefully, not kill it.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, lambda: loop.create_task(server.shutdown()))
     # Start-up objects never die: keep them out of the collector's way, and collect the
     # young generation less often (fan-out allocates many short-lived frames).
     gc.freeze()
@@ -112,10 +118,6 @@ async def run(config: ServerConfig, on_ready: Callable[[BrokerServer], None] | N
         store_label(server.store),
         extra={"event": "listening"},
     )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, lambda: loop.create_task(server.shutdown()))
     await server.serve_forever()
     log.info("broker stopped", extra={"event": "stopped"})
 
