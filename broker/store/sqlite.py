@@ -146,18 +146,19 @@ class _SqlitePages(Pages):
 class SqliteStore(Store):
     """History in an SQLite database (WAL): survives a crash of the broker and restarts.
 
-    The fsync policy (docs/operations.md, "Durability and fsync") decides when a batch
-    counts as recorded. ``interval`` (the default): once it is appended to the commit log
-    (``broker.store.log``) with one ``write``, on the event loop's thread
-    (``append_now``): handed to the operating system, which a ``kill -9`` of the broker
-    cannot undo. A thread of its own, every ``fsync_interval`` seconds, fsyncs the log,
-    applies its batches to SQLite in one transaction, fsyncs and checkpoints the WAL and
-    removes the applied log: a power loss can cost the publishes of the last interval,
-    never the database's consistency. Reads apply the log first, so they see every
-    recorded message. ``always``: every commit goes to SQLite and is fsynced before it
-    counts (``synchronous=FULL``), on the writer thread, and publishes that arrive
-    meanwhile form the next group commit. Reads use their own thread and connection, so
-    replay never waits for a commit."""
+    A batch counts as recorded once it is appended to the commit log
+    (``broker.store.log``) with one ``write``; the fsync policy (docs/operations.md,
+    "Durability and fsync") says what else. ``interval`` (the default): nothing else, so
+    the append runs on the event loop's thread (``append_now``): the batch is in the
+    operating system, which a ``kill -9`` of the broker cannot undo, and a power loss can
+    cost the publishes of the last ``fsync_interval``, never the database's consistency.
+    ``always``: the writer thread appends and fsyncs the log segment before the batch
+    counts; publishes that arrive meanwhile form the next group commit.
+
+    Either way a thread of its own, every ``fsync_interval`` seconds, rotates the log,
+    fsyncs the finished segment, applies its batches to SQLite in one transaction, fsyncs
+    and checkpoints the WAL, and removes the segment. Reads (their own thread and
+    connection, so replay never waits for a commit) and retention apply the log first."""
 
     def __init__(
         self,
@@ -224,14 +225,12 @@ class SqliteStore(Store):
     def _connect(self, writer: bool = False) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit is written to the WAL, not fsynced; the WAL is
-        # fsynced before each checkpoint copies it and the database after, so a power loss
-        # can lose the last commits but never corrupt the file.
-        db.execute(f"PRAGMA synchronous={'FULL' if self.fsync_always else 'NORMAL'}")
+        # NORMAL in WAL mode: a commit is written to the WAL, not fsynced. Only the fsync
+        # thread commits (applying the commit log), and it fsyncs the WAL before the log
+        # it applied is removed, and checkpoints it itself.
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
-        if writer and not self.fsync_always:
-            # Checkpoints (they fsync) are the fsync thread's job (_sync_sync), never a
-            # commit's on the event loop.
+        if writer:
             db.execute("PRAGMA wal_autocheckpoint=0")
             # A WAL that grew (a burst, a long replay holding its snapshot) is cut back to
             # this size when it starts over.
@@ -343,18 +342,15 @@ class SqliteStore(Store):
         self._resume_sequence(db)
         self._applied_seq = self.last_seq
         self._rdb = self._connect()
-        if not self.fsync_always:
-            self._cdb = self._connect()
-            self._kdb = self._connect()
-            # The schema script wrote to the WAL, so it exists, and lives as long as our
-            # connections do.
-            self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-            os.fsync(self._wal_fd)  # the "not shut down cleanly" mark must survive a crash
-            log_.remove_upto(recovered)
-            log_.start()
-            self._log = log_
-        else:
-            log_.remove_upto(recovered)
+        self._cdb = self._connect()
+        self._kdb = self._connect()
+        # The schema script wrote to the WAL, so it exists, and lives as long as our
+        # connections do.
+        self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        os.fsync(self._wal_fd)  # the "not shut down cleanly" mark must survive a crash
+        log_.remove_upto(recovered)
+        log_.start()
+        self._log = log_
 
     def _recover_log(self, db: sqlite3.Connection, log_: CommitLog) -> int:
         """Apply what the commit log holds beyond SQLite (the broker was killed before its
@@ -424,7 +420,7 @@ class SqliteStore(Store):
 
     async def open(self) -> None:
         await self._on(self._writer, self._open_sync)
-        if self._log is not None:
+        if self._log is not None:  # open: the fsync thread applies its log
             self._syncer = threading.Thread(target=self._sync_loop, name="store-fsync", daemon=True)
             self._syncer.start()
 
@@ -551,32 +547,6 @@ class SqliteStore(Store):
         self._reader.shutdown()
         self._unlock_directory()
 
-    def _append_sync(self, drafts: list[Draft]) -> list[Message]:
-        """fsync = always: number and commit a batch in one SQLite transaction."""
-        db = self._wdb
-        assert db is not None
-        self._check_file()
-        first = self.last_seq + 1
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            # Keys are looked up and recorded inside the transaction of their messages.
-            now = now_ms()
-            numbered = number(drafts, first, lambda user, key: self._known_key(db, user, key, now))
-            keys = [(u, k, encode_seqs(seqs), now) for (u, k), seqs in numbered.keys.items()]
-            self._write_rows(db, numbered.fresh, keys, 0)
-            db.execute("COMMIT")
-        except BaseException:
-            # SQLite may have rolled back already (a full disk): a second ROLLBACK would
-            # fail with "cannot rollback" and hide the real cause.
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            self._counts.clear()
-            raise
-        if numbered.fresh:
-            self.last_seq = self._applied_seq = numbered.fresh[-1].seq
-        self._check_file()
-        return numbered.results
-
     def _write_rows(
         self,
         db: sqlite3.Connection,
@@ -601,8 +571,9 @@ class SqliteStore(Store):
             db.execute("INSERT OR REPLACE INTO meta VALUES ('reserved', ?)", (str(reserved),))
 
     def _append_log(self, drafts: list[Draft]) -> list[Message]:
-        """fsync = interval: number a batch and append it to the commit log, on the
-        calling (event-loop) thread; recorded once this returns."""
+        """Number a batch and append it to the commit log; recorded once this returns.
+        ``interval``: on the event loop's thread (``append_now``); ``always``: on the
+        writer thread, which fsyncs the segment before returning."""
         log_ = self._log
         assert log_ is not None
         self._check_file()
@@ -624,7 +595,7 @@ class SqliteStore(Store):
         )
         with self._tail_lock:
             log_.append(record)
-            if reserved:
+            if reserved or self.fsync_always:
                 log_.sync()
                 self._tail_reserved = reserved
             self._tail += messages
@@ -650,10 +621,6 @@ class SqliteStore(Store):
                 return hit[0]
         assert self._kdb is not None
         return self._known_key(self._kdb, user, key, now)
-
-    def _append_locked(self, drafts: list[Draft]) -> list[Message]:
-        with self._write_lock:
-            return self._append_sync(drafts)
 
     def _known_key(
         self, db: sqlite3.Connection, user: str, key: str, now: int
@@ -690,7 +657,7 @@ class SqliteStore(Store):
     def append_now(self, drafts: list[Draft]) -> list[Message] | None:
         # With fsync always a commit waits for the disk: the writer thread does it. A
         # failing store, or a tail SQLite has not caught up with, is waited for there too.
-        if self._log is None or self._failure is not None or self._tail_bytes > _TAIL_MAX_BYTES:
+        if self.fsync_always or self._failure is not None or self._tail_bytes > _TAIL_MAX_BYTES:
             return None
         try:
             return self._append_log(drafts)
@@ -699,11 +666,12 @@ class SqliteStore(Store):
 
     async def append(self, drafts: list[Draft]) -> list[Message]:
         try:
-            if self._log is None:
-                result: list[Message] = await self._on(self._writer, self._append_locked, drafts)
-            else:
+            if self._failure is not None or self._tail_bytes > _TAIL_MAX_BYTES:
                 # SQLite first takes what the log holds (or says why it cannot).
                 await self._on(self._writer, self._apply_sync)
+            if self.fsync_always:
+                result: list[Message] = await self._on(self._writer, self._append_log, drafts)
+            else:
                 result = self._append_log(drafts)
         except (sqlite3.Error, OSError, Unavailable) as exc:
             self._append_failed(exc, len(drafts))
