@@ -463,16 +463,17 @@ class ServerConfig:
     fsync: str = setting(
         "interval",
         Choice("interval", "always"),
-        "SQLite store: 'interval' acknowledges a publish once it is written to the operating "
-        "system (a crash of the broker loses nothing acknowledged) and fsyncs every "
-        "fsync_interval; 'always' fsyncs before every acknowledgement (a power loss loses "
-        "nothing acknowledged either), at a cost in CPU and latency.",
+        "SQLite store: 'interval' acknowledges a publish once it is appended to the commit "
+        "log, i.e. written to the operating system (a crash of the broker loses nothing "
+        "acknowledged), and fsyncs every fsync_interval; 'always' fsyncs the log before every "
+        "acknowledgement (a power loss loses nothing acknowledged either), at a cost in CPU "
+        "and latency.",
     )
     fsync_interval: float = setting(
         1.0,
         Duration(),
-        "SQLite store with fsync 'interval': the longest time between two fsyncs, i.e. "
-        "the publishes a power loss or OS crash can lose.",
+        "SQLite store: how often the commit log is fsynced and applied to SQLite; with "
+        "fsync 'interval' the publishes a power loss or OS crash can lose.",
     )
     redis: str | None = setting(
         None,
