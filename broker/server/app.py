@@ -676,9 +676,14 @@ class BrokerServer:
         self.published += 1
         self.metrics.top_topics.add(frame.topic)
         rid = frame.id
+        # Counted as waiting for the store until ``done``: one closure does both.
+        backpressure = self.backpressure
+        size = len(draft.payload) + len(draft.topic)
+        backpressure.accepted(session, size)
         received = time.perf_counter()
 
         def done(msg: Message | None, error: BrokerError | None) -> None:
+            backpressure.recorded(session, size)
             if error is not None:
                 error.request_id = rid
                 self.metrics.error(error.code)
@@ -695,7 +700,7 @@ class BrokerServer:
                 else:
                     session.send(encode_ack(rid, msg.seq))
 
-        self.journal.submit(draft, self.backpressure.wrap(session, draft, done))
+        self.journal.submit(draft, done)
 
     def submit(
         self,

@@ -135,10 +135,11 @@ class Journal:
         for (_, done), msg in zip(batch, messages):
             if done is not None:
                 done(msg, None)
-        committed = list(zip(messages, drafts))
-        if any(type(msg) is Duplicate for msg in messages):
+        if Duplicate in map(type, messages):
             # A repeated idempotency key: answered above, recorded nothing, sent nowhere.
-            committed = [(msg, d) for msg, d in committed if type(msg) is not Duplicate]
+            committed = [(m, d) for m, d in zip(messages, drafts) if type(m) is not Duplicate]
+        else:
+            committed = list(zip(messages, drafts))
         self.on_committed(committed)
 
     @staticmethod
