@@ -132,3 +132,19 @@ _IDS = [0, 1, -1, 7, 2**63 - 1, -(2**63), 2**64 - 1, 1.5, 2.0, -0.0, "", "x", 'a
 def test_ack_is_the_ok_encoding(request_id: int | float | str, seq: int) -> None:
     # The publish ack's template gives the very bytes of the general encoder.
     assert encode_ack(request_id, seq) == encode_ok(request_id, seq=seq)
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["N", ["N"], {"a": "N"}, [1, [2, {"b": [3, "N"]}]], {"a": {"b": {"c": ["x", "N"]}}}],
+)
+def test_an_integer_beyond_64_bits_is_refused_at_any_depth(data: object) -> None:
+    big = str(2**64)
+    raw = orjson.dumps({"op": "pub", "topic": "t", "id": 1, "data": data}).decode()
+    with pytest.raises(BadRequest, match="64 bits"):
+        parse_request(raw.replace('"N"', big))
+    # A float where the big integer was is a float, and 2**64 - 1 is exact: both pass.
+    for fine in ("1.5", str(2**64 - 1), str(-(2**63))):
+        parse_request(raw.replace('"N"', fine))
+    with pytest.raises(BadRequest, match="64 bits"):
+        parse_request(raw.replace('"N"', "1.5").replace('"id":1', f'"id":{big}'))
