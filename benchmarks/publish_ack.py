@@ -9,7 +9,6 @@ WINDOW acknowledged publishes in flight, and prints throughput and publish-to-ac
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.cli.bench import embedded_broker  # noqa: E402
-from broker.client.bench import BenchConfig, run_bench  # noqa: E402
+from broker.client.bench import BenchConfig, run  # noqa: E402
 from broker.core.auth import mint_token  # noqa: E402
 
 
@@ -43,7 +42,7 @@ def main() -> None:
                     window=args.window,
                     server_pid=pid,
                 )
-                result = asyncio.run(run_bench(cfg))
+                result = run(cfg)
             assert result.acked == args.msgs and result.errors == 0, result
             rates.append(result.publish_rate)
             p50s.append(result.ack_latency_ms["p50"])

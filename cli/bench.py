@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -17,9 +16,9 @@ import orjson
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from broker.client.bench import BenchConfig, BenchResult, run_bench
+from broker.client.bench import BenchConfig, BenchResult, run
+from broker.client.link import HandshakeFailed
 from broker.core.auth import mint_token
 
 from .errors import EXIT_UNAUTHORIZED, EXIT_UNREACHABLE, CommandError
@@ -171,12 +170,11 @@ def bench(
     def go(target: str, key: str, pid: int | None) -> BenchResult:
         try:
             return measure(target, key, pid)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            code = EXIT_UNAUTHORIZED if status == 401 else EXIT_UNREACHABLE
-            reason = "token refused (is --secret the broker's?)" if status == 401 else exc
+        except HandshakeFailed as exc:
+            code = EXIT_UNAUTHORIZED if exc.status == 401 else EXIT_UNREACHABLE
+            reason = "token refused (is --secret the broker's?)" if exc.status == 401 else exc
             raise CommandError(f"benchmark failed: {target}: {reason}", code) from None
-        except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
+        except (OSError, TimeoutError) as exc:
             # The same exit code as the other commands give an unreachable broker.
             reason = str(exc) or type(exc).__name__
             raise CommandError(f"benchmark failed: {target}: {reason}", EXIT_UNREACHABLE) from None
@@ -191,10 +189,10 @@ def bench(
             **opts,  # type: ignore[arg-type]
         )
         if as_json or not console.is_terminal:
-            return asyncio.run(run_bench(cfg))
+            return run(cfg)
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("publishing", total=cfg.messages)
-            return asyncio.run(run_bench(cfg, lambda done, total: bar.update(task, completed=done)))
+            return run(cfg, lambda done, total: bar.update(task, completed=done))
 
     if url:
         from broker.server.config import read_local_secret
