@@ -176,3 +176,30 @@ async def test_a_failed_log_write_acknowledges_nothing(tmp_path: Path) -> None:
         assert [m.seq for m in (await again.read_since("a", 0, 10)).messages] == [1]
     finally:
         await again.close()
+
+
+async def test_a_batch_larger_than_the_history_keeps_only_the_newest(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "broker.sqlite3", history=3, fsync_interval=3600)
+    await store.open()
+    try:
+        made = store.append_now(
+            [draft("a", 1), draft("b", 2)] + [draft("a", n) for n in range(3, 11)]
+        )
+        assert made is not None and made[-1].seq == 10
+        last = await store.read_last("a", 10, 10)
+        assert [m.seq for m in last] == [8, 9, 10]
+        since = await store.read_since("#", 0, 10)
+        assert [m.seq for m in since.messages] == [2, 8, 9, 10] and not since.recovered
+        assert (await store.read_since("a", 7, 10)).recovered
+        assert not (await store.read_since("a", 6, 10)).recovered
+        with sqlite3.connect(tmp_path / "broker.sqlite3") as db:
+            assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 4
+    finally:
+        await store.close()
+    # The seqs the bound removed are remembered: the counter goes on after them.
+    again = SqliteStore(tmp_path / "broker.sqlite3", history=3)
+    await again.open()
+    try:
+        assert again.last_seq == 10
+    finally:
+        await again.close()

@@ -630,13 +630,32 @@ class SqliteStore(Store):
         per-topic history bound, record a seq reservation (0: none)."""
         if keys:
             db.executemany("INSERT OR REPLACE INTO dedupe VALUES (?, ?, ?, ?)", keys)
+        touched: dict[str, int] = {}
+        for m in messages:
+            touched[m.topic] = touched.get(m.topic, 0) + 1
+        over = {t: n - self.history for t, n in touched.items() if n > self.history}
+        if over:
+            # A busy topic's batch holds more than its history keeps: the oldest of them
+            # would be deleted in this same transaction, so they are never written; the
+            # topic's mark records them as removed (what replays and last_seq read).
+            kept: list[Message] = []
+            removed: dict[str, int] = {}
+            for m in messages:
+                left = over.get(m.topic, 0)
+                if left:
+                    over[m.topic] = left - 1
+                    removed[m.topic] = m.seq
+                else:
+                    kept.append(m)
+            messages = kept
+            for topic, top in removed.items():
+                db.execute("INSERT OR IGNORE INTO topics VALUES (?, 0)", (topic,))
+                db.execute("UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic))
+                touched[topic] = self.history
         db.executemany(
             "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
             [(m.seq, m.topic, m.payload, m.sender_id, m.sender_name, m.ts) for m in messages],
         )
-        touched: dict[str, int] = {}
-        for m in messages:
-            touched[m.topic] = touched.get(m.topic, 0) + 1
         for topic, added in touched.items():
             self._trim_count(db, topic, added)
         if reserved:
