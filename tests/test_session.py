@@ -10,9 +10,12 @@ import asyncio
 import itertools
 
 from broker.core.auth import Identity
+from broker.core.hub import Hub, Subscription
 from broker.core.model import Draft, Message, text_frame
 from broker.errors import CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHORIZED
+from broker.server.journal import Journal
 from broker.server.session import Flusher, Session
+from broker.store.memory import MemoryStore
 
 _seqs = itertools.count(1)
 
@@ -253,3 +256,66 @@ async def test_a_replay_to_a_peer_that_never_reads_closes_on_timeout() -> None:
     await asyncio.wait_for(session.replay([m] * 20, timeout=0.05), 2)
     assert closes == [(CLOSE_SLOW_CONSUMER, "slow consumer")]
     assert len(transport(link).written()) <= 4
+
+
+async def test_a_frame_sent_alone_is_written_at_once_behind_anything_queued() -> None:
+    flusher = Flusher()
+    (quiet, quiet_link, _), (busy, busy_link, _) = make(flusher=flusher), make(flusher=flusher)
+    busy.send(b'{"op":"ok","id":1}')  # queued before: the next frame must not pass it
+    m = message()
+    flusher.alone = True
+    quiet.deliver(m)
+    busy.deliver(m)
+    flusher.alone = False
+    assert transport(quiet_link).writes == [[m.wire]]  # written, not queued
+    assert flusher.bytes_out == len(m.wire)
+    assert transport(busy_link).writes == []
+    await turn()
+    assert transport(busy_link).writes == [[text_frame(b'{"op":"ok","id":1}'), m.wire]]
+    assert transport(quiet_link).writes == [[m.wire]]  # no empty flush either
+
+
+async def test_a_frame_sent_alone_over_max_queue_closes_as_slow_consumer() -> None:
+    flusher = Flusher()
+    first, second = message(), message()
+    session, link, closes = make(max_queue=len(first.wire) + 10, reads=False, flusher=flusher)
+    flusher.alone = True
+    session.deliver(first)
+    session.deliver(second)  # nothing queued, but the first is still in the socket
+    flusher.alone = False
+    assert closes == [(CLOSE_SLOW_CONSUMER, "slow consumer")]
+    assert len(transport(link).writes) == 1
+
+
+async def test_the_journal_writes_a_lone_publish_at_once_and_batches_the_rest() -> None:
+    flusher = Flusher()
+    hub = Hub()
+    store = MemoryStore()
+    journal = Journal(store, hub.fanout, flusher=flusher)
+    made = [make(flusher=flusher) for _ in range(3)]
+    for session, _, _ in made:
+        hub.attach(session)
+        hub.subscribe(session, Subscription("room"))
+    publisher = made[0][0]
+
+    def publish(echo: bool = False) -> None:
+        draft = Draft("room", b"1", "u", "u", 0, origin=publisher.id, echo=echo)
+        journal.submit(draft, lambda m, e: publisher.send(b"ack"))
+
+    publish()
+    await turn()  # one publish: an ack to its sender, the message to the others
+    assert [len(transport(link).writes) for _, link, _ in made] == [1, 1, 1]
+    assert flusher.alone is False
+    for _, link, _ in made:
+        transport(link).writes.clear()
+    publish()
+    publish()
+    publish(echo=True)
+    await turn()  # three in one turn: still one write per connection
+    assert [[len(w) for w in transport(link).writes] for _, link, _ in made] == [[4], [3], [3]]
+    for _, link, _ in made:
+        transport(link).writes.clear()
+    publish(echo=True)  # the sender gets its ack and its copy: one write for both
+    await turn()
+    assert [[len(w) for w in transport(link).writes] for _, link, _ in made] == [[2], [1], [1]]
+    await store.close()

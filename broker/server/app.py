@@ -123,7 +123,7 @@ class BrokerServer:
         self.journal = Journal(
             self.store,
             _ignore if self.store.shared else self.hub.fanout,
-            defer=self.flusher.defer,
+            flusher=self.flusher,
         )
         self.subscriptions = Subscriptions(
             self.hub, self.store, config.max_subscriptions, self._limit_reached

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from broker.core.model import Draft, Message
 from broker.errors import BrokerError, Unavailable
+from broker.server.session import Flusher
 from broker.store.base import Store
 from broker.store.dedupe import Duplicate
 
@@ -37,14 +38,14 @@ class Journal:
         store: Store,
         on_committed: Committed,
         max_batch: int = 2000,
-        defer: Callable[[Callable[[], None]], None] | None = None,
+        flusher: Flusher | None = None,
     ) -> None:
         self.store = store
         self.on_committed = on_committed
         self.max_batch = max_batch
-        #: Runs a callback at the end of this loop turn (the flusher's ``defer``, so the
-        #: acks and deliveries are written in the same pass); ``call_soon`` without one.
-        self.defer = defer
+        #: Commits at the end of this loop turn (``Flusher.defer``, so the acks and
+        #: deliveries are written in the same pass); ``call_soon`` without a flusher.
+        self.flusher = flusher
         self._pending: list[tuple[Draft, Done | None]] = []
         self._task: asyncio.Task[None] | None = None
         self._due = False  # a commit at the end of this turn is scheduled
@@ -61,8 +62,8 @@ class Journal:
         self._pending.append((draft, done))
         if self._task is None and not self._due:
             self._due = True
-            if self.defer is not None:
-                self.defer(self._commit_now)
+            if self.flusher is not None:
+                self.flusher.defer(self._commit_now)
             else:
                 asyncio.get_running_loop().call_soon(self._commit_now)
 
@@ -130,17 +131,26 @@ class Journal:
         elapsed = time.perf_counter() - started
         for observe in self.commit_observers:
             observe(len(batch), elapsed)
-        # Acks first: they are small and their latency is what publishers wait on; the
-        # fan-out of a large batch to many subscribers would otherwise delay them.
-        for (_, done), msg in zip(batch, messages):
-            if done is not None:
-                done(msg, None)
-        if Duplicate in map(type, messages):
-            # A repeated idempotency key: answered above, recorded nothing, sent nowhere.
-            committed = [(m, d) for m, d in zip(messages, drafts) if type(m) is not Duplicate]
-        else:
-            committed = list(zip(messages, drafts))
-        self.on_committed(committed)
+        # One publish not echoed to its sender gives each connection one frame at most (an
+        # ack or the message): there is nothing to batch, so each is written at once.
+        flusher = self.flusher if len(batch) == 1 and not drafts[0].echo else None
+        if flusher is not None:
+            flusher.alone = True
+        try:
+            # Acks first: they are small and their latency is what publishers wait on;
+            # the fan-out of a large batch to many subscribers would otherwise delay them.
+            for (_, done), msg in zip(batch, messages):
+                if done is not None:
+                    done(msg, None)
+            if Duplicate in map(type, messages):
+                # A repeated idempotency key: answered above, recorded nothing, sent nowhere.
+                committed = [(m, d) for m, d in zip(messages, drafts) if type(m) is not Duplicate]
+            else:
+                committed = list(zip(messages, drafts))
+            self.on_committed(committed)
+        finally:
+            if flusher is not None:
+                flusher.alone = False
 
     @staticmethod
     def _refuse(batch: list[tuple[Draft, Done | None]], exc: BrokerError) -> None:

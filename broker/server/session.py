@@ -63,6 +63,10 @@ class Flusher:
         self._scheduled = False
         #: Bytes written to every connection's socket (metrics: broker_sent_bytes_total).
         self.bytes_out = 0
+        #: Set while each frame sent is the only one its connection gets from the work at
+        #: hand (the journal answering and fanning out a publish that came alone): a
+        #: session with nothing queued writes such a frame at once, as a flush would.
+        self.alone = False
 
     def mark(self, session: Session) -> None:
         """Write ``session``'s queue at the end of this turn."""
@@ -231,6 +235,10 @@ class Session:
     def _queue(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.flusher.alone and not self._pending:
+            # Nothing to batch it with: skip the queue, the mark and the flush call.
+            self._write(data)
+            return
         self._pending.append(data)
         self._pending_bytes += len(data)
         # The socket's buffer only shrinks between flushes, so the figure read at the last
@@ -252,6 +260,21 @@ class Session:
         if self.closing or not pending or transport is None or not self.conn.is_open:
             return
         transport.writelines(pending)
+        self._buffered = transport.get_write_buffer_size()
+        self.flusher.bytes_out += size
+
+    def _write(self, data: bytes) -> None:
+        """Write one frame now, under the same slow-consumer rule as a queued one."""
+        transport = self.conn.transport
+        if transport is None or not self.conn.is_open:
+            return  # what a flush would do with it
+        size = len(data)
+        if size + self._buffered > self.max_queue:
+            self._buffered = transport.get_write_buffer_size()
+            if size + self._buffered > self.max_queue:
+                self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+                return
+        transport.writelines([data])
         self._buffered = transport.get_write_buffer_size()
         self.flusher.bytes_out += size
 
