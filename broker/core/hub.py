@@ -16,8 +16,9 @@ from typing import Protocol
 from broker.core.auth import Identity
 from broker.core.model import Draft, Message
 from broker.core.protocol import encode_presence_event
-from broker.core.topics import TopicIndex, inbox_owner, is_pattern
+from broker.core.topics import INBOX_PREFIX, TopicIndex, inbox_owner, is_pattern
 
+_INBOX = INBOX_PREFIX + "/"
 # Topics a replay filter remembers at once (a replay's topics, usually a handful).
 _FLOOR_CACHE = 4096
 
@@ -209,13 +210,18 @@ class Hub:
             targets = match(msg.topic)
             if not targets:
                 continue
-            owner = inbox_owner(msg.topic)
             origin = 0 if draft.echo else draft.origin
+            owner = inbox_owner(msg.topic) if msg.topic.startswith(_INBOX) else None
+            if owner is None:
+                for conn in targets:
+                    if conn.id != origin:
+                        conn.deliver(msg)
+                        delivered += 1
+                continue
             for conn in targets:
-                if conn.id == origin or (owner is not None and conn.identity.id != owner):
-                    continue
-                conn.deliver(msg)
-                delivered += 1
+                if conn.id != origin and conn.identity.id == owner:
+                    conn.deliver(msg)
+                    delivered += 1
         self.delivered += delivered
         if self.observe_fanout is not None:
             self.observe_fanout(time.perf_counter() - started)
