@@ -75,8 +75,8 @@ SEQ_RESERVE = 10_000
 #: fsync = interval: the commit log's batches not yet in SQLite are applied early when
 #: they pass this many bytes, and publishes wait for the store (``append``) past the
 #: second bound: the memory they take stays bounded when SQLite is slow.
-_TAIL_APPLY_BYTES = 4 << 20
-_TAIL_MAX_BYTES = 32 << 20
+_TAIL_APPLY_BYTES = 1 << 20
+_TAIL_MAX_BYTES = 8 << 20
 
 
 def boot_id() -> str:
