@@ -203,3 +203,19 @@ async def test_a_batch_larger_than_the_history_keeps_only_the_newest(tmp_path: P
         assert again.last_seq == 10
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize("fsync", ["interval", "always"])
+async def test_a_large_tail_is_applied_before_the_interval(tmp_path: Path, fsync: str) -> None:
+    store = SqliteStore(tmp_path / "broker.sqlite3", fsync=fsync, fsync_interval=3600)
+    await store.open()
+    try:
+        big = b'"' + b"x" * 64_000 + b'"'
+        for _ in range(20):  # 1.3 MB: past the size that wakes the fsync thread early
+            await store.append([Draft("a", big, "u", "U", int(time.time() * 1000))])
+        deadline = time.monotonic() + 10
+        while store._applied_seq < 17 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store._applied_seq >= 17  # applied long before the one-hour interval
+    finally:
+        await store.close()

@@ -453,10 +453,10 @@ class SqliteStore(Store):
                     syncing.wait(next_apply - time.monotonic())
                 if self._stop_syncer:
                     return
-                asked, self._apply_due = self._sync_asked, False
+                asked, due, self._apply_due = self._sync_asked, self._apply_due, False
             if asked > self._synced:
                 self._fsync_log(asked)
-            if self._apply_due or time.monotonic() >= next_apply:
+            if due or time.monotonic() >= next_apply:
                 next_apply = time.monotonic() + self.fsync_interval
                 try:
                     self._apply_sync()
@@ -467,12 +467,14 @@ class SqliteStore(Store):
 
     def _fsync_log(self, asked: int) -> None:
         """fsync = always: make the records up to number ``asked`` durable and tell the
-        event loop. Rotation happens on this thread only, so the segment fsynced is the
-        one they were appended to."""
+        event loop. Under the apply lock: an apply (on any thread) fsyncs the segment it
+        rotates away from before it lets go, so the records are either there or in the
+        current segment, which is the one fsynced here."""
         error: OSError | None = None
         try:
             assert self._log is not None
-            self._log.sync()
+            with self._apply_lock:
+                self._log.sync()
         except OSError as exc:
             error = exc
         else:
