@@ -67,28 +67,23 @@ def decode(payload: bytes) -> Batch:
     pos = _BATCH.size
     batch = Batch(reserved=reserved)
     for _ in range(n_messages):
-        seq, ts, lt, li, ln, ld = _MESSAGE.unpack_from(payload, pos)
-        pos += _MESSAGE.size
-        topic = payload[pos : pos + lt].decode()
-        pos += lt
-        sid = payload[pos : pos + li].decode()
-        pos += li
-        name = payload[pos : pos + ln].decode()
-        pos += ln
-        data = payload[pos : pos + ld]
-        pos += ld
-        batch.messages.append(Message(seq, topic, data, sid, name, ts))
+        seq, ts, *lengths = _MESSAGE.unpack_from(payload, pos)
+        (topic, sid, name, data), pos = _cut(payload, pos + _MESSAGE.size, lengths)
+        batch.messages.append(Message(seq, topic.decode(), data, sid.decode(), name.decode(), ts))
     for _ in range(n_keys):
-        ts, lu, lk, ls = _KEY.unpack_from(payload, pos)
-        pos += _KEY.size
-        user = payload[pos : pos + lu].decode()
-        pos += lu
-        key = payload[pos : pos + lk].decode()
-        pos += lk
-        seqs = payload[pos : pos + ls].decode()
-        pos += ls
-        batch.keys.append((user, key, seqs, ts))
+        ts, *lengths = _KEY.unpack_from(payload, pos)
+        (user, key, seqs), pos = _cut(payload, pos + _KEY.size, lengths)
+        batch.keys.append((user.decode(), key.decode(), seqs.decode(), ts))
     return batch
+
+
+def _cut(payload: bytes, pos: int, lengths: list[int]) -> tuple[list[bytes], int]:
+    """The fields of ``lengths`` bytes each from ``pos`` on, and the position after them."""
+    fields = []
+    for n in lengths:
+        fields.append(payload[pos : pos + n])
+        pos += n
+    return fields, pos
 
 
 def read_segment(data: bytes) -> list[Batch]:

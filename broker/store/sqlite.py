@@ -384,14 +384,7 @@ class SqliteStore(Store):
             row = db.execute("SELECT value FROM meta WHERE key='reserved'").fetchone()
             if row is not None and int(row[0]) >= reserved:
                 reserved = 0
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                self._write_rows(db, messages, keys, reserved)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            self._commit_rows(db, messages, keys, reserved)
             if messages:
                 self.last_seq = max(self.last_seq, messages[-1].seq)
             with contextlib.suppress(FileNotFoundError):
@@ -552,17 +545,8 @@ class SqliteStore(Store):
                     os.fdatasync(finished[1])
                 rows = [(u, k, encode_seqs(seqs), ts) for (u, k), (seqs, ts) in keys.items()]
                 with self._write_lock:
-                    db = self._wdb
-                    assert db is not None
-                    db.execute("BEGIN IMMEDIATE")
-                    try:
-                        self._write_rows(db, messages, rows, reserved)
-                        db.execute("COMMIT")
-                    except BaseException:
-                        if db.in_transaction:
-                            db.execute("ROLLBACK")
-                        self._counts.clear()
-                        raise
+                    assert self._wdb is not None
+                    self._commit_rows(self._wdb, messages, rows, reserved)
                 if messages:
                     self._applied_seq = messages[-1].seq
                 self._uncheckpointed += size
@@ -649,47 +633,60 @@ class SqliteStore(Store):
         self._reader.shutdown()
         self._unlock_directory()
 
-    def _write_rows(
+    def _commit_rows(
         self,
         db: sqlite3.Connection,
         messages: list[Message],
         keys: list[tuple[str, str, str, int]],
         reserved: int,
     ) -> None:
-        """Inside a transaction: insert messages (in seq order) and keys, apply the
-        per-topic history bound, record a seq reservation (0: none)."""
-        if keys:
-            db.executemany("INSERT OR REPLACE INTO dedupe VALUES (?, ?, ?, ?)", keys)
-        touched: dict[str, int] = {}
-        for m in messages:
-            touched[m.topic] = touched.get(m.topic, 0) + 1
-        over = {t: n - self.history for t, n in touched.items() if n > self.history}
-        if over:
-            # A busy topic's batch holds more than its history keeps: the oldest of them
-            # would be deleted in this same transaction, so they are never written; the
-            # topic's mark records them as removed (what replays and last_seq read).
-            kept: list[Message] = []
-            removed: dict[str, int] = {}
+        """In one transaction, rolled back whole on failure: insert messages (in seq
+        order) and keys, apply the per-topic history bound, record a seq reservation (0:
+        none)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if keys:
+                db.executemany("INSERT OR REPLACE INTO dedupe VALUES (?, ?, ?, ?)", keys)
+            touched: dict[str, int] = {}
             for m in messages:
-                left = over.get(m.topic, 0)
-                if left:
-                    over[m.topic] = left - 1
-                    removed[m.topic] = m.seq
-                else:
-                    kept.append(m)
-            messages = kept
-            for topic, top in removed.items():
-                db.execute("INSERT OR IGNORE INTO topics VALUES (?, 0)", (topic,))
-                db.execute("UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic))
-                touched[topic] = self.history
-        db.executemany(
-            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
-            [(m.seq, m.topic, m.payload, m.sender_id, m.sender_name, m.ts) for m in messages],
-        )
-        for topic, added in touched.items():
-            self._trim_count(db, topic, added)
-        if reserved:
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('reserved', ?)", (str(reserved),))
+                touched[m.topic] = touched.get(m.topic, 0) + 1
+            over = {t: n - self.history for t, n in touched.items() if n > self.history}
+            if over:
+                # A busy topic's batch holds more than its history keeps: the oldest of them
+                # would be deleted in this same transaction, so they are never written; the
+                # topic's mark records them as removed (what replays and last_seq read).
+                kept: list[Message] = []
+                removed: dict[str, int] = {}
+                for m in messages:
+                    left = over.get(m.topic, 0)
+                    if left:
+                        over[m.topic] = left - 1
+                        removed[m.topic] = m.seq
+                    else:
+                        kept.append(m)
+                messages = kept
+                for topic, top in removed.items():
+                    db.execute("INSERT OR IGNORE INTO topics VALUES (?, 0)", (topic,))
+                    db.execute(
+                        "UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic)
+                    )
+                    touched[topic] = self.history
+            db.executemany(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+                [(m.seq, m.topic, m.payload, m.sender_id, m.sender_name, m.ts) for m in messages],
+            )
+            for topic, added in touched.items():
+                self._trim_count(db, topic, added)
+            if reserved:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('reserved', ?)", (str(reserved),))
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite may have rolled back already (a full disk): a second ROLLBACK would
+            # fail with "cannot rollback" and hide the real cause.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self._counts.clear()  # they counted rows that are not there
+            raise
 
     def _append_log(self, drafts: list[Draft]) -> list[Message]:
         """Number a batch and append it to the commit log, on the event loop's thread:
