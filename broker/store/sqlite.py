@@ -70,9 +70,9 @@ MAX_PAGES_ENV = "BROKER_TEST_SQLITE_MAX_PAGES"
 #: Test-only: this machine's boot id, as if it had rebooted (a power loss) since the last
 #: run of the broker.
 BOOT_ID_ENV = "BROKER_TEST_BOOT_ID"
-#: fsync = interval: seqs are reserved durably this many at a time (see _resume_sequence).
+#: Seqs are reserved durably this many at a time (see _resume_sequence).
 SEQ_RESERVE = 10_000
-#: fsync = interval: the commit log's batches not yet in SQLite are applied early when
+#: The commit log's batches not yet in SQLite are applied early when
 #: they pass this many bytes, and publishes wait for the store (``append``) past the
 #: second bound: the memory they take stays bounded when SQLite is slow.
 _TAIL_APPLY_BYTES = 1 << 20
@@ -202,7 +202,7 @@ class SqliteStore(Store):
         self._synced = 0
         self._sync_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        # fsync = interval: the commit log, and what it holds that SQLite does not yet:
+        # The commit log, and what it holds that SQLite does not yet:
         # messages, keys ((user, key) -> (seqs, ts)), reservation, bytes. _tail_lock makes
         # an append (log write + tail) and a rotation (new segment + taking the tail) one
         # step each; _apply_lock lets one thread at a time apply.
