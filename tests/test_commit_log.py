@@ -219,3 +219,25 @@ async def test_a_large_tail_is_applied_before_the_interval(tmp_path: Path, fsync
         assert store._applied_seq >= 17  # applied long before the one-hour interval
     finally:
         await store.close()
+
+
+async def test_a_segment_already_applied_is_not_applied_twice(tmp_path: Path) -> None:
+    # As after a kill between the apply's commit and the segment's removal: the segment
+    # is still there at start, and SQLite already holds its messages.
+    store = await open_store(tmp_path)
+    assert store.append_now([draft("a", 1, key="k"), draft("a", 2)]) is not None
+    kept = {p.name: p.read_bytes() for p in segments(tmp_path) if p.stat().st_size}
+    assert kept
+    await store.close()  # applies the log and removes it
+    assert segments(tmp_path) == []
+    for name, data in kept.items():
+        (tmp_path / name).write_bytes(data)
+    again = await open_store(tmp_path)
+    try:
+        replay = await again.read_since("a", 0, 10)
+        assert [m.seq for m in replay.messages] == [1, 2]
+        assert again.last_seq == 2
+        dup = again.append_now([draft("a", 9, key="k")])
+        assert dup is not None and type(dup[0]) is Duplicate and dup[0].seqs == (1,)
+    finally:
+        await again.close()
