@@ -127,12 +127,14 @@ class CommitLog:
                 found.append((int(suffix), path))
         return sorted(found)
 
-    def recover(self) -> list[Batch]:
-        """Every whole record of the segments left on disk, oldest first."""
+    def recover(self) -> tuple[list[Batch], int]:
+        """Every whole record of the segments left on disk, oldest first, and the number
+        of the last of them (0: none)."""
+        segments = self.segments()
         batches: list[Batch] = []
-        for _, path in self.segments():
+        for _, path in segments:
             batches += read_segment(path.read_bytes())
-        return batches
+        return batches, segments[-1][0] if segments else 0
 
     def start(self) -> None:
         """Open a new segment after those on disk (call once they are applied)."""

@@ -364,7 +364,9 @@ class SqliteStore(Store):
         # The schema script wrote to the WAL, so it exists, and lives as long as our
         # connections do.
         self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-        os.fsync(self._wal_fd)  # the "not shut down cleanly" mark must survive a crash
+        # The "not shut down cleanly" mark, and what the commit log held, must survive a
+        # crash before the log goes.
+        os.fsync(self._wal_fd)
         log_.remove_upto(recovered)
         log_.start()
         self._log = log_
@@ -372,11 +374,8 @@ class SqliteStore(Store):
     def _recover_log(self, db: sqlite3.Connection, log_: CommitLog) -> int:
         """Apply what the commit log holds beyond SQLite (the broker was killed before its
         fsync thread applied it); returns the last segment read, to be removed once the
-        WAL is durable."""
-        segments = log_.segments()
-        if not segments:
-            return 0
-        batches = log_.recover()
+        WAL is durable (_open_database fsyncs it)."""
+        batches, last_segment = log_.recover()
         messages = [m for b in batches for m in b.messages if m.seq > self.last_seq]
         keys = [k for b in batches for k in b.keys]
         reserved = max((b.reserved for b in batches), default=0)
@@ -387,18 +386,12 @@ class SqliteStore(Store):
             self._commit_rows(db, messages, keys, reserved)
             if messages:
                 self.last_seq = max(self.last_seq, messages[-1].seq)
-            with contextlib.suppress(FileNotFoundError):
-                wal = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(wal)  # applied durably before the log goes
-                finally:
-                    os.close(wal)
             log.info(
                 "applied %d messages from the commit log the last run left",
                 len(messages),
                 extra={"event": "commit_log_recovered"},
             )
-        return segments[-1][0]
+        return last_segment
 
     def _resume_sequence(self, db: sqlite3.Connection) -> None:
         """Never give a seq twice, even after a power loss.
@@ -773,8 +766,8 @@ class SqliteStore(Store):
         self._counts[topic] = count
 
     def append_now(self, drafts: list[Draft]) -> list[Message] | None:
-        # With fsync always a commit waits for the disk: the writer thread does it. A
-        # failing store, or a tail SQLite has not caught up with, is waited for there too.
+        # With fsync always an ok waits for the fsync thread (append). So does a failing
+        # store, or a tail SQLite has not caught up with.
         if self.fsync_always or self._failure is not None or self._tail_bytes > _TAIL_MAX_BYTES:
             return None
         try:
