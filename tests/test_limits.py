@@ -179,6 +179,26 @@ async def test_unauthenticated_connections_per_address(make_broker: BrokerFactor
     await early.close()
 
 
+async def test_a_burst_of_honest_handshakes_from_one_address_gets_in(
+    make_broker: BrokerFactory,
+) -> None:
+    """With the defaults, 200 clients of one address that connect at once and only then
+    send their requests (as a load generator or a NAT's users after a restart do: the
+    broker accepts the burst before it reads any request) all get in."""
+    broker = make_broker(memory=True)
+    count = 200
+    streams = [await asyncio.open_connection("127.0.0.1", broker.port) for _ in range(count)]
+    for n, (_, writer) in enumerate(streams):
+        token = broker.token(f"u{n}").encode()
+        writer.write(
+            HANDSHAKE.replace(b"\r\n\r\n", b"\r\nAuthorization: Bearer " + token + b"\r\n\r\n")
+        )
+    statuses = [await asyncio.wait_for(reader.readline(), 10) for reader, _ in streams]
+    assert statuses == [b"HTTP/1.1 101 Switching Protocols\r\n"] * count
+    assert limit_hits(broker, "unauthenticated_per_address") == 0
+    close_all([writer for _, writer in streams])
+
+
 async def test_authentication_deadline_counts_from_accept(make_broker: BrokerFactory) -> None:
     """With --auth-timeout 2, a client that sends its request after 1.5 s and never
     authenticates is dropped 2 s after accept, not 2 s after its request."""

@@ -541,7 +541,7 @@ class ServerConfig:
         example=1000,
     )
     max_unauthenticated_per_address: int = setting(
-        64,
+        256,
         Integer(0),
         "Connections not authenticated yet from one IP address, at once; when full, that "
         "address's oldest is dropped (0: no limit).",
