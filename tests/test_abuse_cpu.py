@@ -232,6 +232,9 @@ class Conn:
     def deliver(self, message: object) -> None:
         pass
 
+    def deliver_run(self, run: object) -> None:
+        pass
+
     def send(self, frame: bytes) -> None:
         pass
 

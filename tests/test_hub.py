@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from broker.core.auth import Identity
-from broker.core.hub import Hub, Subscription
+from broker.core.hub import Hub, Run, Subscription
 from broker.core.model import Draft, Message
 
 _ids = itertools.count(1)
@@ -24,9 +24,14 @@ class FakeSubscriber:
         self.identity = Identity(id=user, name=name or user)
         self.messages: list[Message] = []
         self.frames: list[dict[str, object]] = []
+        self.runs: list[list[int]] = []  # the seqs of each deliver_run call
 
     def deliver(self, message: Message) -> None:
         self.messages.append(message)
+
+    def deliver_run(self, run: Run) -> None:
+        self.messages += run.messages
+        self.runs.append([m.seq for m in run.messages])
 
     def send(self, frame: bytes) -> None:
         self.frames.append(orjson.loads(frame))
@@ -268,3 +273,70 @@ def test_fanout_reports_its_duration(hub: Hub) -> None:
     sub(hub, FakeSubscriber("a"), "t")
     publish(hub, "t")
     assert len(seen) == 1 and 0 <= seen[0] < 1
+
+
+def committed(
+    topic: str, sender: FakeSubscriber | None = None, echo: bool = False
+) -> tuple[Message, Draft]:
+    """One committed message on ``topic`` from ``sender`` (the server when None)."""
+    who = sender.identity if sender is not None else Identity(id="server", name="server")
+    draft = Draft(
+        topic=topic,
+        payload=b'"x"',
+        sender_id=who.id,
+        sender_name=who.name,
+        ts=0,
+        origin=sender.id if sender is not None else 0,
+        echo=echo,
+    )
+    return draft.to_message(next(_seqs)), draft
+
+
+def test_a_batch_on_one_topic_reaches_each_subscriber_in_one_call_in_seq_order(
+    hub: Hub,
+) -> None:
+    t_only, everything = FakeSubscriber("a"), FakeSubscriber("b")
+    sub(hub, t_only, "t")
+    sub(hub, everything, "#")
+    batch = [committed(topic) for topic in ("t", "t", "u", "t", "t", "t")]
+    seqs = [m.seq for m, _ in batch]
+    hub.fanout(batch)
+    # Consecutive messages of a topic are one run; another topic in between ends it.
+    assert t_only.runs == [seqs[0:2], seqs[3:6]]
+    assert t_only.seqs() == seqs[0:2] + seqs[3:6]
+    assert everything.seqs() == seqs  # u alone came through deliver, in its place
+    assert everything.runs == [seqs[0:2], seqs[3:6]]
+    assert hub.delivered == 5 + 6
+    assert hub.last_seq == seqs[-1]
+
+
+def test_a_run_skips_each_connection_its_own_messages_unless_echoed(hub: Hub) -> None:
+    alice, bob, watcher = FakeSubscriber("alice"), FakeSubscriber("bob"), FakeSubscriber("w")
+    for conn in (alice, bob, watcher):
+        sub(hub, conn, "room")
+    batch = [
+        committed("room", alice),
+        committed("room", bob),
+        committed("room", alice, echo=True),
+        committed("room"),
+    ]
+    seqs = [m.seq for m, _ in batch]
+    hub.fanout(batch)
+    assert alice.seqs() == [seqs[1], seqs[2], seqs[3]]
+    assert bob.seqs() == [seqs[0], seqs[2], seqs[3]]
+    assert watcher.seqs() == seqs and watcher.runs == [seqs]
+    assert hub.delivered == 3 + 3 + 4
+
+
+def test_a_run_on_an_inbox_reaches_only_its_owner(hub: Hub) -> None:
+    bob1, bob2, snoop = FakeSubscriber("bob"), FakeSubscriber("bob"), FakeSubscriber("eve")
+    sub(hub, bob1, "user/bob")
+    sub(hub, bob2, "user/+")
+    sub(hub, snoop, "#")
+    alice = FakeSubscriber("alice")
+    batch = [committed("user/bob", alice), committed("user/bob", alice), committed("user/bob")]
+    seqs = [m.seq for m, _ in batch]
+    hub.fanout(batch)
+    assert bob1.seqs() == seqs and bob2.seqs() == seqs
+    assert snoop.seqs() == []
+    assert hub.delivered == 6

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 
 from broker.core.auth import Identity
-from broker.core.hub import Hub, Subscription
+from broker.core.hub import Hub, Run, Subscription
 from broker.core.model import Draft, Message, text_frame
 from broker.errors import CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHORIZED
 from broker.server.journal import Journal
@@ -215,6 +215,42 @@ async def test_live_messages_are_held_during_a_replay_then_released_in_order() -
     session.deliver(message())  # not held any more
     await turn()
     assert len(t.written()) == 7
+
+
+async def test_a_run_is_queued_whole_behind_what_was_queued_and_written_in_one_flush() -> None:
+    session, link, closes = make()
+    session.send(b'{"op":"ok","id":1}')
+    run = Run([message() for _ in range(3)])
+    session.deliver_run(run)
+    session.deliver_run(Run([message()]))
+    assert transport(link).writes == []
+    await turn()
+    [written] = transport(link).writes
+    assert written[0] == text_frame(b'{"op":"ok","id":1}')
+    assert written[1:4] == run.wires and len(written) == 5
+    assert session.flusher.bytes_out == sum(map(len, written))
+    assert closes == []
+
+
+async def test_a_run_during_a_replay_is_held_and_released_in_order() -> None:
+    session, link, _ = make()
+    session.hold()
+    run = Run([message() for _ in range(3)])
+    session.deliver_run(run)
+    await turn()
+    assert transport(link).writes == []
+    session.release()
+    await turn()
+    assert transport(link).written() == run.wires
+
+
+async def test_a_run_over_max_queue_closes_as_slow_consumer() -> None:
+    run = Run([message(size=100) for _ in range(4)])
+    session, link, closes = make(max_queue=3 * len(run.wires[0]))
+    session.deliver_run(run)
+    assert closes == [(CLOSE_SLOW_CONSUMER, "slow consumer")]
+    await turn()
+    assert transport(link).writes == []
 
 
 async def test_held_messages_over_max_queue_close_as_slow_consumer() -> None:

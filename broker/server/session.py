@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from broker.core.auth import Identity
+from broker.core.hub import Run
 from broker.core.limits import TokenBucket
 from broker.core.model import Message, text_frame
 from broker.errors import CLOSE_SLOW_CONSUMER, CLOSE_TOKEN_EXPIRED
@@ -182,6 +183,22 @@ class Session:
             return
         self._queue(message.wire)
 
+    def deliver_run(self, run: Run) -> None:
+        """Queue several live messages of one topic at once (``deliver`` for each)."""
+        if self.closing:
+            return
+        if self._held is not None or self.flusher.alone:
+            for message in run.messages:
+                self.deliver(message)
+            return
+        pending = self._pending
+        if not pending:
+            self.flusher.mark(self)
+        pending += run.wires
+        self._pending_bytes += run.size
+        if self._pending_bytes + self._buffered > self.max_queue:
+            self._check_queue()
+
     async def replay(self, messages: Iterable[Message], timeout: float = 30.0) -> None:
         """Send messages from history with backpressure: a replay may be far larger than
         the slow-consumer limit, so it waits for the socket to drain every chunk instead
@@ -235,22 +252,26 @@ class Session:
     def _queue(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.flusher.alone and not self._pending:
-            # Nothing to batch it with: skip the queue, the mark and the flush call.
-            self._write(data)
-            return
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        # The socket's buffer only shrinks between flushes, so the figure read at the last
-        # flush is an upper bound: re-read it only when it says we may be over the limit.
-        if self._pending_bytes + self._buffered > self.max_queue:
-            transport = self.conn.transport
-            self._buffered = transport.get_write_buffer_size() if transport is not None else 0
-            if self._pending_bytes + self._buffered > self.max_queue:
-                self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        pending = self._pending
+        if not pending:
+            if self.flusher.alone:
+                # Nothing to batch it with: skip the queue, the mark and the flush call.
+                self._write(data)
                 return
-        if len(self._pending) == 1:
             self.flusher.mark(self)
+        pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes + self._buffered > self.max_queue:
+            self._check_queue()
+
+    def _check_queue(self) -> None:
+        """Close as a slow consumer if the queue and the socket's buffer are over
+        ``max_queue``. The buffer only shrinks between flushes, so the figure read at the
+        last flush is an upper bound: this re-reads it only when that says we may be over."""
+        transport = self.conn.transport
+        self._buffered = transport.get_write_buffer_size() if transport is not None else 0
+        if self._pending_bytes + self._buffered > self.max_queue:
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def flush(self) -> None:
         """Write the queued frames to the socket (called by the ``Flusher``)."""
