@@ -61,10 +61,10 @@ def hub(events: list[Event]) -> Hub:
     return hub
 
 
-def publish(
-    hub: Hub, topic: str, sender: FakeSubscriber | None = None, *, echo: bool = False
-) -> Message:
-    """Fan out one committed message on ``topic`` from ``sender``; return it."""
+def committed(
+    topic: str, sender: FakeSubscriber | None = None, echo: bool = False
+) -> tuple[Message, Draft]:
+    """One committed message on ``topic`` from ``sender`` (the server when None)."""
     who = sender.identity if sender is not None else Identity(id="server", name="server")
     draft = Draft(
         topic=topic,
@@ -75,7 +75,14 @@ def publish(
         origin=sender.id if sender is not None else 0,
         echo=echo,
     )
-    message = draft.to_message(next(_seqs))
+    return draft.to_message(next(_seqs)), draft
+
+
+def publish(
+    hub: Hub, topic: str, sender: FakeSubscriber | None = None, *, echo: bool = False
+) -> Message:
+    """Fan out one committed message on ``topic`` from ``sender``; return it."""
+    message, draft = committed(topic, sender, echo)
     hub.fanout([(message, draft)])
     return message
 
@@ -273,23 +280,6 @@ def test_fanout_reports_its_duration(hub: Hub) -> None:
     sub(hub, FakeSubscriber("a"), "t")
     publish(hub, "t")
     assert len(seen) == 1 and 0 <= seen[0] < 1
-
-
-def committed(
-    topic: str, sender: FakeSubscriber | None = None, echo: bool = False
-) -> tuple[Message, Draft]:
-    """One committed message on ``topic`` from ``sender`` (the server when None)."""
-    who = sender.identity if sender is not None else Identity(id="server", name="server")
-    draft = Draft(
-        topic=topic,
-        payload=b'"x"',
-        sender_id=who.id,
-        sender_name=who.name,
-        ts=0,
-        origin=sender.id if sender is not None else 0,
-        echo=echo,
-    )
-    return draft.to_message(next(_seqs)), draft
 
 
 def test_a_batch_on_one_topic_reaches_each_subscriber_in_one_call_in_seq_order(
