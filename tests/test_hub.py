@@ -330,3 +330,15 @@ def test_a_run_on_an_inbox_reaches_only_its_owner(hub: Hub) -> None:
     assert bob1.seqs() == seqs and bob2.seqs() == seqs
     assert snoop.seqs() == []
     assert hub.delivered == 6
+
+
+def test_a_run_never_takes_a_message_already_fanned_out(hub: Hub) -> None:
+    """A cluster may hand over a batch with an older seq after a newer one: the older
+    one is skipped, not delivered inside the newer one's run."""
+    conn = FakeSubscriber("a")
+    sub(hub, conn, "t")
+    first, second, third = committed("t"), committed("t"), committed("t")  # seqs ascending
+    hub.fanout([second])
+    hub.fanout([third, second, first])
+    assert conn.seqs() == [second[0].seq, third[0].seq]
+    assert hub.last_seq == third[0].seq

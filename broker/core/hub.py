@@ -228,16 +228,18 @@ class Hub:
             if msg.seq <= self.last_seq:
                 continue  # already fanned out (cluster redelivery)
             topic = msg.topic
-            # The messages right after it on the same topic make one run.
+            # The messages right after it on the same topic, in seq order, make one run.
+            last = msg.seq
             j = i
-            while j < n and committed[j][0].topic == topic:
+            while j < n and committed[j][0].topic == topic and committed[j][0].seq > last:
+                last = committed[j][0].seq
                 j += 1
             if j > i:
                 batch = [(msg, draft), *committed[i:j]]
                 i = j
             else:
                 batch = [(msg, draft)]
-            self.last_seq = batch[-1][0].seq
+            self.last_seq = last
             targets = match(topic)
             if targets:
                 owner = inbox_owner(topic) if topic.startswith(_INBOX) else None
