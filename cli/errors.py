@@ -80,7 +80,8 @@ class CommandError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_OTHER) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # click declares exit_code a class-level default; this instance carries its own.
+        setattr(self, "exit_code", exit_code)  # noqa: B010
 
     @classmethod
     def from_broker(cls, error: BrokerError, context: str = "") -> CommandError:

@@ -70,7 +70,7 @@ def _stdin_size() -> int | None:
 
 async def _pub_lines(client: Client, topic: str, as_json: bool, echo: bool) -> tuple[int, int]:
     """Publish each stdin line, up to PUB_WINDOW in flight; (sent, acknowledged)."""
-    stream = click.get_text_stream("stdin")
+    stream = sys.stdin
     window = asyncio.Semaphore(PUB_WINDOW)
     tasks: set[asyncio.Task[None]] = set()
     failures: list[tuple[int, BrokerError]] = []

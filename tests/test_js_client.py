@@ -172,7 +172,7 @@ def test_node_resumes_across_a_broker_restart_exactly_once(broker: BrokerProcess
 
 def test_typescript_declarations_fit_real_use() -> None:
     if not TSC.exists():
-        _missing("typescript in tests/js/node_modules (npm install --prefix tests/js typescript@5)")
+        _missing("typescript in tests/js/node_modules (npm ci --prefix tests/js)")
     node_command()
     proc = subprocess.run(
         [str(TSC), "--noEmit", "-p", str(JS / "tsconfig.json")],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -221,8 +221,10 @@ class Cluster:
                 self.store.link.health.failed("presence events", exc)
                 await asyncio.sleep(backoff.next())
             finally:
+                # A typed alias: redis-py types aclose in some releases and not in others.
+                close: Callable[[], Awaitable[object]] = pubsub.aclose
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await close()
 
     def _announce(self, raw: bytes) -> None:
         try:
