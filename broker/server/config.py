@@ -42,6 +42,10 @@ ENV_PREFIX = "BROKER_"
 CONFIG_FILE_NAME = "broker.toml"
 
 
+#: URL schemes ``redis`` accepts (the last two: Sentinel).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
+
+
 def config_dir() -> Path:
     """The user's config directory for broker (XDG on Linux)."""
     return Path(platformdirs.user_config_dir(APP_NAME))
@@ -479,7 +483,8 @@ class ServerConfig:
         None,
         Text("URL"),
         "Cluster mode: the Redis-backed store and fan-out shared by every node given the "
-        "same URL; memory and data don't apply.",
+        "same URL; memory and data don't apply. With Sentinel: "
+        "redis+sentinel://host:26379[,host:port...]/service/db (follows failovers).",
         example="redis://127.0.0.1:6379/0",
     )
     redis_wait: int = setting(
@@ -711,8 +716,11 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('tls_key')} needs tls_cert")
     if config.memory and config.data:
         raise ConfigError(f"{given('memory')} and {given('data')} exclude each other")
-    if config.redis and not config.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{given('redis')} is not a Redis URL (redis://, rediss:// or unix://)")
+    if config.redis and not config.redis.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"{given('redis')} is not a Redis URL (redis://, rediss://, unix:// or "
+            "redis+sentinel://host:26379/service/db)"
+        )
     if config.redis_wait and not config.redis:
         raise ConfigError(f"{given('redis_wait')} needs redis")
     if config.redis and (config.memory or config.data):
