@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,14 +214,3 @@ class Sentinels:
                 proc.wait(10)
         self.primary.kill()
         self.replica.kill()
-
-
-@pytest.fixture
-def sentinels(tmp_path: Path) -> Iterator[Sentinels]:
-    """A started primary + replica + three sentinels, stopped after the test."""
-    need_redis()
-    topology = Sentinels(tmp_path / "ha")
-    try:
-        yield topology.start()
-    finally:
-        topology.stop()
