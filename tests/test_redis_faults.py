@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from .checker import Checker, History
-from .redis_procs import Node, RedisProc, Sentinels, need_redis
-from .support import wait_for
+from .redis_procs import Forwarder, Node, RedisProc, Sentinels, need_redis
+from .support import free_port, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -196,6 +196,97 @@ async def test_sentinel_failover(sentinels: Sentinels, tmp_path: Path, wait: int
             assert figures["lost"] == 0
         went_back = any("history went back" in n.log() for n in nodes)
         assert figures["epochs"] == (2 if went_back else 1)
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[tuple[RedisProc, RedisProc, Forwarder]]:
+    """A primary, its replica, and a managed endpoint (``Forwarder``) on the primary."""
+    need_redis()
+    primary = RedisProc(tmp_path / "primary", "none").start()
+    replica = RedisProc(tmp_path / "replica", "none", "--replicaof", "127.0.0.1", str(primary.port))
+    replica.start()
+    in_sync = lambda: replica.client().info("replication")["master_link_status"] == "up"  # noqa: E731
+    wait_for(in_sync, 10)
+    forwarder = Forwarder(primary.port).start()
+    try:
+        yield primary, replica, forwarder
+    finally:
+        forwarder.close()
+        primary.kill()
+        replica.kill()
+
+
+def offsets_equal(primary: RedisProc, replica: RedisProc) -> bool:
+    ours = primary.client().info("replication")["master_repl_offset"]
+    return bool(replica.client().info("replication")["master_repl_offset"] == ours)
+
+
+async def test_managed_endpoint_switchover(
+    endpoint: tuple[RedisProc, RedisProc, Forwarder], tmp_path: Path
+) -> None:
+    """A planned failover behind an endpoint that moves: writes paused, the replica caught
+    up and promoted, the endpoint moved, the old primary demoted. Connections still on the
+    old primary get READONLY; the node drops them and reconnects to the endpoint.
+    Nothing is lost, same epoch."""
+    primary, replica, forwarder = endpoint
+    nodes = [Node(tmp_path / f"n{i}", forwarder.url, *HISTORY).start() for i in range(2)]
+    try:
+
+        def switchover() -> None:
+            old = primary.client()
+            old.client_pause(5000, all=False)
+            wait_for(lambda: offsets_equal(primary, replica), 5, 0.01)
+            replica.client().replicaof("NO", "ONE")
+            forwarder.target = replica.port
+            old.replicaof("127.0.0.1", str(replica.port))
+            old.client_unpause()
+
+        history = await run_with_fault([n.url for n in nodes], nodes[0].token, switchover)
+        figures = report("managed endpoint switchover", history)
+        assert figures["epochs"] == 1 and figures["lost"] == 0
+        assert figures["gone_from_history"] == 0
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+@pytest.mark.parametrize("wait", [0, pytest.param(1, marks=pytest.mark.slow)])
+async def test_failover_to_a_lagging_replica(
+    endpoint: tuple[RedisProc, RedisProc, Forwarder], tmp_path: Path, wait: int
+) -> None:
+    """The primary dies while its replica lags (here: cut off for 0.5 s), the replica is
+    promoted and the endpoint moves to it. Without redis_wait what it had not received is
+    gone from history, and the nodes start a new epoch instead of handing those seqs out
+    again. With redis_wait 1 nothing acknowledged is gone: publishes were refused while
+    the replica was cut off, and again until the old primary is back as a replica."""
+    primary, replica, forwarder = endpoint
+    args = (*HISTORY, "--redis-wait", "1") if wait else HISTORY
+    nodes = [Node(tmp_path / f"n{i}", forwarder.url, *args).start() for i in range(2)]
+    try:
+
+        def failover() -> None:
+            # Cut the replica off (as a partition does: pointed at an address where no
+            # one answers, it keeps its data), so that it lags by 0.5 s of publishes.
+            replica.client().replicaof("127.0.0.1", str(free_port()))
+            time.sleep(0.5)
+            primary.kill()
+            replica.client().replicaof("NO", "ONE")
+            forwarder.target = replica.port
+            if wait:
+                primary.extra = ["--replicaof", "127.0.0.1", str(replica.port)]
+                primary.start()
+
+        history = await run_with_fault([n.url for n in nodes], nodes[0].token, failover)
+        figures = report(f"failover to a lagging replica, redis_wait {wait}", history)
+        went_back = sum(n.log().count("history went back") for n in nodes)
+        if wait:
+            assert figures["gone_from_history"] == 0
+        else:
+            assert figures["epochs"] == 2 and figures["gone_from_history"] > 0
+            assert went_back == 1
     finally:
         for node in nodes:
             node.kill()

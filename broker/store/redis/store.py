@@ -24,6 +24,8 @@ Keys, under a prefix (default ``broker:``)::
     pt:<node>           HASH: topic -> number of that node's users in p:<topic>
     nodes               SET: node ids that may hold presence entries
     node:<id>           string with a TTL: the node's heartbeat and figures (JSON)
+    follower:<id>       string with a TTL: written by a node's follower before its WAIT
+                        (with --redis-wait), so that it delivers only replicated entries
     events              pub/sub channel: presence join/leave, JSON [op, topic, user, name]
     k:<len(user)>:<user><key>   string with a TTL of --dedupe-window: the seqs ("12,13")
                         of the first publish with that idempotency key, set by the
@@ -348,6 +350,8 @@ class RedisStore(Store):
                 first = pairs[0][0].seq
                 if first > last + 1 and last and not new_history:
                     pairs = await self._fill_gap(last, first) + pairs
+                if self.wait_replicas:
+                    await self._replicated()
                 new_history = False
                 deliver(pairs)
                 last = pairs[-1][0].seq
@@ -363,6 +367,17 @@ class RedisStore(Store):
             except Exception:
                 log.exception("following the Redis stream failed", extra={"event": "follow_failed"})
                 await asyncio.sleep(backoff.next())
+
+    async def _replicated(self) -> None:
+        """With ``wait_replicas``: return once that many replicas hold everything this
+        follower read (a write of its own, then WAIT), so that subscribers only receive
+        what a failover keeps; Unavailable otherwise (the batch is read again)."""
+        pipe = self.link.blocking.pipeline(transaction=False)
+        pipe.set(self.key("follower:" + self.node_id), b"", px=60_000)
+        pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
+        _, confirmed = await self.link.call("follow", pipe.execute())
+        if int(confirmed) < self.wait_replicas:
+            raise Unavailable("not replicated yet")
 
     def _entry(self, entry: bytes) -> tuple[Message, Draft]:
         head, _, rest = entry.partition(b"\n")
