@@ -73,6 +73,10 @@ FOLLOW_BATCH = 2000
 #: Approximate cap of the ``log`` stream: a node may fall this far behind before it has
 #: to fill the gap from the per-topic histories.
 STREAM_MAXLEN = 100_000
+#: Seqs left unused between a history and the new epoch that replaces it (when Redis
+#: came back empty or older): room for what other nodes had read and the one starting
+#: the new epoch had not, so that no seq they passed is handed out again.
+EPOCH_GAP = 1_000_000
 #: Topics per pipeline when reading history.
 PIPELINE_CHUNK = 500
 # -- the store ------------------------------------------------------------------------------
@@ -151,24 +155,25 @@ class RedisStore(Store):
         ``floor`` (or ``rewritten``: the stream changed under this node's follower),
         history went back and a new epoch replaces it (logged here, once, by the node
         that replaced it)."""
-        args = [self.prefix, new_epoch(), str(floor), known, "1" if rewritten else "0"]
-        epoch, counter, top, renewed = await self.link.call("epoch", self._ensure(args=args))
+        args: list[str | int] = [self.prefix, new_epoch(), floor, known, int(rewritten), EPOCH_GAP]
+        epoch, counter, top, renewed, after = await self.link.call("epoch", self._ensure(args=args))
         self.epoch = to_str(epoch)
-        self.last_seq = max(self.last_seq, int(counter), floor)
+        self.last_seq = max(self.last_seq, int(after))
         if int(renewed) == 2:
             log.error(
                 "Redis history went back (restarted from an older snapshot, or failed over "
                 "to a replica that lagged): its seq counter was at %d and its stream ends at "
                 "%s, but this node had seen seq %d%s under epoch %s; started epoch %s with "
                 "seqs above %d, so every resume answers recovered: false; the messages "
-                "acknowledged in between are gone from history",
+                "acknowledged after seq %s are gone from history",
                 int(counter),
                 to_str(top),
                 floor,
                 " (and a different message at that seq)" if rewritten else "",
                 known,
                 self.epoch,
-                self.last_seq,
+                int(after),
+                to_str(top),
                 extra={"event": "history_went_back"},
             )
 
