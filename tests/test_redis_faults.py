@@ -87,6 +87,7 @@ async def test_a_node_killed(cluster: Cluster) -> None:
     assert figures["resumes"] > 2  # the clients of the killed node resumed on the other
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("persistence", ["rdb", "aof"])
 async def test_redis_killed(cluster: Cluster, persistence: str) -> None:
     """kill -9 with snapshots every second, or with AOF fsynced every second: Redis comes
@@ -143,7 +144,9 @@ async def test_redis_paused(cluster: Cluster) -> None:
     assert figures["longest_wait"] >= 4
 
 
-@pytest.mark.parametrize("refusal", ["maxmemory", "min-replicas"])
+@pytest.mark.parametrize(
+    "refusal", ["maxmemory", pytest.param("min-replicas", marks=pytest.mark.slow)]
+)
 async def test_redis_refusing_writes(cluster: Cluster, refusal: str) -> None:
     """Out of memory (noeviction) or too few replicas for min-replicas-to-write for 2 s:
     publishes get unavailable, nothing acknowledged is lost, same epoch."""
@@ -224,6 +227,7 @@ def offsets_equal(primary: RedisProc, replica: RedisProc) -> bool:
     return bool(replica.client().info("replication")["master_repl_offset"] == ours)
 
 
+@pytest.mark.slow
 async def test_managed_endpoint_switchover(
     endpoint: tuple[RedisProc, RedisProc, Forwarder], tmp_path: Path
 ) -> None:
