@@ -65,7 +65,7 @@ def scenario(name: str, home: Path) -> Iterator[Setup]:
             replica = RedisProc(home / "b", "none", "--replicaof", "127.0.0.1", str(primary.port))
             replica.start()
             procs += [primary, replica]
-            wait_for(lambda: replica.client().info("replication")["master_link_status"] == "up")
+            wait_for(lambda: replica.client().info("replication")["master_link_status"] == "up", 20)
             forwarder = Forwarder(primary.port).start()
             extra = ("--redis-wait", "1") if name.endswith("wait") else ()
             nodes = [Node(home / f"n{i}", forwarder.url, *HISTORY, *extra) for i in range(2)]
@@ -81,7 +81,7 @@ def scenario(name: str, home: Path) -> Iterator[Setup]:
                 moving.target = new.port
                 old.extra = ["--replicaof", "127.0.0.1", str(new.port)]
                 old.start()
-                wait_for(lambda: old.client().info("replication")["master_link_status"] == "up")
+                wait_for(lambda: old.client().info("replication")["master_link_status"] == "up", 20)
                 pair.reverse()
 
         else:
