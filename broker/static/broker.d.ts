@@ -346,16 +346,28 @@ export type PresenceEvent = {
 export type PresenceUser = User & {
     connections: number;
 };
+/**
+ * The client's state: "disconnected" while waiting to retry, "failed" when `client.error` stopped it.
+ */
 export type State = "idle" | "connecting" | "connected" | "disconnected" | "failed" | "closed";
+/**
+ * The "connecting" event: an attempt at `url` begins.
+ */
 export type ConnectingEvent = {
     url: string;
     attempt: number;
 };
+/**
+ * The "connected" event: authenticated (`server` is the broker's broker/<version>).
+ */
 export type ConnectedEvent = {
     user: User;
     server: string;
     url: string;
 };
+/**
+ * The "disconnected" event: a connection ended, or an attempt failed.
+ */
 export type DisconnectedEvent = {
     /**
      * The WebSocket close code (1006 when the connection failed; null when no socket was made).
@@ -380,7 +392,7 @@ export type StorageLike = {
     setItem: (key: string, value: string) => void;
 };
 /**
- * A WebSocket: the browser's, Node 22's global, or one passed in.
+ * A WebSocket, as far as the client uses one.
  */
 export type WebSocketLike = {
     readyState: number;
@@ -396,7 +408,13 @@ export type WebSocketLike = {
     }) => any) | null;
     onerror: ((ev: any) => any) | null;
 };
+/**
+ * A WebSocket class: the browser's, Node 22's global, or one passed in.
+ */
 export type WebSocketClass = new (url: string) => WebSocketLike;
+/**
+ * The options of `new BrokerClient(urls, options)`: a `token` or a `getToken` is needed.
+ */
 export type ClientOptions = {
     /**
      * A JWT. With `getToken` too, used first.
@@ -452,6 +470,9 @@ export type ClientOptions = {
      */
     maxBuffered?: number | undefined;
 };
+/**
+ * The options of `client.subscribe(pattern, options)`.
+ */
 export type SubscribeOptions = {
     /**
      * Replay the latest N retained messages first.
@@ -467,6 +488,9 @@ export type SubscribeOptions = {
      */
     presence?: boolean | undefined;
 };
+/**
+ * The options of `client.publish(topic, data, options)`.
+ */
 export type PublishOptions = {
     /**
      * Idempotency key (1 to 128 characters); generated when absent.
@@ -477,6 +501,9 @@ export type PublishOptions = {
      */
     echo?: boolean | undefined;
 };
+/**
+ * The client's events and what each passes to its listeners.
+ */
 export type ClientEvents = {
     connecting: ConnectingEvent;
     connected: ConnectedEvent;
@@ -488,6 +515,9 @@ export type ClientEvents = {
     leave: PresenceEvent;
     error: BrokerError;
 };
+/**
+ * A subscription's events and what each passes to its listeners.
+ */
 export type SubscriptionEvents = {
     message: Message;
     subscribed: Subscribed;

@@ -1530,15 +1530,20 @@ export default BrokerClient;
  * @typedef {User & { connections: number }} PresenceUser
  */
 
-/** @typedef {"idle" | "connecting" | "connected" | "disconnected" | "failed" | "closed"} State */
+/**
+ * The client's state: "disconnected" while waiting to retry, "failed" when `client.error` stopped it.
+ * @typedef {"idle" | "connecting" | "connected" | "disconnected" | "failed" | "closed"} State
+ */
 
 /**
+ * The "connecting" event: an attempt at `url` begins.
  * @typedef {object} ConnectingEvent
  * @property {string} url
  * @property {number} attempt
  */
 
 /**
+ * The "connected" event: authenticated (`server` is the broker's broker/<version>).
  * @typedef {object} ConnectedEvent
  * @property {User} user
  * @property {string} server
@@ -1546,6 +1551,7 @@ export default BrokerClient;
  */
 
 /**
+ * The "disconnected" event: a connection ended, or an attempt failed.
  * @typedef {object} DisconnectedEvent
  * @property {number | null} code The WebSocket close code (1006 when the connection failed; null when no socket was made).
  * @property {string} reason
@@ -1562,7 +1568,7 @@ export default BrokerClient;
  */
 
 /**
- * A WebSocket: the browser's, Node 22's global, or one passed in.
+ * A WebSocket, as far as the client uses one.
  * @typedef {object} WebSocketLike
  * @property {number} readyState
  * @property {(data: string) => void} send
@@ -1573,9 +1579,13 @@ export default BrokerClient;
  * @property {((ev: any) => any) | null} onerror
  */
 
-/** @typedef {new (url: string) => WebSocketLike} WebSocketClass */
+/**
+ * A WebSocket class: the browser's, Node 22's global, or one passed in.
+ * @typedef {new (url: string) => WebSocketLike} WebSocketClass
+ */
 
 /**
+ * The options of `new BrokerClient(urls, options)`: a `token` or a `getToken` is needed.
  * @typedef {object} ClientOptions
  * @property {string | null} [token] A JWT. With `getToken` too, used first.
  * @property {(() => string | Promise<string>) | null} [getToken] Returns a fresh JWT; called when there is none or it is about to expire, and before `exp` to refresh in place.
@@ -1594,6 +1604,7 @@ export default BrokerClient;
  */
 
 /**
+ * The options of `client.subscribe(pattern, options)`.
  * @typedef {object} SubscribeOptions
  * @property {number} [last] Replay the latest N retained messages first.
  * @property {number} [since] Replay every retained message after this seq first (with `epoch`, the history it was seen in).
@@ -1602,12 +1613,14 @@ export default BrokerClient;
  */
 
 /**
+ * The options of `client.publish(topic, data, options)`.
  * @typedef {object} PublishOptions
  * @property {string} [key] Idempotency key (1 to 128 characters); generated when absent.
  * @property {boolean} [echo] Deliver the message to this connection too.
  */
 
 /**
+ * The client's events and what each passes to its listeners.
  * @typedef {object} ClientEvents
  * @property {ConnectingEvent} connecting
  * @property {ConnectedEvent} connected
@@ -1621,6 +1634,7 @@ export default BrokerClient;
  */
 
 /**
+ * A subscription's events and what each passes to its listeners.
  * @typedef {object} SubscriptionEvents
  * @property {Message} message
  * @property {Subscribed} subscribed
