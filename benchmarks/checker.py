@@ -120,7 +120,13 @@ def refuse(server: RedisProc) -> None:
 
 
 async def run(name: str, duration: float, every: float) -> dict[str, Any]:
+    begun = time.monotonic()
+
+    def progress(what: str) -> None:
+        print(f"  {name}: {what} at {time.monotonic() - begun:.1f}s", file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory() as tmp, scenario(name, Path(tmp)) as (nodes, fault):
+        progress("processes up")
         checker = Checker([n.url for n in nodes], nodes[1].token, give_up=30)
         started = time.monotonic()
         faults = 0
@@ -131,7 +137,11 @@ async def run(name: str, duration: float, every: float) -> dict[str, Any]:
                     break
                 await asyncio.get_running_loop().run_in_executor(None, fault)
                 faults += 1
+                progress(f"fault {faults} done")
+            progress("publishers stopping")
+        progress("publishers stopped")
         history = await checker.finish(drain=3)
+        progress("subscribers drained")
         found = history.violations()
         return {"fault": name, "faults": faults, **history.figures(), "violations": found}
 
