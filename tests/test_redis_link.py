@@ -1,17 +1,20 @@
-"""The Redis URL forms a cluster node accepts: one address, or Sentinel
-(``redis+sentinel://host:26379[,host:port...]/service[/db]``)."""
+"""A node's link to Redis: the URL forms it accepts (one address, or Sentinel:
+``redis+sentinel://host:26379[,host:port...]/service[/db]``), and an address that moves to
+a new primary (a managed endpoint)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from broker.errors import ConfigError
+from broker.errors import ConfigError, Unavailable
 from broker.store.redis.link import Link, check_url, describe, parse_sentinel_url
 
-from .support import ROOT
+from .redis_procs import Forwarder, RedisProc, need_redis
+from .support import ROOT, wait_for
 
 
 def test_sentinel_url_parts() -> None:
@@ -59,3 +62,29 @@ def test_serve_accepts_sentinel_urls_and_refuses_others() -> None:
     )
     assert bad.returncode != 0 and "redis+sentinel://" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_an_endpoint_that_moves_is_resolved_again(tmp_path: Path) -> None:
+    """Connections still open to the old primary (now a replica) get READONLY: the link
+    closes its pool, and the next command reaches the new primary through the endpoint."""
+    need_redis()
+    old = RedisProc(tmp_path / "a", "none").start()
+    new = RedisProc(tmp_path / "b", "none", "--replicaof", "127.0.0.1", str(old.port)).start()
+    endpoint = Forwarder(old.port).start()
+    link = Link(endpoint.url, 1.0)
+    try:
+        assert await link.call("test", link.redis.set("k", "1"))
+        wait_for(lambda: new.client().get("k") == b"1", 10)
+        new.client().replicaof("NO", "ONE")
+        endpoint.target = new.port
+        old.client().replicaof("127.0.0.1", str(new.port))
+        with pytest.raises(Unavailable, match="failing over"):
+            await link.call("test", link.redis.set("k", "2"))
+        assert await link.call("test", link.redis.set("k", "3"))
+        assert new.client().get("k") == b"3"
+        assert not link.health.down
+    finally:
+        await link.close()
+        endpoint.close()
+        old.kill()
+        new.kill()
