@@ -137,14 +137,14 @@ def _client(url: str, socket_timeout: float, common: dict[str, Any]) -> aioredis
 class Link:
     """This node's connections to Redis; every round trip goes through ``call``."""
 
-    def __init__(self, url: str, block_seconds: float) -> None:
+    def __init__(self, url: str, block_seconds: float, command_seconds: float = 2.0) -> None:
         # One immediate retry: a pooled connection may be stale after a Redis restart.
         # No more, so that an unreachable Redis is reported within ~2 s.
         common: dict[str, Any] = {
             "socket_connect_timeout": 1.0,
             "retry": Retry(NoBackoff(), 1),
         }
-        self.redis = _client(url, 2.0, common)
+        self.redis = _client(url, command_seconds, common)
         #: Blocking reads (XREAD BLOCK, pub/sub) get connections of their own.
         self.blocking = _client(url, block_seconds + 2.0, common)
         self.health = Health(describe(url))

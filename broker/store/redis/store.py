@@ -106,7 +106,8 @@ class RedisStore(Store):
         self.wait_timeout = wait_timeout
         #: This node's name in Redis (presence fields, heartbeat, stream origin).
         self.node_id = node_id or uuid.uuid4().hex[:12]
-        self.link = Link(url, BLOCK_MS / 1000)
+        # A command waits at most 2 s, or the WAIT of --redis-wait-timeout and a second.
+        self.link = Link(url, BLOCK_MS / 1000, max(2.0, wait_timeout + 1.0))
         self.redis = self.link.redis
         self.health = self.link.health
         self.cluster = Cluster(self.link, prefix, self.node_id)
@@ -379,7 +380,9 @@ class RedisStore(Store):
         what a failover keeps; Unavailable otherwise (the batch is read again)."""
         pipe = self.link.blocking.pipeline(transaction=False)
         pipe.set(self.key("follower:" + self.node_id), b"", px=60_000)
-        pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
+        # Within the blocking connection's timeout; a batch not confirmed is read again.
+        wait_ms = int(min(self.wait_timeout, BLOCK_MS / 1000) * 1000)
+        pipe.execute_command("WAIT", self.wait_replicas, wait_ms)
         _, confirmed = await self.link.call("follow", pipe.execute())
         if int(confirmed) < self.wait_replicas:
             raise Unavailable("not replicated yet")
