@@ -58,9 +58,9 @@ def test_segments_rotate_and_recover_in_order(tmp_path: Path) -> None:
     log.append(encode(batch(3)))
     log.close()
     again = CommitLog(tmp_path, "db-log")
-    assert [m.seq for b in again.recover()[0] for m in b.messages] == [1, 2, 3]
+    assert [m.seq for b in again.recover().batches for m in b.messages] == [1, 2, 3]
     again.remove_upto(finished[0])
-    assert [m.seq for b in again.recover()[0] for m in b.messages] == [2, 3]
+    assert [m.seq for b in again.recover().batches for m in b.messages] == [2, 3]
 
 
 async def open_store(path: Path, interval: float = 3600.0) -> SqliteStore:
