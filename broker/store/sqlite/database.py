@@ -192,12 +192,18 @@ class Database:
         return dict(self.wdb.execute("SELECT key, value FROM meta"))
 
     def take_restored(self) -> str | None:
-        """The mark ``broker restore`` left (what was restored), removed once read."""
+        """What the marks of ``broker restore`` or ``broker backup`` say (a backup put in
+        place, by the command or by hand), removed once read; None: no mark."""
         assert self.wdb is not None
-        row = self.wdb.execute("SELECT value FROM meta WHERE key='restored'").fetchone()
-        if row is not None:
-            self.wdb.execute("DELETE FROM meta WHERE key='restored'")
-        return None if row is None else str(row[0])
+        rows = dict(
+            self.wdb.execute("SELECT key, value FROM meta WHERE key IN ('restored', 'backup')")
+        )
+        if not rows:
+            return None
+        self.wdb.execute("DELETE FROM meta WHERE key IN ('restored', 'backup')")
+        if "restored" in rows:
+            return f"restored from a backup: {rows['restored']}"
+        return f"a backup put in place by hand ({rows['backup']})"
 
     def start_epoch(self, after: int) -> str:
         """A new epoch, whose seqs go on after ``after``; returns it."""

@@ -169,7 +169,7 @@ class SqliteStore(Store):
         why = []
         restored = self._db.take_restored()
         if restored is not None:
-            why.append(f"restored from a backup ({restored})")
+            why.append(restored)
         try:
             mark = self._mark.read()
         except ValueError as exc:
