@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
@@ -134,8 +135,7 @@ class SqliteStore(Store):
         self.last_seq, self._reserved = self._db.resume_sequence(
             self.last_seq, booted, torn=found.torn > 0
         )
-        if went_back:
-            self._new_epoch(went_back, found)
+        told = self._new_epoch(went_back, found) if went_back else None
         self._syncer.applied_seq = self.last_seq
         self._reads.connect()
         self._db.open_rest()
@@ -156,6 +156,8 @@ class SqliteStore(Store):
                 kept,
                 extra={"event": "commit_log_damaged"},
             )
+        if told is not None:
+            told()
         log_.remove_upto(found.last_segment)
         log_.start()
         self._syncer.log = log_
@@ -193,34 +195,35 @@ class SqliteStore(Store):
         if meta.get("clean") == "0" and 0 < reserved < stored:
             why.append(f"its seq reservation ({reserved}) lies behind its last seq ({stored})")
         first = next((m.seq for b in found.batches for m in b.messages if m.seq > stored), None)
-        if first is not None and first != stored + 1:
+        if first is not None and first != stored + 1 and not found.damage:
             why.append(f"the commit log goes on at seq {first} but the database ends at {stored}")
         if found.damage:
             why.append(f"{len(found.damage)} commit log segment(s) damaged")
         return why
 
-    def _new_epoch(self, why: list[str], found: Recovery) -> None:
+    def _new_epoch(self, why: list[str], found: Recovery) -> Callable[[], None]:
         """Start a new epoch after every seq seen, so that every resume answers
-        ``recovered: false`` and replays what is retained; logged once, with the
-        figures."""
+        ``recovered: false`` and replays what is retained. Returns the one log line that
+        says so, with the figures."""
         seen = [m.seq for b in found.batches for m in b.messages]
         seen += [b.reserved for b in found.batches]
         top = max([self.last_seq, self._seen, self._reserved, *seen])
-        old = self.epoch
+        old, last = self.epoch, self.last_seq
         self.epoch = self._db.start_epoch(top)
-        log.warning(
-            "history went back: %s; epoch %s had given seqs up to %d (at least), the "
-            "database ends at %d: starting epoch %s after seq %d, every resume answers "
+        self.last_seq = self._reserved = top
+        # Logged once the start is durable, after what it found is told.
+        return lambda: log.warning(
+            "history went back: %s; starting epoch %s after seq %d (epoch %s may have given "
+            "seqs up to %d; the database holds up to %d): every resume answers "
             "recovered: false and replays what is retained",
             "; ".join(why),
-            old,
-            top,
-            self.last_seq,
             self.epoch,
             top,
+            old,
+            top,
+            last,
             extra={"event": "history_went_back"},
         )
-        self.last_seq = self._reserved = top
 
     def _write_mark(self, seq: int) -> None:
         """Record that SQLite durably holds seqs up to ``seq`` of this epoch (the fsync
