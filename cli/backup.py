@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from broker.errors import ConfigError, Unavailable
-from broker.server.config import DirPath, data_dir, load_settings
+from broker.local import data_dir
+from broker.server.config_load import load_settings
+from broker.server.kinds import DirPath
 from broker.store.backup import STORE_FILE_NAME, backup_sqlite, inside, restore_sqlite
 
 from .serve import SettingType
