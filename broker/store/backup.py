@@ -265,7 +265,10 @@ def _describe(db: sqlite3.Connection, source: Path) -> BackupInfo:
         epoch = db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         stored = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         top, count = db.execute("SELECT max(seq), count(*) FROM messages").fetchone()
-        trimmed = db.execute("SELECT max(trimmed) FROM topics").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        trimmed = 0
+        if "topics" in tables:  # older databases may lack it
+            trimmed = db.execute("SELECT max(trimmed) FROM topics").fetchone()[0]
     except sqlite3.DatabaseError:
         raise ValueError(f"{source} is not a broker store") from None
     if epoch is None:
