@@ -174,9 +174,17 @@ async def publish(
     epoch = await epoch_of(broker)
     sent = {} if sent is None else sent
     peer = await Peer.open(broker.url, broker.token("pub"))
-    for i, key in enumerate(keys):
-        sent.setdefault(key, time.monotonic())
-        await peer.send({"op": "pub", "topic": TOPIC, "data": key, "key": key, "id": i})
+
+    async def send_all() -> None:
+        # In small groups, so that publishes are still arriving when the kill comes.
+        with contextlib.suppress(ConnectionClosed):
+            for i, key in enumerate(keys):
+                sent.setdefault(key, time.monotonic())
+                await peer.send({"op": "pub", "topic": TOPIC, "data": key, "key": key, "id": i})
+                if i % 20 == 19:
+                    await asyncio.sleep(0.002)
+
+    sender = asyncio.get_running_loop().create_task(send_all())
     done = 0
     try:
         while done < len(keys):
@@ -190,6 +198,7 @@ async def publish(
     except (TimeoutError, ConnectionClosed, EOFError):
         assert kill_after is not None
     finally:
+        await asyncio.wait_for(sender, 10)
         with contextlib.suppress(Exception):
             await peer.close()
     return [k for k in keys if k not in history.acked]
@@ -217,8 +226,8 @@ async def test_kill_9_mid_stream_every_acknowledged_message_arrives_once(
     try:
         await asyncio.wait_for(sub.connected.wait(), 5)
         sent: dict[str, float] = {}
-        keys = [f"a{i}" for i in range(300)]
-        left = await publish(broker, history, keys, kill_after=150, sent=sent)
+        keys = [f"a{i}" for i in range(1000)]
+        left = await publish(broker, history, keys, kill_after=100, sent=sent)
         killed_at = time.monotonic()
         broker.start()
         back = time.monotonic() - killed_at
@@ -230,7 +239,7 @@ async def test_kill_9_mid_stream_every_acknowledged_message_arrives_once(
         await sub.close()
         broker.kill()
     assert history.violations() == []
-    assert len(history.acked) == 350 and history.recovered_false() == 0
+    assert len(history.acked) == 1050 and history.recovered_false() == 0
     assert len(history.epochs()) == 1
     print(f"kill -9 ({fsync}): service back after {back:.2f} s, {len(left)} retried")
 
