@@ -283,8 +283,8 @@ class Syncer:
             self._applying_keys = {}
             if finished is not None:
                 log_.remove_upto(finished[0])
-        if messages and self.on_applied is not None:
-            try:
-                self.on_applied(messages[-1].seq)
-            except OSError as exc:
-                self._on_failure(describe(exc))
+            if messages and self.on_applied is not None:
+                try:  # under the apply lock: one writer of the mark at a time, in order
+                    self.on_applied(messages[-1].seq)
+                except OSError as exc:
+                    self._on_failure(describe(exc))
