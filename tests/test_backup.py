@@ -3,6 +3,7 @@ before it started; never inside the data directory. Restoring it: test_restore.p
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -26,6 +27,7 @@ def backup(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 async def test_backup_while_running_holds_every_acknowledged_message(tmp_path: Path) -> None:
     # A one-hour interval: the five messages are only in the commit log, not in SQLite.
     live = BrokerProcess(tmp_path / "live", "--fsync-interval", "1h").start()
@@ -53,6 +55,7 @@ async def test_backup_while_running_holds_every_acknowledged_message(tmp_path: P
         live.kill()
 
 
+@pytest.mark.slow
 async def test_no_target_in_the_data_directory_and_no_replaced_lock_lets_a_second_broker_in(
     tmp_path: Path,
 ) -> None:
@@ -103,3 +106,40 @@ def test_backup_reads_the_data_dir_from_the_environment(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "epoch e1, last seq 0, 0 messages" in result.stderr
+
+
+@pytest.mark.slow
+async def test_a_backup_under_load_holds_everything_acknowledged_before_it_started(
+    tmp_path: Path,
+) -> None:
+    # A short interval: the log is applied and its segments removed while the backup runs.
+    live = BrokerProcess(
+        tmp_path / "live", "--fsync-interval", "20ms", "--history", "100000"
+    ).start()
+    try:
+        pub = await Peer.open(live.url, live.token("pub"))
+        stop = asyncio.Event()
+        acked: list[int] = []
+
+        async def publish() -> None:
+            n = 0
+            while not stop.is_set():
+                acked.append((await pub.request("pub", topic=f"t/{n % 5}", data=n))["seq"])
+                n += 1
+
+        task = asyncio.get_running_loop().create_task(publish())
+        while len(acked) < 200:
+            await asyncio.sleep(0.01)
+        before = max(acked)
+        copy = tmp_path / "copy.sqlite3"
+        result = await asyncio.to_thread(backup, tmp_path, str(copy), "--data", str(live.data))
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await pub.close()
+        assert result.returncode == 0, result.stderr
+        with sqlite3.connect(copy) as db:
+            seqs = [row[0] for row in db.execute("SELECT seq FROM messages ORDER BY seq")]
+        # Every message acknowledged before the backup started, and no gap after them.
+        assert seqs == list(range(1, len(seqs) + 1)) and seqs[-1] >= before
+    finally:
+        live.kill()

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .support import ROOT, BrokerProcess, Peer, isolated_env
 
 
@@ -36,6 +38,7 @@ def recipe() -> list[str]:
     return [re.sub(r"^sudo (-u broker )?", "", c).split(" \\")[0] for c in commands]
 
 
+@pytest.mark.slow
 async def test_the_documented_recipe_restores_an_older_backup_in_a_new_epoch(
     tmp_path: Path,
 ) -> None:
@@ -87,6 +90,7 @@ async def test_the_documented_recipe_restores_an_older_backup_in_a_new_epoch(
         broker.kill()
 
 
+@pytest.mark.slow
 async def test_restore_refuses_while_a_broker_holds_the_data_directory(tmp_path: Path) -> None:
     home = tmp_path / "home"
     broker = BrokerProcess(home).start()
@@ -105,6 +109,7 @@ async def test_restore_refuses_while_a_broker_holds_the_data_directory(tmp_path:
         broker.kill()
 
 
+@pytest.mark.slow
 def test_restore_refuses_a_file_that_is_not_a_sound_broker_database(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
