@@ -138,8 +138,9 @@ class Database:
             db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
         else:
             epoch = row[0]
-        # The highest seq ever given: the newest message, or the newest one retention
-        # removed (topics.trimmed); meta.last_seq is only in databases from before.
+        # The highest seq ever given: the newest message, the newest one retention
+        # removed (topics.trimmed), or meta.last_seq: where the sequence jumped (past a
+        # reservation, or to a new epoch), and in databases from before.
         stored = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         top = db.execute("SELECT max(seq) FROM messages").fetchone()[0]
         trimmed = db.execute("SELECT max(trimmed) FROM topics").fetchone()[0]
