@@ -5,14 +5,21 @@ again under the epoch clients saw, and resuming clients replay what the backup h
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pty
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from broker.core.model import Draft
+from broker.store.sqlite import SqliteStore
 
 from .support import ROOT, BrokerProcess, Peer, isolated_env
 
@@ -143,3 +150,46 @@ def test_restore_refuses_a_file_that_is_not_a_sound_broker_database(tmp_path: Pa
         assert "restore refused" in refused.stderr and says in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
     assert sorted(p.name for p in data.iterdir()) == ["broker.sqlite3"]
+
+
+def on_a_terminal(home: Path, *args: str) -> tuple[int, str]:
+    """``broker ARGS`` with a pseudo-terminal as its output: exit code and all it wrote."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", *args],
+        cwd=ROOT,
+        env={**isolated_env(home), "TERM": "xterm", "COLUMNS": "100"},
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    out = b""
+    with contextlib.suppress(OSError):  # EIO once the child is gone
+        while chunk := os.read(master, 65536):
+            out += chunk
+    os.close(master)
+    return proc.wait(timeout=60), out.decode(errors="replace")
+
+
+@pytest.mark.slow
+async def test_backup_and_restore_show_progress_on_a_terminal(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    store = SqliteStore(data / "broker.sqlite3", history=10_000, fsync_interval=3600)
+    await store.open()
+    blob = b'"' + b"x" * 4000 + b'"'
+    for _ in range(4):  # about 16 MB: several steps of the copy
+        drafts = [Draft(f"t/{i % 4}", blob, "u", "U", int(time.time() * 1000)) for i in range(1000)]
+        if store.append_now(drafts) is None:
+            await store.append(drafts)
+    await store.close()
+    copy = tmp_path / "copy.sqlite3"
+    code, out = on_a_terminal(tmp_path, "backup", str(copy), "--data", str(data))
+    assert code == 0, out
+    assert "backing up" in out and "100%" in out
+    assert out.rstrip().splitlines()[-1].endswith("bytes")  # then one line says what it did
+    code, out = on_a_terminal(tmp_path, "restore", str(copy), "--data", str(data))
+    assert code == 0, out
+    assert "restoring" in out and "100%" in out
+    assert out.rstrip().splitlines()[-1].endswith("the next start begins a new epoch")
