@@ -241,3 +241,18 @@ async def test_a_segment_already_applied_is_not_applied_twice(tmp_path: Path) ->
         assert dup is not None and type(dup[0]) is Duplicate and dup[0].seqs == (1,)
     finally:
         await again.close()
+
+
+def test_a_tear_followed_by_records_in_a_later_segment_is_damage(tmp_path: Path) -> None:
+    (tmp_path / "db-log.1").write_bytes(encode(batch(1)) + encode(batch(2))[:-4])
+    (tmp_path / "db-log.2").write_bytes(encode(batch(3)))
+    (tmp_path / "db-log.3").write_bytes(b"")  # made ahead of a rotation
+    found = CommitLog(tmp_path, "db-log").recover()
+    assert [b.messages[0].seq for b in found.batches] == [1, 3]
+    assert found.torn == 0 and found.last_segment == 3
+    [damage] = found.damage
+    assert (damage.path.name, damage.before, damage.after) == ("db-log.1", 1, 1)
+    # The same tear at the end of the log is only torn.
+    (tmp_path / "db-log.2").unlink()
+    found = CommitLog(tmp_path, "db-log").recover()
+    assert found.damage == [] and found.torn == len(encode(batch(2))) - 4
