@@ -15,7 +15,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
-from .support import BrokerProcess, Peer
+from broker.core.auth import mint_token
+
+from .support import BrokerProcess, Peer, free_port
 
 
 async def raw_upgrade(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -227,3 +229,33 @@ async def test_bad_frames_close_with_their_code(
     data = await read_until_eof(reader, timeout=5)
     writer.close()
     assert b"\x88" in data and code.to_bytes(2, "big") in data.split(b"\x88", 1)[1][:4]
+
+
+async def test_compressed_messages_are_inflated_within_the_size_limit() -> None:
+    # permessage-deflate is negotiated only when the server is configured with compression
+    # (not a setting), so this broker runs in the test's loop.
+    from broker.server.config import ServerConfig
+    from broker.server.factory import create_server
+
+    secret = "k" * 32
+    port = free_port()
+    server = create_server(
+        ServerConfig(port=port, secret=secret, memory=True, compression=True, max_message_size=4096)
+    )
+    await server.start()
+    try:
+        headers = {"Authorization": f"Bearer {mint_token(secret, 'z', ttl=60)}"}
+        url = f"ws://127.0.0.1:{port}/ws"
+        async with connect(url, additional_headers=headers, compression="deflate") as ws:
+            assert ws.protocol.extensions, "permessage-deflate was not negotiated"
+            assert orjson.loads(await ws.recv())["op"] == "hello"
+            for i in range(3):  # the client keeps its compression context across messages
+                pub = {"op": "pub", "topic": "z", "data": "a" * 3000, "id": i}
+                await ws.send(orjson.dumps(pub).decode())
+                assert orjson.loads(await ws.recv()) == {"op": "ok", "id": i, "seq": i + 1}
+            # Small on the wire, over the limit once inflated.
+            await ws.send(orjson.dumps({"op": "pub", "topic": "z", "data": "a" * 5000}).decode())
+            await asyncio.wait_for(ws.wait_closed(), 5)
+            assert ws.close_code == 1009
+    finally:
+        await server.shutdown()
