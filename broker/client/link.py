@@ -74,8 +74,9 @@ def frame(payload: bytes, opcode: int = TEXT) -> bytes:
 
 
 class Link(asyncio.Protocol):
-    """One client WebSocket: ``open()`` it, ``send`` frames, get messages (text or binary,
-    as bytes) through ``on_message``; ``closed`` resolves when the TCP connection is
+    """One client WebSocket: ``open()`` it (or make one and ``connect()`` it), ``send``
+    frames, get messages (text or binary, as bytes) through ``on_message``, which may use
+    the link from the first message on; ``closed`` resolves when the TCP connection is
     gone. ``bytes_received`` counts every byte read, handshake included."""
 
     def __init__(self, on_message: Callable[[bytes], None], max_size: int = MAX_MESSAGE) -> None:
@@ -106,12 +107,19 @@ class Link(asyncio.Protocol):
     ) -> Link:
         """Connect to ``url`` (``ws://`` or ``wss://``) with ``headers`` on the upgrade;
         ``max_size`` bounds a message from the server (close 1009 above it)."""
+        link = cls(on_message, max_size)
+        await link.connect(url, headers, timeout)
+        return link
+
+    async def connect(self, url: str, headers: dict[str, str], timeout: float = 30.0) -> None:
+        """Connect this link to ``url`` (``ws://`` or ``wss://``) with ``headers`` on the
+        upgrade; ``HandshakeFailed`` if the server does not upgrade."""
         parts = urlsplit(url)
         secure = parts.scheme == "wss"
         host = parts.hostname or "127.0.0.1"
         port = parts.port or (443 if secure else 80)
         loop = asyncio.get_running_loop()
-        link = cls(on_message, max_size)
+        link = self
         link._opened = loop.create_future()
         context = ssl.create_default_context() if secure else None
         await asyncio.wait_for(
@@ -131,7 +139,6 @@ class Link(asyncio.Protocol):
         assert link.transport is not None
         link.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await asyncio.wait_for(asyncio.shield(link._opened), timeout)
-        return link
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
