@@ -219,6 +219,16 @@ async def test_data_then_close_in_one_write(broker: BrokerProcess) -> None:
         (Frame(Opcode.TEXT, b'{"op":"pub","data":"\xff"}').serialize(mask=True), 1007),
         # A client frame without a mask.
         (Frame(Opcode.TEXT, b'{"op":"stats","id":1}').serialize(mask=False), 1002),
+        # RSV1 without permessage-deflate negotiated; a reserved opcode.
+        (b"\xc1" + Frame(Opcode.TEXT, b"{}").serialize(mask=True)[1:], 1002),
+        (b"\x83" + Frame(Opcode.TEXT, b"{}").serialize(mask=True)[1:], 1002),
+        # A continuation frame with no message to continue.
+        (Frame(Opcode.CONT, b"{}").serialize(mask=True), 1002),
+        # A close frame with a code no peer may send; with a reason that is not UTF-8.
+        (b"\x88" + Frame(Opcode.TEXT, b"\x03\xed").serialize(mask=True)[1:], 1002),
+        (b"\x88" + Frame(Opcode.TEXT, b"\x03\xe8\xff").serialize(mask=True)[1:], 1007),
+        # A ping over 125 bytes.
+        (b"\x89" + Frame(Opcode.TEXT, b"p" * 126).serialize(mask=True)[1:], 1002),
     ],
 )
 async def test_bad_frames_close_with_their_code(
