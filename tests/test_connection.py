@@ -269,3 +269,19 @@ async def test_compressed_messages_are_inflated_within_the_size_limit() -> None:
             assert ws.close_code == 1009
     finally:
         await server.shutdown()
+
+
+async def test_frames_in_the_same_write_as_the_handshake_are_read(broker: BrokerProcess) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    auth = {"op": "auth", "token": broker.token("eager")}
+    writer.write(request + Frame(Opcode.TEXT, orjson.dumps(auth)).serialize(mask=True))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    first = await asyncio.wait_for(reader.read(2 + 125), 5)
+    assert first[0] == 0x81 and b'"op":"hello"' in first, first
+    writer.close()

@@ -300,7 +300,9 @@ class Connection(asyncio.Protocol):
     def _upgrade(self, raw: bytes) -> None:
         """The first request asks for a WebSocket: websockets answers its head; what
         came after it is the first frames."""
-        end = raw.find(b"\r\n\r\n") + 4
+        end = raw.find(b"\r\n\r\n")
+        # h11 also reads bare LF line ends, which websockets refuses (400): give it all.
+        end = len(raw) if end < 0 else end + 4
         protocol = self.protocol
         protocol.receive_data(raw[:end])
         events = protocol.events_received()
@@ -584,7 +586,7 @@ class Connection(asyncio.Protocol):
         close frame with ``code``, read nothing more, and half-close, so that the close
         frame reaches the peer before TCP ends; a peer that does not close in time is
         dropped."""
-        log.info("closing the connection from %s: %s (%d)", self.peer, reason, code)
+        log.debug("closing the connection from %s: %s (%d)", self.peer, reason, code)
         if self._state == _OPEN:
             self._send(encode(close_payload(code, reason), CLOSE))
         self._state = _CLOSING
