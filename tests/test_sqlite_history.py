@@ -209,3 +209,17 @@ def test_a_scan_finds_the_records_after_damage_even_in_a_length() -> None:
     assert (len(torn.batches), torn.torn, torn.damaged) == (4, len(records[4]) - 3, 0)
     zeros = scan_segment(b"".join(records[:2]) + b"\0" * 4096)
     assert (len(zeros.batches), zeros.torn, zeros.damaged) == (2, 4096, 0)
+
+
+async def test_a_data_directory_copied_whole_forks_into_a_new_epoch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    original = tmp_path / "a" / "broker.sqlite3"
+    epoch, _ = await run(original, 5)
+    shutil.copytree(original.parent, tmp_path / "b")  # mark and all: new inodes
+    caplog.set_level(logging.INFO, LOGGER)
+    copy_epoch, copy_seq, kept = await reopen(tmp_path / "b" / "broker.sqlite3")
+    assert copy_epoch != epoch and copy_seq == 6 and kept == [1, 2, 3, 4, 5]
+    assert len(regressions(caplog)) == 1
+    # The original goes on as it was: the two never share an epoch.
+    assert (await reopen(original))[:2] == (epoch, 6)
