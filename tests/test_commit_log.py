@@ -15,7 +15,14 @@ from broker.core.model import Draft, Message
 from broker.errors import Unavailable
 from broker.store.dedupe import Duplicate
 from broker.store.sqlite import SqliteStore
-from broker.store.sqlite.commitlog import Batch, CommitLog, decode, encode, read_segment
+from broker.store.sqlite.commitlog import (
+    Batch,
+    CommitLog,
+    decode,
+    encode,
+    read_segment,
+    scan_segment,
+)
 
 
 def draft(topic: str, n: int, key: str | None = None) -> Draft:
@@ -256,3 +263,13 @@ def test_a_tear_followed_by_records_in_a_later_segment_is_damage(tmp_path: Path)
     (tmp_path / "db-log.2").unlink()
     found = CommitLog(tmp_path, "db-log").recover()
     assert found.damage == [] and found.torn == len(encode(batch(2))) - 4
+
+
+def test_a_record_inside_a_message_is_not_taken_for_one_after_damage() -> None:
+    inner = encode(batch(1))  # a publisher's data that looks like a record
+    carrier = encode(Batch([Message(2, "t", inner, "u", "U", 1)]))
+    data = bytearray(encode(batch(1)) + carrier + encode(batch(3)))
+    data[len(encode(batch(1))) + 2] ^= 0x01  # the carrier's length: found by searching
+    scan = scan_segment(bytes(data))
+    assert [b.messages[0].seq for b in scan.batches] == [1, 3]
+    assert (scan.before, scan.after, scan.damaged) == (1, 1, len(carrier))

@@ -85,6 +85,8 @@ def decode(payload: bytes) -> Batch:
         ts, *lengths = _KEY.unpack_from(payload, pos)
         (user, key, seqs), pos = _cut(payload, pos + _KEY.size, lengths)
         batch.keys.append((user.decode(), key.decode(), seqs.decode(), ts))
+    if pos != len(payload):
+        raise struct.error("bytes left after the last field")
     return batch
 
 
@@ -163,7 +165,7 @@ def scan_segment(data: bytes) -> Scan:
             continue
         if scan.bad_at < 0:
             scan.bad_at = pos
-        resume = _resync(data, pos, budget)
+        resume = _resync(data, pos, budget, _last_seq(scan.batches))
         if resume is None:
             rest = len(data) - pos
             if found == "torn" and scan.damaged == 0:
@@ -177,23 +179,39 @@ def scan_segment(data: bytes) -> Scan:
     return scan
 
 
-def _resync(data: bytes, bad: int, budget: int) -> tuple[int, int] | None:
-    """The offset of the next valid record after the bad one at ``bad`` and the CRC bytes
-    spent finding it; None when there is none (or the budget ran out)."""
+def _last_seq(batches: list[Batch]) -> int:
+    """The highest seq of the batches read so far (0: none)."""
+    for batch in reversed(batches):
+        if batch.messages:
+            return batch.messages[-1].seq
+    return 0
+
+
+def _follows(found: tuple[Batch, int] | str, after: int) -> bool:
+    """Whether a record found after damage is one: whole, and its seqs increasing past
+    ``after`` (a message's bytes that happen to look like a record are not)."""
+    if isinstance(found, str):
+        return False
+    seqs = [m.seq for m in found[0].messages]
+    return all(a < b for a, b in zip([after, *seqs], seqs, strict=False))
+
+
+def _resync(data: bytes, bad: int, budget: int, after: int) -> tuple[int, int] | None:
+    """The offset of the next valid record after the bad one at ``bad`` (its seqs past
+    ``after``) and the CRC bytes spent finding it; None when there is none (or the budget
+    ran out)."""
     spent = 0
     if len(data) - bad >= _HEAD.size:
         end = bad + _HEAD.size + _HEAD.unpack_from(data, bad)[0]
-        if end < len(data) and _plausible(data, end):
-            if not isinstance(_record_at(data, end), str):
-                return end, _HEAD.unpack_from(data, end)[0]
+        if end < len(data) and _plausible(data, end) and _follows(_record_at(data, end), after):
+            return end, _HEAD.unpack_from(data, end)[0]
     for pos in range(bad + 1, len(data) - _HEAD.size - _BATCH.size + 1):
         if not _plausible(data, pos):
             continue
-        length = _HEAD.unpack_from(data, pos)[0]
-        spent += length
+        spent += _HEAD.unpack_from(data, pos)[0]
         if spent > budget:
             return None
-        if not isinstance(_record_at(data, pos), str):
+        if _follows(_record_at(data, pos), after):
             return pos, spent
     return None
 
