@@ -159,3 +159,28 @@ async def test_a_node_restarted_on_the_same_redis_keeps_the_epoch(
         assert SERVER_CHANGED not in node.log()
     finally:
         node.kill()
+
+
+async def test_deleting_the_server_key_starts_a_new_epoch(
+    redis_server: Callable[[str], RedisProc], tmp_path: Path
+) -> None:
+    """The recipe after history was loaded into a running redis-server by hand (its run_id
+    stays): delete ``server``; the next append starts a new epoch, logged once."""
+    server = redis_server("none")
+    node = Node(tmp_path / "n0", server.url).start()
+    try:
+        sub = await Peer.open(node.url, node.token("s"))
+        epoch = (await sub.request("sub", topic="t"))["epoch"]
+        pub = await Peer.open(node.url, node.token("p"))
+        assert await publish(pub, "t", ["a0"]) == [1]
+        assert server.client().delete("broker:server") == 1
+        (seq,) = await publish(pub, "t", ["a1"])
+        assert seq > 1_000_000
+        assert [s for s, _ in await received(sub, 2)] == [1, seq]
+        ok = await (await Peer.open(node.url, node.token("x"))).request(
+            "sub", topic="t", since=1, epoch=epoch
+        )
+        assert ok["recovered"] is False and ok["epoch"] != epoch
+        assert node.log().count(SERVER_CHANGED) == 1
+    finally:
+        node.kill()
