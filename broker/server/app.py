@@ -27,6 +27,7 @@ from broker import __version__
 from broker.core.auth import Identity, TokenVerifier, parse_bearer
 from broker.core.hub import Hub
 from broker.core.model import Draft, Message, now_ms, text_frame
+from broker.core.namespaces import Namespaces
 from broker.core.protocol import (
     Auth,
     Presence,
@@ -115,6 +116,9 @@ class BrokerServer:
         self.config = config
         self.verifier = verifier
         self.store = store
+        #: Per-pattern options, ``[[namespace]]`` (public topics, history, presence).
+        self.namespaces = Namespaces(config.namespaces)
+        store.namespaces = self.namespaces
         # In cluster mode presence and stats span every node (broker/store/redis).
         self.cluster = cluster
         self.hub = self.cluster.make_hub(self.stats) if self.cluster else Hub()
@@ -126,7 +130,7 @@ class BrokerServer:
             flusher=self.flusher,
         )
         self.subscriptions = Subscriptions(
-            self.hub, self.store, config.max_subscriptions, self._limit_reached
+            self.hub, self.store, config.max_subscriptions, self._limit_reached, self.namespaces
         )
         self.backpressure = Backpressure(
             config.max_pending_publishes,

@@ -31,6 +31,7 @@ from typing import Any
 import platformdirs
 
 from broker.core.auth import ALGORITHMS
+from broker.core.namespaces import Namespace, parse_namespaces
 from broker.errors import ConfigError
 
 APP_NAME = "broker"
@@ -40,6 +41,8 @@ DEFAULT_URL = f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}/ws"
 #: Prefix of the environment variable of every setting: BROKER_ + upper snake case.
 ENV_PREFIX = "BROKER_"
 CONFIG_FILE_NAME = "broker.toml"
+#: The TOML key of the ``[[namespace]]`` tables.
+NAMESPACE_KEY = "namespace"
 
 
 def config_dir() -> Path:
@@ -591,6 +594,9 @@ class ServerConfig:
         "rich: readable lines (coloured on a terminal); json: one object per line.",
     )
     compression: bool = False  # permessage-deflate; not a setting (clients rarely gain from it)
+    #: The file's ``[[namespace]]`` tables (broker.core.namespaces): structured, so they
+    #: have no flag or environment form.
+    namespaces: tuple[Namespace, ...] = ()
 
     @property
     def scheme(self) -> str:
@@ -646,6 +652,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     values: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == NAMESPACE_KEY:  # read in load_settings, once the global retention is known
+            values[key] = value
+            continue
         row = SETTINGS_BY_NAME.get(key)
         if row is None:
             close = difflib.get_close_matches(key, SETTINGS_BY_NAME, n=1)
@@ -696,6 +705,10 @@ def load_settings(
             sources[row.name] = "default"
     config = ServerConfig(**values)
     _check(config, sources)
+    if NAMESPACE_KEY in from_file:
+        config.namespaces = parse_namespaces(
+            from_file[NAMESPACE_KEY], str(path), parse_duration, config.retention
+        )
     return Effective(config, sources, path)
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from broker.core.hub import Hub, Subscription
+from broker.core.namespaces import Namespaces
 from broker.core.protocol import Sub, encode_ok
 from broker.errors import CLOSE_SLOW_CONSUMER, BrokerError, Forbidden, Unavailable
 from broker.server.connection import CLOSE_INTERNAL
@@ -35,7 +36,9 @@ class Subscriptions:
         store: Store,
         max_subscriptions: int,
         limit_reached: Callable[[str, str], None],
+        namespaces: Namespaces | None = None,
     ) -> None:
+        self.namespaces = namespaces or Namespaces()
         self.hub = hub
         self.store = store
         self.max_subscriptions = max_subscriptions
@@ -62,7 +65,8 @@ class Subscriptions:
         session.hold()
         try:
             upto = self.hub.last_seq
-            sub = Subscription(frame.topic, frame.presence, covered_from=upto)
+            present = not ident.anonymous and self.namespaces.presence(frame.topic)
+            sub = Subscription(frame.topic, frame.presence, covered_from=upto, present=present)
             old = self.hub.subscribe(session, sub)
             try:
                 pages, recovered = await self._read_history(frame, sub, upto)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from broker.core.model import Draft, Message
+from broker.core.namespaces import Namespaces
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class Store(ABC):
     shared: bool = False
     #: Seconds an idempotency key is remembered from its first publish (``--dedupe-window``).
     dedupe_window: float = 120.0
+    #: Per-pattern options (``[[namespace]]``): a namespace's ``history`` replaces
+    #: ``history`` for its topics, its ``retention`` (never longer) ``retention``.
+    namespaces: Namespaces = Namespaces()
 
     def __init__(self, history: int = 1000, retention: float = 24 * 3600) -> None:
         self.history = history

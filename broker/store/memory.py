@@ -107,7 +107,11 @@ class MemoryStore(Store):
 
     def append_now(self, drafts: list[Draft]) -> list[Message]:
         numbered = number(drafts, self.last_seq + 1, self._known_key)
+        spaces = self.namespaces
+        history = self.history
         for msg in numbered.fresh:
+            if spaces:
+                history = spaces.history(msg.topic, self.history)
             q = self._topics.get(msg.topic)
             if q is None:
                 q = self._topics[msg.topic] = deque()
@@ -116,7 +120,7 @@ class MemoryStore(Store):
                 heapq.heappush(self._oldest, (msg.seq, msg.topic))
             q.append(msg)
             self.size += message_size(msg)
-            if len(q) > self.history:
+            while len(q) > history:
                 gone = q.popleft()
                 self.size -= message_size(gone)
                 self._trimmed[msg.topic] = gone.seq
@@ -208,8 +212,11 @@ class MemoryStore(Store):
 
     async def trim(self, now: float) -> int:
         cutoff = int((now - self.retention) * 1000)
+        spaces = self.namespaces
         removed = 0
         for topic, q in self._topics.items():
+            if spaces:
+                cutoff = int((now - spaces.retention(topic, self.retention)) * 1000)
             while q and q[0].ts < cutoff:
                 gone = q.popleft()
                 self.size -= message_size(gone)

@@ -752,17 +752,18 @@ class SqliteStore(Store):
             ]
         else:
             count += added
-        if count > self.history:
+        history = self.namespaces.history(topic, self.history)
+        if count > history:
             row = db.execute(
                 "SELECT seq FROM messages WHERE topic=? ORDER BY seq DESC LIMIT 1 OFFSET ?",
-                (topic, self.history),
+                (topic, history),
             ).fetchone()
             if row is not None:
                 db.execute("DELETE FROM messages WHERE topic=? AND seq<=?", (topic, row[0]))
                 db.execute(
                     "UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (row[0], topic)
                 )
-            count = self.history
+            count = history
         self._counts[topic] = count
 
     def append_now(self, drafts: list[Draft]) -> list[Message] | None:
@@ -1045,6 +1046,7 @@ class SqliteStore(Store):
                 (first_kept,),
             ).fetchall()
             db.execute("DELETE FROM messages WHERE seq<?", (first_kept,))
+            gone += self._trim_namespaces(db, now)
             for topic, top, _ in gone:
                 db.execute("UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic))
             db.execute("DELETE FROM dedupe WHERE ts<?", (int((now - self.dedupe_window) * 1000),))
@@ -1057,6 +1059,26 @@ class SqliteStore(Store):
             if topic in self._counts:
                 self._counts[topic] = max(0, self._counts[topic] - count)
         return sum(count for _, _, count in gone)
+
+    def _trim_namespaces(self, db: sqlite3.Connection, now: float) -> list[tuple[str, int, int]]:
+        """Retention of the namespaces that set a shorter one than the global: per topic
+        of theirs, what is older goes; ``(topic, highest seq removed, count)`` each."""
+        spaces = self.namespaces
+        if not spaces.retentions:
+            return []
+        gone: list[tuple[str, int, int]] = []
+        for (topic,) in db.execute("SELECT topic FROM topics").fetchall():
+            retention = spaces.retention(topic, self.retention)
+            if retention >= self.retention:
+                continue
+            cutoff = int((now - retention) * 1000)
+            top, count = db.execute(
+                "SELECT max(seq), count(*) FROM messages WHERE topic=? AND ts<?", (topic, cutoff)
+            ).fetchone()
+            if count:
+                db.execute("DELETE FROM messages WHERE topic=? AND seq<=?", (topic, top))
+                gone.append((topic, int(top), int(count)))
+        return gone
 
     async def trim(self, now: float) -> int:
         if self._lost is None and self._file_id is not None and self._identity() != self._file_id:
