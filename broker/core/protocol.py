@@ -51,6 +51,8 @@ class Sub:
     epoch: str | None = None
     last: int | None = None
     presence: bool = False
+    #: Replay the latest retained message of each matching topic (section 9).
+    latest: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,9 @@ def _parse_op(frame: dict[str, Any], rid: RequestId | None) -> Request:
         last = _optional_count(frame, "last")
         if since is not None and last is not None:
             raise BadRequest("'since' and 'last' cannot be used together")
+        latest = _optional_bool(frame, "latest")
+        if latest and (since is not None or last is not None):
+            raise BadRequest("'latest' cannot be used with 'since' or 'last'")
         epoch = frame.get("epoch")
         if epoch is not None and not isinstance(epoch, str):
             raise BadRequest("'epoch' must be a string")
@@ -234,6 +239,7 @@ def _parse_op(frame: dict[str, Any], rid: RequestId | None) -> Request:
             epoch=epoch,
             last=last,
             presence=_optional_bool(frame, "presence"),
+            latest=latest,
         )
     if op == "unsub":
         return Unsub(id=_require_id(rid, op), topic=validate_pattern(frame.get("topic")))
@@ -313,6 +319,8 @@ def encode_request(request: Request) -> bytes:
             sub["last"] = request.last
         if request.presence:
             sub["presence"] = True
+        if request.latest:
+            sub["latest"] = True
         return orjson.dumps(sub)
     if isinstance(request, Auth):
         auth: dict[str, Any] = {"op": "auth", "token": request.token}

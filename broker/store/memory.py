@@ -9,7 +9,15 @@ from collections import deque
 
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
-from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store
+from broker.store.base import (
+    LATEST_LIMIT,
+    PAGE_BYTES,
+    PAGE_SIZE,
+    Pages,
+    Replay,
+    Store,
+    Visible,
+)
 from broker.store.dedupe import KeyId, number
 
 
@@ -209,6 +217,24 @@ class MemoryStore(Store):
         ]
         merged = list(merge_by_seq(runs))
         return merged[-n:] if n else []
+
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        # Each topic's deque ends with its latest message: one look per matching topic.
+        found: list[Message] = []
+        for topic in self._matching(pattern):
+            q = self._topics.get(topic)
+            if not q or (visible is not None and not visible(topic)):
+                continue
+            msg = q[-1]
+            if msg.seq > upto:
+                i = bisect.bisect_right(q, upto, key=_seq)
+                if not i:
+                    continue
+                msg = q[i - 1]
+            found.append(msg)
+        return sorted(heapq.nlargest(limit, found, key=_seq), key=_seq)
 
     async def trim(self, now: float) -> int:
         cutoff = int((now - self.retention) * 1000)

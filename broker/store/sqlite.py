@@ -19,7 +19,16 @@ from typing import Any, NoReturn
 from broker.core.model import Draft, Message, new_epoch, now_ms
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
-from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store, chunks
+from broker.store.base import (
+    LATEST_LIMIT,
+    PAGE_BYTES,
+    PAGE_SIZE,
+    Pages,
+    Replay,
+    Store,
+    Visible,
+    chunks,
+)
 from broker.store.dedupe import KeyId, decode_seqs, encode_seqs, number
 from broker.store.log import Batch, CommitLog, encode
 
@@ -881,6 +890,39 @@ class SqliteStore(Store):
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         await self._visible(upto)
         result: list[Message] = await self._on(self._reader, self._read_last_sync, pattern, n, upto)
+        return result
+
+    def _latest_sync(self, pattern: str, upto: int, limit: int, visible: Visible) -> list[Message]:
+        db = self._rdb
+        assert db is not None
+        topics = [t for t, _ in self._topics_sync(pattern) if visible is None or visible(t)]
+        seqs: list[int] = []
+        for chunk in chunks(topics, _CHUNK):
+            # Per topic, max(seq) over its (topic, seq) index: one lookup, not a scan.
+            marks = ",".join("(?)" for _ in chunk)
+            rows = db.execute(
+                f"WITH t(topic) AS (VALUES {marks}) "
+                "SELECT (SELECT max(seq) FROM messages WHERE topic=t.topic AND seq<=?) FROM t",
+                (*chunk, upto),
+            ).fetchall()
+            seqs += [row[0] for row in rows if row[0] is not None]
+        chosen = sorted(heapq.nlargest(limit, seqs))
+        messages: list[Message] = []
+        for part in chunks(chosen, _CHUNK):
+            marks = ",".join("?" * len(part))
+            rows = db.execute(
+                f"SELECT * FROM messages WHERE seq IN ({marks}) ORDER BY seq", part
+            ).fetchall()
+            messages += [_row_message(r) for r in rows]
+        return messages
+
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        await self._visible(upto)
+        result: list[Message] = await self._on(
+            self._reader, self._latest_sync, pattern, upto, limit, visible
+        )
         return result
 
     async def replay(
