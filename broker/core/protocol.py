@@ -37,7 +37,8 @@ MAX_KEY = 128
 class Auth:
     """``auth``: authenticate (first frame) or refresh the token."""
 
-    token: str
+    #: None: no token, a request for an anonymous connection (section 10).
+    token: str | None
     id: RequestId | None = None
 
 
@@ -245,8 +246,8 @@ def _parse_op(frame: dict[str, Any], rid: RequestId | None) -> Request:
         return Unsub(id=_require_id(rid, op), topic=validate_pattern(frame.get("topic")))
     if op == "auth":
         token = frame.get("token")
-        if not isinstance(token, str):
-            raise BadRequest("'auth' requires a 'token' string")
+        if token is not None and not isinstance(token, str):
+            raise BadRequest("'token' must be a string (or absent, for an anonymous connection)")
         return Auth(token=token, id=rid)
     if op == "presence":
         rid = _require_id(rid, op)
@@ -284,8 +285,11 @@ def encode_error(error: BrokerError) -> bytes:
     return orjson.dumps(frame)
 
 
-def encode_hello(user: dict[str, str], server: str) -> bytes:
-    """The ``hello`` frame sent after successful authentication."""
+def encode_hello(user: dict[str, str], server: str, anonymous: bool = False) -> bytes:
+    """The ``hello`` frame sent after successful authentication (``anonymous: true`` for
+    an anonymous connection, section 10)."""
+    if anonymous:
+        return orjson.dumps({"op": "hello", "user": user, "anonymous": True, "server": server})
     return orjson.dumps({"op": "hello", "user": user, "server": server})
 
 
@@ -323,7 +327,9 @@ def encode_request(request: Request) -> bytes:
             sub["latest"] = True
         return orjson.dumps(sub)
     if isinstance(request, Auth):
-        auth: dict[str, Any] = {"op": "auth", "token": request.token}
+        auth: dict[str, Any] = {"op": "auth"}
+        if request.token is not None:
+            auth["token"] = request.token
         if request.id is not None:
             auth["id"] = request.id
         return orjson.dumps(auth)

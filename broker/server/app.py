@@ -46,6 +46,7 @@ from broker.errors import (
     CLOSE_GOING_AWAY,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOKEN_EXPIRED,
+    CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
     BadRequest,
     BrokerError,
@@ -56,7 +57,9 @@ from broker.errors import (
 )
 from broker.server.admission import (
     Admission,
+    AnonymousCaps,
     connection_budget,
+    default_anonymous,
     default_unauthenticated,
     raise_descriptor_limit,
 )
@@ -90,6 +93,8 @@ _LIMIT_TEXT = {
     "unauthenticated": "max_unauthenticated, the oldest unauthenticated connections dropped",
     "unauthenticated_per_address": "max_unauthenticated_per_address, new connections refused",
     "subscriptions": "max_subscriptions, subscriptions refused",
+    "anonymous": "max_anonymous, new anonymous connections refused",
+    "anonymous_per_address": "max_anonymous_per_address, new anonymous connections refused",
 }
 
 log = logging.getLogger("broker")
@@ -158,6 +163,14 @@ class BrokerServer:
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.admission = self._admission()
+        self.anonymous = AnonymousCaps(
+            self.config.max_anonymous
+            if self.config.max_anonymous is not None
+            else default_anonymous(self.admission.max_connections),
+            self.config.max_anonymous_per_address,
+        )
+        # Anonymous sessions and the address each is counted under.
+        self._anonymous_peers: dict[Session, str] = {}
         # Refused connections and limits reached: a few lines in full, then a summary.
         self._refusals = Repeats(log, burst=_REFUSALS_LOGGED)
         self._limits = Repeats(log, burst=1)
@@ -502,13 +515,32 @@ class BrokerServer:
             request_id = getattr(frame, "id", None)
             if not isinstance(frame, Auth):
                 raise Unauthorized("the first frame must be 'auth'")
-            identity = self.verifier.verify(frame.token)
+            if frame.token is None and self.namespaces.public:
+                identity = self.anonymous_identity(conn)
+            else:
+                identity = self.verifier.verify(frame.token)
+        except Unavailable as exc:  # a cap of anonymous connections
+            exc.request_id = request_id
+            self.metrics.error(exc.code)
+            conn.write(text_frame(encode_error(exc)))
+            conn.close(CLOSE_TRY_AGAIN_LATER, exc.message[:120])
+            return
         except BrokerError as exc:
             error = exc if isinstance(exc, Unauthorized) else Unauthorized(exc.message)
             error.request_id = exc.request_id if request_id is None else request_id
             self._refuse_session(conn, error)
             return
         self._start_session(conn, identity)
+
+    def anonymous_identity(self, conn: Connection) -> Identity:
+        """An anonymous connection's identity, counted against its caps (section 10);
+        ``Unavailable`` when one is reached (the caller answers 1013 or 503)."""
+        limit = self.anonymous.admit(conn.peer)
+        if limit is not None:
+            self._refused(conn, "over_capacity", f"{limit} cap reached")
+            self._limit_reached(limit, f"from {conn.peer}")
+            raise Unavailable("too many anonymous connections; try again later")
+        return Identity.anonymous_reader(self.namespaces.public)
 
     def _auth_timeout(self, conn: Connection) -> None:
         conn.timer = None
@@ -538,6 +570,8 @@ class BrokerServer:
         conn.session = session
         self.admission.settle(conn)
         self.sessions.add(session)
+        if identity.anonymous:
+            self._anonymous_peers[session] = conn.peer
         self.hub.attach(session)
         log.info(
             "connect %s user=%s from %s",
@@ -546,7 +580,7 @@ class BrokerServer:
             conn.peer,
             extra={"event": "connect", "conn": session.id, "user": identity.id, "peer": conn.peer},
         )
-        session.send(encode_hello(identity.user_json(), SERVER_NAME))
+        session.send(encode_hello(identity.user_json(), SERVER_NAME, identity.anonymous))
         session.set_expiry(identity.exp)
 
     def _handle(self, session: Session, data: str | bytes) -> None:
@@ -573,6 +607,8 @@ class BrokerServer:
             if isinstance(frame, Sub):
                 await self.subscriptions.subscribe(session, frame)
             elif isinstance(frame, Presence):
+                if session.identity.anonymous:
+                    raise Forbidden("an anonymous connection may not ask who is present")
                 session.identity.check_subscribe(frame.topic)
                 users = self.hub.presence(frame.topic)
                 if self.cluster is not None:
@@ -646,6 +682,9 @@ class BrokerServer:
         self.backpressure.forget(session)
         if session in self.sessions:
             self.sessions.discard(session)
+            peer = self._anonymous_peers.pop(session, None)
+            if peer is not None:
+                self.anonymous.release(peer)
             session.set_expiry(None)
             if not self.hub.detach(session, _DETACH_SLICE):
                 self._spawn(self._detach_rest(session))
@@ -755,6 +794,8 @@ class BrokerServer:
             self.journal.submit(draft, self.backpressure.wrap(None, draft, done))
 
     def _refresh(self, session: Session, frame: Auth) -> None:
+        if session.identity.anonymous:
+            raise Forbidden("an anonymous connection cannot log in: open a new connection")
         identity = self.verifier.verify(frame.token)
         if identity.id != session.identity.id:
             raise Unauthorized("a refreshed token must be for the same user")
@@ -791,6 +832,7 @@ class BrokerServer:
             "limit_hits": dict(self.metrics.limit_hits),
             "max_connections": self.admission.max_connections,
             "unauthenticated": self.admission.unauthenticated,
+            "anonymous": self.anonymous.count,
             "top_topics": dict(self.metrics.top_topics.top(10)),
         }
 

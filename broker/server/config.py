@@ -549,6 +549,18 @@ class ServerConfig:
         "Connections not authenticated yet from one IP address, at once; when full, that "
         "address's oldest is dropped (0: no limit).",
     )
+    max_anonymous: int | None = setting(
+        None,
+        Integer(0),
+        "Anonymous connections and streams (public topics, no token) at once; over it a new "
+        "one is refused (close 1013, or 503). Not set: half of max_connections.",
+        example=5000,
+    )
+    max_anonymous_per_address: int = setting(
+        256,
+        Integer(0),
+        "Anonymous connections and streams from one IP address at once (0: no limit).",
+    )
     dedupe_window: float = setting(
         120.0,
         Duration(),

@@ -68,6 +68,8 @@ LIMITS = (
     "unauthenticated",  # --max-unauthenticated (the oldest waiting one is dropped)
     "unauthenticated_per_address",  # --max-unauthenticated-per-address (its oldest dropped)
     "subscriptions",  # --max-subscriptions (per connection)
+    "anonymous",  # --max-anonymous (anonymous connections and streams, section 10)
+    "anonymous_per_address",  # --max-anonymous-per-address
 )
 
 #: Latency buckets (seconds) for publish-to-ack, fan-out, store commits and Redis.
@@ -142,6 +144,11 @@ GAUGES = (
         "unauthenticated",
         "broker_unauthenticated_connections",
         "Connections accepted and not authenticated yet.",
+    ),
+    (
+        "anonymous",
+        "broker_anonymous_connections",
+        "Open anonymous connections and streams (public topics only).",
     ),
 )
 
