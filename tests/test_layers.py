@@ -133,7 +133,14 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_the_layout_has_the_layers() -> None:
-    for folder in ("broker/core", "broker/store", "broker/store/redis", "broker/server", "cli"):
+    for folder in (
+        "broker/core",
+        "broker/store",
+        "broker/store/redis",
+        "broker/store/sqlite",
+        "broker/server",
+        "cli",
+    ):
         assert (ROOT / folder).is_dir(), folder
     assert {layer(m) for m in MODULES} == set(ALLOWED)
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,13 @@ from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
 
 log = logging.getLogger("broker")
+
+#: Test-only: cap the SQLite database at this many pages, so that a test of a real
+#: ``broker serve`` meets "database or disk is full" without filling a disk.
+SQLITE_MAX_PAGES_ENV = "BROKER_TEST_SQLITE_MAX_PAGES"
+#: Test-only: this machine's boot id, as if it had rebooted (a power loss) since the last
+#: run of the broker.
+BOOT_ID_ENV = "BROKER_TEST_BOOT_ID"
 
 
 def build_verifier(config: ServerConfig) -> TokenVerifier:
@@ -85,12 +93,16 @@ def build_store(config: ServerConfig) -> Store:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create data directory {folder}: {exc.strerror or exc}") from None
+    # Read here, not in the store: the tests that need them run a real `broker serve`.
+    max_pages = os.environ.get(SQLITE_MAX_PAGES_ENV)
     return SqliteStore(
         Path(folder) / "broker.sqlite3",
         config.history,
         config.retention,
         fsync=config.fsync,
         fsync_interval=config.fsync_interval,
+        max_pages=int(max_pages) if max_pages else None,
+        boot_id=os.environ.get(BOOT_ID_ENV) or None,
     )
 
 
