@@ -42,6 +42,7 @@ from broker.core.protocol import (
     parse_request,
 )
 from broker.core.protocol import Request as Frame
+from broker.core.sse import StreamRequest, parse_stream
 from broker.errors import (
     CLOSE_GOING_AWAY,
     CLOSE_SLOW_CONSUMER,
@@ -74,6 +75,8 @@ from broker.server.memory import release_memory
 from broker.server.metrics import Metrics, wire_size
 from broker.server.replay import Subscriptions
 from broker.server.session import Flusher, Session
+from broker.server.sse import StreamLink, StreamSession, heartbeats
+from broker.server.sse import serve as serve_stream
 from broker.store.base import Store
 from broker.store.dedupe import Duplicate
 
@@ -171,6 +174,8 @@ class BrokerServer:
         )
         # Anonymous sessions and the address each is counted under.
         self._anonymous_peers: dict[Session, str] = {}
+        #: Open server-sent event streams (GET /sse).
+        self.streams: set[StreamSession] = set()
         # Refused connections and limits reached: a few lines in full, then a summary.
         self._refusals = Repeats(log, burst=_REFUSALS_LOGGED)
         self._limits = Repeats(log, burst=1)
@@ -211,6 +216,7 @@ class BrokerServer:
         self._spawn(self._trim_loop())
         if self.config.ping_interval > 0:
             self._spawn(self._keepalive_loop(self.config.ping_interval))
+        self._spawn(heartbeats(lambda: list(self.streams)))
         if self.store.shared:
             self._spawn(self.store.follow(self.hub.fanout, self._history_restarted))
 
@@ -365,10 +371,140 @@ class BrokerServer:
             self._reply(conn, request, error_reply(BadRequest(reason), status), True)
         elif request.path.startswith("/api/"):
             self._spawn(self._api(conn, request))
+        elif request.path == "/sse":
+            self._stream(conn, request)
         else:
             status, headers, body = self.routes.plain(conn, request)
             self.metrics.http_request(request.path, status)
             conn.respond(status, headers, body)
+
+    # -- server-sent event streams (section 11) -------------------------------------------
+
+    def _stream(self, conn: Connection, request: HttpRequest) -> None:
+        """``GET /sse``: refuse it before the stream (status and JSON body), or start it."""
+        allowed, origin = self.api.origin_allowed(request)
+        cors = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")] if origin else []
+        if allowed and request.method == "OPTIONS":
+            headers = [
+                *cors,
+                ("Access-Control-Allow-Methods", "GET, OPTIONS"),
+                ("Access-Control-Allow-Headers", "Authorization, Last-Event-ID"),
+                ("Allow", "GET, OPTIONS"),
+            ]
+            self._reply(conn, request, Reply(204, headers=headers, content_type=None))
+            return
+        try:
+            if not allowed:
+                raise Forbidden("origin not allowed")
+            if request.method != "GET":
+                reply = error_reply(BadRequest(f"/sse takes GET, not {request.method}"), 405)
+                reply.headers.append(("Allow", "GET, OPTIONS"))
+                self._reply(conn, request, reply, close=True)
+                return
+            if self.draining:
+                raise Unavailable("the broker is shutting down")
+            resume = request.header("last-event-id")
+            ask = parse_stream(
+                request.query, resume[-1] if resume else None, self.config.max_subscriptions
+            )
+            identity = self._stream_identity(conn, request, ask)
+        except BrokerError as exc:
+            reply = error_reply(exc)
+            reply.headers += cors
+            self.metrics.error(exc.code)
+            self._reply(conn, request, reply, close=True)
+            return
+        self._start_stream(conn, identity, ask, cors)
+
+    def _stream_identity(
+        self, conn: Connection, request: HttpRequest, ask: StreamRequest
+    ) -> Identity:
+        """Who a stream is for: its bearer header, its ``token`` parameter, or nobody (an
+        anonymous stream, counted against its caps last, once all else passed)."""
+        header = request.header("authorization")
+        if len(header) > 1:
+            raise Unauthorized("more than one Authorization header")
+        if header:
+            identity = self.verifier.verify(parse_bearer(header[0]))
+        elif ask.token is not None:
+            identity = self.verifier.verify(ask.token)
+        elif self.namespaces.public:
+            identity = Identity.anonymous_reader(self.namespaces.public)
+        else:
+            raise Unauthorized(
+                "an 'Authorization: Bearer <token>' header or a 'token' parameter is required"
+            )
+        for pattern in ask.patterns:
+            identity.check_subscribe(pattern)
+        if identity.anonymous:
+            identity = self.anonymous_identity(conn)
+        return identity
+
+    def _start_stream(
+        self,
+        conn: Connection,
+        identity: Identity,
+        ask: StreamRequest,
+        cors: list[tuple[str, str]],
+    ) -> None:
+        transport = conn.transport
+        if transport is None or conn.closed.done():
+            return
+        head = [
+            "HTTP/1.1 200 OK",
+            f"Server: {SERVER_NAME}",
+            "Content-Type: text/event-stream",
+            "Cache-Control: no-cache",
+            "X-Accel-Buffering: no",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in cors),
+        ]
+        # Written as it is, not through h11: the body is the stream, ended by the close.
+        transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        self.metrics.http_request("/sse", 200)
+        session = StreamSession(
+            StreamLink(conn),
+            identity,
+            flusher=self.flusher,
+            max_queue=self.config.max_queue,
+            on_close=self._on_session_close,
+        )
+        session.epoch = self.store.epoch
+        conn.session = session
+        self.sessions.add(session)
+        self.streams.add(session)
+        if identity.anonymous:
+            self._anonymous_peers[session] = conn.peer
+        self.hub.attach(session)
+        session.set_expiry(identity.exp)
+        log.info(
+            "stream %s user=%s from %s: %s",
+            session.id,
+            identity.id,
+            conn.peer,
+            " ".join(ask.patterns),
+            extra={"event": "connect", "conn": session.id, "user": identity.id, "peer": conn.peer},
+        )
+        session.task = asyncio.get_running_loop().create_task(self._serve_stream(session, ask))
+
+    async def _serve_stream(self, session: StreamSession, ask: StreamRequest) -> None:
+        try:
+            if (
+                self.store.shared
+                and ask.since is not None
+                and ask.epoch in (None, self.store.epoch)
+            ):
+                await self.catch_up(ask.since)
+            await serve_stream(
+                session, ask, self.store, self.hub.subscribe, lambda: self.hub.last_seq
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("stream %s failed: %s", session.id, exc, extra={"event": "store_error"})
+            session.close(CLOSE_INTERNAL, "history cannot be read now")
+        finally:
+            session.task = None
 
     async def _api(self, conn: Connection, request: HttpRequest) -> None:
         try:
@@ -476,6 +612,18 @@ class BrokerServer:
         if conn in self._http_conns:
             self._http_conns.discard(conn)
             self.connections -= 1
+            stream = conn.session
+            if stream is not None:  # a server-sent event stream
+                if stream.task is not None:
+                    stream.task.cancel()
+                self._drop(stream)
+                conn.session = None
+                log.info(
+                    "stream %s ended user=%s",
+                    stream.id,
+                    stream.identity.id,
+                    extra={"event": "disconnect", "conn": stream.id, "user": stream.identity.id},
+                )
             return
         if conn not in self._conns:
             return  # never upgraded: a plain HTTP request or a failed handshake
@@ -682,6 +830,8 @@ class BrokerServer:
         self.backpressure.forget(session)
         if session in self.sessions:
             self.sessions.discard(session)
+            if isinstance(session, StreamSession):
+                self.streams.discard(session)
             peer = self._anonymous_peers.pop(session, None)
             if peer is not None:
                 self.anonymous.release(peer)
@@ -833,6 +983,7 @@ class BrokerServer:
             "max_connections": self.admission.max_connections,
             "unauthenticated": self.admission.unauthenticated,
             "anonymous": self.anonymous.count,
+            "streams": len(self.streams),
             "top_topics": dict(self.metrics.top_topics.top(10)),
         }
 

@@ -57,6 +57,7 @@ HTTP_PATHS = (
     "/api/history",
     "/api/presence",
     "/api/stats",
+    "/sse",
     "/healthz",
     "/metrics",
     "/",
@@ -150,6 +151,7 @@ GAUGES = (
         "broker_anonymous_connections",
         "Open anonymous connections and streams (public topics only).",
     ),
+    ("streams", "broker_sse_streams", "Open server-sent event streams (GET /sse)."),
 )
 
 
