@@ -21,7 +21,7 @@ from broker import __version__
 from broker.core.auth import TokenVerifier
 from broker.errors import ConfigError
 from broker.server.app import BrokerServer
-from broker.server.config import ServerConfig, data_dir
+from broker.server.config import ServerConfig
 from broker.store.base import Store
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
@@ -88,7 +88,8 @@ def build_store(config: ServerConfig) -> Store:
         )
     if config.memory:
         return MemoryStore(config.history, config.retention, config.history_size)
-    folder = Path(config.data or data_dir())
+    folder = config.data_folder()
+    assert folder is not None  # neither memory nor redis
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -131,9 +132,10 @@ async def run(config: ServerConfig, on_ready: Callable[[BrokerServer], None] | N
     if on_ready is not None:
         on_ready(server)
     log.info(
-        "broker %s listening on %s (store: %s)",
+        "broker %s listening on %s (console: %s, store: %s)",
         __version__,
         config.url,
+        config.console_url,
         store_label(server.store),
         extra={"event": "listening"},
     )
