@@ -88,8 +88,21 @@ class StreamSession(Session):
         self._queue(event)
 
     def deliver_run(self, run: Run) -> None:
-        for message in run.messages:
-            self.deliver(message)
+        if self.closing:
+            return
+        if self._held is not None or self.flusher.alone:
+            for message in run.messages:
+                self.deliver(message)
+            return
+        epoch = self.epoch
+        events = [message.event(epoch) for message in run.messages]  # each encoded once
+        pending = self._pending
+        if not pending:
+            self.flusher.mark(self)
+        pending += events
+        self._pending_bytes += sum(map(len, events))
+        if self._pending_bytes + self._buffered > self.max_queue:
+            self._check_queue()
 
 
 async def _merge(sources: list[Pages]) -> AsyncIterator[Message]:
