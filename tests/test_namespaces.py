@@ -23,7 +23,7 @@ from broker.core.namespaces import (
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
 
-from .support import BrokerProcess, Peer, isolated_env
+from .support import BrokerProcess, Peer, RedisServer, isolated_env
 
 
 def parse(tables: list[dict[str, Any]], retention: float | None = None) -> tuple[Namespace, ...]:
@@ -220,3 +220,33 @@ async def test_presence_off_in_a_namespace(make_broker: Any, tmp_path: Path) -> 
     assert {u["id"] for u in loud["users"]} == {"w", "o"}
     await watcher.close()
     await other.close()
+
+
+@pytest.mark.redis
+async def test_redis_store_keeps_each_namespace_s_history_and_retention(
+    redis_server: RedisServer,
+) -> None:
+    from broker.store.redis.store import RedisStore
+
+    redis_server.ensure_running()
+    redis_server.flush()
+    store = RedisStore(redis_server.url, history=100, retention=86400)
+    store.namespaces = Namespaces(
+        parse([{"pattern": "scores/#", "history": 2}, {"pattern": "news/#", "retention": "1h"}])
+    )
+    await store.open()
+    try:
+        await store.append(drafts("scores/a", 5) + drafts("chat", 5))
+        old = int((time.time() - 7200) * 1000)
+        top = (await store.append(drafts("news/x", 3, ts=old) + drafts("chat/old", 2, ts=old)))[
+            -1
+        ].seq
+        assert await store.trim(time.time()) == 3
+        last = await store.read_last("scores/a", 10, top)
+        assert [m.payload for m in last] == [b"3", b"4"]
+        assert len(await store.read_last("chat", 10, top)) == 5
+        assert await store.read_last("news/#", 10, top) == []
+        assert len(await store.read_last("chat/old", 10, top)) == 2
+        assert (await store.read_since("news/#", 0, top)).recovered is False
+    finally:
+        await store.close()
