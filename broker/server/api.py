@@ -66,6 +66,8 @@ class Reply:
     content_type: str | None = JSON
     #: The error code of an error reply (counted in the metrics), None for a success.
     code: str | None = None
+    #: Who sent the request, when its token was valid: the connection has authenticated.
+    identity: Identity | None = None
 
 
 def error_reply(error: BrokerError, status: int | None = None) -> Reply:
@@ -136,6 +138,14 @@ class HttpApi:
             reply.headers.append(("Allow", ", ".join((*methods, "OPTIONS"))))
             return reply
         identity = self._authenticate(request)
+        try:
+            reply = await self._authenticated(identity, request)
+        except BrokerError as exc:
+            reply = error_reply(exc)
+        reply.identity = identity
+        return reply
+
+    async def _authenticated(self, identity: Identity, request: HttpRequest) -> Reply:
         if request.path == "/api/publish":
             return await self._publish(identity, request)
         query = self._query(request)

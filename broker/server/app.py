@@ -334,8 +334,10 @@ class BrokerServer:
     # -- plain HTTP and the HTTP API (called by Connection) -----------------------------
 
     def http(self, conn: Connection, request: HttpRequest) -> None:
-        """A plain HTTP request: ``/api/...`` (answered by a task), or a plain path."""
-        self.admission.settle(conn)
+        """A plain HTTP request: ``/api/...`` (answered by a task), or a plain path.
+
+        The connection stays unauthenticated (within those bounds) until a request of
+        its carries a valid token: tokenless keep-alive sockets cannot hold the door."""
         if conn not in self._http_conns:
             if self.admission.refused(conn, conn.loop.time()):
                 self._refused(conn, "over_capacity", "too many connections")
@@ -359,6 +361,8 @@ class BrokerServer:
         except Exception:
             log.exception("internal error answering %s %s", request.method, request.path)
             reply = error_reply(BrokerError("internal error"))
+        if reply.identity is not None:
+            self.admission.settle(conn)
         self._reply(conn, request, reply)
 
     def _reply(
