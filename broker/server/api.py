@@ -49,6 +49,12 @@ ROUTES = {
 MAX_TOPICS = 100
 #: Most messages in one history answer.
 PAGE = 1000
+#: Most bytes of messages in one history answer (at least one message is always given):
+#: a request costs what it returns, as a WebSocket replay's page does.
+PAGE_BYTES = 1 << 20
+#: Messages read from the store at a time for one answer: at the largest message size
+#: this is what a request holds beyond its answer.
+READ_PAGE = 256
 #: Per-user rate buckets kept at once (the least recently used go first).
 MAX_BUCKETS = 10_000
 #: Verified tokens remembered at once (the least recently used go first).
@@ -288,30 +294,41 @@ class HttpApi:
             await server.catch_up(since)
         upto = server.hub.last_seq
         recovered = True
-        # Read a page at a time, up to one message more than a response holds: the memory
-        # a request takes is bounded by that, not by the history it could cover.
+        # Read a page at a time, up to one message more than a response holds (in count or
+        # in bytes): the memory a request takes is bounded by that, not by the history it
+        # could cover.
         visible: list[Message] = []
+        size = 0
         try:
             if since is not None:
                 if (epoch is not None and epoch != store.epoch) or since > upto:
                     since, recovered = 0, False
-                pages = await store.replay(pattern, since=since, upto=upto, page_size=PAGE + 1)
+                pages = await store.replay(pattern, since=since, upto=upto, page_size=READ_PAGE)
                 recovered = recovered and pages.recovered
             else:
-                pages = await store.replay(pattern, last=last or 0, upto=upto, page_size=PAGE + 1)
-            while len(visible) <= PAGE:
+                pages = await store.replay(pattern, last=last or 0, upto=upto, page_size=READ_PAGE)
+            while len(visible) <= PAGE and size <= PAGE_BYTES:
                 chunk = await pages.next()
                 if not chunk:
                     break
-                visible += [m for m in chunk if identity.may_receive(m.topic)]
+                for m in chunk:
+                    if identity.may_receive(m.topic):
+                        visible.append(m)
+                        size += len(m.frame)
         except BrokerError:
             raise
         except Exception:
             raise Unavailable("history cannot be read now; retry later") from None
         # A gap (retention removed some before they were read): "more", and the next
         # request (since = the last seq returned) answers recovered: false.
-        more = len(visible) > PAGE or pages.gap
         page = visible[:PAGE]
+        taken = 0
+        for n, m in enumerate(page):
+            taken += len(m.frame)
+            if taken > PAGE_BYTES and n:
+                page = page[:n]
+                break
+        more = len(visible) > len(page) or pages.gap
         body = b"".join(
             (
                 b'{"seq":',
