@@ -118,6 +118,7 @@ class BrokerServer:
         # In cluster mode presence and stats span every node (broker/store/redis).
         self.cluster = cluster
         self.hub = self.cluster.make_hub(self.stats) if self.cluster else Hub()
+        self.hub.max_user_patterns = config.max_subscriptions
         # A shared store feeds every node through follow(); a local one after append.
         self.flusher = Flusher()
         self.journal = Journal(
