@@ -21,7 +21,7 @@ import orjson
 
 from broker.core.auth import Identity, parse_bearer
 from broker.core.limits import TokenBucket
-from broker.core.model import Message
+from broker.core.model import Message, kept_bytes
 from broker.core.protocol import parse_key
 from broker.core.topics import is_pattern, validate_pattern, validate_topic
 from broker.errors import (
@@ -249,7 +249,7 @@ class HttpApi:
             if len(set(topics)) != len(topics):
                 raise BadRequest("'topics' must not repeat a topic")
         key = parse_key(body)
-        return topics, "topics" in body, orjson.dumps(body["data"]), key
+        return topics, "topics" in body, kept_bytes(orjson.dumps(body["data"])), key
 
     async def _publish(self, identity: Identity, request: HttpRequest) -> Reply:
         topics, batch, data, key = self._publish_body(request)

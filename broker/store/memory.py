@@ -70,18 +70,44 @@ class _MemoryPages(Pages):
         return page
 
 
+#: What a kept message costs beyond its text: the object, its deque slot and the three
+#: bytes objects (data, the cached ``msg`` frame and its WebSocket frame), measured.
+MESSAGE_OVERHEAD = 480
+#: What a topic with messages costs beyond its name: its deque and its dict entries.
+TOPIC_OVERHEAD = 900
+#: What a topic whose messages are all gone costs while its trim mark is remembered.
+EMPTY_TOPIC_OVERHEAD = 160
+#: What a remembered idempotency key costs beyond the user id and key text.
+KEY_OVERHEAD = 320
+#: Expired idempotency keys dropped per ``trim`` call, at most: a slice, not a stall.
+KEY_SLICE = 10_000
+
+
 def message_size(msg: Message) -> int:
-    """What a message counts against ``history_size``: its data, topic and sender."""
-    return len(msg.payload) + len(msg.topic) + len(msg.sender_id) + len(msg.sender_name)
+    """What a message counts against ``history_size``: its data three times (as stored, in
+    its ``msg`` frame, in its WebSocket frame), its topic and sender twice, and
+    ``MESSAGE_OVERHEAD``: near what it really takes in memory."""
+    text = len(msg.topic) + len(msg.sender_id) + len(msg.sender_name)
+    return 3 * len(msg.payload) + 2 * text + MESSAGE_OVERHEAD
+
+
+def _key_size(kid: KeyId) -> int:
+    return len(kid[0]) + len(kid[1]) + KEY_OVERHEAD
 
 
 class MemoryStore(Store):
     """History in process memory: fast, lost on restart (a new epoch every start).
 
     Bounded per topic (``history`` messages) and in all (``history_size`` bytes, see
-    ``message_size``): past the total, the oldest messages go first, whatever their topic,
-    and their topic's ``trimmed`` mark moves on, so a ``since`` replay that misses them
-    answers ``recovered: false``."""
+    ``message_size``, topics and keys included): past the total, the oldest messages go
+    first, whatever their topic, and their topic's ``trimmed`` mark moves on, so a
+    ``since`` replay that misses them answers ``recovered: false``.
+
+    A topic whose messages are all gone keeps only its trim mark; those marks are dropped
+    first, oldest first, when room is needed, and ``floor`` (the highest mark dropped)
+    answers for them: a ``since`` below it is ``recovered: false``. Idempotency keys take
+    at most a quarter of ``history_size``; past it the oldest are forgotten early. Expired
+    keys go a slice at a time."""
 
     def __init__(
         self,
@@ -99,8 +125,14 @@ class MemoryStore(Store):
         # (seq of a topic's oldest message, topic), a heap: finds the oldest message of all.
         # Entries go stale when a topic loses messages another way; fixed when met.
         self._oldest: list[tuple[int, str]] = []
+        # Topics with no message left (their trim mark kept), in the order they emptied.
+        self._empty: dict[str, None] = {}
+        #: The highest trim mark of a topic forgotten to make room (see the class doc).
+        self.floor = 0
         # (user, key) -> (seqs, monotonic time of the publish), oldest first.
         self._keys: dict[KeyId, tuple[tuple[int, ...], float]] = {}
+        #: Bytes the keys count for (``_key_size``), within ``history_size // 4``.
+        self.keys_size = 0
 
     async def append(self, drafts: list[Draft]) -> list[Message]:
         return self.append_now(drafts)
@@ -108,30 +140,82 @@ class MemoryStore(Store):
     def append_now(self, drafts: list[Draft]) -> list[Message]:
         numbered = number(drafts, self.last_seq + 1, self._known_key)
         for msg in numbered.fresh:
-            q = self._topics.get(msg.topic)
+            topic = msg.topic
+            q = self._topics.get(topic)
             if q is None:
-                q = self._topics[msg.topic] = deque()
-                self._trimmed.setdefault(msg.topic, 0)
-            if not q:
-                heapq.heappush(self._oldest, (msg.seq, msg.topic))
+                q = self._topics[topic] = deque()
+                if topic in self._empty:
+                    del self._empty[topic]
+                    self.size -= EMPTY_TOPIC_OVERHEAD + len(topic)
+                else:
+                    self._trimmed.setdefault(topic, 0)
+                self.size += TOPIC_OVERHEAD + len(topic)
+                heapq.heappush(self._oldest, (msg.seq, topic))
             q.append(msg)
             self.size += message_size(msg)
             if len(q) > self.history:
                 gone = q.popleft()
                 self.size -= message_size(gone)
-                self._trimmed[msg.topic] = gone.seq
+                self._trimmed[topic] = gone.seq
         if self.history_size is not None and self.size > self.history_size:
             self._evict(self.history_size)
         if numbered.fresh:
             self.last_seq = numbered.fresh[-1].seq
-        now = time.monotonic()
-        for kid, seqs in numbered.keys.items():
-            self._keys.pop(kid, None)  # a reused expired key moves to the end
-            self._keys[kid] = (seqs, now)
+        if numbered.keys:
+            self._add_keys(numbered.keys)
         return numbered.results
+
+    def _add_keys(self, keys: dict[KeyId, tuple[int, ...]]) -> None:
+        now = time.monotonic()
+        held = self._keys
+        for kid, seqs in keys.items():
+            if held.pop(kid, None) is not None:  # a reused expired key moves to the end
+                self.keys_size -= _key_size(kid)
+            held[kid] = (seqs, now)
+            self.keys_size += _key_size(kid)
+        # Expired keys go as new ones come (a few more than came), so that no sweep
+        # ever meets millions at once; past the bound the oldest go early.
+        self._expire_keys(now - self.dedupe_window, len(keys) + 16)
+        if self.history_size is not None:
+            limit = self.history_size // 4
+            while self.keys_size > limit and held:
+                kid = next(iter(held))
+                del held[kid]
+                self.keys_size -= _key_size(kid)
+
+    def _expire_keys(self, before: float, budget: int) -> None:
+        """Drop up to ``budget`` keys published before ``before`` (the oldest are first)."""
+        held = self._keys
+        while budget > 0 and held:
+            kid = next(iter(held))
+            if held[kid][1] >= before:
+                return
+            del held[kid]
+            self.keys_size -= _key_size(kid)
+            budget -= 1
+
+    def _emptied(self, topic: str) -> None:
+        """``topic`` lost its last message: keep only its trim mark."""
+        del self._topics[topic]
+        self._empty[topic] = None
+        self.size -= TOPIC_OVERHEAD - EMPTY_TOPIC_OVERHEAD
+
+    def _forget_empty(self) -> bool:
+        """Forget the oldest emptied topic's trim mark (``floor`` answers for it); False
+        when there is none."""
+        empty = self._empty
+        if not empty:
+            return False
+        topic = next(iter(empty))
+        del empty[topic]
+        self.floor = max(self.floor, self._trimmed.pop(topic, 0))
+        self.size -= EMPTY_TOPIC_OVERHEAD + len(topic)
+        return True
 
     def _evict(self, limit: int) -> None:
         """Drop the oldest messages of all topics until the total is within ``limit``."""
+        while self.size > limit and self._forget_empty():
+            pass
         oldest = self._oldest
         while self.size > limit and oldest:
             seq, topic = heapq.heappop(oldest)
@@ -146,6 +230,11 @@ class MemoryStore(Store):
             self._trimmed[topic] = gone.seq
             if q:
                 heapq.heappush(oldest, (q[0].seq, topic))
+            else:
+                self._emptied(topic)
+                # An emptied topic's mark is what goes next.
+                while self.size > limit and self._forget_empty():
+                    pass
         if len(oldest) > 2 * len(self._topics) + 64:
             # Topics emptied by age and made again leave entries behind: start afresh.
             self._oldest = [(q[0].seq, t) for t, q in self._topics.items() if q]
@@ -162,9 +251,12 @@ class MemoryStore(Store):
             return [pattern] if pattern in self._trimmed else []
         return [t for t in self._trimmed if matches(pattern, t)]
 
+    def _recovered(self, topics: list[str], since: int) -> bool:
+        return since >= self.floor and all(self._trimmed[t] <= since for t in topics)
+
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
         topics = self._matching(pattern)
-        recovered = all(self._trimmed[t] <= since for t in topics)
+        recovered = self._recovered(topics, since)
         runs = [[m for m in self._topics.get(t, ()) if since < m.seq <= upto] for t in topics]
         return Replay(list(merge_by_seq(runs)), recovered)
 
@@ -180,7 +272,7 @@ class MemoryStore(Store):
     ) -> Pages:
         topics = self._matching(pattern)
         if since is not None:
-            start, recovered = since, all(self._trimmed[t] <= since for t in topics)
+            start, recovered = since, self._recovered(topics, since)
         else:
             start, recovered = self._nth_latest(topics, last or 0, upto), True
         return _MemoryPages(self._topics, topics, start, recovered, upto, page_size, page_bytes)
@@ -216,11 +308,8 @@ class MemoryStore(Store):
                 self._trimmed[topic] = gone.seq
                 removed += 1
         for topic in [t for t, q in self._topics.items() if not q]:
-            del self._topics[topic]
-        # Expired keys: insertion order is publish order, so they are at the front.
-        expired = time.monotonic() - self.dedupe_window
-        for kid, (_, stamp) in list(self._keys.items()):
-            if stamp >= expired:
-                break
-            del self._keys[kid]
+            self._emptied(topic)
+        # Expired keys: insertion order is publish order, so they are at the front. A
+        # slice: ``append`` drops them as new ones come too.
+        self._expire_keys(time.monotonic() - self.dedupe_window, KEY_SLICE)
         return removed
