@@ -86,9 +86,11 @@ def mint_raw(header: bytes, payload: bytes, secret: str = SECRET) -> str:
     return (signing + b"." + _b64(sig)).decode()
 
 
-def token(user: str, ttl: float = 3600) -> str:
-    """An ordinary token for ``user``."""
-    payload = {"sub": user, "name": user, "exp": int(time.time() + ttl)}
+def token(user: str, ttl: float = 3600, admin: bool = False) -> str:
+    """An ordinary token for ``user`` (an admin's with ``admin``)."""
+    payload: dict[str, Any] = {"sub": user, "name": user, "exp": int(time.time() + ttl)}
+    if admin:
+        payload["admin"] = True
     return mint_raw(b'{"alg":"HS256","typ":"JWT"}', orjson.dumps(payload))
 
 
@@ -266,7 +268,8 @@ class Broker:
         self.env["COLUMNS"] = "200"
         module, self.cwd = serve_module(self.env)
         self.cmd = [sys.executable, *module, "serve", "--port", str(self.port)]
-        self.cmd += ["--secret", SECRET, "--data", str(self.data), *(extra or [])]
+        store = [] if "--memory" in (extra or []) else ["--data", str(self.data)]
+        self.cmd += ["--secret", SECRET, *store, *(extra or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -483,6 +486,9 @@ class Ctx:
     deadline: float
     notes: dict[str, Any] = field(default_factory=dict)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Seconds before the end at which an attack that holds connections closes them, so
+    #: that the RSS after the close is sampled too.
+    broker_seconds_after_close: float = 5.0
 
     @property
     def url(self) -> str:
@@ -929,6 +935,279 @@ async def attack_odd_values(ctx: Ctx) -> None:
     ctx.notes["seen"] = dict(seen)
 
 
+# -- issue 27: the second round (rows 101-115 are its rows 1-15) --------------------------
+
+
+async def attack_pattern_users(ctx: Ctx) -> None:
+    """Row 101: 66 connections of one user, 1,000 `{a,+}^16/b` patterns each, then
+    publishes to `a/.../a` and `a/.../x` (17 levels, matching none of them)."""
+    patterns = [
+        "/".join("+" if i >> b & 1 else "a" for b in range(16)) + "/b" for i in range(65_536)
+    ]
+    conns: list[Replies] = []
+    limit = time.monotonic() + ctx.left() * 0.5
+    ok = sent = 0
+    for c in range(66):
+        if time.monotonic() >= limit or ctx.over():
+            break
+        r = Replies(await open_ws(ctx.url, "evil"))
+        conns.append(r)
+        sent += await r.subscribe_many(patterns[c * 1000 : (c + 1) * 1000], ctx, limit)
+        ok += r.ok
+    ctx.notes["subs"] = f"{ok}/{sent} ok on {len(conns)} connections"
+    topics = ["/".join(["a"] * 17), "/".join(["a"] * 16 + ["x"])]
+    published = 0
+    slowest = 0.0
+
+    async def publisher(r: Replies, n: int) -> None:
+        nonlocal published, slowest
+        i = 0
+        while not ctx.over() and r.closed is None and i < 100_000:
+            started = time.monotonic()
+            frame = {"op": "pub", "id": f"p{n}.{i}", "topic": topics[i % 2], "data": i}
+            if not await r.request(frame, max(0.1, ctx.left())):
+                break
+            slowest = max(slowest, time.monotonic() - started)
+            published += 1
+            i += 1
+
+    await asyncio.gather(*(publisher(r, n) for n, r in enumerate(conns[:8])))
+    ctx.notes["publishes"] = f"{published} acked, slowest {slowest * 1000:.0f} ms"
+    errors: Counter[str] = Counter()
+    for r in conns:
+        errors.update(r.errors)
+        await r.close()
+    ctx.notes["errors"] = dict(errors)
+
+
+async def _http_exchange(
+    port: int, wire: bytes, answers: int, timeout: float, read: bool = True
+) -> tuple[int, int]:
+    """Send ``wire`` on a new connection from 127.0.0.1, read until ``answers`` status lines
+    (or EOF, or ``timeout``); (answers seen, bytes read)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    seen = got = 0
+    try:
+        writer.write(wire)
+        deadline = time.monotonic() + timeout
+        tail = b""
+        while read and seen < answers and time.monotonic() < deadline:
+            try:
+                chunk = await asyncio.wait_for(reader.read(1 << 20), deadline - time.monotonic())
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            got += len(chunk)
+            seen += (tail + chunk).count(b"HTTP/1.1 ") - tail.count(b"HTTP/1.1 ")
+            tail = chunk[-16:]
+    finally:
+        writer.transport.abort()
+    return seen, got
+
+
+async def attack_http_keepalive(ctx: Ctx) -> None:
+    """Row 102: 950 tokenless keep-alive HTTP sockets from one address, each `GET /healthz`
+    every 3 s (the broker runs under a 1,024-descriptor limit)."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    answered = dropped = 0
+
+    async def one() -> None:
+        nonlocal answered, dropped
+        rounds = 0
+        while not ctx.over() and rounds < 1000:
+            rounds += 1
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", ctx.broker.port), 3
+                )
+            except (OSError, TimeoutError):
+                await asyncio.sleep(1)
+                continue
+            try:
+                while not ctx.over():
+                    writer.write(request)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    await asyncio.wait_for(reader.readexactly(length), 5)
+                    answered += 1
+                    await asyncio.sleep(3)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, IndexError, ValueError):
+                dropped += 1
+            finally:
+                writer.transport.abort()
+
+    await asyncio.gather(*(one() for _ in range(950)))
+    ctx.notes["healthz"] = f"{answered} answered, {dropped} connections dropped"
+
+
+async def attack_http_pipeline(ctx: Ctx) -> None:
+    """Row 103: 400 pipelined `GET /healthz` in one write, repeated."""
+    wire = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 400
+    rounds = full = 0
+    while not ctx.over() and rounds < 500:
+        rounds += 1
+        seen, _ = await _http_exchange(ctx.broker.port, wire, 400, min(10.0, max(0.1, ctx.left())))
+        full += seen == 400
+        await asyncio.sleep(0.2)
+    ctx.notes["rounds"] = f"{full}/{rounds} answered in full"
+
+
+async def attack_http_unread(ctx: Ctx) -> None:
+    """Row 104: three connections pipelining `GET /broker.js` (0.7 MiB of requests each)
+    whose answers are never read, held open, then closed."""
+    wire = b"GET /broker.js HTTP/1.1\r\nHost: x\r\n\r\n" * (700 * 1024 // 38)
+    writers = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", ctx.broker.port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        writer.write(wire)
+        writers.append(writer)
+    while ctx.left() > ctx.broker_seconds_after_close:
+        await asyncio.sleep(0.2)
+    for writer in writers:
+        writer.transport.abort()
+    while not ctx.over():
+        await asyncio.sleep(0.2)
+    ctx.notes["unread"] = "3 x 0.7 MiB of pipelined GET /broker.js, closed 5 s before the end"
+
+
+BIG_HTTP_MESSAGES = 1000  # x 60 KB on one topic: 60 MB of history
+
+
+async def setup_history_http(broker: Broker) -> None:
+    blob = "z" * 60_000
+    items = [("hbig/t", {"i": i, "pad": blob}) for i in range(BIG_HTTP_MESSAGES)]
+    await publish_acked(broker.url, items, window=20, timeout=180)
+
+
+async def attack_http_history(ctx: Ctx) -> None:
+    """Row 105: `GET /api/history` over 60 MB of history, 40 pipelined, on two connections
+    at once, repeated."""
+    auth = f"Authorization: Bearer {token('reader')}\r\n".encode()
+    request = b"GET /api/history?topic=hbig/t&since=0 HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+    rounds = answers = biggest = 0
+    while not ctx.over() and rounds < 100:
+        rounds += 1
+        results = await asyncio.gather(
+            *(
+                _http_exchange(ctx.broker.port, request * 40, 40, min(20.0, max(0.1, ctx.left())))
+                for _ in range(2)
+            )
+        )
+        for seen, got in results:
+            answers += seen
+            biggest = max(biggest, got // max(seen, 1))
+    ctx.notes["history"] = f"{answers} answers in {rounds} rounds, ~{biggest >> 10} KiB each"
+
+
+async def attack_memory_tiny(ctx: Ctx) -> None:
+    """Row 108 (--memory): up to 1,000,000 tiny messages on 1,000 topics, 8 publishers."""
+    done = 0
+
+    async def one(n: int) -> None:
+        nonlocal done
+        ws = await open_ws(ctx.url, f"tiny{n}")
+        r = Replies(ws)
+        i = 0
+        try:
+            while not ctx.over() and i < 125_000:
+                if i - r.answered > 500:
+                    await asyncio.sleep(0.002)
+                    continue
+                await ws.send(f'{{"op":"pub","id":{i},"topic":"tiny/{i % 1000}","data":1}}')
+                i += 1
+        except ConnectionClosed:
+            pass
+        done += r.ok
+        await r.close()
+
+    await asyncio.gather(*(one(n) for n in range(8)))
+    ctx.notes["published"] = f"{done} acked"
+
+
+async def attack_memory_keys(ctx: Ctx) -> None:
+    """Row 109 (--memory): publishes with a fresh idempotency key each, 8 publishers, as
+    fast as acks come (2.1 million keys in 60 s in the issue)."""
+    done = 0
+
+    async def one(n: int) -> None:
+        nonlocal done
+        ws = await open_ws(ctx.url, f"keys{n}")
+        r = Replies(ws)
+        i = 0
+        try:
+            while not ctx.over() and i < 1_000_000:
+                if i - r.answered > 500:
+                    await asyncio.sleep(0.002)
+                    continue
+                await ws.send(f'{{"op":"pub","id":{i},"topic":"k/{n}","data":1,"key":"k{n}-{i}"}}')
+                i += 1
+        except ConnectionClosed:
+            pass
+        done += r.ok
+        await r.close()
+
+    await asyncio.gather(*(one(n) for n in range(8)))
+    ctx.notes["published"] = f"{done} keyed publishes acked"
+
+
+async def attack_flood32(ctx: Ctx) -> None:
+    """Row 111: 32 connections flooding fire-and-forget 1 KB publishes."""
+    frame = orjson.dumps({"op": "pub", "topic": "flood32", "data": "f" * 1000}).decode()
+    sent = 0
+
+    async def one(n: int) -> None:
+        nonlocal sent
+        ws = await open_ws(ctx.url, f"flood{n}")
+        r = Replies(ws)
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            while not ctx.over() and sent < 10_000_000:
+                await asyncio.wait_for(ws.send(frame), max(0.1, ctx.left()))
+                sent += 1
+        await r.close()
+
+    await asyncio.gather(*(one(n) for n in range(32)))
+    ctx.notes["sent"] = f"{sent} x 1 KB"
+
+
+REBIND_ORIGIN = "https://app.example"
+
+
+async def attack_rebinding(ctx: Ctx) -> None:
+    """Row 112 (--allowed-origin https://app.example): a page at an attacker's host name
+    (DNS rebinding: `Host` and `Origin` both that name): WebSocket, HTTP API, /metrics."""
+    port = ctx.broker.port
+    name = f"evil.example:{port}"
+    common = f"Host: {name}\r\nOrigin: http://{name}\r\n"
+    bearer = f"Authorization: Bearer {token('victim', admin=True)}\r\n"
+    ws = (
+        f"GET /ws HTTP/1.1\r\n{common}{bearer}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    api = f"GET /api/stats HTTP/1.1\r\n{common}{bearer}\r\n"
+    metrics = f"GET /metrics HTTP/1.1\r\n{common}\r\n"
+    seen: Counter[str] = Counter()
+    rounds = 0
+    while not ctx.over() and rounds < 200:
+        rounds += 1
+        for what, wire in (("ws", ws), ("api", api), ("metrics", metrics)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(wire.encode())
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+                seen[f"{what} {line.split(b' ')[1].decode() if b' ' in line else '?'}"] += 1
+            except (TimeoutError, OSError):
+                seen[f"{what} no answer"] += 1
+            finally:
+                writer.transport.abort()
+        await asyncio.sleep(0.1)
+    ctx.notes["answers"] = dict(seen)
+
+
 @dataclass
 class Attack:
     name: str
@@ -936,6 +1215,8 @@ class Attack:
     seconds: float
     run: Callable[[Ctx], Awaitable[None]]
     setup: Callable[[Broker], Awaitable[None]] | None = None
+    #: Settings besides the defaults that the attack needs (``--memory``, say).
+    extra: list[str] = field(default_factory=list)
 
 
 ATTACKS = [
@@ -950,6 +1231,16 @@ ATTACKS = [
     Attack("never_readers", 8, 15, attack_never_readers, setup_history_big),
     Attack("second_broker", 9, 10, attack_second_broker),
     Attack("odd_values", 10, 10, attack_odd_values, setup_history_odd),
+    Attack("pattern_users", 101, 30, attack_pattern_users),
+    Attack("http_keepalive", 102, 15, attack_http_keepalive),
+    Attack("http_pipeline", 103, 10, attack_http_pipeline),
+    Attack("http_unread", 104, 15, attack_http_unread),
+    Attack("http_history", 105, 15, attack_http_history, setup_history_http),
+    Attack("memory_tiny", 108, 20, attack_memory_tiny, extra=["--memory"]),
+    Attack("memory_keys", 109, 20, attack_memory_keys, extra=["--memory"]),
+    Attack("flood32", 111, 15, attack_flood32),
+    Attack("flood32_memory", 111, 15, attack_flood32, extra=["--memory"]),
+    Attack("rebinding", 112, 10, attack_rebinding, extra=["--allowed-origin", REBIND_ORIGIN]),
 ]
 
 
@@ -958,7 +1249,7 @@ ATTACKS = [
 
 def run_attack(attack: Attack, env: dict[str, str], root: Path) -> dict[str, Any]:
     workdir = root / attack.name
-    broker = Broker(workdir, env)
+    broker = Broker(workdir, env, attack.extra)
     row: dict[str, Any] = {"attack": attack.name, "row": attack.row, "seconds": attack.seconds}
     if not broker.start():
         row["error"] = "broker did not start: " + broker.log()[-300:]
