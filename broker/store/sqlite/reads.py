@@ -14,7 +14,7 @@ from typing import Any
 from broker.core.model import Message
 from broker.core.topics import is_pattern, matches
 from broker.store.base import Pages, Replay, chunks
-from broker.store.sqlite.database import connect
+from broker.store.sqlite.database import connect, floor
 
 # SQLite limits the number of bound parameters; stay well below it.
 _CHUNK = 500
@@ -36,9 +36,11 @@ class SqlitePages(Pages):
         upto: int,
         size: int,
         max_bytes: int,
+        floor_at_start: int = 0,
     ) -> None:
         super().__init__(start, recovered)
         self._reads = reads
+        self._floor = floor_at_start
         self._topics = topics  # topic -> its trimmed mark when the replay began
         self._after = start
         self._upto = upto
@@ -48,7 +50,7 @@ class SqlitePages(Pages):
     async def next(self) -> list[Message]:
         while not self.gap and self._topics and self._after < self._upto:
             page, scanned, gap = await self._reads.page(
-                self._topics, self._after, self._upto, self._size, self._max_bytes
+                self._topics, self._after, self._upto, self._size, self._max_bytes, self._floor
             )
             self._after = scanned
             if gap:
@@ -109,11 +111,17 @@ class Reads:
         return pages
 
     async def page(
-        self, topics: dict[str, int], after: int, upto: int, size: int, max_bytes: int
+        self,
+        topics: dict[str, int],
+        after: int,
+        upto: int,
+        size: int,
+        max_bytes: int,
+        floor_at_start: int = 0,
     ) -> tuple[list[Message], int, bool]:
         """One page of a replay (see ``_page_sync``)."""
         result: tuple[list[Message], int, bool] = await self._on(
-            self._page_sync, topics, after, upto, size, max_bytes
+            self._page_sync, topics, after, upto, size, max_bytes, floor_at_start
         )
         return result
 
@@ -139,7 +147,7 @@ class Reads:
         db = self._db
         assert db is not None
         topics = self._topics_sync(pattern)
-        recovered = all(trimmed <= since for _, trimmed in topics)
+        recovered = since >= floor(db) and all(trimmed <= since for _, trimmed in topics)
         rows: list[tuple[Any, ...]] = []
         for chunk in chunks([t for t, _ in topics], _CHUNK):
             marks = ",".join("?" * len(chunk))
@@ -176,11 +184,14 @@ class Reads:
         page_bytes: int,
     ) -> Pages:
         topics = dict(self._topics_sync(pattern))
+        assert self._db is not None
+        mark = floor(self._db)
         if since is not None:
-            start, recovered = since, all(trimmed <= since for trimmed in topics.values())
+            recovered = since >= mark and all(t <= since for t in topics.values())
+            start = since
         else:
             start, recovered = self._nth_latest_sync(list(topics), last or 0, upto), True
-        return SqlitePages(self, topics, start, recovered, upto, page_size, page_bytes)
+        return SqlitePages(self, topics, start, recovered, upto, page_size, page_bytes, mark)
 
     def _nth_latest_sync(self, topics: list[str], n: int, upto: int) -> int:
         """The seq after which the latest ``n`` messages (``seq <= upto``) of ``topics``
@@ -207,7 +218,13 @@ class Reads:
         return upto if nth is None else int(nth) - 1
 
     def _page_sync(
-        self, topics: dict[str, int], after: int, upto: int, size: int, max_bytes: int
+        self,
+        topics: dict[str, int],
+        after: int,
+        upto: int,
+        size: int,
+        max_bytes: int,
+        floor_at_start: int = 0,
     ) -> tuple[list[Message], int, bool]:
         """One page of a replay: messages of ``topics`` with ``after < seq <= upto``, at
         most ``size`` of them and ``max_bytes`` of data; the seq read up to; and whether
@@ -268,5 +285,10 @@ class Reads:
             ).fetchall()
         gap = any(trimmed > topics.get(topic, trimmed) for topic, trimmed in moved)
         if len(messages) < len(seqs):
+            gap = True
+        # A topic emptied by retention meanwhile lost its row (and its mark) with it: the
+        # floor moved past where the replay is.
+        mark = floor(db)
+        if mark > floor_at_start and mark > after:
             gap = True
         return messages, scanned, gap
