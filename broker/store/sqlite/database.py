@@ -130,6 +130,9 @@ class Database:
         self._wal_fd: int | None = None
         # topic -> number of retained messages, filled lazily; keeps trimming cheap.
         self._counts: dict[str, int] = {}
+        #: Bytes the database's pages in use take (pages less the free list), measured
+        #: after each apply and each retention pass.
+        self.used = 0
         #: Bytes applied since the WAL was last checkpointed into the database, and when.
         self.uncheckpointed = 0
         self._checkpointed_at = time.monotonic()
@@ -262,6 +265,7 @@ class Database:
             if reserved:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('reserved', ?)", (str(reserved),))
             db.execute("COMMIT")
+            self.measure()
         except BaseException:
             # SQLite may have rolled back already (a full disk): a second ROLLBACK would
             # fail with "cannot rollback" and hide the real cause.
@@ -269,6 +273,17 @@ class Database:
                 db.execute("ROLLBACK")
             self._counts.clear()  # they counted rows that are not there
             raise
+
+    def measure(self) -> int:
+        """Bytes the database's pages in use take (``used``), measured now. The caller
+        holds ``write_lock``."""
+        db = self.wdb
+        assert db is not None
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        self.used = int((pages - free) * size)
+        return self.used
 
     def _trim_count(self, db: sqlite3.Connection, topic: str, added: int) -> None:
         count = self._counts.get(topic)
@@ -374,6 +389,7 @@ class Database:
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('floor', ?)", (str(emptied),))
                 db.execute("DELETE FROM dedupe WHERE ts<?", (int((now - dedupe_window) * 1000),))
                 db.execute("COMMIT")
+                self.measure()
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
