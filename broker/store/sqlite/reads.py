@@ -1,12 +1,20 @@
 """History reads from SQLite: ``read_since``, ``read_last`` and replays a page at a time,
-all on the reader thread with its own connection, so that a replay never waits for a
-commit. Reads see what SQLite holds: the store applies the commit log first."""
+on reader threads with connections of their own, so that a replay never waits for a
+commit. Reads see what SQLite holds: the store applies the commit log first.
+
+Two readers, two lanes: reads of one topic (a client's ``sub`` with ``last`` on its own
+topic, an inbox) take one, pattern reads (which may cover many topics) the other. A read
+of one topic costs an index lookup; a pattern read can cost far more, and many of them
+queued by other clients must not make a one-topic read wait its turn behind them. Each
+connection has at most one read in flight (the server serves its requests one at a
+time), so within a lane the readers take turns."""
 
 from __future__ import annotations
 
 import asyncio
 import heapq
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +26,21 @@ from broker.store.sqlite.database import connect, floor
 
 # SQLite limits the number of bound parameters; stay well below it.
 _CHUNK = 500
+
+
+class _Current(threading.local):
+    """The connection of the reader thread this runs on."""
+
+    db: sqlite3.Connection | None = None
+
+
+_current = _Current()
+
+
+def _with_db(db: sqlite3.Connection | None, fn: Any, *args: Any) -> Any:
+    """On a reader thread: run ``fn`` with ``db`` as this thread's connection."""
+    _current.db = db
+    return fn(*args)
 
 
 def _row_message(row: tuple[Any, ...]) -> Message:
@@ -66,20 +89,34 @@ class Reads:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-read")
-        self._db: sqlite3.Connection | None = None
+        # Lane -> its thread (a pool of one) and connection: True for one-topic reads.
+        self._pools = {
+            lane: ThreadPoolExecutor(1, thread_name_prefix=f"store-read-{name}")
+            for lane, name in ((False, "patterns"), (True, "topic"))
+        }
+        self._dbs: dict[bool, sqlite3.Connection] = {}
 
     def connect(self) -> None:
-        """Open the reader's connection (once the schema exists)."""
-        self._db = connect(self.path)
+        """Open the readers' connections (once the schema exists)."""
+        self._dbs = {lane: connect(self.path) for lane in self._pools}
 
-    async def _on(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    @property
+    def _db(self) -> sqlite3.Connection | None:
+        """The connection of the thread this runs on (a reader's), else None."""
+        return _current.db
+
+    async def _on(self, one_topic: bool, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the lane for one-topic reads (``one_topic``) or patterns."""
+        db = self._dbs.get(one_topic)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pools[one_topic], _with_db, db, fn, *args
+        )
 
     async def close(self) -> None:
-        """Close the connection on its thread, then the thread."""
-        await self._on(self._close_sync)
-        self._pool.shutdown()
+        """Close the connections on their threads, then the threads."""
+        for lane, pool in self._pools.items():
+            await self._on(lane, self._close_sync)
+            pool.shutdown()
 
     def _close_sync(self) -> None:
         if self._db is not None:
@@ -87,12 +124,16 @@ class Reads:
 
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
         """``Store.read_since`` on what SQLite holds."""
-        result: Replay = await self._on(self._read_since_sync, pattern, since, upto)
+        result: Replay = await self._on(
+            not is_pattern(pattern), self._read_since_sync, pattern, since, upto
+        )
         return result
 
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         """``Store.read_last`` on what SQLite holds."""
-        result: list[Message] = await self._on(self._read_last_sync, pattern, n, upto)
+        result: list[Message] = await self._on(
+            not is_pattern(pattern), self._read_last_sync, pattern, n, upto
+        )
         return result
 
     async def replay(
@@ -106,7 +147,14 @@ class Reads:
     ) -> Pages:
         """``Store.replay`` on what SQLite holds."""
         pages: Pages = await self._on(
-            self._replay_sync, pattern, since, last, upto, page_size, page_bytes
+            not is_pattern(pattern),
+            self._replay_sync,
+            pattern,
+            since,
+            last,
+            upto,
+            page_size,
+            page_bytes,
         )
         return pages
 
@@ -121,7 +169,7 @@ class Reads:
     ) -> tuple[list[Message], int, bool]:
         """One page of a replay (see ``_page_sync``)."""
         result: tuple[list[Message], int, bool] = await self._on(
-            self._page_sync, topics, after, upto, size, max_bytes, floor_at_start
+            len(topics) <= 1, self._page_sync, topics, after, upto, size, max_bytes, floor_at_start
         )
         return result
 
