@@ -1,6 +1,7 @@
 """Abuse benchmark: can one client freeze, exhaust or blind a broker with default settings?
 
-For each attack of issue 13's table, this script starts a fresh broker (default settings,
+For each attack of issue 13's table (rows 0-10) and of issue 27's (rows 101-115 are its
+rows 1-15), this script starts a fresh broker (default settings unless the row names one,
 SQLite store in a temporary directory, loopback, a random port), lets a well-behaved pair
 of clients publish and receive 20 messages per second on ``pair/t`` (in a process of its
 own, so the attacker's CPU does not slow it), runs the attack for a bounded time and
@@ -1208,6 +1209,111 @@ async def attack_rebinding(ctx: Ctx) -> None:
     ctx.notes["answers"] = dict(seen)
 
 
+async def _http_batches(port: int, batches: list[tuple[list[str], Any]], timeout: float) -> int:
+    """POST ``/api/publish`` batches (topics, data) on one keep-alive connection; how many
+    were answered 200."""
+    auth = f"Authorization: Bearer {token('filler')}\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    ok = 0
+    deadline = time.monotonic() + timeout
+    try:
+        for topics, data in batches:
+            if time.monotonic() >= deadline:
+                break
+            body = orjson.dumps({"topics": topics, "data": data})
+            writer.write(
+                (
+                    f"POST /api/publish HTTP/1.1\r\nHost: x\r\n{auth}"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                + body
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await asyncio.wait_for(reader.readexactly(length), 30)
+            ok += b" 200 " in head.split(b"\r\n", 1)[0]
+    finally:
+        writer.transport.abort()
+    return ok
+
+
+MANY_TOPICS = 100_000
+
+
+async def setup_many_topics(broker: Broker) -> None:
+    batches = [([f"many/{i}" for i in range(b, b + 100)], 1) for b in range(0, MANY_TOPICS, 100)]
+    await asyncio.gather(*(_http_batches(broker.port, batches[n::4], 200) for n in range(4)))
+    await publish_acked(broker.url, [("mine/t", {"i": i}) for i in range(10)])
+
+
+async def _timed_subs(ctx: Ctx, user: str, topic: str, last: int, rounds: int) -> list[float]:
+    """``sub`` ``topic`` with ``last`` then ``unsub``, repeated; seconds to each ``ok``."""
+    r = Replies(await open_ws(ctx.url, user))
+    took: list[float] = []
+    try:
+        for i in range(rounds):
+            if ctx.over() or r.closed is not None:
+                break
+            started = time.monotonic()
+            frame = {"op": "sub", "id": 2 * i, "topic": topic, "last": last}
+            if not await r.request(frame, max(0.1, ctx.left())):
+                break
+            took.append(time.monotonic() - started)
+            await r.request({"op": "unsub", "id": 2 * i + 1, "topic": topic}, 5)
+    finally:
+        await r.close()
+    return took
+
+
+async def attack_many_readers(ctx: Ctx) -> None:
+    """Row 106: 32 history readers (`sub #` with `last: 5`, repeated) over 100,000 topics;
+    meanwhile a victim's `sub` with `last: 5` on its own topic."""
+    readers = [asyncio.create_task(_timed_subs(ctx, f"reader{n}", "#", 5, 1000)) for n in range(32)]
+    victim = await _timed_subs(ctx, "victim", "mine/t", 5, 10_000)
+    done = await asyncio.gather(*readers)
+    reads = [t for got in done for t in got]
+    ctx.notes["readers"] = f"{len(reads)} `#` reads, slowest {max(reads, default=0):.2f} s"
+    ctx.notes["victim"] = (
+        f"{len(victim)} own-topic subs, slowest {max(victim, default=0) * 1000:.0f} ms"
+    )
+
+
+async def attack_expired_topics(ctx: Ctx) -> None:
+    """Row 107 (--retention 5s): 100,000 topics published once, then retention removes every
+    message; `sub #` with `last: 1`, repeated."""
+    while ctx.left() > ctx.broker_seconds_after_close + 3 and not ctx.over():
+        await asyncio.sleep(0.2)  # retention runs (every 0.5 s at 5 s)
+    took = await _timed_subs(ctx, "reader", "#", 1, 1000)
+    ctx.notes["`#` last 1"] = f"{len(took)} reads, slowest {max(took, default=0) * 1000:.0f} ms"
+
+
+async def attack_http_batches(ctx: Ctx) -> None:
+    """Row 110: HTTP batch publishes (100 topics x 4 KB each), 4 clients; the data
+    directory's size at the end."""
+    blob = "b" * 4000
+    batches = [([f"disk/{n}/{i}" for i in range(100)], blob) for n in range(100_000)]
+    oks = await asyncio.gather(
+        *(_http_batches(ctx.broker.port, batches[n::4], max(0.1, ctx.left())) for n in range(4))
+    )
+    size = sum(p.stat().st_size for p in ctx.broker.data.rglob("*") if p.is_file())
+    ctx.notes["batches"] = f"{sum(oks)} answered 200; data directory {size >> 20} MiB"
+
+
+async def attack_disk_full(ctx: Ctx) -> None:
+    """Row 114 (a full disk: SQLite's max_page_count, the test-only variable): publishes
+    refused one after another; commit-log segments left in the data directory."""
+    ws = await open_ws(ctx.url, "filler")
+    r = Replies(ws)
+    blob = "d" * 3000
+    i = 0
+    while not ctx.over() and i < 100_000:
+        await r.request({"op": "pub", "id": i, "topic": "full", "data": blob}, 5)
+        i += 1
+    segments = len(list(ctx.broker.data.glob("*-log.*")))
+    ctx.notes["publishes"] = f"{r.ok} ok, errors {dict(r.errors)}; {segments} log segments"
+    await r.close()
+
+
 @dataclass
 class Attack:
     name: str
@@ -1217,6 +1323,8 @@ class Attack:
     setup: Callable[[Broker], Awaitable[None]] | None = None
     #: Settings besides the defaults that the attack needs (``--memory``, say).
     extra: list[str] = field(default_factory=list)
+    #: Environment variables the broker gets besides (test-only ones).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 ATTACKS = [
@@ -1236,11 +1344,24 @@ ATTACKS = [
     Attack("http_pipeline", 103, 10, attack_http_pipeline),
     Attack("http_unread", 104, 15, attack_http_unread),
     Attack("http_history", 105, 15, attack_http_history, setup_history_http),
+    Attack("many_readers", 106, 15, attack_many_readers, setup_many_topics),
+    Attack(
+        "expired_topics", 107, 15, attack_expired_topics, setup_many_topics, ["--retention", "5s"]
+    ),
     Attack("memory_tiny", 108, 20, attack_memory_tiny, extra=["--memory"]),
     Attack("memory_keys", 109, 20, attack_memory_keys, extra=["--memory"]),
+    Attack("http_batches", 110, 15, attack_http_batches),
     Attack("flood32", 111, 15, attack_flood32),
     Attack("flood32_memory", 111, 15, attack_flood32, extra=["--memory"]),
     Attack("rebinding", 112, 10, attack_rebinding, extra=["--allowed-origin", REBIND_ORIGIN]),
+    Attack(
+        "disk_full",
+        114,
+        10,
+        attack_disk_full,
+        extra=["--fsync-interval", "0.1s"],
+        env={"BROKER_TEST_SQLITE_MAX_PAGES": "64"},
+    ),
 ]
 
 
@@ -1249,7 +1370,7 @@ ATTACKS = [
 
 def run_attack(attack: Attack, env: dict[str, str], root: Path) -> dict[str, Any]:
     workdir = root / attack.name
-    broker = Broker(workdir, env, attack.extra)
+    broker = Broker(workdir, {**env, **attack.env}, attack.extra)
     row: dict[str, Any] = {"attack": attack.name, "row": attack.row, "seconds": attack.seconds}
     if not broker.start():
         row["error"] = "broker did not start: " + broker.log()[-300:]
