@@ -78,12 +78,12 @@ def test_keys_count_and_take_at_most_a_quarter() -> None:
 
 def test_expired_keys_go_a_slice_at_a_time() -> None:
     store = MemoryStore(history=10)
-    store.dedupe_window = 0.2
+    store.dedupe_window = 3.0  # longer than the appends below take
     count = 3 * KEY_SLICE
     for start in range(0, count, 1000):
         store.append_now(_drafts(start, 1000, 10, keyed=True))
     expired = time.monotonic() + store.dedupe_window
-    wait_for(lambda: time.monotonic() > expired, timeout=5)
+    wait_for(lambda: time.monotonic() > expired, timeout=10)
     # Every key has expired now; one trim call drops one slice of them, not all.
     asyncio.run(store.trim(time.time()))
     assert count - len(store._keys) == KEY_SLICE

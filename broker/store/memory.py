@@ -5,16 +5,37 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from typing import Final
 
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
 from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store
 from broker.store.dedupe import KeyId, number
 
+#: A kept message: (seq, topic, data, sender id, sender name, ts). A plain tuple of
+#: atomic values, not a ``Message``: the garbage collector stops tracking such tuples, so
+#: a full history does not make each collection walk it (a ``Message`` per kept message
+#: made collections of 0.5 s), and it holds no cached frames.
+Kept = tuple[int, str, bytes, str, str, int]
+SEQ: Final = 0
+TOPIC: Final = 1
+DATA: Final = 2
+SENDER_ID: Final = 3
+SENDER_NAME: Final = 4
+TS: Final = 5
 
-def _seq(msg: Message) -> int:
-    return msg.seq
+
+def _seq(kept: Kept) -> int:
+    return kept[SEQ]
+
+
+def _keep(msg: Message) -> Kept:
+    return (msg.seq, msg.topic, msg.payload, msg.sender_id, msg.sender_name, msg.ts)
+
+
+def _message(kept: Kept) -> Message:
+    return Message(*kept)
 
 
 class _MemoryPages(Pages):
@@ -24,7 +45,7 @@ class _MemoryPages(Pages):
 
     def __init__(
         self,
-        runs: dict[str, deque[Message]],
+        runs: dict[str, deque[Kept]],
         topics: list[str],
         start: int,
         recovered: bool,
@@ -40,11 +61,11 @@ class _MemoryPages(Pages):
         self._heap: list[tuple[int, str]] = []
         for topic in topics:
             q = runs.get(topic)
-            if not q or q[-1].seq <= start:
+            if not q or q[-1][SEQ] <= start:
                 continue
             i = bisect.bisect_right(q, start, key=_seq)
-            if q[i].seq <= upto:
-                self._heap.append((q[i].seq, topic))
+            if q[i][SEQ] <= upto:
+                self._heap.append((q[i][SEQ], topic))
         heapq.heapify(self._heap)
 
     async def next(self) -> list[Message]:
@@ -55,24 +76,24 @@ class _MemoryPages(Pages):
             seq, topic = heap[0]
             q = self._runs.get(topic)
             i = bisect.bisect_left(q, seq, key=_seq) if q else 0
-            if not q or i == len(q) or q[i].seq != seq:
+            if not q or i == len(q) or q[i][SEQ] != seq:
                 # Removed (age, count, size) before it was sent: stop before the hole.
                 self.gap = True
                 break
-            msg = q[i]
-            if page and total + len(msg.payload) > self._max_bytes:
+            kept = q[i]
+            if page and total + len(kept[DATA]) > self._max_bytes:
                 break
             heapq.heappop(heap)
-            page.append(msg)
-            total += len(msg.payload)
-            if i + 1 < len(q) and q[i + 1].seq <= self._upto:
-                heapq.heappush(heap, (q[i + 1].seq, topic))
+            page.append(_message(kept))
+            total += len(kept[DATA])
+            if i + 1 < len(q) and q[i + 1][SEQ] <= self._upto:
+                heapq.heappush(heap, (q[i + 1][SEQ], topic))
         return page
 
 
-#: What a kept message costs beyond its text: the object, its deque slot and the three
-#: bytes objects (data, the cached ``msg`` frame and its WebSocket frame), measured.
-MESSAGE_OVERHEAD = 480
+#: What a kept message costs beyond its text: its tuple, deque slot, seq and ts, the
+#: bytes and str objects' headers (measured).
+MESSAGE_OVERHEAD = 240
 #: What a topic with messages costs beyond its name: its deque and its dict entries.
 TOPIC_OVERHEAD = 900
 #: What a topic whose messages are all gone costs while its trim mark is remembered.
@@ -83,12 +104,11 @@ KEY_OVERHEAD = 320
 KEY_SLICE = 10_000
 
 
-def message_size(msg: Message) -> int:
-    """What a message counts against ``history_size``: its data three times (as stored, in
-    its ``msg`` frame, in its WebSocket frame), its topic and sender twice, and
-    ``MESSAGE_OVERHEAD``: near what it really takes in memory."""
-    text = len(msg.topic) + len(msg.sender_id) + len(msg.sender_name)
-    return 3 * len(msg.payload) + 2 * text + MESSAGE_OVERHEAD
+def message_size(kept: Kept) -> int:
+    """What a kept message counts against ``history_size``: its data, topic and sender,
+    and ``MESSAGE_OVERHEAD``: near what it really takes in memory."""
+    text = len(kept[TOPIC]) + len(kept[SENDER_ID]) + len(kept[SENDER_NAME])
+    return len(kept[DATA]) + text + MESSAGE_OVERHEAD
 
 
 def _key_size(kid: KeyId) -> int:
@@ -118,7 +138,7 @@ class MemoryStore(Store):
         super().__init__(history, retention)
         self.epoch = new_epoch()
         self.history_size = history_size
-        self._topics: dict[str, deque[Message]] = {}
+        self._topics: dict[str, deque[Kept]] = {}
         self._trimmed: dict[str, int] = {}
         #: Bytes of the retained messages (``message_size``).
         self.size = 0
@@ -126,11 +146,13 @@ class MemoryStore(Store):
         # Entries go stale when a topic loses messages another way; fixed when met.
         self._oldest: list[tuple[int, str]] = []
         # Topics with no message left (their trim mark kept), in the order they emptied.
-        self._empty: dict[str, None] = {}
+        # OrderedDicts here and for the keys: taking the oldest of a plain dict after
+        # many deletions at its front scans every deleted slot, each time.
+        self._empty: OrderedDict[str, None] = OrderedDict()
         #: The highest trim mark of a topic forgotten to make room (see the class doc).
         self.floor = 0
         # (user, key) -> (seqs, monotonic time of the publish), oldest first.
-        self._keys: dict[KeyId, tuple[tuple[int, ...], float]] = {}
+        self._keys: OrderedDict[KeyId, tuple[tuple[int, ...], float]] = OrderedDict()
         #: Bytes the keys count for (``_key_size``), within ``history_size // 4``.
         self.keys_size = 0
 
@@ -151,12 +173,13 @@ class MemoryStore(Store):
                     self._trimmed.setdefault(topic, 0)
                 self.size += TOPIC_OVERHEAD + len(topic)
                 heapq.heappush(self._oldest, (msg.seq, topic))
-            q.append(msg)
-            self.size += message_size(msg)
+            kept = _keep(msg)
+            q.append(kept)
+            self.size += message_size(kept)
             if len(q) > self.history:
                 gone = q.popleft()
                 self.size -= message_size(gone)
-                self._trimmed[topic] = gone.seq
+                self._trimmed[topic] = gone[SEQ]
         if self.history_size is not None and self.size > self.history_size:
             self._evict(self.history_size)
         if numbered.fresh:
@@ -179,18 +202,18 @@ class MemoryStore(Store):
         if self.history_size is not None:
             limit = self.history_size // 4
             while self.keys_size > limit and held:
-                kid = next(iter(held))
-                del held[kid]
+                kid, _ = held.popitem(last=False)
                 self.keys_size -= _key_size(kid)
 
     def _expire_keys(self, before: float, budget: int) -> None:
         """Drop up to ``budget`` keys published before ``before`` (the oldest are first)."""
         held = self._keys
         while budget > 0 and held:
-            kid = next(iter(held))
-            if held[kid][1] >= before:
+            kid, (seqs, stamp) = held.popitem(last=False)
+            if stamp >= before:
+                held[kid] = (seqs, stamp)
+                held.move_to_end(kid, last=False)
                 return
-            del held[kid]
             self.keys_size -= _key_size(kid)
             budget -= 1
 
@@ -206,8 +229,7 @@ class MemoryStore(Store):
         empty = self._empty
         if not empty:
             return False
-        topic = next(iter(empty))
-        del empty[topic]
+        topic, _ = empty.popitem(last=False)
         self.floor = max(self.floor, self._trimmed.pop(topic, 0))
         self.size -= EMPTY_TOPIC_OVERHEAD + len(topic)
         return True
@@ -222,14 +244,14 @@ class MemoryStore(Store):
             q = self._topics.get(topic)
             if not q:
                 continue
-            if q[0].seq != seq:  # stale: file the topic under its oldest message now
-                heapq.heappush(oldest, (q[0].seq, topic))
+            if q[0][SEQ] != seq:  # stale: file the topic under its oldest message now
+                heapq.heappush(oldest, (q[0][SEQ], topic))
                 continue
             gone = q.popleft()
             self.size -= message_size(gone)
-            self._trimmed[topic] = gone.seq
+            self._trimmed[topic] = gone[SEQ]
             if q:
-                heapq.heappush(oldest, (q[0].seq, topic))
+                heapq.heappush(oldest, (q[0][SEQ], topic))
             else:
                 self._emptied(topic)
                 # An emptied topic's mark is what goes next.
@@ -237,7 +259,7 @@ class MemoryStore(Store):
                     pass
         if len(oldest) > 2 * len(self._topics) + 64:
             # Topics emptied by age and made again leave entries behind: start afresh.
-            self._oldest = [(q[0].seq, t) for t, q in self._topics.items() if q]
+            self._oldest = [(q[0][SEQ], t) for t, q in self._topics.items() if q]
             heapq.heapify(self._oldest)
 
     def _known_key(self, user: str, key: str) -> tuple[int, ...] | None:
@@ -257,7 +279,9 @@ class MemoryStore(Store):
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
         topics = self._matching(pattern)
         recovered = self._recovered(topics, since)
-        runs = [[m for m in self._topics.get(t, ()) if since < m.seq <= upto] for t in topics]
+        runs = [
+            [_message(k) for k in self._topics.get(t, ()) if since < k[SEQ] <= upto] for t in topics
+        ]
         return Replay(list(merge_by_seq(runs)), recovered)
 
     async def replay(
@@ -282,7 +306,9 @@ class MemoryStore(Store):
         begin; ``upto`` when there are none."""
         if n <= 0:
             return upto
-        runs = [(m.seq for m in reversed(self._topics.get(t, ())) if m.seq <= upto) for t in topics]
+        runs = [
+            (k[SEQ] for k in reversed(self._topics.get(t, ())) if k[SEQ] <= upto) for t in topics
+        ]
         nth = None
         for i, seq in enumerate(heapq.merge(*runs, reverse=True)):
             nth = seq
@@ -292,7 +318,7 @@ class MemoryStore(Store):
 
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         runs = [
-            [m for m in self._topics.get(t, ()) if m.seq <= upto][-n:] if n else []
+            [_message(k) for k in self._topics.get(t, ()) if k[SEQ] <= upto][-n:] if n else []
             for t in self._matching(pattern)
         ]
         merged = list(merge_by_seq(runs))
@@ -302,10 +328,10 @@ class MemoryStore(Store):
         cutoff = int((now - self.retention) * 1000)
         removed = 0
         for topic, q in self._topics.items():
-            while q and q[0].ts < cutoff:
+            while q and q[0][TS] < cutoff:
                 gone = q.popleft()
                 self.size -= message_size(gone)
-                self._trimmed[topic] = gone.seq
+                self._trimmed[topic] = gone[SEQ]
                 removed += 1
         for topic in [t for t, q in self._topics.items() if not q]:
             self._emptied(topic)
