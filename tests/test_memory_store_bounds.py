@@ -1,6 +1,6 @@
-"""The memory store's ``history_size`` bounds what it really holds (messages with their
-cached frames, topics, idempotency keys) within a stated factor, and expired keys go a
-slice at a time (in-process, no server)."""
+"""The memory store's ``history_size`` bounds what it really holds (messages, topics,
+idempotency keys) within a stated factor, whether or not the messages were sent (their
+frames built), and expired keys go a slice at a time (in-process, no server)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,12 @@ async def test_a_one_topic_read_overtakes_queued_pattern_reads(tmp_path: Path) -
         assert [m.payload for m in mine] == [b"2"]
         # The pattern reads were still being served when the one-topic read was answered.
         assert not all(task.done() for task in wide)
+        newest = ["t/19996", "t/19997", "t/19998", "t/19999", "mine"]
         for got in await asyncio.gather(*wide):
-            assert [m.topic for m in got][-1] == "mine"
+            assert [m.topic for m in got] == newest
+        pages = await store.replay("#", last=5, upto=upto)
+        assert [m.topic for m in await pages.next()] == newest
+        pages = await store.replay("t/+", last=3, upto=upto)
+        assert [m.topic for m in await pages.next()] == newest[1:4]
     finally:
         await store.close()

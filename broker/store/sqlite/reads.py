@@ -181,6 +181,9 @@ class Reads:
                 "SELECT topic, trimmed FROM topics WHERE topic=?", (pattern,)
             ).fetchall()
         first = pattern.split("/", 1)[0]
+        if pattern == "#":  # every topic but the '$' ones: no match to run per topic
+            rows = db.execute("SELECT topic, trimmed FROM topics").fetchall()
+            return [(t, trimmed) for t, trimmed in rows if not t.startswith("$")]
         if first in ("+", "#"):
             rows = db.execute("SELECT topic, trimmed FROM topics").fetchall()
         else:
@@ -249,6 +252,20 @@ class Reads:
         if n <= 0 or not topics:
             return upto
         n = min(n, 1 << 62)  # SQLite integers are 64-bit
+        if len(topics) > 2 * _CHUNK and n <= _CHUNK:
+            # Many topics, few messages wanted (`#` with last: 5): the newest messages in
+            # seq order, kept when of these topics, find them in a few rows when the
+            # topics are most of the history; a scan that finds too few falls back.
+            wanted = set(topics)
+            rows = db.execute(
+                "SELECT seq, topic FROM messages WHERE seq<=? ORDER BY seq DESC LIMIT ?",
+                (upto, 20 * n),
+            ).fetchall()
+            hits = [seq for seq, topic in rows if topic in wanted]
+            if len(hits) >= n:
+                return int(hits[n - 1]) - 1
+            if len(rows) < 20 * n:  # the whole history was read: fewer than n
+                return int(hits[-1]) - 1 if hits else upto
         runs = []
         for chunk in chunks(topics, _CHUNK):
             marks = ",".join("?" * len(chunk))
