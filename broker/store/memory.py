@@ -10,7 +10,15 @@ from typing import Final
 
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
-from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store
+from broker.store.base import (
+    LATEST_LIMIT,
+    PAGE_BYTES,
+    PAGE_SIZE,
+    Pages,
+    Replay,
+    Store,
+    Visible,
+)
 from broker.store.dedupe import KeyId, number
 
 #: A kept message: (seq, topic, data, sender id, sender name, ts). A plain tuple of
@@ -161,8 +169,12 @@ class MemoryStore(Store):
 
     def append_now(self, drafts: list[Draft]) -> list[Message]:
         numbered = number(drafts, self.last_seq + 1, self._known_key)
+        spaces = self.namespaces
+        history = self.history
         for msg in numbered.fresh:
             topic = msg.topic
+            if spaces:
+                history = spaces.history(topic, self.history)
             q = self._topics.get(topic)
             if q is None:
                 q = self._topics[topic] = deque()
@@ -176,7 +188,7 @@ class MemoryStore(Store):
             kept = _keep(msg)
             q.append(kept)
             self.size += message_size(kept)
-            if len(q) > self.history:
+            while len(q) > history:
                 gone = q.popleft()
                 self.size -= message_size(gone)
                 self._trimmed[topic] = gone[SEQ]
@@ -324,10 +336,31 @@ class MemoryStore(Store):
         merged = list(merge_by_seq(runs))
         return merged[-n:] if n else []
 
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        # Each topic's deque ends with its latest message: one look per matching topic.
+        found: list[Kept] = []
+        for topic in self._matching(pattern):
+            q = self._topics.get(topic)
+            if not q or (visible is not None and not visible(topic)):
+                continue
+            kept = q[-1]
+            if kept[SEQ] > upto:
+                i = bisect.bisect_right(q, upto, key=_seq)
+                if not i:
+                    continue
+                kept = q[i - 1]
+            found.append(kept)
+        return [_message(k) for k in sorted(heapq.nlargest(limit, found, key=_seq), key=_seq)]
+
     async def trim(self, now: float) -> int:
         cutoff = int((now - self.retention) * 1000)
+        spaces = self.namespaces
         removed = 0
         for topic, q in self._topics.items():
+            if spaces:
+                cutoff = int((now - spaces.retention(topic, self.retention)) * 1000)
             while q and q[0][TS] < cutoff:
                 gone = q.popleft()
                 self.size -= message_size(gone)
