@@ -130,6 +130,7 @@ class BrokerServer:
         # In cluster mode presence and stats span every node (broker/store/redis).
         self.cluster = cluster
         self.hub = self.cluster.make_hub(self.stats) if self.cluster else Hub()
+        self.hub.max_user_patterns = config.max_subscriptions
         # A shared store feeds every node through follow(); a local one after append.
         self.flusher = Flusher()
         self.journal = Journal(
@@ -357,8 +358,10 @@ class BrokerServer:
     # -- plain HTTP and the HTTP API (called by Connection) -----------------------------
 
     def http(self, conn: Connection, request: HttpRequest) -> None:
-        """A plain HTTP request: ``/api/...`` (answered by a task), or a plain path."""
-        self.admission.settle(conn)
+        """A plain HTTP request: ``/api/...`` (answered by a task), or a plain path.
+
+        The connection stays unauthenticated (within those bounds) until a request of
+        its carries a valid token: tokenless keep-alive sockets cannot hold the door."""
         if conn not in self._http_conns:
             if self.admission.refused(conn, conn.loop.time()):
                 self._refused(conn, "over_capacity", "too many connections")
@@ -513,6 +516,8 @@ class BrokerServer:
         except Exception:
             log.exception("internal error answering %s %s", request.method, request.path)
             reply = error_reply(BrokerError("internal error"))
+        if reply.identity is not None:
+            self.admission.settle(conn)
         self._reply(conn, request, reply)
 
     def _reply(

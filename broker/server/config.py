@@ -202,6 +202,12 @@ class ServerConfig:
         "Memory store: total bytes of messages kept, all topics together; past it the "
         "oldest messages go first, whatever their topic.",
     )
+    max_disk: int = setting(
+        8 * GiB,
+        Size(1 * MiB, 1024 * TiB),
+        "On-disk store: bytes its database may take, all topics together; past it "
+        "publishes get 'unavailable' until retention frees room.",
+    )
     rate_limit: float | None = setting(
         None,
         Number(1_000_000),

@@ -54,6 +54,9 @@ _STATUSES = {int(status) for status in HTTPStatus}
 #: Bytes a plain HTTP client may pipeline while its request is answered; past this, the
 #: connection is not read until the answer is sent.
 _MAX_QUEUED = 256 * 1024
+#: Bytes of answers not yet sent to a plain HTTP client past which its next pipelined
+#: request waits until they drain: a client that never reads holds this much, not more.
+_MAX_UNSENT = 1024 * 1024
 #: Close code for the server's own failures (a bug, a peer that stopped answering pings).
 CLOSE_INTERNAL = frames.CLOSE_INTERNAL
 
@@ -115,6 +118,7 @@ class _Http:
         "busy",
         "closing",
         "head",
+        "looping",
         "method",
         "parser",
         "paused",
@@ -136,6 +140,9 @@ class _Http:
         # reading is paused because there are too many of them.
         self.queued = 0
         self.paused = False
+        # True while ``_http_events`` runs: an answer given meanwhile does not start
+        # another loop (pipelined requests are a loop, never a recursion).
+        self.looping = False
 
 
 def _is_upgrade(request: h11.Request) -> bool:
@@ -341,9 +348,21 @@ class Connection(asyncio.Protocol):
         self._http_events()
 
     def _http_events(self) -> None:
-        """Act on what h11 parsed, until it needs more bytes or a request is being answered."""
+        """Act on what h11 parsed, until it needs more bytes or a request is being answered.
+
+        Pipelined requests answered at once are handled by this loop, one after another:
+        ``respond`` does not call back in while it runs."""
         http = self.http
-        while http is not None and not http.busy and not self.closed.done():
+        if http is None or http.looping:
+            return
+        http.looping = True
+        try:
+            self._http_loop(http)
+        finally:
+            http.looping = False
+
+    def _http_loop(self, http: _Http) -> None:
+        while self.http is http and not http.busy and not self.closed.done():
             try:
                 event = http.parser.next_event()
             except h11.RemoteProtocolError as exc:
@@ -435,11 +454,6 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         transport.write(out)
-        http.busy = False
-        http.queued = 0
-        if http.paused:
-            http.paused = False
-            transport.resume_reading()
         if close or parser.our_state is not h11.DONE or parser.their_state is not h11.DONE:
             # Closing, or the client is still sending a body we refused: end here.
             transport.close()
@@ -447,6 +461,26 @@ class Connection(asyncio.Protocol):
         parser.start_next_cycle()
         # The next request (or an idle keep-alive connection) has the same time bound.
         self.timer = self.loop.call_later(http.timeout, self.abort)
+        if transport.get_write_buffer_size() > _MAX_UNSENT:
+            # A client that does not read its answers: stay busy (not reading, the next
+            # request not parsed) until they drain (``resume_writing``).
+            if not http.paused:
+                http.paused = True
+                transport.pause_reading()
+            return
+        self._http_next()
+
+    def _http_next(self) -> None:
+        """The answer is out: read and handle the next pipelined request, if any."""
+        http = self.http
+        transport = self.transport
+        if http is None or transport is None:
+            return
+        http.busy = False
+        http.queued = 0
+        if http.paused:
+            http.paused = False
+            transport.resume_reading()
         self._http_events()
 
     def close_http(self) -> None:
@@ -484,6 +518,16 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        http = self.http
+        if (
+            http is not None
+            and http.busy
+            and http.request is None
+            and self.transport is not None
+            and self.transport.get_write_buffer_size() <= _MAX_UNSENT
+            and http.parser.our_state is h11.IDLE
+        ):
+            self._http_next()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
