@@ -1,0 +1,130 @@
+"""The WebSocket opening handshake's fast path: one parse of the request head, the checks
+of RFC 6455 4.2.1, and the 101 response written from a template.
+
+``parse_upgrade`` reads a request head that arrived whole in the connection's first read
+and returns it only when it is a plain, well-formed WebSocket upgrade to ``/ws`` that the
+broker accepts without negotiating anything (no extension when compression is on, no
+subprotocol). Anything else, refusals included, returns None and takes the general path
+(h11, then websockets' ``ServerProtocol``), which answers exactly as it always did: so
+this module can only accept what websockets would have accepted, never refuse
+differently. It parses at least as strictly as both h11 and websockets (CRLF line ends,
+token header names, visible-ASCII values, no folding, no body, one ``Host``).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import re
+import time
+
+from websockets.datastructures import Headers
+from websockets.http11 import Request
+
+#: RFC 6455 1.3: appended to the client's key before hashing.
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#: websockets' limits on a request head (its http11 module): over them, the general path.
+MAX_HEADERS = 128
+MAX_LINE = 8190
+#: h11's bound on a request head (``max_incomplete_event_size``).
+MAX_HEAD = 16 * 1024
+_TARGET = re.compile(rb"/ws(\?[\x21-\x7e]*)?")
+_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_VALUE = re.compile(rb"[\x21-\x7e]([\x09\x20-\x7e]*[\x21-\x7e])?|")
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+#: A key is 16 random bytes in base64: 22 characters and ``==``.
+_KEY = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")
+#: Headers that make websockets (or h11) take a closer look: left to them.
+_GENERAL = frozenset(
+    {"content-length", "transfer-encoding", "sec-websocket-protocol", "sec-websocket-extensions"}
+)
+
+
+def accept_key(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for the client's ``Sec-WebSocket-Key`` (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
+
+
+def parse_upgrade(head: bytes) -> Request | None:
+    """The upgrade request in ``head`` (the bytes up to and including the blank line), or
+    None when the general path must read it (see the module's docstring)."""
+    if len(head) > MAX_HEAD:
+        return None
+    lines = head.split(b"\r\n")
+    # [request line, headers..., "", ""]: the head ends with CRLF CRLF.
+    if len(lines) < 4 or lines[-1] or lines[-2] or len(lines) > MAX_HEADERS + 3:
+        return None
+    request_line = lines[0]
+    if not request_line.startswith(b"GET ") or not request_line.endswith(b" HTTP/1.1"):
+        return None
+    target = request_line[4:-9]
+    if _TARGET.fullmatch(target) is None:
+        return None
+    headers = Headers()
+    host = 0
+    for line in lines[1:-2]:
+        if len(line) > MAX_LINE or b"\r" in line or b"\n" in line:
+            return None
+        name, colon, value = line.partition(b":")
+        if not colon or _NAME.fullmatch(name) is None:
+            return None
+        value = value.strip(b" \t")
+        if _VALUE.fullmatch(value) is None:
+            return None
+        key = name.decode("ascii")
+        lower = key.lower()
+        if lower in _GENERAL:
+            return None
+        if lower == "host":
+            host += 1
+        headers[key] = value.decode("ascii")
+    if host != 1:
+        return None
+    return Request(target.decode("ascii"), headers)
+
+
+def upgrade_ok(headers: Headers) -> str | None:
+    """The ``Sec-WebSocket-Accept`` value if ``headers`` pass every check websockets makes
+    of a handshake this broker accepts (Connection, Upgrade, key, version); None
+    otherwise, for websockets to answer with its 400 or 426."""
+    connection = [
+        item.strip() for value in headers.get_all("Connection") for item in value.split(",")
+    ]
+    if not all(_TOKEN.fullmatch(item) for item in connection):
+        return None
+    if not any(item.lower() == "upgrade" for item in connection):
+        return None
+    upgrade = headers.get_all("Upgrade")
+    if len(upgrade) != 1 or upgrade[0].lower() != "websocket":
+        return None
+    keys = headers.get_all("Sec-WebSocket-Key")
+    if len(keys) != 1 or _KEY.fullmatch(keys[0]) is None:
+        return None
+    if headers.get_all("Sec-WebSocket-Version") != ["13"]:
+        return None
+    return accept_key(keys[0])
+
+
+class ResponseTemplate:
+    """The 101 response, the same bytes websockets' ``accept`` would send (its headers
+    in its order, then ``Server``), with the ``Date`` computed once a second."""
+
+    __slots__ = ("_date", "_second", "_tail")
+
+    def __init__(self, server_header: str) -> None:
+        self._tail = f"\r\nServer: {server_header}\r\n\r\n".encode()
+        self._second = -1
+        self._date = b""
+
+    def accept(self, accept: str) -> bytes:
+        """The response accepting a handshake whose key gave ``accept``."""
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            date = email.utils.formatdate(now, usegmt=True)
+            self._date = (
+                f"HTTP/1.1 101 Switching Protocols\r\nDate: {date}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
+            ).encode()
+        return self._date + accept.encode() + self._tail
