@@ -48,7 +48,6 @@ from broker.core.frames import (
     encode,
     parse_close,
 )
-
 from broker.server.handshake import ResponseTemplate, parse_upgrade, upgrade_ok
 
 if TYPE_CHECKING:
