@@ -321,7 +321,7 @@ class Connection(asyncio.Protocol):
         end = data.find(b"\r\n\r\n") + 4
         if end < 4:
             return False
-        request = parse_upgrade(data[:end])
+        request = parse_upgrade(data[:end], bool(self._extensions))
         if request is None:
             return False
         accept = upgrade_ok(request.headers)

@@ -4,7 +4,8 @@ of RFC 6455 4.2.1, and the 101 response written from a template.
 ``parse_upgrade`` reads a request head that arrived whole in the connection's first read
 and returns it only when it is a plain, well-formed WebSocket upgrade to ``/ws`` that the
 broker accepts without negotiating anything (no extension when compression is on, no
-subprotocol). Anything else, refusals included, returns None and takes the general path
+subprotocol; an extension offer is ignored, as websockets ignores it, unless compression
+is on). Anything else, refusals included, returns None and takes the general path
 (h11, then websockets' ``ServerProtocol``), which answers exactly as it always did: so
 this module can only accept what websockets would have accepted, never refuse
 differently. It parses at least as strictly as both h11 and websockets (CRLF line ends,
@@ -35,10 +36,10 @@ _VALUE = re.compile(rb"[\x21-\x7e]([\x09\x20-\x7e]*[\x21-\x7e])?|")
 _TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 #: A key is 16 random bytes in base64: 22 characters and ``==``.
 _KEY = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")
-#: Headers that make websockets (or h11) take a closer look: left to them.
-_GENERAL = frozenset(
-    {"content-length", "transfer-encoding", "sec-websocket-protocol", "sec-websocket-extensions"}
-)
+#: Headers that make websockets (or h11) take a closer look: left to them. An extension
+#: offer is one only when the server has extensions (websockets ignores it otherwise).
+_GENERAL = frozenset({"content-length", "transfer-encoding", "sec-websocket-protocol"})
+_NEGOTIATING = _GENERAL | {"sec-websocket-extensions"}
 
 
 def accept_key(key: str) -> str:
@@ -46,9 +47,10 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
 
 
-def parse_upgrade(head: bytes) -> Request | None:
+def parse_upgrade(head: bytes, extensions: bool = False) -> Request | None:
     """The upgrade request in ``head`` (the bytes up to and including the blank line), or
-    None when the general path must read it (see the module's docstring)."""
+    None when the general path must read it (see the module's docstring); ``extensions``:
+    the server negotiates some, so an offer of one goes the general way."""
     if len(head) > MAX_HEAD:
         return None
     lines = head.split(b"\r\n")
@@ -61,6 +63,7 @@ def parse_upgrade(head: bytes) -> Request | None:
     target = request_line[4:-9]
     if _TARGET.fullmatch(target) is None:
         return None
+    general = _NEGOTIATING if extensions else _GENERAL
     headers = Headers()
     host = 0
     for line in lines[1:-2]:
@@ -74,7 +77,7 @@ def parse_upgrade(head: bytes) -> Request | None:
             return None
         key = name.decode("ascii")
         lower = key.lower()
-        if lower in _GENERAL:
+        if lower in general:
             return None
         if lower == "host":
             host += 1
