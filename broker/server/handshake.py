@@ -30,9 +30,16 @@ MAX_HEADERS = 128
 MAX_LINE = 8190
 #: h11's bound on a request head (``max_incomplete_event_size``).
 MAX_HEAD = 16 * 1024
-_TARGET = re.compile(rb"/ws(\?[\x21-\x7e]*)?")
-_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_VALUE = re.compile(rb"[\x21-\x7e]([\x09\x20-\x7e]*[\x21-\x7e])?|")
+_NAME = r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+# A field value: visible ASCII, inner spaces and tabs, none at either end (h11's rule;
+# websockets also takes bytes over 0x7f, which are left to it).
+_VALUE = r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?"
+_FIELD = rf"({_NAME}):[ \t]*({_VALUE})[ \t]*\r\n"
+#: The whole head at once: the request line, then header lines, then the blank line.
+_HEAD = re.compile(
+    rf"GET (/ws(?:\?[\x21-\x7e]*)?) HTTP/1\.1\r\n((?:{_NAME}:[ \t]*{_VALUE}[ \t]*\r\n)*)\r\n"
+)
+_FIELDS = re.compile(_FIELD)
 _TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 #: A key is 16 random bytes in base64: 22 characters and ``==``.
 _KEY = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")
@@ -53,38 +60,27 @@ def parse_upgrade(head: bytes, extensions: bool = False) -> Request | None:
     the server negotiates some, so an offer of one goes the general way."""
     if len(head) > MAX_HEAD:
         return None
-    lines = head.split(b"\r\n")
-    # [request line, headers..., "", ""]: the head ends with CRLF CRLF.
-    if len(lines) < 4 or lines[-1] or lines[-2] or len(lines) > MAX_HEADERS + 3:
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
         return None
-    request_line = lines[0]
-    if not request_line.startswith(b"GET ") or not request_line.endswith(b" HTTP/1.1"):
+    match = _HEAD.fullmatch(text)
+    if match is None:
         return None
-    target = request_line[4:-9]
-    if _TARGET.fullmatch(target) is None:
+    target, block = match.groups()
+    fields = _FIELDS.findall(block)
+    if len(fields) > MAX_HEADERS:
         return None
-    general = _NEGOTIATING if extensions else _GENERAL
+    if len(text) > MAX_LINE and any(len(line) > MAX_LINE for line in text.split("\r\n")):
+        return None
     headers = Headers()
-    host = 0
-    for line in lines[1:-2]:
-        if len(line) > MAX_LINE or b"\r" in line or b"\n" in line:
-            return None
-        name, colon, value = line.partition(b":")
-        if not colon or _NAME.fullmatch(name) is None:
-            return None
-        value = value.strip(b" \t")
-        if _VALUE.fullmatch(value) is None:
-            return None
-        key = name.decode("ascii")
-        lower = key.lower()
-        if lower in general:
-            return None
-        if lower == "host":
-            host += 1
-        headers[key] = value.decode("ascii")
-    if host != 1:
+    for name, value in fields:
+        headers[name] = value
+    if len(headers.get_all("Host")) != 1:
         return None
-    return Request(target.decode("ascii"), headers)
+    if any(name in headers for name in (_NEGOTIATING if extensions else _GENERAL)):
+        return None
+    return Request(target, headers)
 
 
 def upgrade_ok(headers: Headers) -> str | None:
