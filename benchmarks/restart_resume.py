@@ -67,6 +67,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds used so far by every process on the machine (``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))  # not idle, iowait
+    return busy / CLK_TCK
+
+
 # -- the worker: a share of the clients ------------------------------------------------
 
 
@@ -366,8 +373,11 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
             broker.start(timeout=60)
             listening = time.monotonic()
             cpu0 = cpu_seconds(broker.pid)
+            machine0 = machine_cpu_seconds()
             results = [json.loads(await read_from(p, args.timeout + 30)) for p in workers]
             cpu1 = cpu_seconds(broker.pid)
+            machine = machine_cpu_seconds() - machine0
+            span = time.monotonic() - listening
             rss = int(
                 next(
                     line.split()[1]
@@ -405,6 +415,11 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         "broker_cpu_s_with_start": round(cpu1, 2),
         "broker_cpu_us_per_resume": round(1e6 * (cpu1 - cpu0) / resumed) if resumed else None,
         "clients_cpu_s": round(sum(r["cpu_s"] for r in results), 2),
+        # Everything else on the machine (other users), in % of one core, over the resume.
+        "other_cpu_pct": round(
+            100 * (machine - (cpu1 - cpu0) - sum(r["cpu_s"] for r in results)) / span
+        ),
+        "cores": os.cpu_count(),
         "broker_rss_mib_after": round(rss / 1024, 1),
         "errors": sorted({e for r in results for e in r["errors"]}),
     }
