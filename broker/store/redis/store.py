@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import logging
 import time
 import uuid
@@ -56,7 +57,7 @@ from broker.core.backoff import Backoff
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
-from broker.store.base import Deliver, Replay, Store, chunks
+from broker.store.base import LATEST_LIMIT, Deliver, Replay, Store, Visible, chunks
 from broker.store.dedupe import decode_seqs, number
 from broker.store.redis.codec import decode_member, encode_tail, key_id, split_batch, to_str
 from broker.store.redis.health import EpochChanged, HistoryWentBack
@@ -79,6 +80,12 @@ STREAM_MAXLEN = 100_000
 EPOCH_GAP = 1_000_000
 #: Topics per pipeline when reading history.
 PIPELINE_CHUNK = 500
+
+
+def _seq(message: Message) -> int:
+    return message.seq
+
+
 # -- the store ------------------------------------------------------------------------------
 
 
@@ -199,6 +206,12 @@ class RedisStore(Store):
         for d in drafts:
             kid = "" if d.key is None else key_id(d.sender_id, d.key)
             args += (d.topic, encode_tail(d), d.origin, 1 if d.echo else 0, kid, d.group)
+        spaces = self.namespaces
+        if spaces:  # the topics whose namespace keeps another number of messages
+            for topic in dict.fromkeys(d.topic for d in drafts):
+                keep = spaces.history(topic, self.history)
+                if keep != self.history:
+                    args += (topic, keep)
         try:
             reply = await self._append_and_wait(args)
         except (EpochChanged, HistoryWentBack):
@@ -241,13 +254,20 @@ class RedisStore(Store):
 
     async def trim(self, now: float) -> int:
         cutoff = str(int((now - self.retention) * 1000))
+        spaces = self.namespaces
         removed = 0
         try:
             topics = await self.link.call("trim", self.redis.smembers(self.key("topics")))
             for chunk in chunks(sorted(topics), PIPELINE_CHUNK):
                 pipe = self.redis.pipeline(transaction=False)
                 for topic in chunk:
-                    await self._trim(args=[self.prefix, topic, cutoff], client=pipe)
+                    name = to_str(topic)
+                    own = (
+                        str(int((now - spaces.retention(name, self.retention)) * 1000))
+                        if spaces
+                        else cutoff
+                    )
+                    await self._trim(args=[self.prefix, topic, own], client=pipe)
                 removed += sum(await self.link.call("trim", pipe.execute()))
         except Unavailable:
             pass  # logged once by Health; the next round trims what is left
@@ -294,6 +314,15 @@ class RedisStore(Store):
             return []
         runs, _ = await self._ranges(await self._topics(pattern), 0, upto, last=n)
         return list(merge_by_seq(runs))[-n:]
+
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        # Per topic, the top of its ZSET (scored by seq): one O(log n) lookup each.
+        topics = [t for t in await self._topics(pattern) if visible is None or visible(t)]
+        runs, _ = await self._ranges(topics, 0, upto, last=1)
+        found = [run[-1] for run in runs if run]
+        return sorted(heapq.nlargest(limit, found, key=_seq), key=_seq)
 
     # -- following the stream -------------------------------------------------------------
 
