@@ -88,6 +88,10 @@ if TYPE_CHECKING:
 _BACKLOG_PAUSE = 64
 # Subscriptions dropped per loop turn when a connection that holds many closes.
 _DETACH_SLICE = 2000
+# Connections the kernel queues before accept (capped by net.core.somaxconn): asyncio's
+# default, 100, drops the SYNs of a reconnect storm, and each dropped one costs its client
+# a 1, 3, 7 s retransmission.
+_LISTEN_BACKLOG = 4096
 # Refused connections logged in full per result and 10 s window; the rest are summarised.
 _REFUSALS_LOGGED = 10
 #: What each limit of ``metrics.LIMITS`` refuses, for the log line.
@@ -210,6 +214,7 @@ class BrokerServer:
             self.config.port,
             ssl=ssl_context,
             ssl_handshake_timeout=self.config.auth_timeout if ssl_context else None,
+            backlog=_LISTEN_BACKLOG,
         )
         if self.config.port == 0:  # the port the system chose, for the logs and the banner
             self.config.port = int(self._listener.sockets[0].getsockname()[1])

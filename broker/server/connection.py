@@ -1,7 +1,11 @@
 """One TCP connection to the broker: plain HTTP, the WebSocket handshake and frames, no tasks.
 
-h11 reads plain HTTP requests. A WebSocket upgrade is answered by websockets' sans-I/O
-``ServerProtocol`` (the handshake only: validation, extension negotiation, the response).
+A WebSocket upgrade whose head arrives whole in the first read, well-formed and asking
+for nothing to negotiate (nearly every client), is parsed once and answered by
+``broker.server.handshake`` (the checks, the 101 from a template). Everything else goes
+the general way: h11 reads plain HTTP requests, and websockets' sans-I/O ``ServerProtocol``
+answers other upgrades and every refused handshake (validation, extension negotiation,
+the response), created only for them and dropped once the handshake is done.
 From then on the core's frame codec (``broker.core.frames``) parses incoming frames
 (masking, fragments, size limit, control frames) and this class runs the rest of RFC
 6455: UTF-8 of text messages, pongs, and the closing handshake. What comes out goes to a
@@ -44,6 +48,7 @@ from broker.core.frames import (
     encode,
     parse_close,
 )
+from broker.server.handshake import ResponseTemplate, parse_upgrade, upgrade_ok
 
 if TYPE_CHECKING:
     from broker.server.session import Session
@@ -78,6 +83,8 @@ def _fast_mask() -> Masker:
 
 
 _APPLY_MASK = _fast_mask()
+#: One 101 template per ``Server`` header (one per server).
+_TEMPLATES: dict[str, ResponseTemplate] = {}
 
 
 class HttpRequest:
@@ -182,8 +189,10 @@ class Connection(asyncio.Protocol):
         "_close_code",
         "_close_timer",
         "_drain_waiter",
+        "_extensions",
         "_parser",
         "_paused",
+        "_protocol",
         "_state",
         "closed",
         "handler",
@@ -193,7 +202,6 @@ class Connection(asyncio.Protocol):
         "loop",
         "max_size",
         "peer",
-        "protocol",
         "server_header",
         "session",
         "timer",
@@ -212,8 +220,9 @@ class Connection(asyncio.Protocol):
         self.handler = handler
         #: Bound on a WebSocket message and on an HTTP request body, in bytes.
         self.max_size = max_size
-        #: The opening handshake; unused once the connection is open.
-        self.protocol = ServerProtocol(extensions=extensions, max_size=max_size)
+        self._extensions = extensions
+        # websockets' handshake, for the requests the fast path leaves to it (``protocol``).
+        self._protocol: ServerProtocol | None = None
         self._state = _CONNECTING
         self._close_code = CLOSE_ABNORMAL
         #: The frame parser, from the handshake's completion until a protocol error.
@@ -243,6 +252,14 @@ class Connection(asyncio.Protocol):
         return f"<Connection {self.peer} {_STATE_NAMES[self._state]}>"
 
     # -- state -------------------------------------------------------------------------
+
+    @property
+    def protocol(self) -> ServerProtocol:
+        """websockets' opening handshake (and its ``reject`` for HTTP answers), made on
+        first use: an upgrade the fast path accepts never needs one."""
+        if self._protocol is None:
+            self._protocol = ServerProtocol(extensions=self._extensions, max_size=self.max_size)
+        return self._protocol
 
     @property
     def is_open(self) -> bool:
@@ -304,6 +321,32 @@ class Connection(asyncio.Protocol):
             log.exception("internal error on the connection from %s", self.peer)
             self.fail(CLOSE_INTERNAL, "internal error")
 
+    def _fast_upgrade(self, data: bytes) -> bool:
+        """Accept or refuse the upgrade whose head is all in ``data`` (the first read),
+        then read the frames after it; False (nothing done) when the general path must
+        read the request (``handshake.parse_upgrade``)."""
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4:
+            return False
+        request = parse_upgrade(data[:end], bool(self._extensions))
+        if request is None:
+            return False
+        accept = upgrade_ok(request.headers)
+        if accept is None:
+            return False
+        self.http = None
+        try:
+            self._handshake(request, accept)
+        except Exception:
+            log.exception("internal error on the connection from %s", self.peer)
+            self.abort()
+            return True
+        if self._parser is None:
+            self._expect_close()
+        elif end < len(data):
+            self._receive_frames(data[end:])
+        return True
+
     def _upgrade(self, raw: bytes) -> None:
         """The first request asks for a WebSocket: websockets answers its head; what
         came after it is the first frames."""
@@ -334,6 +377,8 @@ class Connection(asyncio.Protocol):
         http = self.http
         assert http is not None
         if http.head is not None:
+            if not http.head and data.startswith(b"GET /ws") and self._fast_upgrade(data):
+                return
             http.head += data
         if http.busy:
             http.queued += len(data)
@@ -579,7 +624,10 @@ class Connection(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _handshake(self, request: Request) -> None:
+    def _handshake(self, request: Request, accept: str | None = None) -> None:
+        """Answer an upgrade request: the server's refusal, or the 101 (from the template
+        when the fast path checked the request and found its ``accept`` key, from
+        websockets otherwise), then open the connection."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -588,24 +636,34 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("handling the HTTP request failed")
             response = self.protocol.reject(500, "internal error\n")
-        if response is None:
-            response = self.protocol.accept(request)
-        response.headers["Server"] = self.server_header
-        self.protocol.send_response(response)
-        self._write_protocol_data()
-        # websockets' parser keeps the request in a local variable for the connection's
-        # whole life; its headers are most of an idle connection's memory.
-        request.headers.clear()
-        if response.status_code == 101:
-            self._state = _OPEN
-            self._parser = Parser(
-                masked=True,
-                max_size=self.max_size,
-                # permessage-deflate, the one extension offered, was negotiated.
-                deflate="Sec-WebSocket-Extensions" in response.headers,
-                apply_mask=_APPLY_MASK,
-            )
-            self.handler.opened(self)
+        deflate = False
+        if response is None and accept is not None:
+            template = _TEMPLATES.get(self.server_header)
+            if template is None:
+                template = _TEMPLATES[self.server_header] = ResponseTemplate(self.server_header)
+            if self.transport is not None and not self.closed.done():
+                self.transport.write(template.accept(accept))
+        else:
+            if response is None:
+                response = self.protocol.accept(request)
+            response.headers["Server"] = self.server_header
+            self.protocol.send_response(response)
+            self._write_protocol_data()
+            if response.status_code != 101:
+                self._protocol = None
+                return
+            # permessage-deflate, the one extension offered, was negotiated.
+            deflate = "Sec-WebSocket-Extensions" in response.headers
+        # websockets' parser keeps the request for as long as it lives: drop both.
+        self._protocol = None
+        self._state = _OPEN
+        self._parser = Parser(
+            masked=True,
+            max_size=self.max_size,
+            deflate=deflate,
+            apply_mask=_APPLY_MASK,
+        )
+        self.handler.opened(self)
 
     def _send(self, frame: bytes) -> None:
         """Write a frame of the protocol's own (pong, close) whatever the state."""
