@@ -64,6 +64,9 @@ class Subscription:
     #: Every matching message with a larger seq has reached the connection through this
     #: subscription (live or replay): used to skip duplicates when another one replays.
     covered_from: int = 0
+    #: Counted in presence (join/leave, the ``presence`` op): not for an anonymous
+    #: connection, nor on a topic whose namespace turns presence off.
+    present: bool = True
 
     @property
     def exact(self) -> bool:
@@ -118,7 +121,8 @@ class Hub:
         if sub.exact:
             if sub.presence:
                 self._watchers.setdefault(sub.pattern, set()).add(conn)
-            if old is None:
+            # ``present`` follows from the connection and the topic: the same as old's.
+            if old is None and sub.present:
                 self._join(conn, sub.pattern)
         return old
 
@@ -156,7 +160,7 @@ class Hub:
             watchers.discard(conn)
             if not watchers:
                 del self._watchers[sub.pattern]
-        if announce:
+        if announce and sub.present:
             self._leave(conn, sub.pattern)
 
     # -- presence --------------------------------------------------------------------

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from broker.core.auth import ALGORITHMS
+from broker.core.namespaces import Namespace, parse_namespaces
+from broker.core.units import parse_duration
+from broker.errors import ConfigError
 from broker.local import DEFAULT_HOST, DEFAULT_PORT, data_dir
 from broker.server.kinds import (
     Choice,
@@ -40,6 +43,8 @@ from broker.server.kinds import (
 
 #: Prefix of the environment variable of every setting: BROKER_ + upper snake case.
 ENV_PREFIX = "BROKER_"
+#: The TOML key of the ``[[namespace]]`` tables.
+NAMESPACE_KEY = "namespace"
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -227,6 +232,18 @@ class ServerConfig:
         "Connections not authenticated yet from one IP address, at once; when full, that "
         "address's oldest is dropped (0: no limit).",
     )
+    max_anonymous: int | None = setting(
+        None,
+        Integer(0, 1_000_000),
+        "Anonymous connections and streams (public topics, no token) at once; over it a new "
+        "one is refused (close 1013, or 503). Not set: half of max_connections.",
+        example=5000,
+    )
+    max_anonymous_per_address: int = setting(
+        256,
+        Integer(0, 1_000_000),
+        "Anonymous connections and streams from one IP address at once (0: no limit).",
+    )
     dedupe_window: float = setting(
         120.0,
         Duration(1, 7 * DAY),
@@ -275,6 +292,9 @@ class ServerConfig:
 
     # -- structured settings: a [table] or [[array of tables]] of the file each ----------
     # Declare each as a field with a default_factory here, and list it in SECTIONS below.
+
+    #: The file's ``[[namespace]]`` tables (broker.core.namespaces).
+    namespaces: tuple[Namespace, ...] = ()
 
     @property
     def scheme(self) -> str:
@@ -332,8 +352,23 @@ class Section:
     help: str
 
 
+def _namespaces(raw: object) -> tuple[Namespace, ...]:
+    # Checked against the global retention in config_load, once that is known.
+    try:
+        return parse_namespaces(raw, "", parse_duration)
+    except ConfigError as exc:
+        raise ValueError(exc.message.removeprefix(": ")) from None
+
+
 #: The structured settings, by TOML name.
-SECTIONS: dict[str, Section] = {}
+SECTIONS: dict[str, Section] = {
+    NAMESPACE_KEY: Section(
+        "namespaces",
+        NAMESPACE_KEY,
+        _namespaces,
+        "Per-pattern options: public, history, retention, presence.",
+    ),
+}
 
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")
 

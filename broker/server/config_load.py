@@ -18,7 +18,14 @@ from typing import Any
 from broker.core.units import format_size, shown
 from broker.errors import ConfigError
 from broker.local import default_config_file
-from broker.server.config import SECTIONS, SETTINGS, SETTINGS_BY_NAME, ServerConfig, Setting
+from broker.server.config import (
+    NAMESPACE_KEY,
+    SECTIONS,
+    SETTINGS,
+    SETTINGS_BY_NAME,
+    ServerConfig,
+    Setting,
+)
 
 #: Largest settings file read: a real one is a few KiB; this bounds a wrong path
 #: (``/dev/zero``, a log file) to a quick refusal.
@@ -166,6 +173,12 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('redis')} keeps history in Redis: {given(other)} doesn't apply")
     if not config.algorithm.startswith("HS") and not config.public_key:
         raise ConfigError(f"{given('algorithm')} {config.algorithm} needs public_key")
+    for space in config.namespaces:
+        if space.retention is not None and space.retention > config.retention:
+            raise ConfigError(
+                f"{given(NAMESPACE_KEY)}: namespace {space.pattern!r}: retention is longer "
+                "than the global retention; raise that instead"
+            )
 
 
 def describe(effective: Effective) -> list[tuple[str, str, str]]:

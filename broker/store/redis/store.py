@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 import uuid
@@ -54,7 +55,7 @@ from broker.core.backoff import Backoff
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
-from broker.store.base import Deliver, Replay, Store, chunks
+from broker.store.base import LATEST_LIMIT, Deliver, Replay, Store, Visible, chunks
 from broker.store.dedupe import decode_seqs, number
 from broker.store.redis.codec import decode_member, encode_tail, key_id, split_batch, to_str
 from broker.store.redis.health import EpochChanged, Link
@@ -72,6 +73,12 @@ FOLLOW_BATCH = 2000
 STREAM_MAXLEN = 100_000
 #: Topics per pipeline when reading history.
 PIPELINE_CHUNK = 500
+
+
+def _seq(message: Message) -> int:
+    return message.seq
+
+
 # -- the store ------------------------------------------------------------------------------
 
 
@@ -264,6 +271,15 @@ class RedisStore(Store):
             return []
         runs, _ = await self._ranges(await self._topics(pattern), 0, upto, last=n)
         return list(merge_by_seq(runs))[-n:]
+
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        # Per topic, the top of its ZSET (scored by seq): one O(log n) lookup each.
+        topics = [t for t in await self._topics(pattern) if visible is None or visible(t)]
+        runs, _ = await self._ranges(topics, 0, upto, last=1)
+        found = [run[-1] for run in runs if run]
+        return sorted(heapq.nlargest(limit, found, key=_seq), key=_seq)
 
     # -- following the stream -------------------------------------------------------------
 
