@@ -20,6 +20,7 @@ from click.core import ParameterSource
 if TYPE_CHECKING:
     from broker.server.app import BrokerServer
 
+from broker.core.hooks import render as render_hooks
 from broker.core.namespaces import render as render_namespaces
 from broker.core.units import format_duration
 from broker.errors import ConfigError
@@ -150,6 +151,10 @@ def render_config(effective: Effective) -> None:
     if effective.config.namespaces:
         click.echo(f"\n# namespaces: file {effective.file}; the first that covers a topic wins")
         for line in render_namespaces(effective.config.namespaces, format_duration):
+            click.echo(line)
+    if effective.config.hooks.configured:
+        click.echo(f"\n# hooks: file {effective.file}")
+        for line in render_hooks(effective.config.hooks):
             click.echo(line)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.core.auth import ALGORITHMS
+from broker.core.hooks import HookSettings
+from broker.core.hooks import parse_settings as parse_hooks
 from broker.core.namespaces import Namespace, parse_namespaces
 from broker.core.units import parse_duration
 from broker.errors import ConfigError
@@ -45,6 +47,8 @@ from broker.server.kinds import (
 ENV_PREFIX = "BROKER_"
 #: The TOML key of the ``[[namespace]]`` tables.
 NAMESPACE_KEY = "namespace"
+#: The TOML key of the ``[hooks]`` table.
+HOOKS_KEY = "hooks"
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -295,6 +299,8 @@ class ServerConfig:
 
     #: The file's ``[[namespace]]`` tables (broker.core.namespaces).
     namespaces: tuple[Namespace, ...] = ()
+    #: The file's ``[hooks]`` table (broker.core.hooks): the application's backend.
+    hooks: HookSettings = field(default_factory=HookSettings)
 
     @property
     def scheme(self) -> str:
@@ -366,7 +372,14 @@ SECTIONS: dict[str, Section] = {
         "namespaces",
         NAMESPACE_KEY,
         _namespaces,
-        "Per-pattern options: public, history, retention, presence.",
+        "Per-pattern options: public, history, retention, presence, subscribe_hook, publish_hook.",
+    ),
+    HOOKS_KEY: Section(
+        "hooks",
+        HOOKS_KEY,
+        parse_hooks,
+        "Hooks to the application's backend: connect, subscribe, publish, events URLs, "
+        "secret, timeout.",
     ),
 }
 

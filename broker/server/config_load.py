@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.core.hooks import check as check_hooks
 from broker.core.units import format_size, shown
 from broker.errors import ConfigError
 from broker.local import default_config_file
@@ -173,6 +174,14 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('redis')} keeps history in Redis: {given(other)} doesn't apply")
     if not config.algorithm.startswith("HS") and not config.public_key:
         raise ConfigError(f"{given('algorithm')} {config.algorithm} needs public_key")
+    hooks = config.hooks
+    selected = {
+        name: [s.pattern for s in config.namespaces if getattr(s, f"{name}_hook")]
+        for name in ("subscribe", "publish")
+    }
+    wrong = check_hooks(hooks, selected)
+    if wrong is not None:
+        raise ConfigError(f"{given(NAMESPACE_KEY)}: {wrong}")
     for space in config.namespaces:
         if space.retention is not None and space.retention > config.retention:
             raise ConfigError(

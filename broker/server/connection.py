@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 from typing import Protocol as Interface
 
 import h11
+from websockets.datastructures import Headers
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -133,7 +134,8 @@ class Handler(Interface):
         """A plain HTTP request: answer it with ``conn.respond``, now or later."""
 
     def http_request(self, conn: Connection, request: Request) -> Response | None:
-        """A plain HTTP response to send, or None to accept the WebSocket upgrade."""
+        """A plain HTTP response to send, None to accept the WebSocket upgrade, or
+        ``DEFERRED``: the handler answers later with ``conn.answer_handshake``."""
 
     def accepted(self, conn: Connection) -> bool:
         """A TCP connection was accepted; False: drop it at once (a limit is reached)."""
@@ -146,6 +148,10 @@ class Handler(Interface):
 
     def closed(self, conn: Connection) -> None:
         """The TCP connection is gone (called once, for every connection)."""
+
+
+#: What ``Handler.http_request`` returns to answer the upgrade later (``answer_handshake``).
+DEFERRED = Response(0, "deferred", Headers())
 
 
 class Connection(asyncio.Protocol):
@@ -571,6 +577,15 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("handling the HTTP request failed")
             response = self.protocol.reject(500, "internal error\n")
+        if response is DEFERRED:
+            return  # the handler calls answer_handshake once it knows (a connect hook)
+        self.answer_handshake(request, response)
+
+    def answer_handshake(self, request: Request, response: Response | None) -> None:
+        """Send the answer to the upgrade ``request``: ``response``, or the ``101`` when
+        None; then the connection is open (``Handler.opened``) or closing."""
+        if self.closed.done():
+            return
         if response is None:
             response = self.protocol.accept(request)
         response.headers["Server"] = self.server_header
