@@ -58,6 +58,8 @@ class Hooks:
     def start(self) -> None:
         """Open the HTTP client and start the events sender (when ``events`` is set)."""
         size = self.settings.concurrency
+        # httpx logs every request at INFO: one line per hook call is noise, not news.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         self._client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
             timeout=httpx.Timeout(self.settings.timeout),

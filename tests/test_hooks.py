@@ -1,0 +1,295 @@
+"""Hooks to the application's backend (section 12) against a real backend process.
+
+The backend is examples/hooks/app.py (tests/hooks_support.py): it logs users in with a
+cookie, refuses publishes with "spam", rewrites "darn" as "d**n", answers "slowpoke"
+after 5 s (the brokers here wait 1 s), keeps ``chat/staff`` for ``admin`` and appends the
+events it receives to a file. Brokers are real ``broker serve`` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .hooks_support import Backend, hooked_broker
+from .support import BrokerProcess, Peer, async_wait_for
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[Backend]:
+    app = Backend(tmp_path / "app").start()
+    yield app
+    app.kill()
+
+
+@pytest.fixture
+def broker(tmp_path: Path, backend: Backend) -> Iterator[BrokerProcess]:
+    proc = hooked_broker(tmp_path / "broker", backend)
+    yield proc
+    proc.kill()
+
+
+def api_publish(broker: BrokerProcess, token: str, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(
+        f"{broker.http_url}/api/publish",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+
+
+async def test_refusal_rewrite_and_timeout_of_a_websocket_publish(
+    broker: BrokerProcess,
+) -> None:
+    alice = await Peer.open(broker.url, broker.token("alice"))
+    bob = await Peer.open(broker.url, broker.token("bob"))
+    assert (await bob.request("sub", topic="chat/lobby"))["op"] == "ok"
+
+    refused = await alice.request("pub", topic="chat/lobby", data="buy spam now")
+    assert refused["code"] == "forbidden" and refused["message"] == "no spam, please"
+    rewritten = await alice.request("pub", topic="chat/lobby", data="darn it")
+    assert rewritten["op"] == "ok"
+    late = await alice.request("pub", topic="chat/lobby", data="slowpoke")
+    assert late["code"] == "unavailable"
+
+    got = await bob.recv()
+    assert got["op"] == "msg" and got["data"] == "d**n it" and got["seq"] == rewritten["seq"]
+    await bob.expect_nothing()  # neither the refused nor the late one was delivered
+    replay = await Peer.open(broker.url, broker.token("carol"))
+    await replay.request("sub", topic="chat/lobby", last=10)
+    assert (await replay.recv())["data"] == "d**n it"  # stored as rewritten
+    await replay.expect_nothing()
+    for peer in (alice, bob, replay):
+        await peer.close()
+
+
+async def test_refusal_rewrite_and_timeout_of_an_http_publish(broker: BrokerProcess) -> None:
+    token = broker.token("alice")
+    refused = api_publish(broker, token, {"topic": "chat/lobby", "data": "spam"})
+    assert refused.status_code == 403
+    assert refused.json()["error"]["message"] == "no spam, please"
+    ok = api_publish(broker, token, {"topics": ["chat/x/a", "chat/x/b"], "data": {"t": "darn"}})
+    assert ok.status_code == 200
+    late = api_publish(broker, token, {"topic": "chat/lobby", "data": "slowpoke"})
+    assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
+    history = httpx.get(
+        f"{broker.http_url}/api/history",
+        params={"topic": "chat/x/#", "last": "10"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5,
+    ).json()
+    assert [(m["topic"], m["data"]) for m in history["messages"]] == [
+        ("chat/x/a", {"t": "d**n"}),
+        ("chat/x/b", {"t": "d**n"}),
+    ]
+    # A topic no namespace selects asks nothing: "spam" passes.
+    assert api_publish(broker, token, {"topic": "news", "data": "spam"}).status_code == 200
+
+
+async def test_a_recorded_key_is_a_duplicate_without_asking_the_hook(
+    broker: BrokerProcess,
+) -> None:
+    alice = await Peer.open(broker.url, broker.token("alice"))
+    first = await alice.request("pub", topic="chat/lobby", data="darn", key="k-1")
+    assert first["op"] == "ok"
+    # The hook would refuse "spam": it is not asked, the key answers.
+    again = await alice.request("pub", topic="chat/lobby", data="spam", key="k-1")
+    assert again == {"op": "ok", "id": again["id"], "seq": first["seq"], "duplicate": True}
+    token = broker.token("alice")
+    http = api_publish(broker, token, {"topic": "chat/lobby", "data": "spam", "key": "k-1"})
+    assert http.json() == {"seq": first["seq"], "duplicate": True}
+    await alice.close()
+
+
+async def test_a_subscription_the_backend_refuses(broker: BrokerProcess) -> None:
+    bob = await Peer.open(broker.url, broker.token("bob"))
+    refused = await bob.request("sub", topic="chat/staff")
+    assert refused["code"] == "forbidden" and refused["message"] == "staff only"
+    wide = await bob.request("sub", topic="chat/#")  # can match chat/staff: asked too
+    assert wide["code"] == "forbidden"
+    assert (await bob.request("sub", topic="chat/lobby"))["op"] == "ok"
+    admin = await Peer.open(broker.url, broker.token("admin"))
+    assert (await admin.request("sub", topic="chat/staff"))["op"] == "ok"
+    headers = {"Authorization": f"Bearer {broker.token('bob')}"}
+    history = httpx.get(
+        f"{broker.http_url}/api/history", params={"topic": "chat/staff"}, headers=headers
+    )
+    assert history.status_code == 403
+    stream = httpx.get(
+        f"{broker.http_url}/sse", params={"topic": "chat/staff"}, headers=headers, timeout=5
+    )
+    assert stream.status_code == 403 and stream.json()["error"]["message"] == "staff only"
+    await bob.close()
+    await admin.close()
+
+
+async def test_the_connect_hook_makes_a_cookie_the_user(
+    broker: BrokerProcess, backend: Backend
+) -> None:
+    from websockets.asyncio.client import connect
+
+    cookie = backend.login("Alice")
+    ws = await connect(broker.url, additional_headers={"Cookie": f"session={cookie}"})
+    peer = Peer(ws)
+    hello = await peer.recv()  # no auth frame: the hook answered at the upgrade
+    assert hello["op"] == "hello" and hello["user"] == {"id": "alice", "name": "Alice"}
+    # The hook's ACL applies: chat/# only.
+    assert (await peer.request("pub", topic="news", data=1))["code"] == "forbidden"
+    await peer.close()
+    # Without a session the hook admits nothing: the first frame must be auth.
+    stranger = await Peer.open(broker.url)
+    await stranger.send({"op": "sub", "id": 1, "topic": "chat/lobby"})
+    assert (await stranger.recv())["code"] == "unauthorized"
+
+    with httpx.stream(
+        "GET",
+        f"{broker.http_url}/sse",
+        params={"topic": "chat/lobby"},
+        headers={"Cookie": f"session={cookie}"},
+        timeout=5,
+    ) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert any(line.startswith("event: ready") for line, _ in zip(lines, range(5)))
+    refused = httpx.get(f"{broker.http_url}/sse", params={"topic": "chat/lobby"}, timeout=5)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["message"] == "not logged in"
+
+
+async def test_a_slow_backend_stalls_only_the_connection_that_waits(
+    broker: BrokerProcess,
+) -> None:
+    slow = await Peer.open(broker.url, broker.token("alice"))
+    other = await Peer.open(broker.url, broker.token("bob"))
+    await slow.send({"op": "pub", "id": 1, "topic": "chat/lobby", "data": "slowpoke"})
+    # Published while alice's publish waits for the backend: answered first.
+    quick = await other.request("pub", topic="news", data=1)
+    assert quick["op"] == "ok"
+    checked = await other.request("pub", topic="chat/lobby", data="hello")
+    assert checked["op"] == "ok"
+    assert (await slow.recv())["code"] == "unavailable"
+    metrics = httpx.get(f"{broker.http_url}/metrics", timeout=5).text
+    assert 'broker_hook_calls_total{hook="publish"} 2.0' in metrics
+    assert 'broker_hook_failures_total{hook="publish"} 1.0' in metrics
+    assert 'broker_hook_seconds_count{hook="publish"} 2.0' in metrics
+    await slow.close()
+    await other.close()
+
+
+def _per_user(events: list[dict[str, object]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for event in events:
+        user = event["user"]
+        assert isinstance(user, dict)
+        out.setdefault(str(user["id"]), []).append(str(event["type"]))
+    return out
+
+
+async def test_events_survive_a_backend_restart_in_order(
+    broker: BrokerProcess, backend: Backend
+) -> None:
+    # "room" asks no subscribe hook: subscriptions go on while the backend is down.
+    first = await Peer.open(broker.url, broker.token("u0"))
+    await first.request("sub", topic="room")
+    await first.close()
+    await async_wait_for(lambda: len(backend.events()) == 4, timeout=10)
+    backend.kill()
+    for i in range(1, 6):  # while the backend is down
+        peer = await Peer.open(broker.url, broker.token(f"u{i}"))
+        assert (await peer.request("sub", topic="room"))["op"] == "ok"
+        await peer.close()
+    await asyncio.sleep(0.5)  # a few failed attempts
+    backend.start()
+    await async_wait_for(lambda: len(backend.events()) >= 24, timeout=20)
+    events = backend.events()
+    per_user = _per_user(events)
+    assert per_user == {f"u{i}": ["connect", "join", "leave", "disconnect"] for i in range(6)}, (
+        per_user
+    )
+    stamps = [int(str(e["ts"])) for e in events]
+    assert stamps == sorted(stamps)
+    assert all(e["topic"] == "room" for e in events if e["type"] in ("join", "leave"))
+    assert {e["code"] for e in events if e["type"] == "disconnect"} == {1000}
+
+
+async def test_cluster_nodes_send_each_join_and_leave_once(
+    tmp_path: Path, backend: Backend, redis_server: object
+) -> None:
+    from .support import RedisServer
+
+    assert isinstance(redis_server, RedisServer)
+    redis_server.ensure_running()
+    redis_server.flush()
+    nodes = [hooked_broker(tmp_path / f"n{i}", backend, cluster=redis_server.url) for i in range(2)]
+    try:
+        peers = []
+        for node in nodes:  # alice on both nodes, in the same room
+            peer = await Peer.open(node.url, node.token("alice"))
+            await peer.request("sub", topic="chat/room")
+            peers.append(peer)
+        await async_wait_for(lambda: len(backend.events()) >= 3, timeout=10)
+        for peer in peers:
+            await peer.close()
+        await async_wait_for(lambda: len(backend.events()) >= 6, timeout=10)
+        await asyncio.sleep(1.0)  # time for a second join or leave, were one sent
+        kinds = [e["type"] for e in backend.events()]
+        assert sorted(kinds) == sorted(["connect"] * 2 + ["join", "leave"] + ["disconnect"] * 2)
+        assert kinds.index("join") < kinds.index("leave")
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def test_a_misconfigured_hook_is_refused_at_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .support import ROOT, isolated_env
+
+    cases = {
+        '[hooks]\npublish = "ftp://x"\nsecret = "s"\n': "publish must be an http:// or https://",
+        '[hooks]\npublish = "http://x/p"\n': "'secret' (the HMAC key) is missing",
+        '[hooks]\nsecret = "s"\n[[namespace]]\npattern = "a/#"\npublish_hook = true\n': (
+            "namespace 'a/#' sets publish_hook, but [hooks] has no publish URL"
+        ),
+    }
+    for text, message in cases.items():
+        path = tmp_path / "broker.toml"
+        path.write_text(text)
+        done = subprocess.run(
+            [sys.executable, "-m", "broker.cli", "serve", "--memory", "--config", str(path)],
+            cwd=ROOT,
+            env=isolated_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode != 0
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_print_config_redacts_the_secret(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .support import ROOT, isolated_env
+
+    path = tmp_path / "broker.toml"
+    path.write_text('[hooks]\nevents = "http://127.0.0.1:9/e"\nsecret = "very-secret"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "serve", "--memory", "--config", str(path)]
+        + ["--print-config"],
+        cwd=ROOT,
+        env=isolated_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'events = "http://127.0.0.1:9/e"' in done.stdout
+    assert "very-secret" not in done.stdout and 'secret = "<redacted>"' in done.stdout
