@@ -104,7 +104,12 @@ class _Node(BrokerProcess):
 
 
 def hooked_broker(
-    home: Path, backend: Backend, *args: str, cluster: str | None = None, **kw: Any
+    home: Path,
+    backend: Backend,
+    *args: str,
+    cluster: str | None = None,
+    port: int | None = None,
+    **kw: Any,
 ) -> BrokerProcess:
     """A started broker with ``hooks_toml(backend, **kw)`` as its settings file; a node
     of the cluster on Redis URL ``cluster`` when given."""
@@ -112,5 +117,5 @@ def hooked_broker(
     config = home / "broker.toml"
     config.write_text(hooks_toml(backend, **kw))
     if cluster is not None:
-        return _Node(home, "--config", str(config), "--redis", cluster, *args).start()
-    return BrokerProcess(home, "--config", str(config), *args, memory=True).start()
+        return _Node(home, "--config", str(config), "--redis", cluster, *args, port=port).start()
+    return BrokerProcess(home, "--config", str(config), *args, memory=True, port=port).start()

@@ -293,3 +293,29 @@ def test_print_config_redacts_the_secret(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert 'events = "http://127.0.0.1:9/e"' in done.stdout
     assert "very-secret" not in done.stdout and 'secret = "<redacted>"' in done.stdout
+
+
+async def test_an_events_overflow_is_counted_and_logged_once(tmp_path: Path) -> None:
+    down = Backend(tmp_path / "app")  # never started: nothing listens on its port
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[hooks]\nevents = "{down.url}/broker/events"\nsecret = "s"\nevents_queue = 2\n'
+    )
+    broker = BrokerProcess(tmp_path / "b", "--config", str(config), memory=True).start()
+    try:
+        for i in range(5):  # 10 events: 2 fit
+            peer = await Peer.open_with_header(broker.url, broker.token(f"u{i}"))
+            await peer.recv()
+            await peer.close()
+
+        def dropped() -> float:
+            text = httpx.get(f"{broker.http_url}/metrics", timeout=5).text
+            line = next(x for x in text.splitlines() if x.startswith("broker_hook_events_dropped"))
+            return float(line.split()[-1])
+
+        await async_wait_for(lambda: dropped() == 8, timeout=10)
+        metrics = httpx.get(f"{broker.http_url}/metrics", timeout=5).text
+        assert "broker_hook_events_queued 2.0" in metrics
+        assert broker.log().count("hook events queue full") == 1
+    finally:
+        broker.kill()

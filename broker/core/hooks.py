@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from broker.core.auth import Identity, identity_from_claims
-from broker.core.units import parse_duration
+from broker.core.units import format_duration, parse_duration
 from broker.errors import BadRequest, BrokerError, Forbidden, Unauthorized, Unavailable
 
 #: The hooks, by their key in ``[hooks]``.
@@ -156,7 +156,7 @@ def render(settings: HookSettings) -> list[str]:
     for key in ("timeout", "concurrency", "queue", "events_queue", "events_batch"):
         value = getattr(settings, key)
         if value != getattr(default, key):
-            shown = f'"{value:g}s"' if key == "timeout" else str(value)
+            shown = f'"{format_duration(value)}"' if key == "timeout" else str(value)
             lines.append(f"{key} = {shown}")
     return lines
 

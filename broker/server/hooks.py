@@ -50,7 +50,7 @@ class Hooks:
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._dropped_since_log = 0
-        self._last_log = 0.0
+        self._logged: dict[str, float] = {}  # log event -> when last written
         metrics.hook_events_queued = lambda: len(self._events)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -188,10 +188,11 @@ class Hooks:
         self._wake.set()
 
     def _log_now(self, message: str, *args: Any, event: str, reset: bool = False) -> None:
+        """Log at most once per ``LOG_INTERVAL`` per ``event``."""
         now = time.monotonic()
-        if now - self._last_log < LOG_INTERVAL:
+        if now - self._logged.get(event, -LOG_INTERVAL) < LOG_INTERVAL:
             return
-        self._last_log = now
+        self._logged[event] = now
         log.warning(message, *args, extra={"event": event})
         if reset:
             self._dropped_since_log = 0

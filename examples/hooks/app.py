@@ -68,7 +68,7 @@ PAGE = """<!doctype html>
 <form id="say"><input id="text" autocomplete="off"> <button>send</button></form>
 <ul id="messages"></ul>
 <script>
-// No token anywhere: the browser sends the session cookie with the upgrade.
+// Nothing secret in this page: the browser sends the session cookie with the upgrade.
 const ws = new WebSocket({broker});
 const show = (text) => {{
   const li = document.createElement("li"); li.textContent = text;
