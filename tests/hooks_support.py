@@ -4,20 +4,60 @@ whose ``[hooks]`` point at it."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from .support import ROOT, BrokerProcess, free_port, isolated_env
 
 HOOK_SECRET = "hook-secret-for-the-tests"
 APP = ROOT / "examples" / "hooks" / "app.py"
+
+
+class Reply:
+    """An HTTP answer: status, headers (lower-case names), body."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(
+    method: str,
+    url: str,
+    *,
+    body: bytes | None = None,
+    json_body: object = None,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> Reply:
+    """One HTTP request over a fresh connection (http.client: no client library)."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path + ("?" + urllib.parse.urlencode(params) if params else "")
+    sent = dict(headers or {})
+    if json_body is not None:
+        body = json.dumps(json_body).encode()
+        sent["Content-Type"] = "application/json"
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=sent)
+        answer = conn.getresponse()
+        if answer.getheader("content-type", "").startswith("text/event-stream"):
+            data = b"".join(answer.readline() for _ in range(3))  # the head of a stream
+        else:
+            data = answer.read()
+        return Reply(answer.status, {k.lower(): v for k, v in answer.getheaders()}, data)
+    finally:
+        conn.close()
 
 
 class Backend:
@@ -67,9 +107,12 @@ class Backend:
 
     def login(self, name: str) -> str:
         """Log ``name`` in; the session cookie's value."""
-        reply = httpx.post(f"{self.url}/login", data={"name": name}, timeout=5)
-        assert reply.status_code == 303, reply.text
-        return str(reply.cookies["session"])
+        form = urllib.parse.urlencode({"name": name}).encode()
+        kind = {"Content-Type": "application/x-www-form-urlencoded"}
+        reply = request("POST", f"{self.url}/login", body=form, headers=kind)
+        assert reply.status == 303, reply.body
+        cookie = reply.headers["set-cookie"].split(";")[0]
+        return cookie.removeprefix("session=")
 
 
 def hooks_toml(

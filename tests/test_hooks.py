@@ -12,10 +12,9 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from .hooks_support import Backend, hooked_broker
+from .hooks_support import Backend, Reply, hooked_broker, request
 from .support import BrokerProcess, Peer, async_wait_for
 
 
@@ -33,12 +32,12 @@ def broker(tmp_path: Path, backend: Backend) -> Iterator[BrokerProcess]:
     proc.kill()
 
 
-def api_publish(broker: BrokerProcess, token: str, body: dict[str, object]) -> httpx.Response:
-    return httpx.post(
+def api_publish(broker: BrokerProcess, token: str, body: dict[str, object]) -> Reply:
+    return request(
+        "POST",
         f"{broker.http_url}/api/publish",
-        json=body,
+        json_body=body,
         headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
     )
 
 
@@ -70,24 +69,24 @@ async def test_refusal_rewrite_and_timeout_of_a_websocket_publish(
 async def test_refusal_rewrite_and_timeout_of_an_http_publish(broker: BrokerProcess) -> None:
     token = broker.token("alice")
     refused = api_publish(broker, token, {"topic": "chat/lobby", "data": "spam"})
-    assert refused.status_code == 403
+    assert refused.status == 403
     assert refused.json()["error"]["message"] == "no spam, please"
     ok = api_publish(broker, token, {"topics": ["chat/x/a", "chat/x/b"], "data": {"t": "darn"}})
-    assert ok.status_code == 200
+    assert ok.status == 200
     late = api_publish(broker, token, {"topic": "chat/lobby", "data": "slowpoke"})
-    assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
-    history = httpx.get(
+    assert late.status == 503 and late.json()["error"]["code"] == "unavailable"
+    history = request(
+        "GET",
         f"{broker.http_url}/api/history",
         params={"topic": "chat/x/#", "last": "10"},
         headers={"Authorization": f"Bearer {token}"},
-        timeout=5,
     ).json()
     assert [(m["topic"], m["data"]) for m in history["messages"]] == [
         ("chat/x/a", {"t": "d**n"}),
         ("chat/x/b", {"t": "d**n"}),
     ]
     # A topic no namespace selects asks nothing: "spam" passes.
-    assert api_publish(broker, token, {"topic": "news", "data": "spam"}).status_code == 200
+    assert api_publish(broker, token, {"topic": "news", "data": "spam"}).status == 200
 
 
 async def test_a_recorded_key_is_a_duplicate_without_asking_the_hook(
@@ -115,14 +114,14 @@ async def test_a_subscription_the_backend_refuses(broker: BrokerProcess) -> None
     admin = await Peer.open(broker.url, broker.token("admin"))
     assert (await admin.request("sub", topic="chat/staff"))["op"] == "ok"
     headers = {"Authorization": f"Bearer {broker.token('bob')}"}
-    history = httpx.get(
-        f"{broker.http_url}/api/history", params={"topic": "chat/staff"}, headers=headers
+    history = request(
+        "GET", f"{broker.http_url}/api/history", params={"topic": "chat/staff"}, headers=headers
     )
-    assert history.status_code == 403
-    stream = httpx.get(
-        f"{broker.http_url}/sse", params={"topic": "chat/staff"}, headers=headers, timeout=5
+    assert history.status == 403
+    stream = request(
+        "GET", f"{broker.http_url}/sse", params={"topic": "chat/staff"}, headers=headers
     )
-    assert stream.status_code == 403 and stream.json()["error"]["message"] == "staff only"
+    assert stream.status == 403 and stream.json()["error"]["message"] == "staff only"
     await bob.close()
     await admin.close()
 
@@ -145,18 +144,15 @@ async def test_the_connect_hook_makes_a_cookie_the_user(
     await stranger.send({"op": "sub", "id": 1, "topic": "chat/lobby"})
     assert (await stranger.recv())["code"] == "unauthorized"
 
-    with httpx.stream(
+    stream = request(
         "GET",
         f"{broker.http_url}/sse",
         params={"topic": "chat/lobby"},
         headers={"Cookie": f"session={cookie}"},
-        timeout=5,
-    ) as stream:
-        assert stream.status_code == 200
-        lines = stream.iter_lines()
-        assert any(line.startswith("event: ready") for line, _ in zip(lines, range(5)))
-    refused = httpx.get(f"{broker.http_url}/sse", params={"topic": "chat/lobby"}, timeout=5)
-    assert refused.status_code == 401
+    )
+    assert stream.status == 200 and b"event: ready" in stream.body
+    refused = request("GET", f"{broker.http_url}/sse", params={"topic": "chat/lobby"})
+    assert refused.status == 401
     assert refused.json()["error"]["message"] == "not logged in"
 
 
@@ -172,7 +168,7 @@ async def test_a_slow_backend_stalls_only_the_connection_that_waits(
     checked = await other.request("pub", topic="chat/lobby", data="hello")
     assert checked["op"] == "ok"
     assert (await slow.recv())["code"] == "unavailable"
-    metrics = httpx.get(f"{broker.http_url}/metrics", timeout=5).text
+    metrics = request("GET", f"{broker.http_url}/metrics").body.decode()
     assert 'broker_hook_calls_total{hook="publish"} 2.0' in metrics
     assert 'broker_hook_failures_total{hook="publish"} 1.0' in metrics
     assert 'broker_hook_seconds_count{hook="publish"} 2.0' in metrics
@@ -309,12 +305,12 @@ async def test_an_events_overflow_is_counted_and_logged_once(tmp_path: Path) -> 
             await peer.close()
 
         def dropped() -> float:
-            text = httpx.get(f"{broker.http_url}/metrics", timeout=5).text
+            text = request("GET", f"{broker.http_url}/metrics").body.decode()
             line = next(x for x in text.splitlines() if x.startswith("broker_hook_events_dropped"))
             return float(line.split()[-1])
 
         await async_wait_for(lambda: dropped() == 8, timeout=10)
-        metrics = httpx.get(f"{broker.http_url}/metrics", timeout=5).text
+        metrics = request("GET", f"{broker.http_url}/metrics").body.decode()
         assert "broker_hook_events_queued 2.0" in metrics
         assert broker.log().count("hook events queue full") == 1
     finally:

@@ -744,6 +744,9 @@ class BrokerServer:
             return
         if session.task is not None:
             session.task.cancel()
+        for _, waiting in session.pipeline or ():
+            if waiting is not None:
+                waiting.cancel()
         self._drop(session)
         conn.session = None  # no cycle left: both are freed now, not by the collector
         if self.hooks is not None and not session.identity.anonymous:
@@ -847,6 +850,12 @@ class BrokerServer:
         frame = None
         try:
             frame = parse_request(data)
+            if session.pipeline and not isinstance(frame, Pub):
+                # Publishes wait for the publish hook: this request comes after them.
+                session.task = asyncio.get_running_loop().create_task(
+                    self._after_pipeline(session, data)
+                )
+                return
             if isinstance(frame, Pub):
                 self._publish(session, frame)
             elif isinstance(frame, Unsub):
@@ -970,35 +979,79 @@ class BrokerServer:
         if not session.allow_publish():
             self.metrics.rate_limited += 1
             raise RateLimited("publish rate limit exceeded")
-        if self._publish_hook and self.namespaces.publish_hook(frame.topic):
-            # Later frames of this connection wait (in order); other connections do not.
-            session.task = asyncio.get_running_loop().create_task(
-                self._publish_hooked(session, frame)
-            )
+        hooked = self._publish_hook and self.namespaces.publish_hook(frame.topic)
+        if hooked or session.pipeline:
+            self._pipeline(session, frame, hooked)
             return
         self._record(session, frame, frame.data)
 
-    async def _publish_hooked(self, session: Session, frame: Pub) -> None:
-        """A publish to a topic whose namespace asks the ``publish`` hook: ask it (unless
-        its key is already recorded: a duplicate calls nothing), then record what it
-        allowed."""
+    # -- publishes that ask the publish hook: asked at once, recorded in order -----------
+
+    def _pipeline(self, session: Session, frame: Pub, hooked: bool) -> None:
+        """Queue a publish behind this connection's publishes that wait for the hook
+        (asking the hook now when ``hooked``): each is recorded, in the order sent, once
+        every one before it is; the hook is asked for many at once."""
+        pipeline = session.pipeline
+        if pipeline is None:
+            pipeline = session.pipeline = deque()
+        task = None
+        if hooked:
+            task = asyncio.get_running_loop().create_task(self._ask_publish(session, frame))
+            task.add_done_callback(lambda _: self._drain_pipeline(session))
+        pipeline.append((frame, task))
+        if len(pipeline) >= _BACKLOG_PAUSE and session.conn.transport is not None:
+            session.conn.transport.pause_reading()
+        self._drain_pipeline(session)
+
+    async def _ask_publish(self, session: Session, frame: Pub) -> bytes | None:
+        """The publish hook's answer for ``frame`` (None: as it is); a key already
+        recorded asks nothing (the journal answers it as a duplicate)."""
         assert self.hooks is not None
+        ident = session.identity
+        if frame.key is not None and await self.store.known_key(ident.id, frame.key):
+            return None
+        return await self.hooks.check("publish", ident, frame.topic, frame.data, frame.key)
+
+    def _drain_pipeline(self, session: Session) -> None:
+        """Record (or refuse) the publishes at the head of the pipeline that are ready."""
+        pipeline = session.pipeline
+        while pipeline:
+            frame, task = pipeline[0]
+            if task is not None and not task.done():
+                return
+            pipeline.popleft()
+            if session.closing or (task is not None and task.cancelled()):
+                continue
+            error = task.exception() if task is not None else None
+            if isinstance(error, Exception):
+                self._request_failed(session, frame, error)
+                continue
+            data = task.result() if task is not None else None
+            try:
+                self._record(session, frame, frame.data if data is None else data)
+            except Exception as exc:
+                self._request_failed(session, frame, exc)
+        session.pipeline = None
+        if session.conn.transport is not None and session.backlog is None:
+            session.conn.transport.resume_reading()
+        if session.pipeline_done is not None:
+            session.pipeline_done.set_result(None)
+            session.pipeline_done = None
+
+    async def _after_pipeline(self, session: Session, data: str | bytes) -> None:
+        """Handle a request once the publishes sent before it are recorded or refused."""
         try:
-            data = frame.data
-            ident = session.identity
-            if frame.key is None or not await self.store.known_key(ident.id, frame.key):
-                rewritten = await self.hooks.check(
-                    "publish", ident, frame.topic, frame.data, frame.key
-                )
-                if rewritten is not None:
-                    data = rewritten
-            if not session.closing:
-                self._record(session, frame, data)
-        except Exception as exc:
-            self._request_failed(session, frame, exc)
+            if session.pipeline:
+                waiter = session.pipeline_done
+                if waiter is None:
+                    waiter = session.pipeline_done = asyncio.get_running_loop().create_future()
+                await waiter
         finally:
             session.task = None
-        self._resume(session)
+        if not session.closing:
+            self._handle(session, data)
+            if session.task is None:
+                self._resume(session)
 
     def _record(self, session: Session, frame: Pub, data: bytes) -> None:
         """Submit an accepted publish to the journal; answer it once recorded."""

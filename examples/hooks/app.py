@@ -171,6 +171,10 @@ def handler(app: App) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: the broker pools its connections
+        # Each answer in one write, sent at once: a header and a body in two small writes
+        # meet the peer's delayed ACK and wait 40 ms.
+        wbufsize = 1 << 16
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
