@@ -315,3 +315,25 @@ async def test_an_events_overflow_is_counted_and_logged_once(tmp_path: Path) -> 
         assert broker.log().count("hook events queue full") == 1
     finally:
         broker.kill()
+
+
+async def test_publishes_of_one_connection_are_recorded_in_the_order_sent(
+    broker: BrokerProcess,
+) -> None:
+    alice = await Peer.open(broker.url, broker.token("alice"))
+    sent = ["one", "darn", "spam", "two", "three"]
+    topics = ["chat/a", "chat/a", "chat/a", "news", "chat/b"]  # news asks no hook
+    for i, (topic, data) in enumerate(zip(topics, sent)):
+        await alice.send({"op": "pub", "id": i, "topic": topic, "data": data})
+    await alice.send({"op": "sub", "id": "s", "topic": "chat/a", "last": 10})
+    got = [await alice.recv() for _ in range(6)]
+    # The sub, sent last, is answered after every publish before it (a refusal may come
+    # before the oks of earlier publishes: those wait to be recorded, as without hooks).
+    assert got[-1]["id"] == "s"
+    replies = {r["id"]: r for r in got}
+    assert replies[2]["code"] == "forbidden"
+    seqs = [replies[i]["seq"] for i in (0, 1, 3, 4)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4  # recorded in the order sent
+    replayed = [(await alice.recv())["data"] for _ in range(2)]
+    assert replayed == ["one", "d**n"]
+    await alice.close()
