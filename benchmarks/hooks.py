@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,28 +28,11 @@ from pathlib import Path
 import psutil
 from websockets.asyncio.client import connect
 
-from broker.core.auth import mint_token
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-SECRET = "bench-secret-0123456789-abcdefghijkl"
+from harness import Broker, free_port, stop_process, wait_port  # noqa: E402
+
 HOOK_SECRET = "bench-hook-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"a process exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {timeout}s")
 
 
 async def run(url: str, token: str, topic: str, rate: int, seconds: float) -> list[float]:
@@ -127,51 +107,39 @@ def main() -> None:
         asyncio.run(backend(args.backend))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        app_port, broker_port = free_port(), free_port()
-        env = {**os.environ, "XDG_CONFIG_HOME": str(home / "c"), "XDG_DATA_HOME": str(home / "d")}
+        app_port = free_port()
         app = subprocess.Popen(
             [sys.executable, __file__, "--backend", str(app_port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        config = home / "broker.toml"
+        config = Path(tmp) / "broker.toml"
         config.write_text(
             f'[hooks]\npublish = "http://127.0.0.1:{app_port}/broker/publish"\n'
             f'secret = "{HOOK_SECRET}"\n[[namespace]]\npattern = "chat/#"\npublish_hook = true\n'
         )
-        broker = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", "serve", "--memory", "--port", str(broker_port)]
-            + ["--secret", SECRET, "--config", str(config), "--log-level", "warning"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         try:
-            wait_port(app_port, app)
-            wait_port(broker_port, broker)
-            url = f"ws://127.0.0.1:{broker_port}/ws"
-            token = mint_token(SECRET, "bench")
-            proc = psutil.Process(broker.pid)
-            print(f"{args.rate} publishes/s for {args.seconds:g} s per run; one publisher")
-            print(f"{'run':<22} {'p50 ms':>8} {'p99 ms':>8} {'broker CPU us/publish':>22}")
-            asyncio.run(run(url, token, "warmup", args.rate, 1.0))
-            for label, topic in (
-                ("no hook (news/x)", "news/x"),
-                ("publish hook (chat/x)", "chat/x"),
-            ):
-                before = cpu(proc)
-                lat = sorted(asyncio.run(run(url, token, topic, args.rate, args.seconds)))
-                spent = cpu(proc) - before
-                p50 = statistics.median(lat) * 1000
-                p99 = lat[int(len(lat) * 0.99) - 1] * 1000
-                print(f"{label:<22} {p50:>8.2f} {p99:>8.2f} {spent / len(lat) * 1e6:>22.0f}")
+            wait_port(app_port, app, "the backend")
+            with Broker(["--memory", "--config", str(config)]) as broker:
+                token = broker.token("bench")
+                proc = psutil.Process(broker.pid)
+                print(f"{args.rate} publishes/s for {args.seconds:g} s per run; one publisher")
+                print(f"{'run':<22} {'p50 ms':>8} {'p99 ms':>8} {'broker CPU us/publish':>22}")
+                asyncio.run(run(broker.url, token, "warmup", args.rate, 1.0))
+                for label, topic in (
+                    ("no hook (news/x)", "news/x"),
+                    ("publish hook (chat/x)", "chat/x"),
+                ):
+                    before = cpu(proc)
+                    lat = sorted(
+                        asyncio.run(run(broker.url, token, topic, args.rate, args.seconds))
+                    )
+                    spent = cpu(proc) - before
+                    p50 = statistics.median(lat) * 1000
+                    p99 = lat[int(len(lat) * 0.99) - 1] * 1000
+                    print(f"{label:<22} {p50:>8.2f} {p99:>8.2f} {spent / len(lat) * 1e6:>22.0f}")
         finally:
-            for proc_ in (broker, app):
-                proc_.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc_.wait(10)
+            stop_process(app)
 
 
 if __name__ == "__main__":
