@@ -110,11 +110,11 @@ class Hooks:
                 "Content-Type": "application/json",
                 core.SIGNATURE: core.sign(self._secret, body),
             }
-            async with asyncio.timeout(self.settings.timeout):
-                async with self._client.post(
-                    url, data=body, headers=headers, allow_redirects=False
-                ) as response:
-                    content = await response.content.read(core.MAX_ANSWER + 1)
+            # The session's timeout bounds the whole call, the answer's body included.
+            async with self._client.post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                content = await response.content.read(core.MAX_ANSWER + 1)
             if len(content) > core.MAX_ANSWER:
                 raise Unavailable("the application's backend answered too much")
             return response.status, content
