@@ -228,13 +228,22 @@ async def test_cluster_nodes_send_each_join_and_leave_once(
             peer = await Peer.open(node.url, node.token("alice"))
             await peer.request("sub", topic="chat/room")
             peers.append(peer)
-        await async_wait_for(lambda: len(backend.events()) >= 3, timeout=10)
+        # Both subscriptions counted cluster-wide before either goes.
+        for _ in range(100):
+            users = (await peers[0].request("presence", topic="chat/room"))["users"]
+            if users and users[0]["connections"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"presence never showed both connections: {users}")
         for peer in peers:
             await peer.close()
         await async_wait_for(lambda: len(backend.events()) >= 6, timeout=10)
         await asyncio.sleep(1.0)  # time for a second join or leave, were one sent
         kinds = [e["type"] for e in backend.events()]
-        assert sorted(kinds) == sorted(["connect"] * 2 + ["join", "leave"] + ["disconnect"] * 2)
+        assert sorted(kinds) == sorted(["connect"] * 2 + ["join", "leave"] + ["disconnect"] * 2), (
+            backend.events()
+        )
         assert kinds.index("join") < kinds.index("leave")
     finally:
         for node in nodes:
