@@ -156,6 +156,15 @@ async def test_the_connect_hook_makes_a_cookie_the_user(
     assert refused.status == 401
     assert refused.json()["error"]["message"] == "not logged in"
 
+    def alice(kind: str) -> list[dict[str, object]]:
+        return [e for e in backend.events() if e["type"] == kind and e["user"]["id"] == "alice"]
+
+    # The WebSocket and the stream: a connect and a disconnect each (a stream ends 1000).
+    # A stream whose client went is noticed at the latest by its next keep-alive comment.
+    await async_wait_for(lambda: len(alice("disconnect")) == 2, timeout=30)
+    assert len(alice("connect")) == 2
+    assert [e["code"] for e in alice("disconnect")] == [1000, 1000]
+
 
 async def test_a_slow_backend_stalls_only_the_connection_that_waits(
     broker: BrokerProcess,
