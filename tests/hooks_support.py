@@ -120,12 +120,13 @@ def hooks_toml(
     hooks: tuple[str, ...] = ("connect", "subscribe", "publish", "events"),
     timeout: str = "1s",
     public: str | None = None,
+    extra: str = "",
 ) -> str:
     """A settings file whose hooks point at ``backend``; ``chat/#`` asks subscribe and
     publish."""
     lines = ["[hooks]"]
     lines += [f'{name} = "{backend.url}/broker/{name}"' for name in hooks]
-    lines += [f'secret = "{HOOK_SECRET}"', f'timeout = "{timeout}"']
+    lines += [f'secret = "{HOOK_SECRET}"', f'timeout = "{timeout}"', extra]
     lines += ["[[namespace]]", 'pattern = "chat/#"']
     if "subscribe" in hooks:
         lines.append("subscribe_hook = true")

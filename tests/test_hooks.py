@@ -356,3 +356,47 @@ async def test_publishes_of_one_connection_are_recorded_in_the_order_sent(
     replayed = [(await alice.recv())["data"] for _ in range(2)]
     assert replayed == ["one", "d**n"]
     await alice.close()
+
+
+async def test_calls_past_the_bounds_are_unavailable_at_once(
+    tmp_path: Path, backend: Backend
+) -> None:
+    broker = hooked_broker(
+        tmp_path / "b",
+        backend,
+        hooks=("connect", "publish"),  # no events: the one slot is the publishes'
+        timeout="3s",
+        extra="concurrency = 1\nqueue = 0",
+    )
+    try:
+        slow = await Peer.open(broker.url, broker.token("alice"))
+        await slow.send({"op": "pub", "id": 1, "topic": "chat/a", "data": "slowpoke"})
+        await asyncio.sleep(0.3)  # its call holds the one slot for 3 s
+        other = await Peer.open_with_header(broker.url, broker.token("bob"))
+        await other.recv()
+        refused = await other.request("pub", topic="chat/a", data="hi")
+        assert refused["code"] == "unavailable" and "too many calls" in refused["message"], refused
+        late = await slow.recv()
+        assert late["code"] == "unavailable" and "in time" in late["message"], late
+        await slow.close()
+        await other.close()
+    finally:
+        broker.kill()
+
+
+async def test_a_stream_the_backend_does_not_know_is_anonymous_on_public_topics(
+    tmp_path: Path, backend: Backend
+) -> None:
+    broker = hooked_broker(tmp_path / "b", backend, public="news/#")
+    try:
+        public = request("GET", f"{broker.http_url}/sse", params={"topic": "news/x"})
+        assert public.status == 200  # the hook said 401; public patterns cover it
+        private = request("GET", f"{broker.http_url}/sse", params={"topic": "chat/lobby"})
+        assert private.status == 401 and private.json()["error"]["message"] == "not logged in"
+        # A WebSocket the backend does not know may still ask to be anonymous.
+        peer = await Peer.open(broker.url)
+        await peer.send({"op": "auth"})
+        assert (await peer.recv())["anonymous"] is True
+        await peer.close()
+    finally:
+        broker.kill()

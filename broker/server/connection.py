@@ -313,14 +313,18 @@ class Connection(asyncio.Protocol):
         protocol.receive_data(raw[:end])
         events = protocol.events_received()
         self._write_protocol_data()  # a request websockets could not parse: its 400
+        deferred = False
         try:
             for event in events:
                 if isinstance(event, Request):
-                    self._handshake(event)
+                    deferred = self._handshake(event)
         except Exception:
             # The server answers failed requests itself; this is a bug in the shell.
             log.exception("internal error on the connection from %s", self.peer)
             self.abort()
+            return
+        if deferred:
+            # Answered later (answer_handshake); a client sends no frame before the 101.
             return
         if self._parser is None:
             self._expect_close()  # refused: websockets sent its response, then EOF
@@ -541,7 +545,8 @@ class Connection(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _handshake(self, request: Request) -> None:
+    def _handshake(self, request: Request) -> bool:
+        """Answer the upgrade now; True when the handler answers it later."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -551,14 +556,17 @@ class Connection(asyncio.Protocol):
             log.exception("handling the HTTP request failed")
             response = self.protocol.reject(500, "internal error\n")
         if response is DEFERRED:
-            return  # the handler calls answer_handshake once it knows (a connect hook)
+            return True  # the handler calls answer_handshake once it knows (a connect hook)
         self.answer_handshake(request, response)
+        return False
 
     def answer_handshake(self, request: Request, response: Response | None) -> None:
         """Send the answer to the upgrade ``request``: ``response``, or the ``101`` when
         None; then the connection is open (``Handler.opened``) or closing."""
         if self.closed.done():
             return
+        if response is not None:
+            self._expect_close()  # refused: websockets sends the response, then EOF
         if response is None:
             response = self.protocol.accept(request)
         response.headers["Server"] = self.server_header
