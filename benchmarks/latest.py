@@ -13,6 +13,7 @@ whole budget; the store then opens it as it would after a restart.
 
     python benchmarks/latest.py                      # memory and SQLite, 1,000 topics, 1M messages
     python benchmarks/latest.py --stores sqlite --messages 100000
+    python benchmarks/latest.py --stores redis --redis redis://127.0.0.1:6379/15   # FLUSHES it
 """
 
 from __future__ import annotations
@@ -73,6 +74,30 @@ async def sqlite_store(folder: Path, topics: int, messages: int) -> Store:
     return store
 
 
+async def redis_store(url: str, topics: int, messages: int) -> Store:
+    """A Redis store filled through its own append script (a flushed database)."""
+    from redis.asyncio import Redis
+
+    from broker.store.redis.store import RedisStore
+
+    flusher = Redis.from_url(url)
+    await flusher.flushdb()
+    await flusher.aclose()
+    store = RedisStore(url, history=messages)
+    await store.open()
+    ts = int(time.time() * 1000)
+    batch = 2000
+    for start in range(1, messages + 1, batch):
+        found = await store.append(
+            [
+                Draft(f"scores/{seq % topics}", b'{"home":1,"away":0}', "u", "U", ts)
+                for seq in range(start, min(start + batch, messages + 1))
+            ]
+        )
+        store.last_seq = found[-1].seq  # (a node learns it by following the stream)
+    return store
+
+
 async def measure(store: Store, rounds: int) -> tuple[float, float, int]:
     """Median and best milliseconds of one ``latest`` call, and how many it returned."""
     times = []
@@ -91,7 +116,8 @@ async def main() -> None:
     parser.add_argument("--topics", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--stores", default="memory,sqlite")
+    parser.add_argument("--stores", default="memory,sqlite", help="memory, sqlite, redis")
+    parser.add_argument("--redis", default=None, help="Redis URL for the redis store (flushed!)")
     args = parser.parse_args()
     print(f"latest over {args.topics:,} topics; median (best) of {args.rounds} calls")
     for name in args.stores.split(","):
@@ -100,6 +126,10 @@ async def main() -> None:
                 began = time.perf_counter()
                 if name == "memory":
                     store = await memory_store(args.topics, messages)
+                elif name == "redis":
+                    if not args.redis:
+                        parser.error("--stores redis needs --redis URL")
+                    store = await redis_store(args.redis, args.topics, messages)
                 else:
                     store = await sqlite_store(Path(tmp), args.topics, messages)
                 filled = time.perf_counter() - began

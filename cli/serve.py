@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 from broker.core.hooks import render as render_hooks
 from broker.core.namespaces import render as render_namespaces
-from broker.core.units import format_duration
 from broker.errors import ConfigError
 from broker.local import (
     default_config_file,
@@ -149,8 +148,10 @@ def render_config(effective: Effective) -> None:
     for line, source in lines:
         click.echo(f"{line:<{width}}  # {source}")
     if effective.config.namespaces:
-        click.echo(f"\n# namespaces: file {effective.file}; the first that covers a topic wins")
-        for line in render_namespaces(effective.config.namespaces, format_duration):
+        click.echo(
+            f"\n# namespaces ({effective.sources['namespace']}); the first that covers a topic wins"
+        )
+        for line in render_namespaces(effective.config.namespaces):
             click.echo(line)
     if effective.config.hooks.configured:
         click.echo(f"\n# hooks: file {effective.file}")

@@ -169,3 +169,15 @@ async def test_latest_across_two_cluster_nodes(redis_server: RedisServer, tmp_pa
     finally:
         a.kill()
         b.kill()
+
+
+async def test_a_later_replay_skips_what_a_latest_replay_delivered(broker: BrokerProcess) -> None:
+    pub = await Peer.open(broker.url, broker.token("p"))
+    a1, b1, a2 = [await publish(pub, t, i) for i, t in enumerate(["s/a", "s/b", "s/a"])]
+    reader = await Peer.open(broker.url, broker.token("r"))
+    assert (await reader.request("sub", topic="s/#", latest=True))["op"] == "ok"
+    assert [(await reader.recv())["seq"] for _ in range(2)] == [b1, a2]
+    # Each topic's latest message is delivered; the older one of s/a is not yet.
+    assert (await reader.request("sub", topic="s/+", last=10))["op"] == "ok"
+    assert (await reader.recv())["seq"] == a1
+    await reader.expect_nothing()

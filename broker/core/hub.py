@@ -41,6 +41,14 @@ class Subscriber(Protocol):
         """Queue a protocol frame (replies, presence events)."""
 
 
+def _floor(sub: Subscription, topic: str) -> int:
+    """The seq after which ``sub`` has delivered every message of ``topic``."""
+    mark = sub.covered_from
+    if sub.covered_topics:
+        mark = min(mark, sub.covered_topics.get(topic, mark))
+    return mark
+
+
 class Run:
     """Consecutive committed messages of one topic, which go to the same connections: a
     connection takes them in one ``deliver_run`` call, so a busy topic's fan-out costs a
@@ -64,6 +72,9 @@ class Subscription:
     #: Every matching message with a larger seq has reached the connection through this
     #: subscription (live or replay): used to skip duplicates when another one replays.
     covered_from: int = 0
+    #: Per topic, a lower mark than ``covered_from``: a ``latest`` replay delivered each
+    #: topic's latest message, so from it on that topic is covered (None: no such topic).
+    covered_topics: dict[str, int] | None = None
     #: Counted in presence (join/leave, the ``presence`` op): not for an anonymous
     #: connection, nor on a topic whose namespace turns presence off.
     present: bool = True
@@ -313,7 +324,7 @@ class Hub:
                 if len(floors) >= _FLOOR_CACHE:
                     floors.clear()
                 marks = [
-                    subs[p].covered_from
+                    _floor(subs[p], topic)
                     for p in patterns(topic, conn)
                     if p != besides and p in subs
                 ]

@@ -5,7 +5,7 @@ topics it covers: ``public`` (anonymous clients may read them, section 10), ``hi
 and ``retention`` (instead of the global ones) and ``presence`` (off: no presence and no
 join/leave on its topics). The first namespace, in the order of the file, whose pattern
 matches a topic is that topic's namespace; a topic no namespace matches takes the
-defaults. ``parse_namespaces`` reads and checks the tables (``ConfigError``, one line);
+defaults. ``parse_namespaces`` reads and checks the tables (``ValueError``, one line);
 ``Namespaces`` answers what applies to a topic, remembering its answers.
 
 Each option is one row of ``OPTIONS``: the hooks (``subscribe_hook``, ``publish_hook``)
@@ -20,7 +20,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from broker.core.topics import any_covers, matches, validate_pattern
-from broker.errors import BrokerError, ConfigError
+from broker.core.units import format_duration, parse_duration
+from broker.errors import BrokerError
 
 #: Topics whose namespace is remembered at once (``Namespaces.find``); past it, forgotten.
 _CACHE = 65536
@@ -57,11 +58,13 @@ def _history(raw: object) -> int:
     return raw
 
 
-def _retention(raw: object) -> object:
-    # Read by the caller's duration parser (the words of --retention): see parse_namespaces.
+def _retention(raw: object) -> float:
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise ValueError("must be a duration such as 30s, 15m, 1h, 7d")
-    return raw
+    value = parse_duration(raw)  # the words of --retention
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
 
 
 def _pattern(raw: object) -> str:
@@ -116,14 +119,8 @@ def overlap(a: str, b: str) -> bool:
     return True
 
 
-def parse_namespaces(
-    raw: object,
-    where: str,
-    duration: Callable[[Any], float],
-    retention: float | None = None,
-) -> tuple[Namespace, ...]:
-    """The ``[[namespace]]`` tables of a TOML file (``where`` names it in errors), checked;
-    ``duration`` reads a retention (``ValueError`` saying why not).
+def parse_namespaces(raw: object, retention: float | None = None) -> tuple[Namespace, ...]:
+    """The ``[[namespace]]`` tables of a TOML file, checked (``ValueError``, one line).
 
     Refused, each with one line: a value that is not a list of tables, an unknown key, a
     missing or bad pattern, a bad value, two namespaces with the same pattern, a public
@@ -131,51 +128,56 @@ def parse_namespaces(
     not public one would partly shadow (anonymous clients would receive topics that are
     not public), and a retention longer than the global ``retention`` (when given)."""
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
-        raise ConfigError(f"{where}: 'namespace' must be tables written [[namespace]]")
+        raise ValueError("'namespace' must be tables written [[namespace]]")
     found: list[Namespace] = []
     for number, table in enumerate(raw, 1):
-        label = f"{where}: [[namespace]] #{number}"
+        label = f"[[namespace]] #{number}"
         values: dict[str, Any] = {}
         for key, value in table.items():
             reader = OPTIONS.get(key)
             if reader is None:
                 known = ", ".join(OPTIONS)
-                raise ConfigError(f"{label}: unknown key {key!r} (known: {known})")
+                raise ValueError(f"{label}: unknown key {key!r} (known: {known})")
             try:
                 values[key] = reader(value)
-                if key == "retention":
-                    values[key] = duration(values[key])
-                    if values[key] <= 0:
-                        raise ValueError("must be more than 0")
             except ValueError as exc:
-                raise ConfigError(f"{label}: {key} {exc}") from None
+                raise ValueError(f"{label}: {key} {exc}") from None
         if "pattern" not in values:
-            raise ConfigError(f"{label}: 'pattern' is required")
+            raise ValueError(f"{label}: 'pattern' is required")
         space = Namespace(**values)
-        label = f"{where}: namespace {space.pattern!r}"
+        label = f"namespace {space.pattern!r}"
         if any(other.pattern == space.pattern for other in found):
-            raise ConfigError(f"{label} is given twice")
+            raise ValueError(f"{label} is given twice")
         if space.public and can_match_inbox(space.pattern):
-            raise ConfigError(f"{label} cannot be public: it can match users' inboxes (user/...)")
+            raise ValueError(f"{label} cannot be public: it can match users' inboxes (user/...)")
         if space.public and can_match_reserved(space.pattern):
-            raise ConfigError(f"{label} cannot be public: it matches topics reserved ($...)")
+            raise ValueError(f"{label} cannot be public: it matches topics reserved ($...)")
         if space.public:
             for other in found:
                 if not other.public and overlap(other.pattern, space.pattern):
-                    raise ConfigError(
+                    raise ValueError(
                         f"{label} is public, but the earlier namespace {other.pattern!r}, "
                         "not public, covers some of its topics first: make that one public "
                         "or put it after"
                     )
-        if retention is not None and space.retention is not None and space.retention > retention:
-            raise ConfigError(
-                f"{label}: retention is longer than the global retention; raise that instead"
-            )
         found.append(space)
+    if retention is not None:
+        check_retention(found, retention)
     return tuple(found)
 
 
-def render(spaces: Iterable[Namespace], format_duration: Callable[[float], str]) -> list[str]:
+def check_retention(spaces: Iterable[Namespace], retention: float) -> None:
+    """``ValueError`` for a namespace whose retention is longer than the global one (the
+    global pass removes what is older than it, whatever the namespace)."""
+    for space in spaces:
+        if space.retention is not None and space.retention > retention:
+            raise ValueError(
+                f"namespace {space.pattern!r}: retention {format_duration(space.retention)} "
+                f"is longer than the global retention {format_duration(retention)}; raise that"
+            )
+
+
+def render(spaces: Iterable[Namespace]) -> list[str]:
     """The namespaces as ``[[namespace]]`` TOML tables, options left at their default out."""
     lines: list[str] = []
     for space in spaces:

@@ -573,6 +573,7 @@ class BrokerServer:
             on_close=self._on_session_close,
         )
         session.epoch = self.store.epoch
+        session.opened = False
         conn.session = session
         self.sessions.add(session)
         self.streams.add(session)

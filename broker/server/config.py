@@ -26,8 +26,6 @@ from broker.core.auth import ALGORITHMS
 from broker.core.hooks import HookSettings
 from broker.core.hooks import parse_settings as parse_hooks
 from broker.core.namespaces import Namespace, parse_namespaces
-from broker.core.units import parse_duration
-from broker.errors import ConfigError
 from broker.local import DEFAULT_HOST, DEFAULT_PORT, data_dir
 from broker.server.kinds import (
     Choice,
@@ -45,10 +43,6 @@ from broker.server.kinds import (
 
 #: Prefix of the environment variable of every setting: BROKER_ + upper snake case.
 ENV_PREFIX = "BROKER_"
-#: The TOML key of the ``[[namespace]]`` tables.
-NAMESPACE_KEY = "namespace"
-#: The TOML key of the ``[hooks]`` table.
-HOOKS_KEY = "hooks"
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -297,9 +291,7 @@ class ServerConfig:
 
     # -- structured settings: a [table] or [[array of tables]] of the file each ----------
     # Declare each as a field with a default_factory here, and list it in SECTIONS below.
-
-    #: The file's ``[[namespace]]`` tables (broker.core.namespaces).
-    namespaces: tuple[Namespace, ...] = ()
+    namespaces: tuple[Namespace, ...] = field(default_factory=tuple)
     #: The file's ``[hooks]`` table (broker.core.hooks): the application's backend.
     hooks: HookSettings = field(default_factory=HookSettings)
 
@@ -359,28 +351,21 @@ class Section:
     help: str
 
 
-def _namespaces(raw: object) -> tuple[Namespace, ...]:
-    # Checked against the global retention in config_load, once that is known.
-    try:
-        return parse_namespaces(raw, "", parse_duration)
-    except ConfigError as exc:
-        raise ValueError(exc.message.removeprefix(": ")) from None
-
-
 #: The structured settings, by TOML name.
 SECTIONS: dict[str, Section] = {
-    NAMESPACE_KEY: Section(
+    "namespace": Section(
         "namespaces",
-        NAMESPACE_KEY,
-        _namespaces,
-        "Per-pattern options: public, history, retention, presence, subscribe_hook, publish_hook.",
+        "namespace",
+        parse_namespaces,
+        "Per-pattern options (broker.core.namespaces): public, history, retention, presence, "
+        "subscribe_hook, publish_hook.",
     ),
-    HOOKS_KEY: Section(
+    "hooks": Section(
         "hooks",
-        HOOKS_KEY,
+        "hooks",
         parse_hooks,
-        "Hooks to the application's backend: connect, subscribe, publish, events URLs, "
-        "secret, timeout.",
+        "Hooks to the application's backend (broker.core.hooks): connect, subscribe, "
+        "publish and events URLs, secret, timeout, bounds.",
     ),
 }
 

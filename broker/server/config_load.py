@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from broker.core.hooks import check as check_hooks
+from broker.core.namespaces import check_retention
 from broker.core.units import format_size, shown
 from broker.errors import ConfigError
 from broker.local import default_config_file
 from broker.server.config import (
-    NAMESPACE_KEY,
     SECTIONS,
     SETTINGS,
     SETTINGS_BY_NAME,
@@ -181,20 +181,17 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('redis')} keeps history in Redis: {given(other)} doesn't apply")
     if not config.algorithm.startswith("HS") and not config.public_key:
         raise ConfigError(f"{given('algorithm')} {config.algorithm} needs public_key")
-    hooks = config.hooks
+    try:
+        check_retention(config.namespaces, config.retention)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} ({sources['retention']})") from None
     selected = {
         name: [s.pattern for s in config.namespaces if getattr(s, f"{name}_hook")]
         for name in ("subscribe", "publish")
     }
-    wrong = check_hooks(hooks, selected)
+    wrong = check_hooks(config.hooks, selected)
     if wrong is not None:
-        raise ConfigError(f"{given(NAMESPACE_KEY)}: {wrong}")
-    for space in config.namespaces:
-        if space.retention is not None and space.retention > config.retention:
-            raise ConfigError(
-                f"{given(NAMESPACE_KEY)}: namespace {space.pattern!r}: retention is longer "
-                "than the global retention; raise that instead"
-            )
+        raise ConfigError(f"{given('namespace')}: {wrong}")
 
 
 def describe(effective: Effective) -> list[tuple[str, str, str]]:

@@ -72,13 +72,6 @@ def build_store(config: ServerConfig) -> Store:
     if config.redis:
         from broker.store.redis import RedisStore  # only a cluster node needs redis-py
 
-        for space in config.namespaces:
-            if space.history is not None or space.retention is not None:
-                raise ConfigError(
-                    f"namespace {space.pattern!r}: history and retention per namespace are "
-                    "not supported with redis yet; set them globally"
-                )
-
         return RedisStore(
             config.redis,
             config.history,

@@ -147,7 +147,8 @@ class Subscriptions:
         if frame.latest:
             # Scattered messages, one per topic: the subscription covers only what is live.
             found = await self.store.latest(frame.topic, upto, visible=visible)
-            return ListPages(found, upto, True, PAGE_SIZE), True
+            sub.covered_topics = {m.topic: m.seq - 1 for m in found}
+            return ListPages(list(found), upto, True, PAGE_SIZE), True
         return None, True
 
     async def catch_up(self, seq: int, timeout: float = 1.0) -> None:

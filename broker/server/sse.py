@@ -64,9 +64,11 @@ class StreamLink:
 class StreamSession(Session):
     """A ``Session`` that writes server-sent events: each message is ``Message.event``."""
 
-    __slots__ = ("epoch",)
+    __slots__ = ("epoch", "opened")
 
     epoch: str
+    #: The ``ready`` event is written: comment lines may follow (the stream opens with it).
+    opened: bool
 
     def send(self, frame: bytes) -> None:
         """Queue bytes of the stream as they are (already events or comment lines)."""
@@ -88,8 +90,21 @@ class StreamSession(Session):
         self._queue(event)
 
     def deliver_run(self, run: Run) -> None:
-        for message in run.messages:
-            self.deliver(message)
+        if self.closing:
+            return
+        if self._held is not None or self.flusher.alone:
+            for message in run.messages:
+                self.deliver(message)
+            return
+        epoch = self.epoch
+        events = [message.event(epoch) for message in run.messages]  # each encoded once
+        pending = self._pending
+        if not pending:
+            self.flusher.mark(self)
+        pending += events
+        self._pending_bytes += sum(map(len, events))
+        if self._pending_bytes + self._buffered > self.max_queue:
+            self._check_queue()
 
 
 async def _merge(sources: list[Pages]) -> AsyncIterator[Message]:
@@ -169,6 +184,7 @@ async def serve(
         if session.closing:
             return
         session.send(ready_event(upto, store.epoch, recovered, not ask.replays))
+        session.opened = True
         if isinstance(messages, list):
             await session.replay(m for m in messages if visible(m.topic))
         else:
@@ -197,5 +213,5 @@ async def heartbeats(streams: Callable[[], list[StreamSession]], every: float = 
     while True:
         await asyncio.sleep(every * 2 / 3)
         for session in streams():
-            if not session.closing:
+            if session.opened and not session.closing:
                 session.send(HEARTBEAT_LINE)

@@ -210,6 +210,12 @@ class RedisStore(Store):
         for d in drafts:
             kid = "" if d.key is None else key_id(d.sender_id, d.key)
             args += (d.topic, encode_tail(d), d.origin, 1 if d.echo else 0, kid, d.group)
+        spaces = self.namespaces
+        if spaces:  # the topics whose namespace keeps another number of messages
+            for topic in dict.fromkeys(d.topic for d in drafts):
+                keep = spaces.history(topic, self.history)
+                if keep != self.history:
+                    args += (topic, keep)
         try:
             reply = await self._append_and_wait(args)
         except (EpochChanged, HistoryWentBack):
@@ -252,13 +258,20 @@ class RedisStore(Store):
 
     async def trim(self, now: float) -> int:
         cutoff = str(int((now - self.retention) * 1000))
+        spaces = self.namespaces
         removed = 0
         try:
             topics = await self.link.call("trim", self.redis.smembers(self.key("topics")))
             for chunk in chunks(sorted(topics), PIPELINE_CHUNK):
                 pipe = self.redis.pipeline(transaction=False)
                 for topic in chunk:
-                    await self._trim(args=[self.prefix, topic, cutoff], client=pipe)
+                    name = to_str(topic)
+                    own = (
+                        str(int((now - spaces.retention(name, self.retention)) * 1000))
+                        if spaces
+                        else cutoff
+                    )
+                    await self._trim(args=[self.prefix, topic, own], client=pipe)
                 removed += sum(await self.link.call("trim", pipe.execute()))
         except Unavailable:
             pass  # logged once by Health; the next round trims what is left
