@@ -154,7 +154,7 @@ def render_config(effective: Effective) -> None:
         for line in render_namespaces(effective.config.namespaces):
             click.echo(line)
     if effective.config.hooks.configured:
-        click.echo(f"\n# hooks: file {effective.file}")
+        click.echo(f"\n# hooks (file {effective.file}); the secret is not shown")
         for line in render_hooks(effective.config.hooks):
             click.echo(line)
 
