@@ -500,6 +500,7 @@ class BrokerServer:
         """A stream that asks the backend who it is (``connect``) or whether it may read
         its patterns (``subscribe``), before the ``200``."""
         assert self.hooks is not None
+        counted = False  # an anonymous stream's slot is taken: give it back if refused
         try:
             identity: Identity | None = None
             tokenless = not request.header("authorization") and ask.token is None
@@ -516,12 +517,17 @@ class BrokerServer:
                     raise Unauthorized(answer.message or "the application admitted no user")
             if identity is None:
                 identity = self._stream_identity(conn, request, ask)
+                counted = identity.anonymous
             for pattern in ask.patterns:
                 await self.check_subscribe(identity, pattern)
         except BrokerError as exc:
+            if counted:
+                self.anonymous.release(conn.peer)
             self._stream_refused(conn, request, exc, cors)
             return
         except Exception:
+            if counted:
+                self.anonymous.release(conn.peer)
             log.exception("the hooks of a stream failed")
             self._stream_refused(conn, request, BrokerError("internal error"), cors)
             return
@@ -559,7 +565,10 @@ class BrokerServer:
         cors: list[tuple[str, str]],
     ) -> None:
         transport = conn.transport
-        if transport is None or conn.closed.done():
+        if transport is None or not conn.start_stream():
+            # Gone, or half-closed while the stream was being decided: nothing to start.
+            if identity.anonymous:
+                self.anonymous.release(conn.peer)
             return
         head = [
             "HTTP/1.1 200 OK",
