@@ -212,9 +212,14 @@ class Subscriber:
         self.conn: _Conn | None = None
         self.resumes = 0
         self.keys: set[str] = set()
+        #: Set while the subscriber stays disconnected (``Checker.take_away``).
+        self.away = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self.away.is_set():
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
             try:
                 await self._session(stop)
             except Exception:  # any failure: a dropped connection, resume
@@ -235,9 +240,9 @@ class Subscriber:
             sub["epoch"] = self.epoch
         await self.conn.send(sub)
         self.resumes += 1
-        while not stop.is_set():
+        while not stop.is_set() and not self.away.is_set():
             try:
-                frame = await self.conn.recv(0.5)
+                frame = await self.conn.recv(0.1)
             except TimeoutError:
                 continue
             self._observe(frame, rid)
@@ -469,6 +474,21 @@ class Checker:
             for p in self.publishers:
                 if p.conn is not None:
                     await p.conn.close()
+
+    async def take_away(self, name: str, timeout: float = 5.0) -> None:
+        """Disconnect subscriber ``name`` and keep it away until ``come_back``: it then
+        resumes from what it saw, so it must get what it missed from history (or be told
+        ``recovered: false``), not live."""
+        sub = next(s for s in self.subscribers if s.name == name)
+        sub.away.set()
+        deadline = time.monotonic() + timeout
+        while sub.conn is not None:
+            assert time.monotonic() < deadline, f"{name} did not disconnect in {timeout} s"
+            await asyncio.sleep(0.01)
+
+    def come_back(self, name: str) -> None:
+        """Let subscriber ``name`` (``take_away``) resume."""
+        next(s for s in self.subscribers if s.name == name).away.clear()
 
     def acknowledged(
         self,
