@@ -2,7 +2,8 @@
 noticed at once, not at the next comment line: a closed socket, a half-close or any byte
 sent after the request end the stream and give back what it held (the ``broker_sse_streams``
 and ``broker_anonymous_connections`` gauges, the connection and anonymous caps, the hook
-``disconnect`` event). Raw sockets against real ``broker serve`` processes."""
+``disconnect`` event); and an anonymous stream the subscribe hook refuses gives its
+anonymous slot back. Raw sockets against real ``broker serve`` processes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .hooks_support import Backend, hooked_broker
+from .hooks_support import HOOK_SECRET, Backend, hooked_broker
 from .support import BrokerProcess, wait_for
 
 PUBLIC = '[[namespace]]\npattern = "scores/#"\npublic = true\n'
@@ -152,5 +153,27 @@ def test_the_disconnect_event_follows_a_closed_socket_at_once(
             interval=0.05,
         )
         assert backend.events()[-1]["user"]["id"] == "gone"
+    finally:
+        broker.kill()
+
+
+def test_an_anonymous_stream_the_subscribe_hook_refuses_gives_its_slot_back(
+    tmp_path: Path, backend: Backend
+) -> None:
+    home = tmp_path / "broker"
+    home.mkdir()
+    config = home / "broker.toml"
+    config.write_text(
+        f'[hooks]\nsubscribe = "{backend.url}/broker/subscribe"\nsecret = "{HOOK_SECRET}"\n'
+        '[[namespace]]\npattern = "chat/#"\npublic = true\nsubscribe_hook = true\n'
+    )
+    broker = BrokerProcess(home, "--config", str(config), "--max-anonymous", "1", memory=True)
+    broker.start()
+    try:
+        for _ in range(3):  # "chat/staff" is for admins: 403, and the one slot is free again
+            assert status_of_a_new_stream(broker, "topic=chat/staff") == 403
+        sock = open_stream(broker, "topic=chat/lobby")
+        assert gauges(broker)["broker_anonymous_connections"] == 1.0
+        sock.close()
     finally:
         broker.kill()
