@@ -88,6 +88,11 @@ if TYPE_CHECKING:
 # Frames of one connection that wait while one of its requests runs as a task; past this
 # many, stop reading from its socket until they are handled.
 _BACKLOG_PAUSE = 64
+# Frames of one connection handled per event-loop turn; the rest of what one read brought
+# waits (as the backlog above) for a later turn. A read can bring hundreds of frames: 32
+# connections flooding publishes made each turn, and so every other client's publish and
+# delivery, wait for thousands of them (pair p99 ~150-500 ms; issue 27, row 11).
+_TURN_SLICE = 32
 # Subscriptions dropped per loop turn when a connection that holds many closes.
 _DETACH_SLICE = 2000
 # Connections the kernel queues before accept (capped by net.core.somaxconn): asyncio's
@@ -139,6 +144,8 @@ class BrokerServer:
         self.hub.max_user_patterns = config.max_subscriptions
         # A shared store feeds every node through follow(); a local one after append.
         self.flusher = Flusher()
+        #: Frames handled per connection in this turn (see _TURN_SLICE).
+        self._turn_handled: dict[Session, int] = {}
         self.journal = Journal(
             self.store,
             _ignore if self.store.shared else self.hub.fanout,
@@ -722,7 +729,7 @@ class BrokerServer:
                 self._authenticate(conn, data)
         elif session.closing:
             return
-        elif session.task is None:
+        elif session.task is None and self._in_slice(session):
             self._handle(session, data)
         else:
             if session.backlog is None:
@@ -730,6 +737,25 @@ class BrokerServer:
             session.backlog.append(data)
             if len(session.backlog) >= _BACKLOG_PAUSE and conn.transport is not None:
                 conn.transport.pause_reading()
+
+    def _in_slice(self, session: Session) -> bool:
+        """Count one frame of ``session`` handled in this turn; False once its slice is
+        used: it then waits for the next turn (a task that resumes the backlog)."""
+        handled = self._turn_handled
+        count = handled.get(session, 0)
+        if count >= _TURN_SLICE:
+            session.task = asyncio.get_running_loop().create_task(self._next_turn(session))
+            return False
+        if not handled:
+            self.flusher.defer(handled.clear)  # a new slice for everyone next turn
+        handled[session] = count + 1
+        return True
+
+    async def _next_turn(self, session: Session) -> None:
+        """Give ``session`` a new slice (this runs in a later turn) and handle its backlog."""
+        self._turn_handled.pop(session, None)
+        session.task = None
+        self._resume(session)
 
     def closed(self, conn: Connection) -> None:
         """The connection is gone: forget it and its session."""
@@ -923,7 +949,8 @@ class BrokerServer:
             return
         was_full = len(backlog) >= _BACKLOG_PAUSE
         while backlog and session.task is None and not session.closing:
-            self._handle(session, backlog.popleft())
+            if self._in_slice(session):
+                self._handle(session, backlog.popleft())
         if not backlog or session.closing:
             session.backlog = None
         if was_full and not session.closing and session.conn.transport is not None:
