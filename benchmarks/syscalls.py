@@ -9,7 +9,8 @@ machine is).
     python benchmarks/syscalls.py --python /path/to/venv/bin/python   # another install
 
 The server runs from a temporary directory, so ``--python`` measures that interpreter's
-installed broker (e.g. a compiled build), not this source tree. Needs ``strace``.
+installed broker (e.g. a compiled build), or the tree on ``PYTHONPATH``, not this source
+tree. Needs ``strace``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -47,8 +47,7 @@ def serve(python: str, memory: bool) -> Iterator[tuple[int, int]]:
         store = ["--memory"] if memory else ["--data", str(Path(tmp) / "data")]
         cmd = [python, "-m", "broker.cli", "serve", "--port", str(port), "--secret", SECRET]
         cmd += [*store, "--log-level", "warning"]
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 20
             while True:

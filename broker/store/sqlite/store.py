@@ -69,7 +69,9 @@ class SqliteStore(Store):
         self.fsync_interval = fsync_interval
         self._boot_id = boot_id
         self._lock = DirectoryLock(path.parent)
-        self._file = FileWatch(path)
+        # Noticed before the next acknowledgement with ``always``, within an interval (the
+        # loss that policy accepts) with ``interval``.
+        self._file = FileWatch(path, every=0.0 if self.fsync_always else fsync_interval)
         self._db = Database(path, history, fsync_interval, max_pages)
         self._syncer = Syncer(self._db, fsync_interval, lambda cause: self._failing(cause, 0))
         self._reads = Reads(path)
