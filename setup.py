@@ -81,18 +81,35 @@ def extensions() -> list[Any]:
         notice(f"pure Python build: {reason}")
         return []
     notice("compiling the per-message modules with mypyc")
-    return list(
-        mypycify(
-            compiled_modules(),
-            opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
-            multi_file=True,  # one C file per module, compiled in parallel below
+    try:
+        return list(
+            mypycify(
+                compiled_modules(),
+                opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
+                multi_file=True,  # one C file per module, compiled in parallel below
+            )
         )
-    )
+    except SystemExit:  # mypy found errors (printed above)
+        if setting == "1":
+            raise
+        notice("pure Python build: mypyc could not compile the modules (see above)")
+        return []
 
 
 class ParallelBuildExt(build_ext):
     """build_ext compiling an extension's C files on every core at once (mypyc puts the
-    modules into one extension, which distutils would compile one file after another)."""
+    modules into one extension, which distutils would compile one file after another),
+    and leaving the build pure Python when the C compiler fails (unless BROKER_COMPILE=1)."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:
+            if os.environ.get("BROKER_COMPILE") == "1" or not self.extensions:
+                raise
+            notice(f"pure Python build: the C compiler failed ({type(exc).__name__})")
+            self.extensions = []
+            self.distribution.ext_modules = []
 
     def build_extension(self, ext: Any) -> None:
         compiler = self.compiler
