@@ -86,6 +86,7 @@ def extensions() -> list[Any]:
             mypycify(
                 compiled_modules(),
                 opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
+                group_name="broker",  # the shared library: broker__mypyc.*.so
                 multi_file=True,  # one C file per module, compiled in parallel below
             )
         )

@@ -585,7 +585,14 @@ class BrokerServer:
             self._request_failed(session, frame, exc)
         finally:
             session.task = None
-        # The frames that arrived meanwhile, in order, until one needs a task again.
+        self._handle_backlog(session)
+
+    def _handle_backlog(self, session: Session) -> None:
+        """Handle the frames that arrived meanwhile, in order, until one needs a task again.
+
+        A function of its own: right after ``session.task = None`` mypy would take
+        ``session.task`` to be None through the ``_handle`` calls that set it, and the
+        compiled build checks such types at run time (a TypeError)."""
         backlog = session.backlog
         if backlog is None:
             return
