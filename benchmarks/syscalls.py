@@ -6,66 +6,27 @@ machine is).
 
     python benchmarks/syscalls.py                        # default store (fsync interval)
     python benchmarks/syscalls.py --memory
-    python benchmarks/syscalls.py --python /path/to/venv/bin/python   # another install
 
-The server runs from a temporary directory, so ``--python`` measures that interpreter's
-installed broker (e.g. a compiled build), or the tree on ``PYTHONPATH``, not this source
-tree. Needs ``strace``.
+The broker measured is the one ``harness.py`` starts (``$PYTHONPATH``'s, else this
+tree's; a copy made by ``compiled.py`` measures the compiled build). Needs ``strace``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import BrokerConn, Stats, close_all, new_loop  # noqa: E402
-
-from broker.core.auth import mint_token  # noqa: E402
-
-SECRET = "syscalls-benchmark-secret-0123456789"
-
-
-@contextlib.contextmanager
-def serve(python: str, memory: bool) -> Iterator[tuple[int, int]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="broker-syscalls-") as tmp:
-        store = ["--memory"] if memory else ["--data", str(Path(tmp) / "data")]
-        cmd = [python, "-m", "broker.cli", "serve", "--port", str(port), "--secret", SECRET]
-        cmd += [*store, "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit("the broker exited")
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                    break
-                if time.monotonic() > deadline:
-                    raise SystemExit("the broker did not start")
-                time.sleep(0.05)
-            yield port, proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+from harness import HOST, Broker  # noqa: E402
+from loadgen import Stats, close_all, new_loop, open_many  # noqa: E402
 
 
 def parse(table: str) -> dict[str, int]:
@@ -78,27 +39,17 @@ def parse(table: str) -> dict[str, int]:
     return calls
 
 
-async def run(args: argparse.Namespace, port: int, pid: int) -> tuple[int, dict[str, int]]:
-    loop = asyncio.get_running_loop()
+async def run(args: argparse.Namespace, broker: Broker) -> tuple[int, dict[str, int]]:
     stats = Stats()
-    conns: list[BrokerConn] = []
-    for i in range(args.connections):
-        room = f"room/{i // args.room_size}"
-        _, conn = await loop.create_connection(
-            lambda i=i, room=room: BrokerConn(
-                stats,
-                "127.0.0.1",
-                port,
-                token=mint_token(SECRET, f"u{i}", ttl=3600),
-                user=f"u{i}",
-                topics=(room,),
-                pub_topics=(room,),
-            ),
-            "127.0.0.1",
-            port,
-        )
-        await asyncio.wait_for(conn.ready, 10)
-        conns.append(conn)
+
+    def room(i: int) -> str:
+        return f"room/{i // args.room_size}"
+
+    specs: list[dict[str, object]] = [
+        {"token": broker.token(f"u{i}"), "topics": (room(i),), "pub_topics": (room(i),)}
+        for i in range(args.connections)
+    ]
+    conns = await open_many("broker", stats, HOST, broker.port, specs)
 
     async def publish(n: int) -> None:
         for k in range(n):
@@ -113,7 +64,7 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> tuple[int, dict[
         await publish(200)  # warm up
         with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
             tracer = subprocess.Popen(
-                ["strace", "-f", "-c", "-o", out.name, "-p", str(pid)],
+                ["strace", "-f", "-c", "-o", out.name, "-p", str(broker.pid)],
                 stderr=subprocess.DEVNULL,
             )
             await asyncio.sleep(1.0)  # attached to every thread
@@ -130,7 +81,6 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> tuple[int, dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--python", default=sys.executable, help="the interpreter to serve with")
     parser.add_argument("--memory", action="store_true", help="the memory store")
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--room-size", type=int, default=5)
@@ -139,10 +89,10 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("strace") is None:
         raise SystemExit("needs strace")
-    with serve(args.python, args.memory) as (port, pid):
+    with Broker(["--memory"] if args.memory else []) as broker:
         loop = new_loop()
         try:
-            published, calls = loop.run_until_complete(run(args, port, pid))
+            published, calls = loop.run_until_complete(run(args, broker))
         finally:
             loop.close()
     total = sum(calls.values())
