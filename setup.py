@@ -11,6 +11,7 @@ build when it cannot. ``MYPYC_OPT_LEVEL`` (default 3) is the C optimisation leve
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -63,6 +64,9 @@ def extensions() -> list[Any]:
     commands = set(sys.argv[1:])
     if not commands & BUILDS:
         return []  # metadata only (egg_info, dist_info, sdist)
+    # What an earlier build left (pip builds in this tree) would go into this wheel too: a
+    # stale extension in a pure wheel, or one of a module no longer compiled.
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     setting = os.environ.get("BROKER_COMPILE", "")
     if setting == "0":
         notice("pure Python build (BROKER_COMPILE=0)")
