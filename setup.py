@@ -91,7 +91,9 @@ def extensions() -> list[Any]:
                 compiled_modules(),
                 opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
                 group_name="broker",  # the shared library: broker__mypyc.*.so
-                multi_file=True,  # one C file per module, compiled in parallel below
+                # One C file for all modules: ~3 % fewer instructions per publish than
+                # one per module (multi_file=True), for ~30 % more build CPU.
+                multi_file=False,
             )
         )
     except SystemExit:  # mypy found errors (printed above)
@@ -102,9 +104,10 @@ def extensions() -> list[Any]:
 
 
 class ParallelBuildExt(build_ext):
-    """build_ext compiling an extension's C files on every core at once (mypyc puts the
-    modules into one extension, which distutils would compile one file after another),
-    and leaving the build pure Python when the C compiler fails (unless BROKER_COMPILE=1)."""
+    """build_ext compiling an extension's C files on every core at once (the modules' file
+    and a dozen of mypyc's runtime library, which distutils would compile one after
+    another), and leaving the build pure Python when the C compiler fails (unless
+    BROKER_COMPILE=1)."""
 
     def run(self) -> None:
         try:

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.http11 import Request, Response
@@ -189,7 +189,10 @@ class BrokerServer:
             ssl_handshake_timeout=self.config.auth_timeout if ssl_context else None,
         )
         if self.config.port == 0:  # the port the system chose, for the logs and the banner
-            self.config.port = int(self._listener.sockets[0].getsockname()[1])
+            # Any: typeshed declares a tuple, uvloop hands a list, and the compiled build
+            # checks declared types.
+            sockets: Any = cast(Any, self._listener).sockets
+            self.config.port = int(sockets[0].getsockname()[1])
         self._spawn(self._summary_loop())
         self._spawn(self._trim_loop())
         if self.config.ping_interval > 0:
