@@ -146,7 +146,7 @@ class BrokerServer:
         self.journal.commit_observers.append(self.metrics.observe_commit)
         self.hub.observe_fanout = self.metrics.fanout_seconds.observe
         if cluster is not None:
-            cluster.store.link.observe_roundtrip = self.metrics.redis_roundtrip_seconds.observe
+            cluster.link.observe_roundtrip = self.metrics.redis_roundtrip_seconds.observe
         self._listener: asyncio.Server | None = None
         self._conns: set[Connection] = set()  # upgraded to WebSocket
         self._unauthenticated: set[Connection] = set()  # waiting for the first frame

@@ -153,7 +153,8 @@ class ServerConfig:
         None,
         Text("URL"),
         "Cluster mode: the Redis-backed store and fan-out shared by every node given the "
-        "same URL; memory and data don't apply.",
+        "same URL; memory and data don't apply. With Sentinel: "
+        "redis+sentinel://host:26379[,host:port...]/service/db (follows failovers).",
         example="redis://127.0.0.1:6379/0",
     )
     redis_wait: int = setting(

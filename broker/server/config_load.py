@@ -25,6 +25,10 @@ from broker.server.config import SECTIONS, SETTINGS, SETTINGS_BY_NAME, ServerCon
 MAX_CONFIG_FILE = 1 << 20
 
 
+#: URL schemes ``redis`` accepts (the last two: Sentinel).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
+
+
 @dataclass
 class Effective:
     """The settings in force and where each came from (``flag --port``, ``env BROKER_PORT``,
@@ -157,8 +161,11 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('tls_key')} needs tls_cert")
     if config.memory and config.data:
         raise ConfigError(f"{given('memory')} and {given('data')} exclude each other")
-    if config.redis and not config.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{given('redis')} is not a Redis URL (redis://, rediss:// or unix://)")
+    if config.redis and not config.redis.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"{given('redis')} is not a Redis URL (redis://, rediss://, unix:// or "
+            "redis+sentinel://host:26379/service/db)"
+        )
     if config.redis_wait and not config.redis:
         raise ConfigError(f"{given('redis_wait')} needs redis")
     if config.redis and (config.memory or config.data):

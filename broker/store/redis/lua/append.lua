@@ -1,5 +1,5 @@
 -- One group commit. ARGV: prefix, epoch, history, stream maxlen, node, n, dedupe window
--- (ms), then per draft: topic, tail, session, echo, key id ('' without a key), group.
+-- (ms), floor (the highest seq this node assigned or saw), then per draft: topic, tail, session, echo, key id ('' without a key), group.
 -- A keyed publish (its first draft has the key id and the number of drafts it spans)
 -- whose key is already stored (k:<key id>, expiring after the window), or used earlier in
 -- this batch, is skipped: nothing is recorded for it. Returns {last seq (0 when nothing
@@ -10,6 +10,12 @@ local cur = redis.call('GET', P .. 'epoch')
 if cur ~= ARGV[2] then
   return redis.error_reply('EPOCH ' .. tostring(cur))
 end
+-- A counter below what this node already saw: Redis came back older (an earlier snapshot,
+-- a lagging replica). Handing out these seqs again would give two messages one name.
+local counter = tonumber(redis.call('GET', P .. 'seq') or '0')
+if counter < tonumber(ARGV[8]) then
+  return redis.error_reply('BEHIND ' .. counter)
+end
 local history = tonumber(ARGV[3])
 local node = ARGV[5]
 local n = tonumber(ARGV[6])
@@ -19,7 +25,7 @@ local seen = {}
 local out = {0}
 local i = 0
 while i < n do
-  local a = 8 + i * 6
+  local a = 9 + i * 6
   local kid = ARGV[a + 4]
   local size = math.max(tonumber(ARGV[a + 5]), 1)
   local prior = nil
