@@ -17,6 +17,7 @@ from broker.core.auth import Identity
 from broker.core.model import Draft, Message
 from broker.core.protocol import encode_presence_event
 from broker.core.topics import INBOX_PREFIX, TopicIndex, inbox_owner, is_pattern
+from broker.errors import Forbidden
 
 _INBOX = INBOX_PREFIX + "/"
 # Topics a replay filter remembers at once (a replay's topics, usually a handful).
@@ -39,6 +40,14 @@ class Subscriber(Protocol):
 
     def send(self, frame: bytes) -> None:
         """Queue a protocol frame (replies, presence events)."""
+
+
+def _floor(sub: Subscription, topic: str) -> int:
+    """The seq after which ``sub`` has delivered every message of ``topic``."""
+    mark = sub.covered_from
+    if sub.covered_topics:
+        mark = min(mark, sub.covered_topics.get(topic, mark))
+    return mark
 
 
 class Run:
@@ -64,6 +73,12 @@ class Subscription:
     #: Every matching message with a larger seq has reached the connection through this
     #: subscription (live or replay): used to skip duplicates when another one replays.
     covered_from: int = 0
+    #: Per topic, a lower mark than ``covered_from``: a ``latest`` replay delivered each
+    #: topic's latest message, so from it on that topic is covered (None: no such topic).
+    covered_topics: dict[str, int] | None = None
+    #: Counted in presence (join/leave, the ``presence`` op): not for an anonymous
+    #: connection, nor on a topic whose namespace turns presence off.
+    present: bool = True
 
     @property
     def exact(self) -> bool:
@@ -100,6 +115,13 @@ class Hub:
         #: Called with (topic, user id) when a user present on a topic is renamed (a
         #: cluster rewrites its presence entry), when set.
         self.on_rename: Callable[[str, str], None] | None = None
+        #: Distinct wildcard patterns one user's connections may hold together (None: no
+        #: bound). A walk of the index costs up to the nodes of every wildcard pattern
+        #: that follows the topic's levels, matching or not: this bounds one user's share
+        #: of that, however many connections they open. Exact topics cost no walk.
+        self.max_user_patterns: int | None = None
+        # user id -> wildcard pattern -> connections of the user holding it
+        self._user_patterns: dict[str, dict[str, int]] = {}
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -111,14 +133,18 @@ class Hub:
         """Add or replace ``conn``'s subscription to ``sub.pattern``; return the old one."""
         subs = self.subscriptions.setdefault(conn, {})
         old = subs.get(sub.pattern)
+        exact = sub.exact
+        if not exact and old is None:
+            self._hold_pattern(conn.identity.id, sub.pattern)
         if old is not None:
-            self._forget(conn, old, announce=False)
+            self._forget(conn, old, announce=False, release=False)
         subs[sub.pattern] = sub
         self.index.add(sub.pattern, conn)
-        if sub.exact:
+        if exact:
             if sub.presence:
                 self._watchers.setdefault(sub.pattern, set()).add(conn)
-            if old is None:
+            # ``present`` follows from the connection and the topic: the same as old's.
+            if old is None and sub.present:
                 self._join(conn, sub.pattern)
         return old
 
@@ -147,16 +173,50 @@ class Hub:
         del self.subscriptions[conn]
         return True
 
-    def _forget(self, conn: Subscriber, sub: Subscription, announce: bool) -> None:
+    def _hold_pattern(self, user: str, pattern: str) -> None:
+        """Count a connection of ``user`` holding wildcard ``pattern``; raise ``Forbidden``
+        when it is a new pattern for the user past ``max_user_patterns``."""
+        held = self._user_patterns.get(user)
+        if held is None:
+            held = self._user_patterns[user] = {}
+        count = held.get(pattern, 0)
+        limit = self.max_user_patterns
+        if not count and limit is not None and len(held) >= limit:
+            if not held:
+                del self._user_patterns[user]
+            raise Forbidden(f"wildcard pattern limit reached ({limit} per user)")
+        held[pattern] = count + 1
+
+    def _release_pattern(self, user: str, pattern: str) -> None:
+        held = self._user_patterns.get(user)
+        if held is None or pattern not in held:
+            return
+        left = held[pattern] - 1
+        if left:
+            held[pattern] = left
+        else:
+            del held[pattern]
+            if not held:
+                del self._user_patterns[user]
+
+    def user_patterns(self, user: str) -> int:
+        """Distinct wildcard patterns ``user``'s connections hold on this node."""
+        return len(self._user_patterns.get(user, ()))
+
+    def _forget(
+        self, conn: Subscriber, sub: Subscription, announce: bool, release: bool = True
+    ) -> None:
         self.index.remove(sub.pattern, conn)
         if not sub.exact:
+            if release:
+                self._release_pattern(conn.identity.id, sub.pattern)
             return
         watchers = self._watchers.get(sub.pattern)
         if watchers is not None:
             watchers.discard(conn)
             if not watchers:
                 del self._watchers[sub.pattern]
-        if announce:
+        if announce and sub.present:
             self._leave(conn, sub.pattern)
 
     # -- presence --------------------------------------------------------------------
@@ -309,7 +369,7 @@ class Hub:
                 if len(floors) >= _FLOOR_CACHE:
                     floors.clear()
                 marks = [
-                    subs[p].covered_from
+                    _floor(subs[p], topic)
                     for p in patterns(topic, conn)
                     if p != besides and p in subs
                 ]

@@ -84,6 +84,7 @@ class Message:
     ts: int
     _frame: bytes | None = field(default=None, repr=False, compare=False)
     _wire: bytes | None = field(default=None, repr=False, compare=False)
+    _event: bytes | None = field(default=None, repr=False, compare=False)
     _data: Any = field(default=_UNDECODED, repr=False, compare=False)
 
     @classmethod
@@ -136,15 +137,17 @@ class Message:
         """The ``msg`` frame for this message, encoded once and shared by all deliveries."""
         if self._frame is None:
             # One orjson call; Fragment puts the already-encoded data in as it is.
-            self._frame = orjson.dumps(
-                {
-                    "op": "msg",
-                    "topic": self.topic,
-                    "seq": self.seq,
-                    "data": orjson.Fragment(self.payload),
-                    "from": {"id": self.sender_id, "name": self.sender_name},
-                    "ts": self.ts,
-                }
+            self._frame = kept_bytes(
+                orjson.dumps(
+                    {
+                        "op": "msg",
+                        "topic": self.topic,
+                        "seq": self.seq,
+                        "data": orjson.Fragment(self.payload),
+                        "from": {"id": self.sender_id, "name": self.sender_name},
+                        "ts": self.ts,
+                    }
+                )
             )
         return self._frame
 
@@ -154,6 +157,27 @@ class Message:
         if self._wire is None:
             self._wire = text_frame(self.frame)
         return self._wire
+
+    @property
+    def body(self) -> bytes:
+        """The message as the fields of its ``msg`` frame without ``op`` (the HTTP
+        history's messages, a server-sent event's data): one line of JSON."""
+        return b"{" + self.frame[len(b'{"op":"msg",') :]
+
+    def event(self, epoch: str) -> bytes:
+        """The server-sent event carrying this message (section 11 of docs/protocol.md):
+        ``id: <epoch>:<seq>`` and ``data:`` its body, encoded once for every stream. A
+        message's epoch never changes, so the first one asked for is kept."""
+        if self._event is None:
+            self._event = b"id: %s:%d\ndata: %s\n\n" % (epoch.encode(), self.seq, self.body)
+        return self._event
+
+
+def kept_bytes(encoded: bytes) -> bytes:
+    """``encoded`` in a block of its own size, for bytes that are kept (history, cached
+    frames): orjson's output sits in a block of about 4 KiB whatever its length, so a
+    million tiny messages would hold 4 GB."""
+    return bytes(memoryview(encoded))
 
 
 def _seq(message: Message) -> int:

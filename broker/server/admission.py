@@ -2,7 +2,9 @@
 
 Every accepted socket counts against ``max_connections``, whatever it goes on to do (a
 WebSocket, a plain HTTP request, nothing at all), so idle sockets cannot take the file
-descriptors the broker needs. Until it authenticates a connection is *unauthenticated*:
+descriptors the broker needs. Until it authenticates a connection is *unauthenticated*
+(a plain HTTP keep-alive connection stays so for as long as none of its requests carries
+a valid token):
 those are bounded on their own (``max_unauthenticated``; when full, the oldest is
 dropped, so a flood of sockets that never authenticate cannot hold the door shut) and per
 peer address (``max_unauthenticated_per_address``, the oldest of that address dropped), and
@@ -158,7 +160,8 @@ class Admission:
         return entry[1] if entry is not None else None
 
     def settle(self, conn: Conn) -> None:
-        """``conn`` authenticated (or is served plain HTTP): no longer unauthenticated."""
+        """``conn`` authenticated (a WebSocket, or an HTTP request with a valid token): no
+        longer unauthenticated. Plain HTTP without a token never settles."""
         entry = self._pending.pop(conn, None)
         if entry is None:
             return
@@ -172,3 +175,42 @@ class Admission:
         self.settle(conn)
         self.sockets.discard(conn)
         self._refusing.discard(conn)
+
+
+def default_anonymous(max_connections: int) -> int:
+    """The default cap on anonymous connections: half the connection cap, so that a
+    crowd watching public topics always leaves half to users who log in."""
+    return max(1, max_connections // 2)
+
+
+class AnonymousCaps:
+    """Anonymous connections and streams (section 10 of docs/protocol.md): a total cap and
+    a per-address cap of their own (0: no per-address cap)."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self.count = 0
+        self._by_address: dict[str, int] = {}
+
+    def admit(self, peer: str) -> str | None:
+        """Count one more from ``peer``; the limit that refuses it instead (None: admitted)."""
+        address = peer_address(peer)
+        mine = self._by_address.get(address, 0)
+        if self.count >= self.total:
+            return "anonymous"
+        if self.per_address and mine >= self.per_address:
+            return "anonymous_per_address"
+        self.count += 1
+        self._by_address[address] = mine + 1
+        return None
+
+    def release(self, peer: str) -> None:
+        """One from ``peer`` is gone."""
+        address = peer_address(peer)
+        mine = self._by_address.get(address, 0)
+        if mine <= 1:
+            self._by_address.pop(address, None)
+        else:
+            self._by_address[address] = mine - 1
+        self.count = max(0, self.count - 1)

@@ -23,7 +23,7 @@ import orjson
 
 from broker.core.auth import Identity, parse_bearer
 from broker.core.limits import TokenBucket
-from broker.core.model import Message
+from broker.core.model import Message, kept_bytes
 from broker.core.protocol import parse_key
 from broker.core.topics import is_pattern, validate_pattern, validate_topic
 from broker.errors import (
@@ -35,6 +35,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.server.http import origin_allowed
+from broker.store.base import ListPages, Pages
 
 if TYPE_CHECKING:
     from broker.core.auth import TokenVerifier
@@ -56,6 +57,12 @@ ROUTES = {
 MAX_TOPICS = 100
 #: Most messages in one history answer.
 PAGE = 1000
+#: Most bytes of messages in one history answer (at least one message is always given):
+#: a request costs what it returns, as a WebSocket replay's page does.
+PAGE_BYTES = 1 << 20
+#: Messages read from the store at a time for one answer: at the largest message size
+#: this is what a request holds beyond its answer.
+READ_PAGE = 256
 #: Per-user rate buckets kept at once (the least recently used go first).
 MAX_BUCKETS = 10_000
 #: Verified tokens remembered at once (the least recently used go first).
@@ -73,6 +80,8 @@ class Reply:
     content_type: str | None = JSON
     #: The error code of an error reply (counted in the metrics), None for a success.
     code: str | None = None
+    #: Who sent the request, when its token was valid: the connection has authenticated.
+    identity: Identity | None = None
 
 
 def error_reply(error: BrokerError, status: int | None = None) -> Reply:
@@ -191,6 +200,14 @@ class HttpApi:
             reply.headers.append(("Allow", ", ".join((*methods, "OPTIONS"))))
             return reply
         identity = self._authenticate(request)
+        try:
+            reply = await self._authenticated(identity, request)
+        except BrokerError as exc:
+            reply = error_reply(exc)
+        reply.identity = identity
+        return reply
+
+    async def _authenticated(self, identity: Identity, request: HttpRequest) -> Reply:
         if request.path == "/api/publish":
             return await self._publish(identity, request)
         query = self._query(request)
@@ -246,6 +263,15 @@ class HttpApi:
             raise BadRequest(f"{name!r} must be a non-negative integer")
         return int(raw)
 
+    @staticmethod
+    def _flag(query: dict[str, str], name: str) -> bool:
+        raw = query.get(name)
+        if raw is None or raw in ("false", "0"):
+            return False
+        if raw in ("true", "1"):
+            return True
+        raise BadRequest(f"{name!r} must be true, false, 1 or 0")
+
     def _rate(self, identity: Identity, units: int) -> None:
         rate = self.server.config.rate_limit
         if rate is None:
@@ -288,7 +314,7 @@ class HttpApi:
             if len(set(topics)) != len(topics):
                 raise BadRequest("'topics' must not repeat a topic")
         key = parse_key(body)
-        return topics, "topics" in body, orjson.dumps(body["data"]), key
+        return topics, "topics" in body, kept_bytes(orjson.dumps(body["data"])), key
 
     async def _publish(self, identity: Identity, request: HttpRequest) -> Reply:
         topics, batch, data, key = self._publish_body(request)
@@ -325,6 +351,9 @@ class HttpApi:
         last, since = self._count(query, "last"), self._count(query, "since")
         if last is not None and since is not None:
             raise BadRequest("'since' and 'last' cannot be used together")
+        latest = self._flag(query, "latest")
+        if latest and (last is not None or since is not None):
+            raise BadRequest("'latest' cannot be used with 'since' or 'last'")
         epoch = query.get("epoch")
         identity.check_subscribe(pattern)
         server = self.server
@@ -333,30 +362,44 @@ class HttpApi:
             await server.catch_up(since)
         upto = server.hub.last_seq
         recovered = True
-        # Read a page at a time, up to one message more than a response holds: the memory
-        # a request takes is bounded by that, not by the history it could cover.
+        # Read a page at a time, up to one message more than a response holds (in count or
+        # in bytes): the memory a request takes is bounded by that, not by the history it
+        # could cover.
         visible: list[Message] = []
+        size = 0
         try:
-            if since is not None:
+            if latest:
+                found = await store.latest(pattern, upto, visible=identity.may_receive)
+                pages: Pages = ListPages(found, upto, True, PAGE + 1)
+            elif since is not None:
                 if (epoch is not None and epoch != store.epoch) or since > upto:
                     since, recovered = 0, False
-                pages = await store.replay(pattern, since=since, upto=upto, page_size=PAGE + 1)
+                pages = await store.replay(pattern, since=since, upto=upto, page_size=READ_PAGE)
                 recovered = recovered and pages.recovered
             else:
-                pages = await store.replay(pattern, last=last or 0, upto=upto, page_size=PAGE + 1)
-            while len(visible) <= PAGE:
+                pages = await store.replay(pattern, last=last or 0, upto=upto, page_size=READ_PAGE)
+            while len(visible) <= PAGE and size <= PAGE_BYTES:
                 chunk = await pages.next()
                 if not chunk:
                     break
-                visible += [m for m in chunk if identity.may_receive(m.topic)]
+                for m in chunk:
+                    if identity.may_receive(m.topic):
+                        visible.append(m)
+                        size += len(m.frame)
         except BrokerError:
             raise
         except Exception:
             raise Unavailable("history cannot be read now; retry later") from None
         # A gap (retention removed some before they were read): "more", and the next
         # request (since = the last seq returned) answers recovered: false.
-        more = len(visible) > PAGE or pages.gap
         page = visible[:PAGE]
+        taken = 0
+        for n, m in enumerate(page):
+            taken += len(m.frame)
+            if taken > PAGE_BYTES and n:
+                page = page[:n]
+                break
+        more = len(visible) > len(page) or pages.gap
         body = b"".join(
             (
                 b'{"seq":',
@@ -397,4 +440,4 @@ class HttpApi:
 
 def _message_json(msg: Message) -> bytes:
     """A message as the fields of its ``msg`` frame, without ``op``."""
-    return b"{" + msg.frame[len(b'{"op":"msg",') :]
+    return msg.body

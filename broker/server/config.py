@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.core.auth import ALGORITHMS
+from broker.core.namespaces import Namespace, parse_namespaces
 from broker.local import DEFAULT_HOST, DEFAULT_PORT, data_dir
 from broker.server.kinds import (
     Choice,
@@ -201,6 +202,12 @@ class ServerConfig:
         "Memory store: total bytes of messages kept, all topics together; past it the "
         "oldest messages go first, whatever their topic.",
     )
+    max_disk: int = setting(
+        8 * GiB,
+        Size(1 * MiB, 1024 * TiB),
+        "On-disk store: bytes its database may take, all topics together; past it "
+        "publishes get 'unavailable' until retention frees room.",
+    )
     rate_limit: float | None = setting(
         None,
         Number(1_000_000),
@@ -227,6 +234,18 @@ class ServerConfig:
         Integer(0, 1_000_000),
         "Connections not authenticated yet from one IP address, at once; when full, that "
         "address's oldest is dropped (0: no limit).",
+    )
+    max_anonymous: int | None = setting(
+        None,
+        Integer(0, 1_000_000),
+        "Anonymous connections and streams (public topics, no token) at once; over it a new "
+        "one is refused (close 1013, or 503). Not set: half of max_connections.",
+        example=5000,
+    )
+    max_anonymous_per_address: int = setting(
+        256,
+        Integer(0, 1_000_000),
+        "Anonymous connections and streams from one IP address at once (0: no limit).",
     )
     dedupe_window: float = setting(
         120.0,
@@ -276,6 +295,7 @@ class ServerConfig:
 
     # -- structured settings: a [table] or [[array of tables]] of the file each ----------
     # Declare each as a field with a default_factory here, and list it in SECTIONS below.
+    namespaces: tuple[Namespace, ...] = field(default_factory=tuple)
 
     @property
     def scheme(self) -> str:
@@ -334,7 +354,14 @@ class Section:
 
 
 #: The structured settings, by TOML name.
-SECTIONS: dict[str, Section] = {}
+SECTIONS: dict[str, Section] = {
+    "namespace": Section(
+        "namespaces",
+        "namespace",
+        parse_namespaces,
+        "Per-pattern options (broker.core.namespaces): public, history, retention, presence.",
+    ),
+}
 
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")
 

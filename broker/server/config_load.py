@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.core.namespaces import check_retention
 from broker.core.units import format_size, shown
 from broker.errors import ConfigError
 from broker.local import default_config_file
@@ -173,6 +174,10 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('redis')} keeps history in Redis: {given(other)} doesn't apply")
     if not config.algorithm.startswith("HS") and not config.public_key:
         raise ConfigError(f"{given('algorithm')} {config.algorithm} needs public_key")
+    try:
+        check_retention(config.namespaces, config.retention)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} ({sources['retention']})") from None
 
 
 def describe(effective: Effective) -> list[tuple[str, str, str]]:

@@ -6,6 +6,8 @@ WebSocket handshake in ``broker.server.app``.
 
 from __future__ import annotations
 
+import html
+import ipaddress
 from collections.abc import Sequence
 from http import HTTPStatus
 from importlib import resources
@@ -15,6 +17,7 @@ from typing import Protocol as Interface
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from broker.core.namespaces import Namespaces
 from broker.server.metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
@@ -35,12 +38,31 @@ STATIC_FILES = {
 LIBRARY_FILES = frozenset({"/broker.js", "/broker.d.ts"})
 
 
+def loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header (port included or not) names this machine's loopback:
+    ``localhost`` (or a name under ``.localhost``), ``127.0.0.0/8`` or ``[::1]``."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def origin_allowed(origins: list[str], hosts: list[str], allowed: Sequence[str]) -> bool:
     """Whether a request's ``Origin`` header(s) pass the ``--allowed-origin`` check.
 
     No ``Origin`` (not a browser) or no list configured: allowed. The broker's own origin,
-    ``http(s)://`` + the ``Host`` header, is always allowed, so that its console works
-    whatever else the list names. A header sent twice is refused as a whole.
+    ``http(s)://`` + the ``Host`` header, is allowed only when that host is loopback
+    (``localhost``, ``127.0.0.1``, ``[::1]``): a ``Host`` header is whatever the page's
+    host name is, and a page of an attacker's name resolved to the broker (DNS rebinding)
+    sends its own name in both. The broker's public origin is allowed by listing it. A
+    header sent twice is refused as a whole.
     """
     if not origins or not allowed:
         return True
@@ -52,7 +74,9 @@ def origin_allowed(origins: list[str], hosts: list[str], allowed: Sequence[str])
     if len(hosts) != 1:
         return False
     host = hosts[0].strip().lower()
-    return bool(host) and origin.lower() in (f"http://{host}", f"https://{host}")
+    if not host or not loopback_host(host):
+        return False
+    return origin.lower() in (f"http://{host}", f"https://{host}")
 
 
 class Server(Interface):
@@ -69,6 +93,10 @@ class Server(Interface):
     @property
     def draining(self) -> bool:
         """Shutting down: ``/healthz`` answers 503."""
+
+    @property
+    def namespaces(self) -> Namespaces:
+        """Per-pattern options: the console page names the public patterns."""
 
 
 class Routes:
@@ -104,6 +132,12 @@ class Routes:
                 return conn.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
             return conn.protocol.reject(HTTPStatus.OK, "ok")
         if path == "/metrics":
+            if not origin_allowed(
+                request.headers.get_all("Origin"),
+                request.headers.get_all("Host"),
+                self.server.config.allowed_origins,
+            ):
+                return conn.protocol.reject(HTTPStatus.FORBIDDEN, "origin not allowed\n")
             body = self.server.metrics.exposition()
             headers = Headers(
                 [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]
@@ -113,6 +147,8 @@ class Routes:
         if path in STATIC_FILES and "upgrade" not in connection:
             if path in LIBRARY_FILES:
                 return library_file(path, request, self.server.config.allowed_origins)
+            if path == "/":
+                return static_file(path, public=self.server.namespaces.public)
             return static_file(path)
         return conn.protocol.reject(HTTPStatus.NOT_FOUND, "not found\n")
 
@@ -126,12 +162,20 @@ def _read_static(path: str) -> tuple[str, bytes] | Response:
         return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]), b"")
 
 
-def static_file(path: str) -> Response:
-    """One of the ``STATIC_FILES`` (the browser console), never cached stale."""
+#: The console page's placeholder for the public patterns (read by console.js).
+PUBLIC_META = b'<meta name="broker-public" content="">'
+
+
+def static_file(path: str, public: tuple[str, ...] = ()) -> Response:
+    """One of the ``STATIC_FILES`` (the browser console), never cached stale; the page
+    names the ``public`` patterns, so that a visitor without a token watches them."""
     found = _read_static(path)
     if isinstance(found, Response):
         return found
     content_type, body = found
+    if public:
+        named = html.escape(",".join(public), quote=True).encode()
+        body = body.replace(PUBLIC_META, b'<meta name="broker-public" content="' + named + b'">')
     headers = Headers(
         [
             ("Content-Type", content_type),

@@ -12,7 +12,9 @@ events on a pub/sub channel.
 Keys, under a prefix (default ``broker:``)::
 
     seq                 counter: the last seq assigned
-    epoch               string: the name of this history (new when Redis starts over empty)
+    epoch               string: the name of this history (new when Redis starts over empty,
+                        comes back older, or another server serves it)
+    server              string: the run_id of the redis-server that serves the epoch
     log                 stream: every message, entry id "<seq>-1", capped (MAXLEN ~),
                         one field m = "<node> <session> <echo> <len(topic)>\n<topic><member>"
     h:<topic>           ZSET: retained messages of a topic, score = seq
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import logging
 import time
 import uuid
@@ -56,10 +59,10 @@ from broker.core.backoff import Backoff
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
-from broker.store.base import Deliver, Replay, Store, chunks
+from broker.store.base import LATEST_LIMIT, Deliver, Replay, Store, Visible, chunks
 from broker.store.dedupe import decode_seqs, number
 from broker.store.redis.codec import decode_member, encode_tail, key_id, split_batch, to_str
-from broker.store.redis.health import EpochChanged, HistoryWentBack
+from broker.store.redis.health import EpochChanged, HistoryWentBack, ServerChanged
 from broker.store.redis.link import Link
 from broker.store.redis.presence import Cluster
 from broker.store.redis.scripts import script
@@ -79,6 +82,12 @@ STREAM_MAXLEN = 100_000
 EPOCH_GAP = 1_000_000
 #: Topics per pipeline when reading history.
 PIPELINE_CHUNK = 500
+
+
+def _seq(message: Message) -> int:
+    return message.seq
+
+
 # -- the store ------------------------------------------------------------------------------
 
 
@@ -154,12 +163,31 @@ class RedisStore(Store):
         """Learn the history's epoch (create it when Redis has none) with the counter at
         ``floor`` or above; when Redis still holds ``known`` but its counter is below
         ``floor`` (or ``rewritten``: the stream changed under this node's follower),
-        history went back and a new epoch replaces it (logged here, once, by the node
-        that replaced it)."""
+        history went back, and when another Redis server than the recorded one answers
+        (restarted from disk, failed over) it may have: a new epoch replaces it (logged
+        here, once, by the node that replaced it)."""
         args: list[str | int] = [self.prefix, new_epoch(), floor, known, int(rewritten), EPOCH_GAP]
-        epoch, counter, top, renewed, after = await self.link.call("epoch", self._ensure(args=args))
+        reply = await self.link.call("epoch", self._ensure(args=args))
+        epoch, counter, top, renewed, after, server, here, before = reply
         self.epoch = to_str(epoch)
         self.last_seq = max(self.last_seq, int(after))
+        if int(renewed) == 3:
+            log.warning(
+                "another Redis server serves the history (run_id %s, recorded %s): it "
+                "restarted and loaded its data from disk, or failed over, so it may hold "
+                "less than was handed out (its seq counter is at %d, its stream ends at %s, "
+                "this node had seen seq %d); started epoch %s after %s with seqs above %d, "
+                "so every resume answers recovered: false and replays what is retained",
+                to_str(here),
+                to_str(server) or "none",
+                int(counter),
+                to_str(top),
+                floor,
+                self.epoch,
+                to_str(before),
+                int(after),
+                extra={"event": "redis_server_changed"},
+            )
         if int(renewed) == 2:
             log.error(
                 "Redis history went back (restarted from an older snapshot, or failed over "
@@ -199,16 +227,23 @@ class RedisStore(Store):
         for d in drafts:
             kid = "" if d.key is None else key_id(d.sender_id, d.key)
             args += (d.topic, encode_tail(d), d.origin, 1 if d.echo else 0, kid, d.group)
+        spaces = self.namespaces
+        if spaces:  # the topics whose namespace keeps another number of messages
+            for topic in dict.fromkeys(d.topic for d in drafts):
+                keep = spaces.history(topic, self.history)
+                if keep != self.history:
+                    args += (topic, keep)
         try:
             reply = await self._append_and_wait(args)
-        except (EpochChanged, HistoryWentBack):
-            # Redis started over (empty), another node named a new history, or Redis came
-            # back older than this node saw it: learn or start the new epoch, retry once.
+        except (EpochChanged, HistoryWentBack, ServerChanged):
+            # Redis started over (empty), another node named a new history, Redis came
+            # back older than this node saw it, or another Redis server answers: learn or
+            # start the new epoch, retry once.
             await self._ensure_epoch(self.last_seq, self.epoch)
             args[1], args[7] = self.epoch, self.last_seq
             try:
                 reply = await self._append_and_wait(args)
-            except (EpochChanged, HistoryWentBack):
+            except (EpochChanged, HistoryWentBack, ServerChanged):
                 raise Unavailable("the cluster's history is changing; retry later") from None
         self.last_seq = max(self.last_seq, int(reply[0]))
         # The script skipped the publishes whose key it found; the others got consecutive
@@ -241,13 +276,20 @@ class RedisStore(Store):
 
     async def trim(self, now: float) -> int:
         cutoff = str(int((now - self.retention) * 1000))
+        spaces = self.namespaces
         removed = 0
         try:
             topics = await self.link.call("trim", self.redis.smembers(self.key("topics")))
             for chunk in chunks(sorted(topics), PIPELINE_CHUNK):
                 pipe = self.redis.pipeline(transaction=False)
                 for topic in chunk:
-                    await self._trim(args=[self.prefix, topic, cutoff], client=pipe)
+                    name = to_str(topic)
+                    own = (
+                        str(int((now - spaces.retention(name, self.retention)) * 1000))
+                        if spaces
+                        else cutoff
+                    )
+                    await self._trim(args=[self.prefix, topic, own], client=pipe)
                 removed += sum(await self.link.call("trim", pipe.execute()))
         except Unavailable:
             pass  # logged once by Health; the next round trims what is left
@@ -294,6 +336,15 @@ class RedisStore(Store):
             return []
         runs, _ = await self._ranges(await self._topics(pattern), 0, upto, last=n)
         return list(merge_by_seq(runs))[-n:]
+
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        # Per topic, the top of its ZSET (scored by seq): one O(log n) lookup each.
+        topics = [t for t in await self._topics(pattern) if visible is None or visible(t)]
+        runs, _ = await self._ranges(topics, 0, upto, last=1)
+        found = [run[-1] for run in runs if run]
+        return sorted(heapq.nlargest(limit, found, key=_seq), key=_seq)
 
     # -- following the stream -------------------------------------------------------------
 

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from broker.core.model import Draft, Message, now_ms
+from broker.core.namespaces import Namespaces
+from broker.core.units import format_size
 from broker.errors import Unavailable
-from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store
+from broker.store.base import LATEST_LIMIT, PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store, Visible
 from broker.store.dedupe import encode_seqs, number
 from broker.store.sqlite.commitlog import Batch, CommitLog, Recovery, encode
 from broker.store.sqlite.database import Database, check_database
@@ -30,6 +32,8 @@ from broker.store.sqlite.reads import Reads
 from broker.store.sqlite.syncer import TAIL_MAX_BYTES, Syncer
 
 log = logging.getLogger("broker.store.sqlite")
+
+MiB = 1 << 20
 
 #: Seqs are reserved durably this many at a time (see Database.resume_sequence).
 SEQ_RESERVE = 10_000
@@ -68,9 +72,13 @@ class SqliteStore(Store):
         fsync_interval: float = 1.0,
         max_pages: int | None = None,
         boot_id: str | None = None,
+        max_disk: int | None = None,
     ) -> None:
         super().__init__(history, retention)
         self.path = path
+        #: Bytes the database and the commit log's tail may take together (None: no
+        #: bound); past it publishes are refused until retention frees room.
+        self.max_disk = max_disk
         if fsync not in ("interval", "always"):
             raise ValueError(f"unknown fsync policy {fsync!r}")
         #: Fsync before every commit counts (True), or every ``fsync_interval`` seconds.
@@ -141,6 +149,7 @@ class SqliteStore(Store):
         self._syncer.applied_seq = self.last_seq
         self._reads.connect()
         self._db.open_rest()
+        self._db.measure()
         self._write_mark(self.last_seq)
         self._syncer.on_applied = self._write_mark
         for damage in found.damage:
@@ -286,6 +295,11 @@ class SqliteStore(Store):
         it (``always``, ``Syncer.await_fsync``)."""
         self._file.check()
         self._lock.check()
+        if self.max_disk is not None and self._db.used + self._syncer.tail_bytes > self.max_disk:
+            raise Unavailable(
+                f"the store holds {self._db.used / MiB:.0f} MiB, its max_disk "
+                f"({format_size(self.max_disk)}): publishes wait for retention to free room"
+            )
         now = now_ms()
         numbered = number(drafts, self.last_seq + 1, lambda u, k: self._live_key(u, k, now))
         messages = numbered.fresh
@@ -355,6 +369,21 @@ class SqliteStore(Store):
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         await self._visible(upto)
         return await self._reads.read_last(pattern, n, upto)
+
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        await self._visible(upto)
+        return await self._reads.latest(pattern, upto, limit, visible)
+
+    @property
+    def namespaces(self) -> Namespaces:
+        """``Store.namespaces``: the writer applies their history and retention."""
+        return self._db.namespaces
+
+    @namespaces.setter
+    def namespaces(self, value: Namespaces) -> None:
+        self._db.namespaces = value
 
     async def replay(
         self,

@@ -1,5 +1,7 @@
 -- One group commit. ARGV: prefix, epoch, history, stream maxlen, node, n, dedupe window
--- (ms), floor (the highest seq this node assigned or saw), then per draft: topic, tail, session, echo, key id ('' without a key), group.
+-- (ms), floor (the highest seq this node assigned or saw), then per draft: topic, tail, session, echo, key id ('' without a key), group;
+-- then pairs of topic, history for the topics that keep another number than `history`
+-- (their namespace's, docs/operations.md "Namespaces and public topics").
 -- A keyed publish (its first draft has the key id and the number of drafts it spans)
 -- whose key is already stored (k:<key id>, expiring after the window), or used earlier in
 -- this batch, is skipped: nothing is recorded for it. Returns {last seq (0 when nothing
@@ -9,6 +11,13 @@ local P = ARGV[1]
 local cur = redis.call('GET', P .. 'epoch')
 if cur ~= ARGV[2] then
   return redis.error_reply('EPOCH ' .. tostring(cur))
+end
+-- Another Redis server than the one that has been serving this epoch (recorded by
+-- ensure_epoch): a restart that loaded a snapshot or an AOF, or a failover. Its data may
+-- be older than what was handed out; the node runs ensure_epoch, which starts a new epoch.
+local here = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if redis.call('GET', P .. 'server') ~= here then
+  return redis.error_reply('SERVER ' .. here)
 end
 -- A counter below what this node already saw: Redis came back older (an earlier snapshot,
 -- a lagging replica). Handing out these seqs again would give two messages one name.
@@ -20,6 +29,10 @@ local history = tonumber(ARGV[3])
 local node = ARGV[5]
 local n = tonumber(ARGV[6])
 local window = ARGV[7]
+local limits = {}
+for k = 9 + n * 6, #ARGV - 1, 2 do
+  limits[ARGV[k]] = tonumber(ARGV[k + 1])
+end
 local touched = {}
 local seen = {}
 local out = {0}
@@ -65,7 +78,7 @@ while i < n do
 end
 for topic in pairs(touched) do
   local key = P .. 'h:' .. topic
-  local extra = redis.call('ZCARD', key) - history
+  local extra = redis.call('ZCARD', key) - (limits[topic] or history)
   if extra > 0 then
     local top = redis.call('ZRANGE', key, extra - 1, extra - 1, 'WITHSCORES')[2]
     redis.call('ZREMRANGEBYRANK', key, 0, extra - 1)
