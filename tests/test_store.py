@@ -13,7 +13,7 @@ import pytest
 from broker.core.model import Draft, Message
 from broker.errors import BrokerError, Unavailable
 from broker.server.journal import Journal
-from broker.store.base import Replay, Store
+from broker.store.base import Replay, Store, Visible
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
 
@@ -154,6 +154,11 @@ class FailingStore(Store):
 
     async def trim(self, now: float) -> int:
         return 0
+
+    async def latest(
+        self, pattern: str, upto: int, limit: int = 0, visible: Visible = None
+    ) -> list[Message]:
+        raise OSError("disk I/O error")
 
 
 async def test_journal_refuses_with_unavailable_when_store_fails() -> None:

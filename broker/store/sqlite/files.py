@@ -193,10 +193,10 @@ class FileWatch:
         """Record the identity of the file just opened."""
         self._opened = self._identity()
 
-    def check(self) -> None:
+    def check(self, at_once: bool = False) -> None:
         """Raise ``Unavailable`` once the file was deleted or replaced (as seen at most
-        ``every`` seconds ago)."""
-        if self.lost is None and self.every:
+        ``every`` seconds ago, or now with ``at_once``)."""
+        if self.lost is None and self.every and not at_once:
             now = time.monotonic()  # the vDSO: no system call
             if now < self._next:
                 return

@@ -293,7 +293,9 @@ class SqliteStore(Store):
         """Number a batch and append it to the commit log, on the event loop's thread:
         recorded once this returns (``interval``), or once the fsync thread has fsynced
         it (``always``, ``Syncer.await_fsync``)."""
-        self._file.check()
+        # While failing, look at the file before the first publish that would end the
+        # episode, not an interval later.
+        self._file.check(at_once=self._failure is not None)
         self._lock.check()
         if self.max_disk is not None and self._db.used + self._syncer.tail_bytes > self.max_disk:
             raise Unavailable(
