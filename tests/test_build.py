@@ -5,6 +5,7 @@ compiled install too, with ``BROKER_EXPECT_COMPILED=1``)."""
 
 from __future__ import annotations
 
+import ast
 import configparser
 import importlib
 import importlib.machinery
@@ -43,6 +44,28 @@ def test_every_module_to_compile_exists() -> None:
     missing = [m for m in COMPILED if not (ROOT / (m.replace(".", "/") + ".py")).is_file()]
     assert not missing, f"pyproject.toml [tool.broker] compiled names missing modules: {missing}"
     assert len(set(COMPILED)) == len(COMPILED)
+
+
+def test_no_interpreted_class_subclasses_a_compiled_one() -> None:
+    # A compiled class cannot be subclassed by interpreted code (a TypeError at import of
+    # the compiled build only): compile the subclass's module too, or leave both out.
+    found = []
+    for path in sorted((ROOT / "broker").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if module in COMPILED:
+            continue
+        tree = ast.parse(path.read_text())
+        compiled_names = {
+            alias.asname or alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module in COMPILED
+            for alias in node.names
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id for b in node.bases if isinstance(b, ast.Name)}
+                found += [f"{module}.{node.name}({b})" for b in bases & compiled_names]
+    assert not found, found
 
 
 def test_the_build_environment_has_the_types_it_compiles_from() -> None:
