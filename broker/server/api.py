@@ -127,12 +127,27 @@ class Server(Interface):
         """In cluster mode, presence and stats of every node."""
 
     def submit(
-        self, identity: Identity, topics: list[str], data: bytes, key: str | None, answer: Answer
+        self,
+        identity: Identity,
+        topics: list[str],
+        data: bytes,
+        key: str | None,
+        answer: Answer,
+        rewritten: dict[str, bytes] | None = None,
     ) -> None:
         """Publish ``data`` to ``topics`` (already checked) as one publish."""
 
     async def catch_up(self, seq: int) -> None:
         """Wait (briefly) until this node has fanned out ``seq``."""
+
+    async def check_publish(
+        self, identity: Identity, topics: list[str], data: bytes, key: str | None
+    ) -> dict[str, bytes]:
+        """Ask the ``publish`` hook about the topics it selects: the data it gave some
+        instead; raises its refusal."""
+
+    async def check_subscribe(self, identity: Identity, pattern: str) -> None:
+        """Ask the ``subscribe`` hook about ``pattern`` when it selects it."""
 
     def stats(self) -> dict[str, Any]:
         """This node's figures."""
@@ -324,6 +339,7 @@ class HttpApi:
         for topic in topics:  # the whole batch first: nothing is published on a refusal
             identity.check_publish(topic)
         self._rate(identity, len(topics))
+        rewritten = await server.check_publish(identity, topics, data, key)
         answer: asyncio.Future[tuple[tuple[int, ...], bool]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -337,7 +353,7 @@ class HttpApi:
                 assert seqs is not None
                 answer.set_result((seqs, duplicate))
 
-        server.submit(identity, topics, data, key, done)
+        server.submit(identity, topics, data, key, done, rewritten)
         seqs, duplicate = await answer
         # A retry gets the shape of its own request; a key reused for a publish of another
         # size gets the first publish's seqs as they were.
@@ -357,6 +373,7 @@ class HttpApi:
         epoch = query.get("epoch")
         identity.check_subscribe(pattern)
         server = self.server
+        await server.check_subscribe(identity, pattern)
         store = server.store
         if store.shared and since is not None and epoch in (None, store.epoch):
             await server.catch_up(since)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 from typing import Protocol as Interface
 
 import h11
+from websockets.datastructures import Headers
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
@@ -124,6 +125,7 @@ class _Http:
         "body",
         "busy",
         "closing",
+        "eof",
         "head",
         "looping",
         "method",
@@ -131,6 +133,7 @@ class _Http:
         "paused",
         "queued",
         "request",
+        "streaming",
         "timeout",
     )
 
@@ -142,6 +145,10 @@ class _Http:
         self.body = bytearray()
         self.busy = False
         self.closing = False
+        #: The client half-closed (EOF read).
+        self.eof = False
+        #: The response is a server-sent event stream, ended only by the close.
+        self.streaming = False
         self.timeout = timeout
         # Bytes received while a request is being answered (pipelined), and whether
         # reading is paused because there are too many of them.
@@ -167,7 +174,8 @@ class Handler(Interface):
         """A plain HTTP request: answer it with ``conn.respond``, now or later."""
 
     def http_request(self, conn: Connection, request: Request) -> Response | None:
-        """A plain HTTP response to send, or None to accept the WebSocket upgrade."""
+        """A plain HTTP response to send, None to accept the WebSocket upgrade, or
+        ``DEFERRED``: the handler answers later with ``conn.answer_handshake``."""
 
     def accepted(self, conn: Connection) -> bool:
         """A TCP connection was accepted; False: drop it at once (a limit is reached)."""
@@ -180,6 +188,10 @@ class Handler(Interface):
 
     def closed(self, conn: Connection) -> None:
         """The TCP connection is gone (called once, for every connection)."""
+
+
+#: What ``Handler.http_request`` returns to answer the upgrade later (``answer_handshake``).
+DEFERRED = Response(0, "deferred", Headers())
 
 
 class Connection(asyncio.Protocol):
@@ -287,6 +299,11 @@ class Connection(asyncio.Protocol):
         if self._parser is not None:
             self._receive_frames(data)
         elif self.http is not None:
+            if self.http.streaming:
+                # A stream's client sends nothing after its request: bytes now mean it is
+                # not a stream reader (or is gone); the stream ends.
+                self.abort()
+                return
             self._receive_http(data)
         # Otherwise a refused handshake or a failed connection: nothing more is read.
 
@@ -336,11 +353,13 @@ class Connection(asyncio.Protocol):
             return False
         self.http = None
         try:
-            self._handshake(request, accept)
+            deferred = self._handshake(request, accept)
         except Exception:
             log.exception("internal error on the connection from %s", self.peer)
             self.abort()
             return True
+        if deferred:
+            return True  # answered later (answer_handshake); no frame comes before the 101
         if self._parser is None:
             self._expect_close()
         elif end < len(data):
@@ -357,14 +376,18 @@ class Connection(asyncio.Protocol):
         protocol.receive_data(raw[:end])
         events = protocol.events_received()
         self._write_protocol_data()  # a request websockets could not parse: its 400
+        deferred = False
         try:
             for event in events:
                 if isinstance(event, Request):
-                    self._handshake(event)
+                    deferred = self._handshake(event)
         except Exception:
             # The server answers failed requests itself; this is a bug in the shell.
             log.exception("internal error on the connection from %s", self.peer)
             self.abort()
+            return
+        if deferred:
+            # Answered later (answer_handshake); a client sends no frame before the 101.
             return
         if self._parser is None:
             self._expect_close()  # refused: websockets sent its response, then EOF
@@ -540,11 +563,30 @@ class Connection(asyncio.Protocol):
         elif self.transport is not None:
             self.transport.close()
 
+    def start_stream(self) -> bool:
+        """The answer being sent is a stream, written as it is until the connection
+        closes; False (and the connection closed) when the client already half-closed,
+        for a stream has no end it could still be waiting to read."""
+        http = self.http
+        if http is None or self.transport is None or self.closed.done():
+            return False
+        if http.eof:
+            self.transport.close()
+            return False
+        http.streaming = True
+        return True
+
     def eof_received(self) -> bool:
-        if self.http is not None:
+        http = self.http
+        if http is not None:
+            http.eof = True
+            if http.streaming:
+                # A stream's client never sends anything after its request, so EOF means
+                # it has gone: end the stream now, not at the next comment line's error.
+                return False
             # Half-closed after its request: keep the socket to send the response.
-            self.http.closing = True
-            return self.http.busy
+            http.closing = True
+            return http.busy
         return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -626,10 +668,10 @@ class Connection(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _handshake(self, request: Request, accept: str | None = None) -> None:
-        """Answer an upgrade request: the server's refusal, or the 101 (from the template
-        when the fast path checked the request and found its ``accept`` key, from
-        websockets otherwise), then open the connection."""
+    def _handshake(self, request: Request, accept: str | None = None) -> bool:
+        """Answer an upgrade request now, or later: True when the handler answers it later
+        (``DEFERRED``, a connect hook) with ``answer_handshake``. ``accept`` is the key the
+        fast path computed for a request it checked."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -638,14 +680,30 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("handling the HTTP request failed")
             response = self.protocol.reject(500, "internal error\n")
+        if response is DEFERRED:
+            return True
+        self.answer_handshake(request, response, accept)
+        return False
+
+    def answer_handshake(
+        self, request: Request, response: Response | None, accept: str | None = None
+    ) -> None:
+        """Send the answer to the upgrade ``request``: ``response``, or the ``101`` when
+        None (from the template when the fast path checked the request and found its
+        ``accept`` key, from websockets otherwise); then the connection is open
+        (``Handler.opened``) or closing."""
+        if self.closed.done():
+            return
         deflate = False
         if response is None and accept is not None:
             template = _TEMPLATES.get(self.server_header)
             if template is None:
                 template = _TEMPLATES[self.server_header] = ResponseTemplate(self.server_header)
-            if self.transport is not None and not self.closed.done():
+            if self.transport is not None:
                 self.transport.write(template.accept(accept))
         else:
+            if response is not None:
+                self._expect_close()  # refused: the response, then EOF
             if response is None:
                 response = self.protocol.accept(request)
             response.headers["Server"] = self.server_header

@@ -274,6 +274,9 @@ class MemoryStore(Store):
             self._oldest = [(q[0][SEQ], t) for t, q in self._topics.items() if q]
             heapq.heapify(self._oldest)
 
+    async def known_key(self, user: str, key: str) -> bool:
+        return self._known_key(user, key) is not None
+
     def _known_key(self, user: str, key: str) -> tuple[int, ...] | None:
         found = self._keys.get((user, key))
         if found is None or time.monotonic() - found[1] >= self.dedupe_window:

@@ -130,6 +130,10 @@ class RedisStore(Store):
     def key(self, name: str) -> str:
         return self.prefix + name
 
+    async def known_key(self, user: str, key: str) -> bool:
+        name = self.prefix.encode() + b"k:" + key_id(user, key)
+        return bool(await self.link.call("dedupe", self.redis.exists(name)))
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -325,6 +325,10 @@ class SqliteStore(Store):
             self._reserved = reserved
         return numbered.results
 
+    async def known_key(self, user: str, key: str) -> bool:
+        # On the writer's thread, as append's own look-up: no disk on the event loop.
+        return await self._write(self._live_key, user, key, now_ms()) is not None
+
     def _live_key(self, user: str, key: str, now: int) -> tuple[int, ...] | None:
         """The seqs of ``user``'s publish with ``key`` within the dedupe window, wherever
         it is: the log's tail, a batch being applied, or SQLite."""
