@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.http11 import Request, Response
@@ -243,7 +243,10 @@ class BrokerServer:
             backlog=_LISTEN_BACKLOG,
         )
         if self.config.port == 0:  # the port the system chose, for the logs and the banner
-            self.config.port = int(self._listener.sockets[0].getsockname()[1])
+            # Any: typeshed declares a tuple, uvloop hands a list, and the compiled build
+            # checks declared types.
+            sockets: Any = cast(Any, self._listener).sockets
+            self.config.port = int(sockets[0].getsockname()[1])
         self._spawn(self._summary_loop())
         self._spawn(self._trim_loop())
         if self.config.ping_interval > 0:
@@ -943,7 +946,9 @@ class BrokerServer:
 
     def _resume(self, session: Session) -> None:
         """Handle the frames that arrived while a request ran as a task, in order, until
-        one needs a task again."""
+        one needs a task again. (A function of its own: right after ``session.task = None``
+        mypy takes ``session.task`` to be None through the calls that set it, which the
+        compiled build would check at run time: a TypeError.)"""
         backlog = session.backlog
         if backlog is None:
             return

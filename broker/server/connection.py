@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from typing import Protocol as Interface
 
 import h11
@@ -455,7 +455,9 @@ class Connection(asyncio.Protocol):
                     self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
                     return
             elif isinstance(event, h11.Data):
-                http.body += event.data
+                # Any: h11 declares bytes but hands a bytearray, which the compiled build's
+                # check of declared types would refuse.
+                http.body += cast(Any, event).data
                 limit = self.max_size
                 if limit is not None and len(http.body) > limit:
                     self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
