@@ -9,6 +9,13 @@ busy) are written by a task awaiting ``Store.append``. Either way at most one ba
 flight, so batches commit, and are fanned out, in seq order. Each publish's callback runs
 after its message is recorded (with the message) or refused (with the error);
 fire-and-forget publishes take the same path.
+
+A store that records large publishes slower than small ones (``separate_large``: SQLite,
+whose bounded commit-log tail makes a large publish wait for SQLite to take the tail)
+gets them in a lane of their own: a publish of ``LARGE_PUBLISH`` bytes or more, and what
+its sender publishes while one waits, is committed by a task of its own, one at a time,
+and the small publishes of everyone else go on meanwhile. A sender's publishes keep their
+order; seq order is commit order (each commit numbers and fans out in one callback).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from broker.core.model import Draft, Message
@@ -28,6 +36,9 @@ log = logging.getLogger("broker.server.journal")
 
 Done = Callable[[Message | None, BrokerError | None], None]
 Committed = Callable[[list[tuple[Message, Draft]]], None]
+
+#: Bytes of data (all its topics together) from which a publish takes the large lane.
+LARGE_PUBLISH = 256 << 10
 
 
 class Journal:
@@ -52,6 +63,13 @@ class Journal:
         self._closed = False
         #: Observers of (batch size, seconds) per commit, e.g. metrics.
         self.commit_observers: list[Callable[[int, float], None]] = []
+        #: Large publishes (and what their senders sent after them) wait here when the
+        #: store separates them; committed by ``_large_task``, one publish at a time.
+        self.separate_large: bool = getattr(store, "separate_large", False)
+        self._large: list[tuple[Draft, Done | None]] = []
+        self._large_senders: Counter[str] = Counter()  # drafts in that lane, per sender
+        self._large_task: asyncio.Task[None] | None = None
+        self._lane_large = False  # the lane of the publish being submitted
 
     def submit(self, draft: Draft, done: Done | None = None) -> None:
         """Queue ``draft``; ``done`` is called once it is committed or refused."""
@@ -59,6 +77,19 @@ class Journal:
             if done is not None:
                 done(None, Unavailable("the broker is shutting down"))
             return
+        if self.separate_large:
+            if draft.group:  # the first draft of a publish chooses; the others follow
+                self._lane_large = (
+                    draft.group * len(draft.payload) >= LARGE_PUBLISH
+                    or draft.sender_id in self._large_senders
+                )
+            if self._lane_large:
+                self._large.append((draft, done))
+                self._large_senders[draft.sender_id] += 1
+                if self._large_task is None:
+                    loop = asyncio.get_running_loop()
+                    self._large_task = loop.create_task(self._run_large())
+                return
         self._pending.append((draft, done))
         if self._task is None and not self._due:
             self._due = True
@@ -103,6 +134,26 @@ class Journal:
                 await self._commit(self._cut())
         finally:
             self._task = None
+
+    async def _run_large(self) -> None:
+        try:
+            while self._large:
+                end = 1  # one publish: its first draft and the drafts of its group
+                while end < len(self._large) and self._large[end][0].group == 0:
+                    end += 1
+                batch = self._large[:end]
+                del self._large[:end]
+                try:
+                    await self._commit(batch)
+                finally:
+                    for draft, _ in batch:
+                        left = self._large_senders[draft.sender_id] - 1
+                        if left > 0:
+                            self._large_senders[draft.sender_id] = left
+                        else:
+                            del self._large_senders[draft.sender_id]
+        finally:
+            self._large_task = None
 
     async def _commit(self, batch: list[tuple[Draft, Done | None]]) -> None:
         drafts = [d for d, _ in batch]
@@ -161,13 +212,15 @@ class Journal:
     @property
     def pending(self) -> int:
         """Publishes accepted but not yet committed."""
-        return len(self._pending)
+        return len(self._pending) + len(self._large)
 
     async def close(self) -> None:
         """Refuse new publishes and wait until every accepted one is committed."""
         self._closed = True
-        while self._task is not None or self._pending:
-            if self._task is None:
+        while self._task is not None or self._pending or self._large_task is not None:
+            if self._task is None and self._pending:
                 self._commit_now()  # commits, or starts the task that will
             if self._task is not None:
                 await asyncio.shield(self._task)
+            elif self._large_task is not None:
+                await asyncio.shield(self._large_task)

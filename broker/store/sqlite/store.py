@@ -37,6 +37,12 @@ MiB = 1 << 20
 
 #: Seqs are reserved durably this many at a time (see Database.resume_sequence).
 SEQ_RESERVE = 10_000
+#: Bytes a small batch may still add to the commit log's tail past TAIL_MAX_BYTES, so
+#: that other clients' small publishes do not wait while a large one waits for SQLite
+#: to take the tail (issue 27, row 10: 6 MB HTTP batches made everyone wait for it).
+TAIL_SMALL_ROOM = 4 << 20
+#: A batch of this many bytes of data or more is large (it waits at TAIL_MAX_BYTES).
+SMALL_BATCH = 64 << 10
 
 
 class SqliteStore(Store):
@@ -258,16 +264,27 @@ class SqliteStore(Store):
     def append_now(self, drafts: list[Draft]) -> list[Message] | None:
         # With fsync always an ok waits for the fsync thread (append). So does a failing
         # store, or a tail SQLite has not caught up with.
+        tail = self._syncer.tail_bytes
         if (
             self.fsync_always
             or self._failure is not None
-            or self._syncer.tail_bytes > TAIL_MAX_BYTES
+            or (
+                tail > TAIL_MAX_BYTES
+                and (tail > TAIL_MAX_BYTES + TAIL_SMALL_ROOM or _large(drafts))
+            )
         ):
             return None
         try:
             return self._append_log(drafts)
         except (sqlite3.Error, OSError, Unavailable) as exc:
             self._append_failed(exc, len(drafts))
+
+    @property
+    def separate_large(self) -> bool:
+        """Large publishes may wait in a lane of their own (``Journal``): with fsync
+        ``interval`` each append numbers and records in one step on the event loop, so
+        commits from two lanes cannot interleave."""
+        return not self.fsync_always
 
     async def append(self, drafts: list[Draft]) -> list[Message]:
         try:
@@ -431,3 +448,13 @@ class SqliteStore(Store):
             return 0
         self._trim_failure = None
         return removed
+
+
+def _large(drafts: list[Draft]) -> bool:
+    """``drafts`` hold SMALL_BATCH bytes of data or more."""
+    size = 0
+    for d in drafts:
+        size += len(d.payload)
+        if size >= SMALL_BATCH:
+            return True
+    return False
