@@ -1,7 +1,7 @@
-"""Memory bounded whatever one client does (issue 13, rows 3 and 8), against real broker
-processes: a publisher faster than the store stops being read rather than buffered;
-``--memory`` history bounded in bytes across topics; a replay streamed from the store in
-pages, so readers that never read cost a page each, not the whole history.
+"""Memory bounded whatever one client does, against real brokers: a publisher faster
+than the store stops being read rather than buffered; ``--memory`` history bounded in
+bytes across topics; a replay streamed from the store in pages, so readers that never
+read cost a page each, not the whole history.
 
 The broker's RSS is read with psutil; the bounds are generous (several times what the
 broker needs), and far below what the same attacks cost before these bounds existed.

@@ -227,3 +227,16 @@ async def test_bad_frames_close_with_their_code(
     data = await read_until_eof(reader, timeout=5)
     writer.close()
     assert b"\x88" in data and code.to_bytes(2, "big") in data.split(b"\x88", 1)[1][:4]
+
+
+async def test_compression_not_negotiated_by_default(broker: BrokerProcess) -> None:
+    """No permessage-deflate unless the server is started with compression (docs/protocol.md):
+    nothing to inflate, so no decompression bombs."""
+    ws = await connect(
+        broker.url,
+        compression="deflate",
+        additional_headers={"Authorization": f"Bearer {broker.token('1')}"},
+    )
+    assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
+    assert orjson.loads(await ws.recv())["op"] == "hello"
+    await ws.close()

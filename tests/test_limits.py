@@ -1,11 +1,11 @@
-"""Limits that keep one client from exhausting or blinding the broker (issue 13, rows 4-7
-and 10), against real broker processes on loopback.
+"""Limits that keep one client from exhausting or blinding the broker, against real
+brokers on loopback.
 
 Sockets are counted from accept against a cap derived from the file-descriptor limit;
 unauthenticated connections have their own bound, per-address cap and deadline; every
 connection holds at most ``--max-subscriptions``; a limit reached is counted in /metrics
 and logged once, then summarised; values from clients are cut and escaped in the logs;
-odd values get clear answers instead of tracebacks.
+odd values get clear answers instead of tracebacks; the publish rate limit refills.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def close_all(writers: list[asyncio.StreamWriter]) -> None:
         writer.close()
 
 
-# -- row 4: sockets, unauthenticated connections ---------------------------------------------
+# -- sockets, unauthenticated connections ------------------------------------------------------
 
 
 async def test_idle_sockets_do_not_lock_clients_out(tmp_path: Path) -> None:
@@ -219,7 +219,7 @@ async def test_authentication_deadline_counts_from_accept(make_broker: BrokerFac
     writer.close()
 
 
-# -- row 5: subscriptions, counters ---------------------------------------------------------
+# -- subscriptions, counters ------------------------------------------------------------------
 
 
 async def test_subscriptions_are_capped_by_default(make_broker: BrokerFactory) -> None:
@@ -251,7 +251,7 @@ async def test_subscriptions_are_capped_by_default(make_broker: BrokerFactory) -
     assert len(reached) == 1
 
 
-# -- rows 6 and 7: logs, close reasons ---------------------------------------------------------
+# -- logs, close reasons --------------------------------------------------------------------
 
 
 def forged(alg: str) -> str:
@@ -295,7 +295,7 @@ async def test_huge_non_ascii_alg_is_refused_cleanly_and_logged_briefly(
     assert summary["count"] == 41 - len(refused_lines)
 
 
-# -- row 10: odd values ------------------------------------------------------------------------
+# -- odd values ----------------------------------------------------------------------------------
 
 
 async def test_exp_beyond_a_float_is_unauthorized(broker: BrokerProcess) -> None:
@@ -404,3 +404,59 @@ def test_bad_values_are_refused_at_start_with_one_clear_line(
     assert done.returncode != 0
     assert expected in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- rate limit and subscription caps ------------------------------------------------
+
+
+async def test_rate_limit_bucket_refills(make_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = make_broker("--rate-limit", "5", memory=True)
+    peer = await Peer.open(broker.url, broker.token("1"))
+
+    async def burst(n: int, start: int) -> list[str]:
+        for i in range(start, start + n):
+            await peer.send({"op": "pub", "topic": "a", "data": i, "id": i})
+        # Refusals are immediate, oks wait for the commit: order by id.
+        replies = sorted([await peer.recv() for _ in range(n)], key=lambda r: r["id"])
+        assert [r["id"] for r in replies] == list(range(start, start + n))
+        return [r.get("code", r["op"]) for r in replies]
+
+    first = await burst(10, 0)
+    assert first[:5] == ["ok"] * 5 and first[-3:] == ["rate_limited"] * 3, first
+    await asyncio.sleep(1.1)  # one second refills the whole bucket (burst = 5)
+    again = await burst(6, 100)
+    assert again[:5] == ["ok"] * 5 and again[5] == "rate_limited", again
+    # A limited pub without id gets an error without id; the connection stays usable.
+    await peer.send({"op": "pub", "topic": "a", "data": "no id"})
+    error = await peer.recv()
+    assert error["code"] == "rate_limited" and "id" not in error
+    assert (await peer.request("sub", topic="a"))["op"] == "ok"
+    # The bucket is per connection: another connection of the same user has its own.
+    other = await Peer.open(broker.url, broker.token("1"))
+    assert (await other.request("pub", topic="a", data="x"))["op"] == "ok"
+
+
+async def test_max_subscriptions(make_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = make_broker("--max-subscriptions", "3", memory=True)
+    peer = await Peer.open(broker.url, broker.token("1"))
+    for pattern in ["a", "b/+", "c/#"]:
+        assert (await peer.request("sub", topic=pattern))["op"] == "ok"
+    refused = await peer.request("sub", topic="d")
+    assert refused["op"] == "error" and refused["code"] == "forbidden", refused
+    # Subscribing again to a pattern the connection has replaces it: still fine at the cap.
+    assert (await peer.request("sub", topic="b/+"))["op"] == "ok"
+    assert (await peer.request("sub", topic="a", last=5))["op"] == "ok"
+    # The refused one really is absent and the others work.
+    pub = await Peer.open(broker.url, broker.token("2"))
+    for topic in ["d", "a", "b/x", "c/y/z"]:
+        await pub.request("pub", topic=topic, data=topic)
+    assert [(await peer.recv())["data"] for _ in range(3)] == ["a", "b/x", "c/y/z"]
+    await peer.expect_nothing()
+    # Dropping one frees a place.
+    assert (await peer.request("unsub", topic="a"))["op"] == "ok"
+    assert (await peer.request("sub", topic="d"))["op"] == "ok"
+    assert (await peer.request("sub", topic="e"))["code"] == "forbidden"
+    # The cap is per connection.
+    other = await Peer.open(broker.url, broker.token("1"))
+    for pattern in ["x", "y", "z"]:
+        assert (await other.request("sub", topic=pattern))["op"] == "ok"

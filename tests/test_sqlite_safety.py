@@ -1,4 +1,4 @@
-"""The SQLite store's own safety (issue 13, row 9), against real broker processes: one
+"""The SQLite store's own safety, against real broker processes: one
 broker per data directory, a full disk answered ``unavailable`` and logged once per
 episode, foreign or corrupt files refused at start, a database deleted under a running
 broker noticed before anything more is acknowledged.

@@ -1,4 +1,6 @@
-"""The CLI defects of issue 16, each against a real broker where one is involved."""
+"""What the CLI says when something is off (a bad option, an unreachable or refusing
+broker, a terminal where a pipe was expected): one clear line and a documented exit code,
+each against a real broker where one is involved."""
 
 from __future__ import annotations
 
