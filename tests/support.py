@@ -143,6 +143,10 @@ class BrokerProcess:
             self.proc.wait()
             raise
 
+    def close(self) -> None:
+        """Teardown: ``kill -9``, nothing to wait for."""
+        self.kill()
+
     def kill(self) -> None:
         """``kill -9``: no cleanup of any kind."""
         if self.proc is not None and self.proc.poll() is None:

@@ -17,9 +17,6 @@ from .support import (
     refusal,
 )
 
-AUD = "broker-tests"
-ISS = "https://issuer.example"
-
 
 async def test_max_connections(make_broker) -> None:  # type: ignore[no-untyped-def]
     broker = make_broker("--max-connections", "3", memory=True)

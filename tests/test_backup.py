@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .support import ROOT, BrokerProcess, Peer, isolated_env
+
+# Each test runs `broker backup` and `broker serve` processes.
+pytestmark = pytest.mark.slow
 
 
 def backup(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

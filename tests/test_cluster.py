@@ -23,7 +23,8 @@ from broker.store.redis.store import Draft, decode_member, encode_tail
 
 from .support import BrokerProcess, Peer, RedisServer, async_wait_for
 
-pytestmark = pytest.mark.redis
+# Every test runs `broker serve --redis` nodes as processes.
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 class Node(BrokerProcess):

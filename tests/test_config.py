@@ -285,6 +285,7 @@ def broker_script() -> Path:
     return script
 
 
+@pytest.mark.slow
 def test_bash_completion_script_and_completions(tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     source = subprocess.run(
@@ -330,6 +331,7 @@ def test_bash_completion_script_and_completions(tmp_path: Path) -> None:
     assert "plain,--max-queue" in options.stdout.splitlines()
 
 
+@pytest.mark.process
 def test_no_banner_when_stderr_is_not_a_terminal(broker: BrokerProcess) -> None:
     """In a pipe or a file the log is plain lines: no box-drawn banner first."""
     assert wait_for_log(broker, "listening on")
@@ -338,6 +340,7 @@ def test_no_banner_when_stderr_is_not_a_terminal(broker: BrokerProcess) -> None:
     assert log.splitlines()[0].split()[0][:4].isdigit()  # a timestamped log line first
 
 
+@pytest.mark.slow
 def test_root_has_no_top_level_cli_package() -> None:
     """cli/ installs as broker.cli: importing a top-level `cli` must not find ours."""
     found = subprocess.run(

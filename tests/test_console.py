@@ -29,6 +29,8 @@ from broker.core.auth import mint_token
 
 from .support import ROOT, BrokerProcess, Peer, free_port
 
+pytestmark = pytest.mark.process
+
 try:
     from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 except ImportError:  # pragma: no cover - depends on the machine

@@ -19,24 +19,20 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from broker.errors import ERROR_CODES
 
+from .harness import Broker, BrokerThread
 from .support import (
     SECRET_B,
-    BrokerProcess,
     Peer,
     forge,
     http_get,
-    started,
 )
-
-AUD = "broker-tests"
-ISS = "https://issuer.example"
 
 
 @pytest.fixture(scope="module")
-def fuzz_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    proc = started(tmp_path_factory.mktemp("fuzz"), "--history", "50", memory=True)
-    yield proc
-    proc.kill()
+def fuzz_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
+    server = BrokerThread(tmp_path_factory.mktemp("fuzz"), "--history", "50", memory=True).start()
+    yield server
+    server.close()
 
 
 OPS = ["auth", "sub", "unsub", "pub", "presence", "stats"]
@@ -178,7 +174,7 @@ def wire(kind: str, value: Any) -> str | bytes:
 
 
 async def fuzz_one(
-    broker: BrokerProcess, frames: list[tuple[str, Any]], junk: bytes, header_token: Any = None
+    broker: Broker, frames: list[tuple[str, Any]], junk: bytes, header_token: Any = None
 ) -> None:
     # 1. An authenticated connection gets every frame, then a sentinel request.
     ws = await connect(
@@ -258,7 +254,7 @@ async def fuzz_one(
 
 
 @pytest.mark.slow
-def test_fuzz_random_frames_then_round_trip(fuzz_broker: BrokerProcess) -> None:
+def test_fuzz_random_frames_then_round_trip(fuzz_broker: BrokerThread) -> None:
     @settings(
         max_examples=150,
         deadline=None,
@@ -272,9 +268,7 @@ def test_fuzz_random_frames_then_round_trip(fuzz_broker: BrokerProcess) -> None:
     @given(frames=frames_st, junk=st.binary(max_size=200), header_token=tokens)
     def fuzz(frames: list[tuple[str, Any]], junk: bytes, header_token: Any) -> None:
         asyncio.run(fuzz_one(fuzz_broker, frames, junk, header_token))
-        assert fuzz_broker.proc is not None and fuzz_broker.proc.poll() is None, fuzz_broker.log()[
-            -3000:
-        ]
+        assert fuzz_broker.running, fuzz_broker.log()[-3000:]
 
     fuzz()
 
@@ -292,7 +286,7 @@ def test_fuzz_random_frames_then_round_trip(fuzz_broker: BrokerProcess) -> None:
         )
 
     asyncio.run(round_trip())
-    assert fuzz_broker.proc is not None and fuzz_broker.proc.poll() is None
+    assert fuzz_broker.running
     assert http_get(fuzz_broker.http_url + "/healthz") == (200, b"ok")
     log = fuzz_broker.log()
     assert "Traceback" not in log and "internal error" not in log, log[-5000:]

@@ -35,6 +35,8 @@ from websockets.typing import Origin
 from .support import ROOT, BrokerProcess, Peer, free_port
 from .test_console import CHROMIUM, async_playwright, run
 
+pytestmark = pytest.mark.process
+
 if async_playwright is not None:
     from playwright.async_api import Browser, Page, expect
 

@@ -28,9 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
+from .harness import Broker
 from .support import ROOT, SECRET, BrokerProcess, Peer, free_port, isolated_env
 
-BrokerFactory = Callable[..., BrokerProcess]
+BrokerFactory = Callable[..., Broker]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 HANDSHAKE = (
@@ -39,7 +40,7 @@ HANDSHAKE = (
 )
 
 
-def metrics(broker: BrokerProcess) -> Samples:
+def metrics(broker: Broker) -> Samples:
     with urllib.request.urlopen(broker.http_url + "/metrics", timeout=10) as response:
         text = response.read().decode()
     samples: Samples = {}
@@ -49,11 +50,11 @@ def metrics(broker: BrokerProcess) -> Samples:
     return samples
 
 
-def limit_hits(broker: BrokerProcess, limit: str) -> float:
+def limit_hits(broker: Broker, limit: str) -> float:
     return metrics(broker)[("broker_limit_hits_total", frozenset({("limit", limit)}))]
 
 
-def log_events(broker: BrokerProcess, event: str) -> list[dict[str, Any]]:
+def log_events(broker: Broker, event: str) -> list[dict[str, Any]]:
     entries = []
     for line in broker.log().splitlines():
         if line.startswith("{"):
@@ -99,6 +100,7 @@ def close_all(writers: list[asyncio.StreamWriter]) -> None:
 # -- sockets, unauthenticated connections ------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_idle_sockets_do_not_lock_clients_out(tmp_path: Path) -> None:
     """400 idle sockets at a 256-descriptor limit: the broker keeps serving, the soft
     limit was raised to the hard one, the limit is counted and logged once."""
@@ -124,7 +126,7 @@ async def test_idle_sockets_do_not_lock_clients_out(tmp_path: Path) -> None:
         assert limit_hits(broker, "unauthenticated") > 300
         close_all(idle)
         await peer.close()
-        assert broker.stop() == 0
+        assert await asyncio.to_thread(broker.stop) == 0
         reached = log_events(broker, "limit_reached")
         assert [e["limit"] for e in reached] == ["unauthenticated"], reached
         [summary] = [e for e in log_events(broker, "repeated") if e["key"] == "unauthenticated"]
@@ -199,6 +201,7 @@ async def test_a_burst_of_honest_handshakes_from_one_address_gets_in(
     close_all([writer for _, writer in streams])
 
 
+@pytest.mark.slow
 async def test_authentication_deadline_counts_from_accept(make_broker: BrokerFactory) -> None:
     """With --auth-timeout 2, a client that sends its request after 1.5 s and never
     authenticates is dropped 2 s after accept, not 2 s after its request."""
@@ -246,7 +249,7 @@ async def test_subscriptions_are_capped_by_default(make_broker: BrokerFactory) -
     while metrics(broker)[("broker_topics", frozenset())] != 0:
         assert time.monotonic() < deadline, "the closed connection's topics are still counted"
         await asyncio.sleep(0.05)
-    assert broker.stop() == 0
+    assert await asyncio.to_thread(broker.stop) == 0
     reached = [e for e in log_events(broker, "limit_reached") if e["limit"] == "subscriptions"]
     assert len(reached) == 1
 
@@ -283,7 +286,7 @@ async def test_huge_non_ascii_alg_is_refused_cleanly_and_logged_briefly(
     with pytest.raises(InvalidStatus) as refused:
         await connect(broker.url, additional_headers={"Authorization": f"Bearer {header}"})
     assert refused.value.response.status_code == 401
-    assert broker.stop() == 0
+    assert await asyncio.to_thread(broker.stop) == 0
     log = broker.log()
     assert "Traceback" not in log
     assert len(log.encode()) < 32 * 1024, len(log.encode())
@@ -298,7 +301,7 @@ async def test_huge_non_ascii_alg_is_refused_cleanly_and_logged_briefly(
 # -- odd values ----------------------------------------------------------------------------------
 
 
-async def test_exp_beyond_a_float_is_unauthorized(broker: BrokerProcess) -> None:
+async def test_exp_beyond_a_float_is_unauthorized(broker: Broker) -> None:
     token = jwt.encode({"sub": "u", "exp": 10**400}, SECRET, algorithm="HS256")
     with pytest.raises(InvalidStatus) as refused:
         await connect(broker.url, additional_headers={"Authorization": f"Bearer {token}"})
@@ -309,7 +312,7 @@ async def test_exp_beyond_a_float_is_unauthorized(broker: BrokerProcess) -> None
     assert error["code"] == "unauthorized" and "exp" in error["message"]
 
 
-async def test_counts_beyond_int64_are_bad_request(broker: BrokerProcess) -> None:
+async def test_counts_beyond_int64_are_bad_request(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("u"))
     for field in ("last", "since"):
         for value in (2**63, 2**64 - 1):
@@ -318,7 +321,7 @@ async def test_counts_beyond_int64_are_bad_request(broker: BrokerProcess) -> Non
     assert (await peer.request("sub", topic="t", since=2**63 - 1))["op"] == "ok"
 
 
-async def test_integers_beyond_64_bits_are_refused_not_rounded(broker: BrokerProcess) -> None:
+async def test_integers_beyond_64_bits_are_refused_not_rounded(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("u"))
     await peer.request("sub", topic="n")
     for big in (2**64, -(2**63) - 1, 10**30):
@@ -337,7 +340,7 @@ async def test_integers_beyond_64_bits_are_refused_not_rounded(broker: BrokerPro
     assert (await peer.request("pub", topic="x", data="1" * 40))["op"] == "ok"
 
 
-async def test_presence_name_follows_a_refresh(broker: BrokerProcess) -> None:
+async def test_presence_name_follows_a_refresh(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("u1", "Old Name"))
     assert (await peer.request("sub", topic="room"))["op"] == "ok"
     refreshed = await peer.request("auth", token=broker.token("u1", "New Name"))
@@ -346,6 +349,7 @@ async def test_presence_name_follows_a_refresh(broker: BrokerProcess) -> None:
     assert [(u["id"], u["name"]) for u in users] == [("u1", "New Name")]
 
 
+@pytest.mark.slow
 def test_port_0_logs_the_port_it_got(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "broker.cli", "serve", "--port", "0", "--memory"]
     cmd += ["--secret", SECRET, "--log-format", "json"]
@@ -383,6 +387,7 @@ def test_port_0_logs_the_port_it_got(tmp_path: Path) -> None:
         (["token", "--id", "u", "--ttl", "inf"], "not a finite duration"),
     ],
 )
+@pytest.mark.slow
 def test_bad_values_are_refused_at_start_with_one_clear_line(
     tmp_path: Path, args: list[str], expected: str
 ) -> None:
@@ -409,6 +414,7 @@ def test_bad_values_are_refused_at_start_with_one_clear_line(
 # -- rate limit and subscription caps ------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_rate_limit_bucket_refills(make_broker) -> None:  # type: ignore[no-untyped-def]
     broker = make_broker("--rate-limit", "5", memory=True)
     peer = await Peer.open(broker.url, broker.token("1"))

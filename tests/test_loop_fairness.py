@@ -14,9 +14,12 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-from .support import BrokerProcess, Peer, overlapping_patterns
+import pytest
 
-BrokerFactory = Callable[..., BrokerProcess]
+from .harness import Broker
+from .support import Peer, overlapping_patterns
+
+BrokerFactory = Callable[..., Broker]
 
 
 # -- real brokers ------------------------------------------------------------------------
@@ -101,6 +104,7 @@ async def test_publishes_against_overlapping_patterns_keep_the_loop_free(
     await attacker.expect_nothing(0.2)
 
 
+@pytest.mark.slow
 async def test_replay_to_a_connection_with_many_subscriptions_keeps_the_loop_free(
     make_broker: BrokerFactory,
 ) -> None:

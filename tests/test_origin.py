@@ -15,9 +15,6 @@ from .support import (
     refusal,
 )
 
-AUD = "broker-tests"
-ISS = "https://issuer.example"
-
 
 async def test_allowed_origins(make_broker) -> None:  # type: ignore[no-untyped-def]
     broker = make_broker(

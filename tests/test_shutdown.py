@@ -23,8 +23,7 @@ from .support import (
     http_get,
 )
 
-AUD = "broker-tests"
-ISS = "https://issuer.example"
+pytestmark = pytest.mark.process
 
 
 async def test_graceful_shutdown(make_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

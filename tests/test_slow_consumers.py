@@ -15,6 +15,7 @@ from typing import Any, Self
 
 import orjson
 import psutil
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -22,9 +23,6 @@ from .support import (
     Peer,
     RawClient,
 )
-
-AUD = "broker-tests"
-ISS = "https://issuer.example"
 
 
 class RssMonitor:
@@ -55,6 +53,7 @@ class RssMonitor:
         self._thread.join()
 
 
+@pytest.mark.process
 async def test_slow_consumers_are_closed_and_others_keep_pace(make_broker) -> None:  # type: ignore[no-untyped-def]
     """Ten raw clients that never read; 30 MB published in 30 KB messages, acked."""
     broker = make_broker("--history", "20", memory=True)  # --max-queue: the 1 MiB default

@@ -23,6 +23,8 @@ from broker.store.sqlite import MAX_PAGES_ENV
 
 from .support import BrokerProcess, Peer, isolated_env
 
+pytestmark = pytest.mark.process
+
 
 def run_second(first: BrokerProcess, home: Path) -> subprocess.CompletedProcess[str]:
     """Run another broker on ``first``'s data directory until it exits (bounded)."""

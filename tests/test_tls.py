@@ -20,10 +20,8 @@ from .support import (
     self_signed_cert,
 )
 
-AUD = "broker-tests"
-ISS = "https://issuer.example"
 
-
+@pytest.mark.slow
 async def test_wss_end_to_end(make_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cert, key = self_signed_cert(tmp_path)
     broker = make_broker("--tls-cert", str(cert), "--tls-key", str(key), memory=True)

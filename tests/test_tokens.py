@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 
+from .harness import Broker, BrokerThread
 from .support import (
     ROOT,
     SECRET,
-    BrokerProcess,
     Peer,
     alg_none,
     b64,
@@ -35,7 +35,6 @@ from .support import (
     isolated_env,
     refusal,
     segment,
-    started,
 )
 
 AUD = "broker-tests"
@@ -47,7 +46,8 @@ def short_token(user: str = "1", seconds: int = 2, **claims: Any) -> tuple[str, 
     return jwt.encode({"sub": user, "exp": exp, **claims}, SECRET, algorithm="HS256"), exp
 
 
-async def test_token_expiry_closes_4003(broker: BrokerProcess) -> None:
+@pytest.mark.slow
+async def test_token_expiry_closes_4003(broker: Broker) -> None:
     frame_token, exp = short_token("1")
     by_frame = await Peer.open(broker.url, frame_token)
     by_header = await Peer.open_with_header(broker.url, frame_token)
@@ -61,7 +61,8 @@ async def test_token_expiry_closes_4003(broker: BrokerProcess) -> None:
     assert time.time() >= exp - 0.05
 
 
-async def test_token_refresh_keeps_the_connection(broker: BrokerProcess) -> None:
+@pytest.mark.slow
+async def test_token_refresh_keeps_the_connection(broker: Broker) -> None:
     token, exp = short_token("1", name="Old")
     with_id = await Peer.open(broker.url, token)
     without_id = await Peer.open_with_header(broker.url, token)
@@ -113,7 +114,7 @@ async def test_token_refresh_keeps_the_connection(broker: BrokerProcess) -> None
     ids=["other-user", "garbage", "bad-signature", "expired", "not-yet-valid", "alg-none"],
 )
 async def test_bad_refresh_closes_4001(
-    broker: BrokerProcess, make_token: Callable[[], str], reason: str
+    broker: Broker, make_token: Callable[[], str], reason: str
 ) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     assert (await peer.request("sub", topic="t"))["op"] == "ok"
@@ -126,7 +127,7 @@ async def test_bad_refresh_closes_4001(
     assert code == 4001
 
 
-async def test_refresh_drops_subscriptions_the_new_acl_forbids(broker: BrokerProcess) -> None:
+async def test_refresh_drops_subscriptions_the_new_acl_forbids(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     for pattern in ["news", "scores/uk", "scores/+", "user/1"]:
         assert (await peer.request("sub", topic=pattern))["op"] == "ok"
@@ -147,7 +148,7 @@ async def test_refresh_drops_subscriptions_the_new_acl_forbids(broker: BrokerPro
     assert (await peer.request("pub", topic="scores/uk", data=1))["code"] == "forbidden"
 
 
-async def test_close_code_survives_frames_in_flight_4001(broker: BrokerProcess) -> None:
+async def test_close_code_survives_frames_in_flight_4001(broker: Broker) -> None:
     """A bad refresh followed at once by another frame: still error + 4001, every time."""
     codes = []
     for _ in range(12):
@@ -161,7 +162,8 @@ async def test_close_code_survives_frames_in_flight_4001(broker: BrokerProcess) 
     assert codes == [4001] * 12, codes
 
 
-async def test_close_code_survives_frames_in_flight_4003(broker: BrokerProcess) -> None:
+@pytest.mark.slow
+async def test_close_code_survives_frames_in_flight_4003(broker: Broker) -> None:
     """Connections that keep sending when their token expires still get 4003."""
     base = time.time() + 1.5
 
@@ -306,6 +308,7 @@ async def test_asymmetric_keys_end_to_end(make_broker, tmp_path: Path, algorithm
     assert (await alice.request("sub", topic="after"))["op"] == "ok"
 
 
+@pytest.mark.slow
 def test_cli_token_signs_with_private_key(tmp_path: Path) -> None:
     key, public = rsa_keypair(tmp_path)
     private = tmp_path / "rsa.key.pem"
@@ -335,19 +338,12 @@ def test_cli_token_signs_with_private_key(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def strict_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+def strict_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
     """HS256 with --audience, --issuer and --require-exp."""
-    proc = started(
-        tmp_path_factory.mktemp("strict"),
-        "--audience",
-        AUD,
-        "--issuer",
-        ISS,
-        "--require-exp",
-        memory=True,
-    )
-    yield proc
-    proc.kill()
+    home = tmp_path_factory.mktemp("strict")
+    server = BrokerThread(home, "--audience", AUD, "--issuer", ISS, "--require-exp", memory=True)
+    yield server.start()
+    server.close()
 
 
 def claims(**over: Any) -> dict[str, Any]:
@@ -570,7 +566,7 @@ FORGERIES: list[Any] = [
 ]
 
 
-async def test_strict_broker_accepts_a_valid_token(strict_broker: BrokerProcess) -> None:
+async def test_strict_broker_accepts_a_valid_token(strict_broker: Broker) -> None:
     """The control for the forgeries below: the same broker lets a correct token in."""
     peer = await Peer.open_with_header(strict_broker.url, valid())
     assert (await peer.recv())["user"] == {"id": "mallory", "name": "M"}
@@ -580,7 +576,7 @@ async def test_strict_broker_accepts_a_valid_token(strict_broker: BrokerProcess)
 
 @pytest.mark.parametrize(("make_token", "reason"), FORGERIES)
 async def test_forged_token_in_header_is_401(
-    strict_broker: BrokerProcess, make_token: Callable[[], str], reason: str
+    strict_broker: Broker, make_token: Callable[[], str], reason: str
 ) -> None:
     status, body = await refusal(strict_broker.url, {"Authorization": f"Bearer {make_token()}"})
     assert status == 401
@@ -590,7 +586,7 @@ async def test_forged_token_in_header_is_401(
 
 @pytest.mark.parametrize(("make_token", "reason"), FORGERIES)
 async def test_forged_token_in_first_frame_is_4001(
-    strict_broker: BrokerProcess, make_token: Callable[[], str], reason: str
+    strict_broker: Broker, make_token: Callable[[], str], reason: str
 ) -> None:
     peer = await Peer.open(strict_broker.url)
     await peer.send({"op": "auth", "token": make_token(), "id": "forged"})
@@ -604,7 +600,7 @@ async def test_forged_token_in_first_frame_is_4001(
     assert code == 4001
 
 
-async def test_oversized_tokens(strict_broker: BrokerProcess) -> None:
+async def test_oversized_tokens(strict_broker: Broker) -> None:
     """Tokens beyond what the handshake or a frame may carry are refused, never let in."""
     huge = forge({"alg": "HS256"}, claims(pad="p" * 100_000))
     status, _ = await refusal(strict_broker.url, {"Authorization": f"Bearer {huge}"})
@@ -641,7 +637,7 @@ async def test_oversized_tokens(strict_broker: BrokerProcess) -> None:
     ids=["valid-then-forged", "forged-then-valid"],
 )
 async def test_duplicate_authorization_headers_are_401(
-    strict_broker: BrokerProcess, headers: Callable[[], Headers], status: int
+    strict_broker: Broker, headers: Callable[[], Headers], status: int
 ) -> None:
     got, body = await refusal(strict_broker.url, headers())
     assert (got, "\n" in body.strip()) == (status, False), (got, body)
