@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -479,10 +480,6 @@ class RawClient:
         self.sock.close()
 
 
-def started(home: Path, *args: str, **kw: Any) -> BrokerProcess:
-    return BrokerProcess(home, *args, **kw).start()
-
-
 def overlapping_patterns(depth: int) -> list[str]:
     """Every pattern of ``depth`` levels, each level ``a`` or ``+``: 2**depth of them,
     all matching ``a/a/.../a``."""
@@ -490,3 +487,36 @@ def overlapping_patterns(depth: int) -> list[str]:
         "/".join("+" if bits >> level & 1 else "a" for level in range(depth))
         for bits in range(2**depth)
     ]
+
+
+# -- what a broker reports: /metrics samples, JSON log events -----------------------------
+
+#: Prometheus samples by (name, labels).
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metrics(broker: Any) -> Samples:
+    """The samples of ``broker``'s /metrics (a BrokerThread or a BrokerProcess)."""
+    with urllib.request.urlopen(broker.http_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def limit_hits(broker: Any, limit: str) -> float:
+    """How often ``limit`` was reached, from the broker's /metrics."""
+    return metrics(broker)[("broker_limit_hits_total", frozenset({("limit", limit)}))]
+
+
+def log_events(broker: Any, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``broker`` (``--log-format json``) whose event is ``event``."""
+    entries = []
+    for line in broker.log().splitlines():
+        if line.startswith("{"):
+            entry = orjson.loads(line)
+            if entry.get("event") == event:
+                entries.append(entry)
+    return entries
