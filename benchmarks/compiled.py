@@ -42,9 +42,12 @@ HOT = [
     "broker/server/metrics.py",
     "broker/server/session.py",
     "broker/store/dedupe.py",
-    "broker/store/log.py",
     "broker/store/memory.py",
-    "broker/store/sqlite.py",
+    "broker/store/sqlite/commitlog.py",
+    "broker/store/sqlite/database.py",
+    "broker/store/sqlite/files.py",
+    "broker/store/sqlite/store.py",
+    "broker/store/sqlite/syncer.py",
 ]
 
 

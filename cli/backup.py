@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 
 from broker.errors import ConfigError
-from broker.server.config import DirPath, data_dir, load_settings
+from broker.local import data_dir
+from broker.server.config_load import load_settings
+from broker.server.kinds import DirPath
 from broker.store.backup import STORE_FILE_NAME, backup_sqlite
 
 from .serve import SettingType

@@ -195,7 +195,7 @@ def bench(
             return run(cfg, lambda done, total: bar.update(task, completed=done))
 
     if url:
-        from broker.server.config import read_local_secret
+        from broker.local import read_local_secret
 
         key = secret or read_local_secret()
         if not key:

@@ -18,7 +18,7 @@ from broker.errors import (
     BadRequest,
     BrokerError,
 )
-from broker.server.config import DEFAULT_URL, read_local_secret, secret_path
+from broker.local import DEFAULT_URL, read_local_secret, secret_path
 
 from .errors import (
     EXIT_CODES_HELP,

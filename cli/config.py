@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from broker.server.config import default_config_file, starter_file
+from broker.local import default_config_file
+from broker.server.config_docs import starter_file
 
 
 @click.group("config")

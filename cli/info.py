@@ -14,6 +14,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from broker.client import Client
+from broker.errors import Forbidden
+
 from .common import connection_options, make_client, on_error, with_help
 from .errors import (
     run,
@@ -72,13 +75,29 @@ def presence_command(
     console.print(table)
 
 
+#: What to do about a token without ``admin``, said where ``stats`` refuses one.
+GET_ADMIN = (
+    "mint one on the broker's machine with `broker token --id ops --admin` and pass it "
+    "with --token or BROKER_TOKEN"
+)
+
+
+async def admin_stats(client: Client) -> dict[str, Any]:
+    """``client.stats()``; a refusal for want of ``admin`` says how to get such a token."""
+    try:
+        return await client.stats()
+    except Forbidden as exc:
+        raise Forbidden(f"{exc.message}; {GET_ADMIN}") from None
+
+
 @click.command(
     "stats",
     short_help="Broker figures; --watch for a live table (admin).",
     help=with_help(
         """Show the broker's figures: connections, topics, subscriptions, messages.
 
-    Needs an admin token (`broker token --admin`). --watch keeps a live table,
+    Needs an admin token: `broker token --id ops --admin` on the broker's machine
+    mints one; pass it with --token or BROKER_TOKEN. --watch keeps a live table,
     with per-second rates of the counters, until Ctrl-C.
 
     \b
@@ -123,7 +142,7 @@ def stats_command(
 
     async def once() -> None:
         async with client:
-            figures = await client.stats()
+            figures = await admin_stats(client)
         if as_json:
             click.echo(orjson.dumps(figures).decode())
         else:
@@ -137,7 +156,7 @@ def stats_command(
             live = None if as_json else Live(console=console, auto_refresh=False)
             with live if live is not None else contextlib.nullcontext():
                 while True:
-                    figures = await client.stats()
+                    figures = await admin_stats(client)
                     now = time.monotonic()
                     flat = flatten(figures)
                     if live is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from broker.server.config import parse_duration, parse_size
+from broker.core.units import parse_duration, parse_size
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]

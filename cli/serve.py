@@ -7,6 +7,7 @@ option per setting, whose value, when given, wins over the environment and the f
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -20,18 +21,16 @@ if TYPE_CHECKING:
     from broker.server.app import BrokerServer
 
 from broker.errors import ConfigError
-from broker.server.config import (
-    SETTINGS,
-    Effective,
-    Kind,
-    Setting,
+from broker.local import (
     default_config_file,
-    describe,
     ensure_local_secret,
-    load_settings,
     read_local_secret,
     secret_path,
+    short_secret,
 )
+from broker.server.config import SETTINGS, Setting
+from broker.server.config_load import Effective, describe, load_settings
+from broker.server.kinds import Kind
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,7 +47,6 @@ def banner(server: BrokerServer) -> None:
     if not console.is_terminal:
         return  # a pipe or journald: the 'listening' log line says it in one line
     config = server.config
-    http = config.url.removesuffix("/ws").replace("ws", "http", 1)
     if config.algorithm.startswith("HS"):
         keys = (
             "the secret setting (--secret, BROKER_SECRET or the file)"
@@ -59,7 +57,7 @@ def banner(server: BrokerServer) -> None:
         keys = f"{config.algorithm} public key {config.public_key}"
     lines = [
         f"[bold]broker {__version__}[/bold] listening on [cyan]{config.url}[/cyan]",
-        f"console  [cyan]{http}/[/cyan]   also /healthz, /metrics",
+        f"console  [cyan]{config.console_url}[/cyan]   also /healthz, /metrics",
         f"store    {store_label(server.store)}",
         f"history  epoch {server.store.epoch}, last seq {server.store.last_seq}",
         f"tokens   {config.algorithm}, key from {keys}",
@@ -90,7 +88,8 @@ class SettingType(click.ParamType):  # type: ignore[type-arg]
 def _help(row: Setting) -> str:
     shown = row.show(row.default) if row.default not in (None, []) else ""
     default = f"default: {shown.strip(chr(34))}; " if shown else ""
-    return f"{row.help} [{default}env {row.env}]"
+    bounds = row.kind.bounds()
+    return f"{row.help} [{default}{bounds + '; ' if bounds else ''}env {row.env}]"
 
 
 def setting_options(func: F) -> F:
@@ -196,9 +195,18 @@ def _run(effective: Effective) -> None:
     from broker.server.logs import setup_logging
 
     config = effective.config
+    too_short = None
     if config.algorithm.startswith("HS"):
         config.secret = config.secret or ensure_local_secret()
+        too_short = short_secret(config.secret)
     setup_logging(config.log_level, config.log_format)
+    if too_short:  # the same warning as `broker token`, in the log of the broker it weakens
+        logging.getLogger("broker.server").warning(
+            "%s (secret from %s)",
+            too_short,
+            effective.sources["secret"],
+            extra={"event": "weak_secret"},
+        )
     try:
         import uvloop
 

@@ -19,7 +19,7 @@ from broker.errors import (
     BadRequest,
     Unauthorized,
 )
-from broker.server.config import secret_path
+from broker.local import secret_path, short_secret
 
 from .common import human_duration, local_user, resolve_secret, warn, with_help
 from .errors import (
@@ -149,8 +149,9 @@ def token_command(
     if private_key or public_key:
         raise click.UsageError(f"{algorithm} signs with a secret, not a key file")
     key = resolve_secret(secret)
-    if key is not None and len(key.encode()) < 32 and decode is None:
-        warn(f"the secret is only {len(key.encode())} bytes long; 32 or more are recommended")
+    too_short = short_secret(key) if key is not None and decode is None else None
+    if too_short:
+        warn(too_short)
     if key is None:
         raise CommandError(
             f"no secret: pass --secret, set BROKER_SECRET, or run `broker serve` once on this "

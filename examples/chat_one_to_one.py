@@ -16,7 +16,7 @@ import os
 
 from broker.client import Client
 from broker.core.auth import mint_token
-from broker.server.config import DEFAULT_URL, read_local_secret
+from broker.local import DEFAULT_URL, read_local_secret
 
 
 async def main(url: str, secret: str) -> None:

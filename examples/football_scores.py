@@ -15,7 +15,7 @@ import os
 
 from broker.client import Client
 from broker.core.auth import mint_token
-from broker.server.config import DEFAULT_URL, read_local_secret
+from broker.local import DEFAULT_URL, read_local_secret
 
 GOALS = [
     ("scores/football/ars-che", {"home": 1, "away": 0, "minute": 12}),

@@ -15,7 +15,7 @@ import os
 
 from broker.client import Client, Message
 from broker.core.auth import mint_token
-from broker.server.config import DEFAULT_URL, read_local_secret
+from broker.local import DEFAULT_URL, read_local_secret
 
 CHANNEL = "chat/lobby"
 USERS = ["ann", "ben", "cat"]

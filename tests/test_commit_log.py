@@ -14,8 +14,8 @@ import pytest
 from broker.core.model import Draft, Message
 from broker.errors import Unavailable
 from broker.store.dedupe import Duplicate
-from broker.store.log import Batch, CommitLog, decode, encode, read_segment
 from broker.store.sqlite import SqliteStore
+from broker.store.sqlite.commitlog import Batch, CommitLog, decode, encode, read_segment
 
 
 def draft(topic: str, n: int, key: str | None = None) -> Draft:
@@ -98,11 +98,11 @@ async def test_a_broker_killed_before_the_apply_loses_nothing(tmp_path: Path) ->
     made = store.append_now([draft("a", 1), draft("a", 2, key="k1")])
     assert made is not None
     # As after kill -9: SQLite never got the batch; the log segment is all there is.
-    assert store._log is not None
-    store._log.close()
+    assert store._syncer.log is not None
+    store._syncer.log.close()
     assert segments(tmp_path)
     again = SqliteStore(tmp_path / "broker.sqlite3", history=100)
-    store._unlock_directory()  # the killed process's lock would die with it
+    store._lock.release()  # the killed process's lock would die with it
     await again.open()
     try:
         replay = await again.read_since("a", 0, 10)
@@ -124,7 +124,7 @@ async def test_keys_are_found_in_the_log_and_after_the_apply(tmp_path: Path) -> 
         in_tail = store.append_now([draft("a", 1, key="k")])
         assert in_tail is not None and type(in_tail[0]) is Duplicate
         await store.read_since("a", 0, 1)  # applies the log
-        assert store._applied_seq == 1
+        assert store._syncer.applied_seq == 1
         in_db = store.append_now([draft("a", 1, key="k")])
         assert in_db is not None and type(in_db[0]) is Duplicate and in_db[0].seqs == (1,)
     finally:
@@ -144,7 +144,7 @@ async def test_the_fsync_thread_applies_and_removes_the_log(tmp_path: Path) -> N
         deadline = time.monotonic() + 10
         while not applied() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert applied() and store._applied_seq == 1
+        assert applied() and store._syncer.applied_seq == 1
         with sqlite3.connect(tmp_path / "broker.sqlite3") as db:
             assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
     finally:
@@ -155,7 +155,7 @@ async def test_a_failed_log_write_acknowledges_nothing(tmp_path: Path) -> None:
     store = await open_store(tmp_path)
     try:
         assert store.append_now([draft("a", 1)]) is not None
-        log = store._log
+        log = store._syncer.log
         assert log is not None and log._fd is not None
         os.close(log._fd)  # every write now fails, as on a broken disk
         log._fd = os.open(os.devnull, os.O_RDONLY)
@@ -164,7 +164,7 @@ async def test_a_failed_log_write_acknowledges_nothing(tmp_path: Path) -> None:
         assert store.last_seq == 1
     finally:
         store._failure = None
-        log = store._log
+        log = store._syncer.log
         if log is not None and log._fd is not None:
             os.close(log._fd)
             log._fd = None
@@ -214,9 +214,9 @@ async def test_a_large_tail_is_applied_before_the_interval(tmp_path: Path, fsync
         for _ in range(20):  # 1.3 MB: past the size that wakes the fsync thread early
             await store.append([Draft("a", big, "u", "U", int(time.time() * 1000))])
         deadline = time.monotonic() + 10
-        while store._applied_seq < 17 and time.monotonic() < deadline:
+        while store._syncer.applied_seq < 17 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert store._applied_seq >= 17  # applied long before the one-hour interval
+        assert store._syncer.applied_seq >= 17  # applied long before the one-hour interval
     finally:
         await store.close()
 

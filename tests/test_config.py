@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from websockets.exceptions import ConnectionClosed
 
 from broker.cli.main import cli
-from broker.server.config import SETTINGS, ServerConfig, settings_markdown, starter_file
+from broker.server.config import SETTINGS, ServerConfig
+from broker.server.config_docs import settings_markdown, starter_file
 
 from .support import ROOT, SECRET, BrokerProcess, Peer, free_port, isolated_env
 
@@ -355,7 +356,7 @@ def test_root_has_no_top_level_cli_package() -> None:
 
 def test_the_settings_table_in_the_docs_is_the_table() -> None:
     """docs/operations.md shows exactly the settings table (regenerate it when this fails:
-    python -c 'from broker.server.config import settings_markdown; print(settings_markdown())')."""
+    python -c 'from broker.server.config_docs import settings_markdown as m; print(m())')."""
     docs = (ROOT / "docs" / "operations.md").read_text()
     match = re.search(r"<!-- settings-table:[^\n]*-->\n(.*?)\n<!-- /settings-table -->", docs, re.S)
     assert match is not None, "the settings table markers are missing from docs/operations.md"

@@ -164,7 +164,7 @@ async def test_interval_fsync_checkpoints_the_wal_into_the_database(make_broker)
 
 def test_fsync_interval_zero_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     broker = BrokerProcess(tmp_path, "--fsync-interval", "0")
-    with pytest.raises(RuntimeError, match="fsync_interval"):
+    with pytest.raises(RuntimeError, match="fsync.interval"):
         broker.start()
 
 

@@ -1,14 +1,17 @@
 """The layering contract, checked on the source: who may import whom, and no cycles.
 
     broker.errors            the exception tree: imports nothing of ours
-    broker.core              sans-I/O (topics, auth, protocol, model, hub): errors only
+    broker.core              sans-I/O (topics, auth, protocol, model, hub, units): errors only
+    broker.local             this machine's broker: default URL, directories, the local
+                             secret (file I/O, so not the core): core, errors
     broker.store             core, errors
-    broker.server            store, core, errors (redis only lazily, with --redis)
-    broker.client            core, errors
+    broker.server            store, local, core, errors (redis only lazily, with --redis)
+    broker.client            local, core, errors
     broker.cli (cli/)        anything
 
-Only imports that run when a module is imported count: those under ``if TYPE_CHECKING``
-and inside functions are deliberate late bindings (the Redis store, the CLI's commands).
+Module-level imports count, those under ``if TYPE_CHECKING`` included: a cycle that only
+the type checker sees is still two modules that cannot be read apart. Imports inside
+functions are deliberate late bindings (the Redis store, the CLI's commands) and do not.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ast
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -27,12 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOWED = {
     "broker.errors": set(),
     "broker.core": {"broker.errors"},
+    "broker.local": {"broker.errors", "broker.core"},
     "broker.store": {"broker.errors", "broker.core"},
-    "broker.server": {"broker.errors", "broker.core", "broker.store"},
-    "broker.client": {"broker.errors", "broker.core"},
+    "broker.server": {"broker.errors", "broker.core", "broker.local", "broker.store"},
+    "broker.client": {"broker.errors", "broker.core", "broker.local"},
     "broker.cli": {
         "broker.errors",
         "broker.core",
+        "broker.local",
         "broker.store",
         "broker.server",
         "broker.client",
@@ -55,10 +61,25 @@ IO_MODULES = {
 }
 
 
-def module_files() -> dict[str, Path]:
-    """Every module of the package, by its import name (cli/ installs as broker.cli)."""
+#: Cycles known and owned by a change in flight, each with why it is still here. Nothing else
+#: may be added: a new cycle is a design to fix, not an exception to list.
+KNOWN_CYCLES = {
+    # The Redis store builds the cluster presence from itself; building it from the Redis
+    # link instead removes this (issue 22, the redis helper's change; drop this entry then).
+    frozenset({"broker.store.redis.store", "broker.store.redis.presence"}),
+}
+
+
+def module_files(
+    roots: tuple[tuple[Path, str], ...] = (
+        (ROOT / "broker", "broker"),
+        (ROOT / "cli", "broker.cli"),
+    ),
+) -> dict[str, Path]:
+    """Every module under ``roots`` (folder, import name), by its import name (cli/
+    installs as broker.cli)."""
     found: dict[str, Path] = {}
-    for folder, prefix in ((ROOT / "broker", "broker"), (ROOT / "cli", "broker.cli")):
+    for folder, prefix in roots:
         for path in folder.rglob("*.py"):
             parts = list(path.relative_to(folder).with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -67,15 +88,9 @@ def module_files() -> dict[str, Path]:
     return found
 
 
-def _type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def eager_imports(name: str, path: Path) -> set[str]:
-    """Modules ``name`` imports when it is imported (absolute names)."""
+    """Modules ``name`` imports at module level, ``if TYPE_CHECKING`` included (absolute
+    names)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
@@ -93,7 +108,7 @@ def eager_imports(name: str, path: Path) -> set[str]:
                     mod = node.module or ""
                 out.add(mod)
                 out.update(f"{mod}.{alias.name}" for alias in node.names)
-            elif isinstance(node, ast.If) and not _type_checking(node):
+            elif isinstance(node, ast.If):
                 visit(node.body)
                 visit(node.orelse)
             elif isinstance(node, ast.Try):
@@ -116,24 +131,58 @@ def layer(module: str) -> str:
 MODULES = module_files()
 
 
-def ours(imported: str) -> str | None:
-    """The module of ours that ``imported`` names (a module, or a name in one)."""
+def ours(imported: str, modules: Mapping[str, Path] = MODULES) -> str | None:
+    """The module of ``modules`` that ``imported`` names (a module, or a name in one)."""
     while imported:
-        if imported in MODULES:
+        if imported in modules:
             return imported
         imported = imported.rpartition(".")[0]
     return None
 
 
-def graph() -> dict[str, set[str]]:
-    return {
-        name: {m for m in map(ours, eager_imports(name, path)) if m and m != name}
-        for name, path in MODULES.items()
-    }
+def graph(modules: Mapping[str, Path] = MODULES) -> dict[str, set[str]]:
+    """Module -> the modules of ``modules`` it imports."""
+    out = {}
+    for name, path in modules.items():
+        found = (ours(imported, modules) for imported in eager_imports(name, path))
+        out[name] = {m for m in found if m and m != name}
+    return out
+
+
+def import_cycles(deps: Mapping[str, set[str]]) -> list[list[str]]:
+    """The cycles of the import graph ``deps``, each as the modules along it."""
+    # Package __init__ modules re-export their children: an edge back to them is not a cycle.
+    edges = {name: {d for d in ds if not name.startswith(d + ".")} for name, ds in deps.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt) :])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    return cycles
 
 
 def test_the_layout_has_the_layers() -> None:
-    for folder in ("broker/core", "broker/store", "broker/store/redis", "broker/server", "cli"):
+    for folder in (
+        "broker/core",
+        "broker/store",
+        "broker/store/redis",
+        "broker/store/sqlite",
+        "broker/server",
+        "cli",
+    ):
         assert (ROOT / folder).is_dir(), folder
     assert {layer(m) for m in MODULES} == set(ALLOWED)
 
@@ -149,6 +198,17 @@ def test_each_layer_imports_only_the_layers_below() -> None:
     assert not wrong, "layering broken:\n" + "\n".join(sorted(wrong))
 
 
+def test_the_examples_are_client_side() -> None:
+    # What an application copies: the client, the local defaults, never the server.
+    wrong = []
+    for path in sorted((ROOT / "examples").glob("*.py")):
+        for imported in eager_imports(f"examples.{path.stem}", path):
+            mine = ours(imported)
+            if mine is not None and layer(mine) not in ALLOWED["broker.client"] | {"broker.client"}:
+                wrong.append(f"{path.name} imports {imported}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_core_does_no_io() -> None:
     wrong = []
     for name, path in MODULES.items():
@@ -160,29 +220,37 @@ def test_the_core_does_no_io() -> None:
 
 
 def test_no_import_cycles() -> None:
-    deps = graph()
-    # Package __init__ modules re-export their children: an edge back to them is not a cycle.
-    for name in deps:
-        deps[name] = {d for d in deps[name] if not name.startswith(d + ".")}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-    cycles: list[str] = []
+    cycles = [c for c in import_cycles(graph()) if frozenset(c) not in KNOWN_CYCLES]
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join([*c, c[0]]) for c in cycles)
 
-    def visit(node: str) -> None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(deps.get(node, ())):
-            if state.get(nxt) == 1:
-                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
-            elif nxt not in state:
-                visit(nxt)
-        stack.pop()
-        state[node] = 2
 
-    for node in sorted(deps):
-        if node not in state:
-            visit(node)
-    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+def test_the_known_cycles_still_exist() -> None:
+    # An exception outliving its cycle would hide the next one through the same modules.
+    found = {frozenset(c) for c in import_cycles(graph())}
+    gone = KNOWN_CYCLES - found
+    assert not gone, f"no longer a cycle, remove it from KNOWN_CYCLES: {gone}"
+
+
+def test_a_cycle_through_type_checking_imports_is_found(tmp_path: Path) -> None:
+    # The checker itself, on a small tree: a imports b only for the type checker, b imports
+    # a at run time. Python runs it; the layering test must still call it a cycle.
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text(
+        "from __future__ import annotations\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from pkg.b import B\n"
+        "class A:\n"
+        "    def b(self) -> B: ...\n"
+    )
+    (pkg / "b.py").write_text("from . import a\nclass B(a.A): ...\n")
+    (pkg / "c.py").write_text("def late() -> None:\n    from pkg import a\n")
+    modules = module_files(((pkg, "pkg"),))
+    assert set(modules) == {"pkg", "pkg.a", "pkg.b", "pkg.c"}
+    assert graph(modules)["pkg.c"] == set()  # an import inside a function is no edge
+    assert import_cycles(graph(modules)) == [["pkg.a", "pkg.b"]]
 
 
 def test_the_contract_catches_a_violation(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from broker.store.sqlite import MAX_PAGES_ENV
+from broker.server.factory import SQLITE_MAX_PAGES_ENV
 
 from .support import BrokerProcess, Peer, isolated_env
 
@@ -107,7 +107,7 @@ def test_a_corrupt_file_is_refused(tmp_path: Path) -> None:
 async def test_full_disk_is_unavailable_and_logged_once_per_episode(
     make_broker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(MAX_PAGES_ENV, "48")  # ~190 KiB of database
+    monkeypatch.setenv(SQLITE_MAX_PAGES_ENV, "48")  # ~190 KiB of database
     # The default policy acknowledges from the commit log and applies it to SQLite every
     # fsync interval: the full database is met at the next apply, and publishes are
     # refused from then on.

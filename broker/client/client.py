@@ -31,7 +31,9 @@ Requests in flight when the connection drops:
 
 Giving up. A refused token (HTTP ``401``, ``error unauthorized``, close ``4001``) and an
 expired one (close ``4003``) without a ``token_provider`` are final: pending calls, the
-message iterator and every later call raise ``Unauthorized`` / ``TokenExpired``. So does a
+message iterator and every later call raise ``Unauthorized`` / ``TokenExpired``. Expiry is
+known by its code, never by the words of a reason: close ``4003``, or an ``unauthorized``
+refusal of a token whose own ``exp`` has passed by this machine's clock. So does a
 lost connection with ``reconnect=False`` (``ConnectionLost``) or one that does not come back
 within ``reconnect_timeout`` (``ConnectionFailed``).
 """
@@ -186,9 +188,14 @@ def token_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, (int, float)) else None
 
 
-def _unauthorized(message: str) -> Unauthorized:
-    cls = TokenExpired if "expired" in message.lower() else Unauthorized
-    return cls(message)
+def refused(message: str, token: str | None) -> Unauthorized:
+    """The error for ``token`` refused as ``unauthorized`` with ``message``: the wire gives
+    the same code to every refusal at authentication, so ``TokenExpired`` when the token's
+    own ``exp`` has passed, whatever the message says."""
+    exp = token_expiry(token) if token is not None else None
+    if exp is not None and exp <= time.time():
+        return TokenExpired(message)
+    return Unauthorized(message)
 
 
 class Client:
@@ -236,6 +243,8 @@ class Client:
         if token is None and token_provider is None:
             raise ValueError("a token or a token_provider is needed")
         self._token = token
+        # The token last sent (at connect or in a refresh): what a refusal refuses.
+        self._offered = token
         self._token_provider = token_provider
         self._ssl: ssl.SSLContext | None = None
         if ca_file is not None:
@@ -439,6 +448,7 @@ class Client:
         """Replace the token on the live connection (from ``token_provider`` when not
         given); return its new ``exp``."""
         new = token if token is not None else await self._get_token()
+        self._offered = new
         reply = await self._request(lambda rid: Auth(new, rid), retry=False)
         self._token = new
         exp = reply.get("exp")
@@ -627,6 +637,7 @@ class Client:
         url = self.urls[self._url_index % len(self.urls)]
         self._url_index += 1
         token = await self._get_token()
+        self._offered = token
         headers = {"Authorization": f"Bearer {token}"} if self.auth_header else None
         options: dict[str, Any] = {}
         if self._ssl is not None and url.startswith("wss:"):
@@ -645,7 +656,7 @@ class Client:
             status = exc.response.status_code
             body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
             if status == 401:
-                raise _Fatal(_unauthorized(body or "token refused")) from None
+                raise _Fatal(refused(body or "token refused", token)) from None
             if status == 403:
                 raise _Fatal(Forbidden(body or "connection refused (HTTP 403)")) from None
             raise ConnectionFailed(f"{url}: HTTP {status} {body}".strip()) from None
@@ -662,7 +673,7 @@ class Client:
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
             if code == CLOSE_UNAUTHORIZED:
-                raise _Fatal(_unauthorized(exc.rcvd.reason if exc.rcvd else "")) from None
+                raise _Fatal(refused(exc.rcvd.reason if exc.rcvd else "", token)) from None
             raise ConnectionFailed(f"{url}: connection closed during authentication") from None
         except (TimeoutError, BadRequest):
             await ws.close()
@@ -671,7 +682,7 @@ class Client:
             await ws.close()
             message = str(frame.get("message", "refused"))
             if frame.get("code") == "unauthorized":
-                raise _Fatal(_unauthorized(message))
+                raise _Fatal(refused(message, token))
             raise ConnectionFailed(f"{url}: {message}")
         if frame.get("op") != "hello":
             await ws.close()
@@ -783,7 +794,7 @@ class Client:
         if code == CLOSE_TOO_BIG:
             self._refuse_oversized(reason)
         if code == CLOSE_UNAUTHORIZED:
-            return _Fatal(_unauthorized(last_auth_error or reason or "token refused"))
+            return _Fatal(refused(last_auth_error or reason or "token refused", self._offered))
         if code == CLOSE_TOKEN_EXPIRED and self._token_provider is None:
             return _Fatal(TokenExpired(reason or "token expired"))
         if code == CLOSE_SLOW_CONSUMER:
@@ -868,7 +879,7 @@ class Client:
                 code = str(frame.get("code"))
                 message = str(frame.get("message", ""))
                 err = (
-                    _unauthorized(message)
+                    refused(message, self._offered)
                     if code == "unauthorized"
                     else error_for_code(code, message, rid)
                 )

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from typing import Protocol as Interface
 from urllib.parse import parse_qs
 
 import orjson
@@ -35,8 +37,13 @@ from broker.errors import (
 from broker.server.http import origin_allowed
 
 if TYPE_CHECKING:
-    from broker.server.app import BrokerServer
+    from broker.core.auth import TokenVerifier
+    from broker.core.hub import Hub
+    from broker.server.config import ServerConfig
     from broker.server.connection import HttpRequest
+    from broker.server.metrics import Metrics
+    from broker.store.base import Store
+    from broker.store.redis import Cluster
 
 #: The API's paths and the methods each allows (OPTIONS: CORS preflight, on every one).
 ROUTES = {
@@ -74,10 +81,58 @@ def error_reply(error: BrokerError, status: int | None = None) -> Reply:
     return Reply(status or error.http_status, body, code=error.code)
 
 
-class HttpApi:
-    """Answers ``/api/`` requests for one ``BrokerServer``."""
+#: ``answer(seqs, duplicate, error)``: how ``Server.submit`` reports a publish, once.
+Answer = Callable[[tuple[int, ...] | None, bool, BrokerError | None], None]
 
-    def __init__(self, server: BrokerServer) -> None:
+
+class Server(Interface):
+    """What the HTTP API uses of the server (``BrokerServer`` is one): the same
+    verifier, store, hub and publish path as its WebSocket connections."""
+
+    @property
+    def config(self) -> ServerConfig:
+        """The settings: allowed origins, the rate limit."""
+
+    @property
+    def metrics(self) -> Metrics:
+        """Where errors and rate-limited requests are counted."""
+
+    @property
+    def verifier(self) -> TokenVerifier:
+        """Checks the bearer tokens."""
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: publishes are refused."""
+
+    @property
+    def store(self) -> Store:
+        """The history."""
+
+    @property
+    def hub(self) -> Hub:
+        """Subscriptions and presence on this node, and the last seq fanned out."""
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """In cluster mode, presence and stats of every node."""
+
+    def submit(
+        self, identity: Identity, topics: list[str], data: bytes, key: str | None, answer: Answer
+    ) -> None:
+        """Publish ``data`` to ``topics`` (already checked) as one publish."""
+
+    async def catch_up(self, seq: int) -> None:
+        """Wait (briefly) until this node has fanned out ``seq``."""
+
+    def stats(self) -> dict[str, Any]:
+        """This node's figures."""
+
+
+class HttpApi:
+    """Answers ``/api/`` requests for one server."""
+
+    def __init__(self, server: Server) -> None:
         self.server = server
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._identities: OrderedDict[str, Identity] = OrderedDict()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +21,19 @@ from broker import __version__
 from broker.core.auth import TokenVerifier
 from broker.errors import ConfigError
 from broker.server.app import BrokerServer
-from broker.server.config import ServerConfig, data_dir
+from broker.server.config import ServerConfig
 from broker.store.base import Store
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
 
 log = logging.getLogger("broker")
+
+#: Test-only: cap the SQLite database at this many pages, so that a test of a real
+#: ``broker serve`` meets "database or disk is full" without filling a disk.
+SQLITE_MAX_PAGES_ENV = "BROKER_TEST_SQLITE_MAX_PAGES"
+#: Test-only: this machine's boot id, as if it had rebooted (a power loss) since the last
+#: run of the broker.
+BOOT_ID_ENV = "BROKER_TEST_BOOT_ID"
 
 
 def build_verifier(config: ServerConfig) -> TokenVerifier:
@@ -73,17 +81,22 @@ def build_store(config: ServerConfig) -> Store:
         )
     if config.memory:
         return MemoryStore(config.history, config.retention, config.history_size)
-    folder = Path(config.data or data_dir())
+    folder = config.data_folder()
+    assert folder is not None  # neither memory nor redis
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create data directory {folder}: {exc.strerror or exc}") from None
+    # Read here, not in the store: the tests that need them run a real `broker serve`.
+    max_pages = os.environ.get(SQLITE_MAX_PAGES_ENV)
     return SqliteStore(
         Path(folder) / "broker.sqlite3",
         config.history,
         config.retention,
         fsync=config.fsync,
         fsync_interval=config.fsync_interval,
+        max_pages=int(max_pages) if max_pages else None,
+        boot_id=os.environ.get(BOOT_ID_ENV) or None,
     )
 
 
@@ -112,9 +125,10 @@ async def run(config: ServerConfig, on_ready: Callable[[BrokerServer], None] | N
     if on_ready is not None:
         on_ready(server)
     log.info(
-        "broker %s listening on %s (store: %s)",
+        "broker %s listening on %s (console: %s, store: %s)",
         __version__,
         config.url,
+        config.console_url,
         store_label(server.store),
         extra={"event": "listening"},
     )

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING
+from typing import Protocol as Interface
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -17,8 +18,9 @@ from websockets.http11 import Request, Response
 from broker.server.metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from broker.server.app import BrokerServer
+    from broker.server.config import ServerConfig
     from broker.server.connection import Connection, HttpRequest
+    from broker.server.metrics import Metrics
 
 #: Path -> (file in broker/static, content type).
 STATIC_FILES = {
@@ -53,10 +55,26 @@ def origin_allowed(origins: list[str], hosts: list[str], allowed: Sequence[str])
     return bool(host) and origin.lower() in (f"http://{host}", f"https://{host}")
 
 
+class Server(Interface):
+    """What the plain HTTP paths use of the server (``BrokerServer`` is one)."""
+
+    @property
+    def config(self) -> ServerConfig:
+        """The settings: the allowed origins of the client library."""
+
+    @property
+    def metrics(self) -> Metrics:
+        """What ``/metrics`` shows."""
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: ``/healthz`` answers 503."""
+
+
 class Routes:
     """Answers the plain HTTP paths of one server."""
 
-    def __init__(self, server: BrokerServer) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
 
     def plain(

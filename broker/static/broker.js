@@ -22,7 +22,13 @@
  *   reconnect until its `ok` arrives: the broker records a keyed publish once.
  * - With `storage` (e.g. sessionStorage) the subscriptions and their positions survive a
  *   page reload: a reloaded page resumes exactly where it was.
+ *
+ * Checked by the TypeScript compiler (`// @ts-check`, strict, tests/js/tsconfig.broker.json);
+ * broker.d.ts is generated from the JSDoc types here (`node tests/js/declarations.mjs`), so
+ * the types below are the library's declared interface. Members whose name starts with `_`,
+ * and those marked `@internal`, are left out of broker.d.ts.
  */
+// @ts-check
 
 /** WebSocket close codes of the protocol (docs/protocol.md, section 6). */
 export const CloseCode = Object.freeze({
@@ -39,54 +45,78 @@ export const CloseCode = Object.freeze({
 
 /** A request the broker refused, or a connection problem; `code` is the wire error code. */
 export class BrokerError extends Error {
+  /** The wire error code of this class (client-side codes for the client's own errors). */
+  static code = "internal";
+
+  /**
+   * @param {string} [message]
+   * @param {{ requestId?: number }} [options]
+   */
   constructor(message, options = {}) {
     super(message || "broker error");
     this.name = new.target.name;
     /** The protocol error code ("bad_request", ...), or a client-side one ("connection_lost", ...). */
     this.code = new.target.code || "internal";
-    /** The id of the request this error answers, when there was one. */
+    /**
+     * The id of the request this error answers, when there was one.
+     * @type {number | undefined}
+     */
     this.requestId = options.requestId;
   }
 }
-BrokerError.code = "internal";
 
 /** code "bad_request": malformed frame, bad field, invalid topic or pattern. */
-export class BadRequest extends BrokerError {}
-BadRequest.code = "bad_request";
+export class BadRequest extends BrokerError {
+  static code = "bad_request";
+}
 /** code "unauthorized": missing, invalid or refused token (close 4001). */
-export class Unauthorized extends BrokerError {}
-Unauthorized.code = "unauthorized";
-/** An expired token (close 4003, or "token expired" at authentication). */
-export class TokenExpired extends Unauthorized {}
-TokenExpired.code = "unauthorized";
+export class Unauthorized extends BrokerError {
+  static code = "unauthorized";
+}
+/** An expired token: close 4003, or a token refused (4001) whose own `exp` has passed. */
+export class TokenExpired extends Unauthorized {
+  static code = "unauthorized";
+}
 /** code "forbidden": ACL, reserved topic, another user's inbox, stats without admin. */
-export class Forbidden extends BrokerError {}
-Forbidden.code = "forbidden";
+export class Forbidden extends BrokerError {
+  static code = "forbidden";
+}
 /** code "rate_limited": over the connection's publish rate. */
-export class RateLimited extends BrokerError {}
-RateLimited.code = "rate_limited";
+export class RateLimited extends BrokerError {
+  static code = "rate_limited";
+}
 /** code "unavailable": the broker cannot take the request now (store down, shutting down). */
-export class Unavailable extends BrokerError {}
-Unavailable.code = "unavailable";
+export class Unavailable extends BrokerError {
+  static code = "unavailable";
+}
 /** code "internal": the broker failed. */
-export class InternalError extends BrokerError {}
-InternalError.code = "internal";
+export class InternalError extends BrokerError {
+  static code = "internal";
+}
 /** Client side: no connection could be made (`handshakeRefused` when HTTP answered but the WebSocket was refused). */
 export class ConnectionFailed extends BrokerError {
+  static code = "connection_failed";
+
+  /**
+   * @param {string} [message]
+   * @param {{ requestId?: number, handshakeRefused?: boolean }} [options]
+   */
   constructor(message, options = {}) {
     super(message, options);
     /** True when the broker answered plain HTTP but refused the WebSocket handshake (origin check, capacity). */
     this.handshakeRefused = !!options.handshakeRefused;
   }
 }
-ConnectionFailed.code = "connection_failed";
 /** Client side: the connection was lost or the client closed, and it will not come back. */
-export class ConnectionLost extends BrokerError {}
-ConnectionLost.code = "connection_lost";
+export class ConnectionLost extends BrokerError {
+  static code = "connection_lost";
+}
 /** Client side: no answer within `requestTimeout`. */
-export class RequestTimeout extends BrokerError {}
-RequestTimeout.code = "timeout";
+export class RequestTimeout extends BrokerError {
+  static code = "timeout";
+}
 
+/** @type {Record<string, typeof BrokerError>} */
 const ERRORS_BY_CODE = {
   bad_request: BadRequest,
   unauthorized: Unauthorized,
@@ -96,11 +126,14 @@ const ERRORS_BY_CODE = {
   internal: InternalError,
 };
 
-/** The error class instance for a wire error `code` (unknown codes give a plain BrokerError). */
+/**
+ * The error class instance for a wire error `code` (unknown codes give a plain BrokerError).
+ * @param {string} code
+ * @param {string} [message]
+ * @param {number} [requestId]
+ * @returns {BrokerError}
+ */
 export function errorForCode(code, message, requestId) {
-  if (code === "unauthorized" && /expired/i.test(message || "")) {
-    return new TokenExpired(message, { requestId });
-  }
   const Cls = ERRORS_BY_CODE[code] || BrokerError;
   const err = new Cls(message || String(code || "error").replace(/_/g, " "), { requestId });
   if (!ERRORS_BY_CODE[code] && typeof code === "string") err.code = code;
@@ -109,7 +142,12 @@ export function errorForCode(code, message, requestId) {
 
 // ---- small helpers -----------------------------------------------------------------------
 
-/** MQTT-style match of a topic against a pattern (docs/protocol.md, section 4). */
+/**
+ * MQTT-style match of a topic against a pattern (docs/protocol.md, section 4).
+ * @param {string} pattern
+ * @param {string} topic
+ * @returns {boolean}
+ */
 export function matches(pattern, topic) {
   const p = pattern.split("/");
   const t = topic.split("/");
@@ -122,7 +160,11 @@ export function matches(pattern, topic) {
   return p.length === t.length;
 }
 
-/** The claims of a JWT read without verifying it (null when unreadable). */
+/**
+ * The claims of a JWT read without verifying it (null when unreadable).
+ * @param {string} token
+ * @returns {Record<string, unknown> | null}
+ */
 export function decodeToken(token) {
   try {
     const part = String(token).split(".")[1];
@@ -136,6 +178,28 @@ export function decodeToken(token) {
   }
 }
 
+/**
+ * Stop a timer made by setTimeout; nothing when there is none.
+ * @param {ReturnType<typeof setTimeout> | null} timer
+ */
+function stopTimer(timer) {
+  if (timer !== null) clearTimeout(timer);
+}
+
+/**
+ * What went wrong, in words, from whatever was thrown.
+ * @param {unknown} err
+ * @returns {string}
+ */
+function describe(err) {
+  const text = err && typeof err === "object" && "message" in err ? err.message : null;
+  return text ? String(text) : String(err);
+}
+
+/**
+ * The token's `exp` in ms since the epoch (null without one).
+ * @param {string | null} token
+ */
 function tokenExpiry(token) {
   const claims = token ? decodeToken(token) : null;
   return claims && typeof claims.exp === "number" ? claims.exp * 1000 : null;
@@ -158,6 +222,7 @@ function defaultUrl() {
   return "ws://127.0.0.1:8765/ws";
 }
 
+/** @param {string} url */
 function absoluteUrl(url) {
   const loc = globalThis.location;
   if (/^wss?:\/\//i.test(url)) return url;
@@ -169,6 +234,7 @@ function absoluteUrl(url) {
   throw new TypeError(`invalid broker URL ${JSON.stringify(url)}: expected ws:// or wss://`);
 }
 
+/** @param {string} wsUrl */
 function healthzUrl(wsUrl) {
   const u = new URL(wsUrl);
   u.protocol = u.protocol === "wss:" ? "https:" : "http:";
@@ -177,6 +243,10 @@ function healthzUrl(wsUrl) {
   return u.href;
 }
 
+/**
+ * @param {Frame} frame a `msg` frame
+ * @returns {Message}
+ */
 function message(frame) {
   const from = frame.from && typeof frame.from === "object" ? frame.from : {};
   const id = from.id === undefined ? "" : String(from.id);
@@ -189,13 +259,23 @@ function message(frame) {
   };
 }
 
-/** A minimal event emitter: `on` returns a function that removes the listener. */
+/**
+ * A minimal event emitter: `on` returns a function that removes the listener.
+ * @template Events the event names and what each passes to its listeners
+ */
 export class Emitter {
   constructor() {
+    /** @type {Map<keyof Events, Set<(arg: any) => void>>} */
     this._listeners = new Map();
   }
 
-  /** Call `listener` on each `event`; returns a function that stops it. */
+  /**
+   * Call `listener` on each `event`; returns a function that stops it.
+   * @template {keyof Events} K
+   * @param {K} event
+   * @param {(arg: Events[K]) => void} listener
+   * @returns {() => void}
+   */
   on(event, listener) {
     let set = this._listeners.get(event);
     if (!set) this._listeners.set(event, (set = new Set()));
@@ -203,7 +283,13 @@ export class Emitter {
     return () => this.off(event, listener);
   }
 
-  /** Call `listener` on the next `event` only. */
+  /**
+   * Call `listener` on the next `event` only.
+   * @template {keyof Events} K
+   * @param {K} event
+   * @param {(arg: Events[K]) => void} listener
+   * @returns {() => void}
+   */
   once(event, listener) {
     const off = this.on(event, (arg) => {
       off();
@@ -212,18 +298,35 @@ export class Emitter {
     return off;
   }
 
-  /** Remove a listener added with `on`. */
+  /**
+   * Remove a listener added with `on`.
+   * @template {keyof Events} K
+   * @param {K} event
+   * @param {(arg: Events[K]) => void} listener
+   */
   off(event, listener) {
     const set = this._listeners.get(event);
     if (set) set.delete(listener);
   }
 
-  /** The number of listeners of `event`. */
+  /**
+   * The number of listeners of `event`.
+   * @param {keyof Events} event
+   * @returns {number}
+   */
   listenerCount(event) {
     const set = this._listeners.get(event);
     return set ? set.size : 0;
   }
 
+  /**
+   * Call the listeners of `event` with `arg`; false when there are none.
+   * @internal
+   * @template {keyof Events} K
+   * @param {K} event
+   * @param {Events[K]} arg
+   * @returns {boolean}
+   */
   emit(event, arg) {
     const set = this._listeners.get(event);
     if (!set || set.size === 0) return false;
@@ -232,7 +335,7 @@ export class Emitter {
         listener(arg);
       } catch (err) {
         // A listener's bug must not break the connection or the other listeners.
-        console.error(`broker.js: a "${event}" listener threw`, err);
+        console.error(`broker.js: a "${String(event)}" listener threw`, err);
       }
     }
     return true;
@@ -246,27 +349,60 @@ export class Emitter {
  * ({seq, epoch, recovered, resumed}), "gap" (a resume could not recover everything),
  * "join"/"leave" ({topic, user}, with presence), "error" (the broker refused it; it ends).
  * Iterate it with `for await (const msg of sub)`.
+ * @extends {Emitter<SubscriptionEvents>}
+ * @implements {AsyncIterable<Message>}
  */
 export class Subscription extends Emitter {
+  /**
+   * Made by `BrokerClient.subscribe`.
+   * @internal
+   * @param {BrokerClient} client
+   * @param {string} pattern
+   * @param {{ presence?: boolean, since?: number | null, epoch?: string | null, last?: number | null, confirmed?: boolean, restored?: boolean }} options
+   */
   constructor(client, pattern, options) {
     super();
+    /** @readonly */
     this.client = client;
-    /** The topic or pattern. */
+    /**
+     * The topic or pattern.
+     * @readonly
+     */
     this.pattern = pattern;
     /** True when join/leave events are asked for. */
     this.presence = !!options.presence;
     // Resume point: the highest seq delivered (or known covered) for this pattern.
+    /** @internal @type {number | null} */
     this.since = options.since ?? null;
+    /** @internal @type {string | null} */
     this.epoch = options.epoch ?? null;
+    /** @internal @type {number | null} */
     this.last = options.last ?? null;
+    /** @internal @type {number | null} */
     this.replayUntil = null; // the `ok` seq while its replay may still be arriving
+    /** @internal */
     this.confirmed = !!options.confirmed; // resume it on every new connection
+    /** @internal */
     this.active = false; // confirmed on the current connection
+    /** True once unsubscribed, refused, or the client closed or failed. */
     this.ended = false;
+    /** @internal */
     this.restored = !!options.restored;
+    /** @type {Message[]} */
     this._backlog = []; // messages that arrived before any consumer was attached
+    /** @type {Set<{ queue: Message[], wake: (() => void) | null }>} */
     this._iterators = new Set();
+    /** @type {BrokerError | null} */
     this._failure = null;
+    /** @type {(info: Subscribed) => void} */
+    this._resolveReady = () => {};
+    /** @type {(error: BrokerError) => void} */
+    this._rejectReady = () => {};
+    /**
+     * The first answer of the broker; rejects when it refuses the subscription.
+     * @readonly
+     * @type {Promise<Subscribed>}
+     */
     this.ready = new Promise((resolve, reject) => {
       this._resolveReady = resolve;
       this._rejectReady = reject;
@@ -274,16 +410,30 @@ export class Subscription extends Emitter {
     this.ready.catch(() => {}); // awaited by callers that care; never an unhandled rejection
   }
 
-  /** "pending" (waiting for the broker's answer, or for a connection), "active" or "ended". */
+  /**
+   * "pending" (waiting for the broker's answer, or for a connection), "active" or "ended".
+   * @returns {"pending" | "active" | "ended"}
+   */
   get state() {
     return this.ended ? "ended" : this.active ? "active" : "pending";
   }
 
-  /** Where a resume starts: `{since, epoch}` (since null before anything is known). */
+  /**
+   * Where a resume starts: `{since, epoch}` (since null before anything is known).
+   * @returns {{ since: number | null, epoch: string | null }}
+   */
   get position() {
     return { since: this.since, epoch: this.epoch };
   }
 
+  /**
+   * Call `listener` on each `event`; returns a function that stops it. A "message" listener
+   * first gets the messages that arrived before anyone listened.
+   * @template {keyof SubscriptionEvents} K
+   * @param {K} event
+   * @param {(arg: SubscriptionEvents[K]) => void} listener
+   * @returns {() => void}
+   */
   on(event, listener) {
     const off = super.on(event, listener);
     if (event === "message" && this._backlog.length) this._flushBacklog();
@@ -297,21 +447,25 @@ export class Subscription extends Emitter {
     await this.client._unsubscribe(this);
   }
 
+  /** @returns {AsyncIterableIterator<Message>} */
   [Symbol.asyncIterator]() {
     const queue = this._backlog.splice(0);
+    /** @type {{ queue: Message[], wake: (() => void) | null }} */
     const it = { queue, wake: null };
     this._iterators.add(it);
     const sub = this;
     return {
       next() {
-        if (it.queue.length) return Promise.resolve({ value: it.queue.shift(), done: false });
+        const queued = it.queue.shift();
+        if (queued !== undefined) return Promise.resolve({ value: queued, done: false });
         if (sub.ended || !sub._iterators.has(it)) {
           return sub._failure ? Promise.reject(sub._failure) : Promise.resolve({ value: undefined, done: true });
         }
         return new Promise((resolve, reject) => {
           it.wake = () => {
             it.wake = null;
-            if (it.queue.length) resolve({ value: it.queue.shift(), done: false });
+            const msg = it.queue.shift();
+            if (msg !== undefined) resolve({ value: msg, done: false });
             else if (sub._failure) reject(sub._failure);
             else resolve({ value: undefined, done: true });
           };
@@ -328,6 +482,7 @@ export class Subscription extends Emitter {
     };
   }
 
+  /** @param {Message} msg */
   _deliver(msg) {
     const listened = this.emit("message", msg);
     for (const it of this._iterators) {
@@ -348,6 +503,7 @@ export class Subscription extends Emitter {
     });
   }
 
+  /** @param {BrokerError | null} error */
   _end(error) {
     if (this.ended) return;
     this.ended = true;
@@ -360,6 +516,7 @@ export class Subscription extends Emitter {
 
 // ---- the client --------------------------------------------------------------------------
 
+/** @type {Required<ClientOptions>} */
 const DEFAULTS = {
   token: null,
   getToken: null,
@@ -385,56 +542,107 @@ const DEFAULTS = {
  * ({code, reason, willReconnect, delay, error}), "message" (every message, once), "gap",
  * "error" (errors that answer no request). `state` is one of "idle", "connecting",
  * "connected", "disconnected", "failed", "closed".
+ * @extends {Emitter<ClientEvents>}
  */
 export class BrokerClient extends Emitter {
+  /**
+   * @param {string | string[] | null} [urls] one ws(s):// URL or a list tried in turn; omitted in a page: ws(s)://<this host>/ws
+   * @param {ClientOptions} [options]
+   */
   constructor(urls, options = {}) {
     super();
     const list = urls === undefined || urls === null ? [defaultUrl()] : Array.isArray(urls) ? urls : [urls];
     if (!list.length) throw new TypeError("at least one broker URL is needed");
-    /** The broker URLs, tried in turn. */
+    /**
+     * The broker URLs, tried in turn.
+     * @readonly
+     */
     this.urls = list.map(absoluteUrl);
+    /**
+     * The options, with the defaults filled in.
+     * @readonly
+     * @type {Required<ClientOptions>}
+     */
     this.options = { ...DEFAULTS, ...options };
     if (!this.options.token && typeof this.options.getToken !== "function") {
       throw new TypeError("a token or a getToken function is needed");
     }
-    const WS = this.options.WebSocket || globalThis.WebSocket;
+    const WS = this.options.WebSocket || /** @type {WebSocketClass | undefined} */ (globalThis.WebSocket);
     if (typeof WS !== "function") {
       throw new TypeError(
         "no WebSocket class: pass {WebSocket} (Node 20: run with --experimental-websocket)"
       );
     }
+    /** @type {WebSocketClass} */
     this._WebSocket = WS;
+    /** @type {string | null} */
     this._token = this.options.token || null;
 
-    /** The authenticated user ({id, name}) from the latest hello. */
+    /**
+     * The authenticated user ({id, name}) from the latest hello.
+     * @type {User | null}
+     */
     this.user = null;
-    /** The broker's `server` string (broker/<version>). */
+    /**
+     * The broker's `server` string (broker/<version>).
+     * @type {string | null}
+     */
     this.server = null;
-    /** The URL of the current or last connection. */
+    /**
+     * The URL of the current or last connection.
+     * @type {string | null}
+     */
     this.url = null;
-    /** The broker's history epoch, from the latest subscribe answer. */
+    /**
+     * The broker's history epoch, from the latest subscribe answer.
+     * @type {string | null}
+     */
     this.epoch = null;
     /** How many times the client reconnected after a first connection. */
     this.reconnects = 0;
-    /** The error that stopped the client (state "failed"), if any. */
+    /**
+     * The error that stopped the client (state "failed"), if any.
+     * @type {BrokerError | null}
+     */
     this.error = null;
-    /** "idle", "connecting", "connected", "disconnected", "failed" or "closed". */
+    /**
+     * "idle", "connecting", "connected", "disconnected", "failed" or "closed".
+     * @type {State}
+     */
     this.state = "idle";
 
+    /** @type {WebSocketLike | null} */
     this._ws = null;
     this._nextId = 1;
+    /** @type {Map<number, Pending>} */
     this._pending = new Map(); // id -> request, in creation order
+    /** @type {Map<string, Subscription>} */
     this._subs = new Map(); // pattern -> Subscription
+    /** @type {Set<number>} */
     this._seen = new Set();
+    /** @type {number[]} */
     this._seenRing = []; // the same seqs in arrival order, a ring of dedupeWindow
     this._seenHead = 0;
     this._attempt = 0;
     this._urlIndex = 0;
     this._everConnected = false;
+    /** @type {number | null} */
     this._downSince = null;
+    /** @type {ReturnType<typeof setTimeout> | null} */
     this._retryTimer = null;
+    /** @type {ReturnType<typeof setTimeout> | null} */
     this._refreshTimer = null;
+    /** @type {{ resolve: () => void, reject: (error: BrokerError) => void }[]} */
     this._waiters = [];
+    /** @type {{ url: string, error: ConnectionFailed } | null} */
+    this._diagnosis = null;
+    // The token of the latest auth frame (first or refresh), and whether getToken had just
+    // given it: what a 4001 close refused.
+    /** @type {string | null} */
+    this._authToken = null;
+    this._authFetched = false;
+    /** @type {string | null} */
+    this._storedUser = null; // the user whose subscriptions storage holds
     this._restore();
   }
 
@@ -443,18 +651,20 @@ export class BrokerClient extends Emitter {
   /**
    * Connect (and keep reconnecting); resolves once connected, rejects if the client fails.
    * While waiting to retry ("disconnected"), it tries again at once.
+   * @returns {Promise<void>}
    */
   connect() {
     if (this.state === "closed" || this.state === "failed") {
       return Promise.reject(this.error || new ConnectionLost("the client was closed"));
     }
     if (this.state === "connected") return Promise.resolve();
+    /** @type {Promise<void>} */
     const waiting = new Promise((resolve, reject) => this._waiters.push({ resolve, reject }));
     if (this.state === "idle") {
       this._downSince = Date.now();
       this._open();
     } else if (this.state === "disconnected" && this._retryTimer !== null) {
-      clearTimeout(this._retryTimer);
+      stopTimer(this._retryTimer);
       this._retryTimer = null;
       this._open();
     }
@@ -488,7 +698,10 @@ export class BrokerClient extends Emitter {
     return this.state === "connected";
   }
 
-  /** The subscriptions by pattern (restored ones included). */
+  /**
+   * The subscriptions by pattern (restored ones included).
+   * @returns {Map<string, Subscription>}
+   */
   get subscriptions() {
     return new Map(this._subs);
   }
@@ -499,6 +712,9 @@ export class BrokerClient extends Emitter {
    * Subscribe to a topic or pattern; returns the Subscription at once. Options: `last` (the
    * latest N first), `since` (+`epoch`), `presence`. Subscribing again to a pattern returns
    * the same subscription (its position, restored from storage too, is kept).
+   * @param {string} pattern
+   * @param {SubscribeOptions} [options]
+   * @returns {Subscription}
    */
   subscribe(pattern, options = {}) {
     if (typeof pattern !== "string" || !pattern) throw new TypeError("a topic or pattern is needed");
@@ -531,19 +747,31 @@ export class BrokerClient extends Emitter {
    * Publish `data` (any JSON value) to `topic`; resolves to its seq once recorded. Options:
    * `key` (generated when absent: the publish is re-sent after a reconnect and the broker
    * records it once), `echo` (deliver it back to this connection too).
+   * @param {string} topic
+   * @param {Json} data
+   * @param {PublishOptions} [options]
+   * @returns {Promise<number>}
    */
   publish(topic, data, options = {}) {
+    /** @type {Frame} */
     const frame = { op: "pub", topic, data, key: options.key ?? newKey() };
     if (options.echo) frame.echo = true;
     return this._request(frame, { retry: true }).then((reply) => reply.seq);
   }
 
-  /** Who is subscribed to exactly `topic` now: [{id, name, connections}]. */
+  /**
+   * Who is subscribed to exactly `topic` now: [{id, name, connections}].
+   * @param {string} topic
+   * @returns {Promise<PresenceUser[]>}
+   */
   presence(topic) {
     return this._request({ op: "presence", topic }, { retry: true }).then((reply) => reply.users);
   }
 
-  /** The broker's figures (needs an admin token). */
+  /**
+   * The broker's figures (needs an admin token).
+   * @returns {Promise<Record<string, Json>>}
+   */
   stats() {
     return this._request({ op: "stats" }, { retry: true }).then((reply) => {
       const { op, id, ...figures } = reply;
@@ -559,23 +787,28 @@ export class BrokerClient extends Emitter {
     this._urlIndex += 1;
     this._attempt += 1;
     this._setState("connecting", { url, attempt: this._attempt });
+    const held = this._token;
+    /** @type {string | null} */
     let token;
     try {
       token = await this._currentToken();
     } catch (err) {
       if (this.state !== "connecting") return;
-      this._lost({ code: null, reason: `getToken failed: ${err && err.message ? err.message : err}`, opened: false, authError: null });
+      this._lost({ code: null, reason: `getToken failed: ${describe(err)}`, opened: false });
       return;
     }
     if (this.state !== "connecting" || this._ws) return;
+    /** @type {WebSocketLike} */
     let ws;
     try {
       ws = new this._WebSocket(url);
     } catch (err) {
-      this._fail(new ConnectionFailed(`cannot connect to ${url}: ${err && err.message ? err.message : err}`));
+      this._fail(new ConnectionFailed(`cannot connect to ${url}: ${describe(err)}`));
       return;
     }
     this._ws = ws;
+    const fetched = token !== held; // getToken gave it just now
+    /** @type {{ opened: boolean, hello: boolean, authError: string | null, timedOut: boolean }} */
     const conn = { opened: false, hello: false, authError: null, timedOut: false };
     const timer = setTimeout(() => {
       if (ws === this._ws && !conn.hello) {
@@ -590,6 +823,8 @@ export class BrokerClient extends Emitter {
     }, this.options.connectTimeout);
     ws.onopen = () => {
       conn.opened = true;
+      this._authToken = token;
+      this._authFetched = fetched;
       ws.send(JSON.stringify({ op: "auth", token }));
     };
     ws.onmessage = (ev) => {
@@ -628,6 +863,10 @@ export class BrokerClient extends Emitter {
     };
   }
 
+  /**
+   * The token to connect with: the one held while it has more than 5 s left, else getToken's.
+   * @returns {Promise<string | null>}
+   */
   async _currentToken() {
     const token = this._token;
     const exp = tokenExpiry(token);
@@ -639,6 +878,10 @@ export class BrokerClient extends Emitter {
     return next;
   }
 
+  /**
+   * @param {Frame} frame
+   * @param {string} url
+   */
   _onHello(frame, url) {
     const user = frame.user && typeof frame.user === "object" ? frame.user : {};
     const id = String(user.id ?? "");
@@ -646,7 +889,7 @@ export class BrokerClient extends Emitter {
     this.user = { id, name: typeof user.name === "string" ? user.name : id };
     this.server = typeof frame.server === "string" ? frame.server : "";
     this.url = url;
-    if (previous !== undefined && previous !== null && previous !== id) {
+    if (previous !== null && previous !== id) {
       // Stored for another user: their inbox and positions are not ours.
       for (const sub of [...this._subs.values()]) {
         if (sub.restored) {
@@ -669,6 +912,12 @@ export class BrokerClient extends Emitter {
     for (const w of waiters) w.resolve();
   }
 
+  /**
+   * @param {WebSocketLike} ws
+   * @param {{ opened: boolean, hello: boolean, authError: string | null, timedOut: boolean }} conn
+   * @param {{ code?: number, reason?: string }} ev
+   * @param {string} url
+   */
   _onClose(ws, conn, ev, url) {
     if (ws !== this._ws) return;
     this._ws = null;
@@ -680,13 +929,14 @@ export class BrokerClient extends Emitter {
         /* closing anyway */
       }
     }
-    clearTimeout(this._refreshTimer);
+    stopTimer(this._refreshTimer);
     this._refreshTimer = null;
     const code = typeof ev.code === "number" ? ev.code : CloseCode.ABNORMAL;
     const reason = conn.authError || ev.reason || "";
     this._lost({ code, reason, opened: conn.opened, hello: conn.hello, timedOut: conn.timedOut, url });
   }
 
+  /** @param {LostInfo} info */
   _lost(info) {
     if (this.state === "closed" || this.state === "failed") return;
     const { code, reason } = info;
@@ -695,7 +945,7 @@ export class BrokerClient extends Emitter {
       if (!req.retry) {
         // Not worth repeating on the next connection (unsub, a token refresh).
         this._pending.delete(id);
-        clearTimeout(req.timer);
+        stopTimer(req.timer);
         req.reject(new ConnectionLost(`connection lost (close ${code}) before the broker answered`));
       }
     }
@@ -706,11 +956,24 @@ export class BrokerClient extends Emitter {
     // After a working connection a new token is fetched at once; again and again only with backoff.
     const soon = this._attempt === 0 ? 0 : null;
     if (code === CloseCode.UNAUTHORIZED) {
-      if (hasGetToken && /expired/i.test(reason)) {
-        this._token = null; // ask getToken for a new one
+      // The broker refused the token of the latest auth frame. Whether it expired is read from
+      // the token's own `exp`, never from the reason's words.
+      const refused = this._authToken;
+      const exp = tokenExpiry(refused);
+      if (exp !== null && exp <= Date.now()) {
+        if (hasGetToken) {
+          this._token = null; // ask getToken for a new one
+          delay = soon;
+        } else {
+          fatal = new TokenExpired(reason || "token expired");
+        }
+      } else if (hasGetToken && !this._authFetched) {
+        // A token held from before (given, or fetched earlier): the broker's clock may be
+        // ahead of ours, or it was revoked. One fresh token from getToken, then give up.
+        this._token = null;
         delay = soon;
       } else {
-        fatal = errorForCode("unauthorized", reason || "token refused");
+        fatal = new Unauthorized(reason || "token refused");
       }
     } else if (code === CloseCode.TOKEN_EXPIRED) {
       if (hasGetToken) {
@@ -740,24 +1003,26 @@ export class BrokerClient extends Emitter {
       const cap = Math.min(this.options.backoffMax, this.options.backoffInitial * 2 ** Math.max(0, this._attempt - 1));
       delay = Math.round(Math.random() * cap);
     }
+    /** @param {BrokerError | null} error */
     const report = (error) => {
       if (this.state === "closed" || this.state === "failed") return;
       this._setState("disconnected", { code, reason, willReconnect: true, delay, error });
-      clearTimeout(this._retryTimer);
+      stopTimer(this._retryTimer);
       this._retryTimer = setTimeout(() => {
         this._retryTimer = null;
         this._open();
       }, delay);
     };
-    if (!info.opened && info.url && !info.timedOut && code !== null) {
+    const url = info.url;
+    if (!info.opened && url && !info.timedOut && code !== null) {
       // One look at /healthz when the broker first becomes unreachable, then every fifth
       // attempt (each failed fetch is a line in the browser's console).
-      const cached = this._diagnosis && this._diagnosis.url === info.url ? this._diagnosis : null;
+      const cached = this._diagnosis && this._diagnosis.url === url ? this._diagnosis : null;
       if (cached && this._attempt > 1 && this._attempt % 5 !== 1) {
         report(cached.error);
       } else {
-        this._diagnose(info.url).then((error) => {
-          this._diagnosis = { url: info.url, error };
+        this._diagnose(url).then((error) => {
+          this._diagnosis = { url, error };
           report(error);
         });
       }
@@ -766,7 +1031,11 @@ export class BrokerClient extends Emitter {
     }
   }
 
-  /** Why a socket failed before it opened: the broker down, or up and refusing the handshake. */
+  /**
+   * Why a socket failed before it opened: the broker down, or up and refusing the handshake.
+   * @param {string} url
+   * @returns {Promise<ConnectionFailed>}
+   */
   async _diagnose(url) {
     const unreachable = new ConnectionFailed(`cannot reach the broker at ${url}`);
     if (typeof fetch !== "function") return unreachable;
@@ -798,6 +1067,10 @@ export class BrokerClient extends Emitter {
     }
   }
 
+  /**
+   * @param {BrokerError} error
+   * @param {{ code?: number | null, reason?: string }} [closeInfo]
+   */
   _fail(error, closeInfo = {}) {
     this._stopTimers();
     const ws = this._ws;
@@ -813,10 +1086,16 @@ export class BrokerClient extends Emitter {
     this._finish("failed", error, true, closeInfo);
   }
 
+  /**
+   * @param {"failed" | "closed"} state
+   * @param {BrokerError} error
+   * @param {boolean} failed
+   * @param {{ code?: number | null, reason?: string }} [closeInfo]
+   */
   _finish(state, error, failed, closeInfo = {}) {
     this.error = failed ? error : null;
     for (const req of this._pending.values()) {
-      clearTimeout(req.timer);
+      stopTimer(req.timer);
       req.reject(error);
     }
     this._pending.clear();
@@ -836,19 +1115,28 @@ export class BrokerClient extends Emitter {
   }
 
   _stopTimers() {
-    clearTimeout(this._retryTimer);
-    clearTimeout(this._refreshTimer);
+    stopTimer(this._retryTimer);
+    stopTimer(this._refreshTimer);
     this._retryTimer = this._refreshTimer = null;
   }
 
+  /**
+   * @param {State} state
+   * @param {ConnectingEvent | ConnectedEvent | DisconnectedEvent | null} detail the event of that state
+   */
   _setState(state, detail) {
     this.state = state;
     if (detail && (state === "connecting" || state === "connected" || state === "disconnected")) {
-      this.emit(state, detail);
+      this.emit(state, /** @type {any} */ (detail)); // the callers pass the state's own event
     }
     this.emit("state", state);
   }
 
+  /**
+   * Send on the open connection; false when there is none.
+   * @param {Frame} frame
+   * @returns {boolean}
+   */
   _send(frame) {
     const ws = this._ws;
     if (!ws || this.state !== "connected" || ws.readyState !== 1) return false;
@@ -869,7 +1157,7 @@ export class BrokerClient extends Emitter {
   // -- internals: token refresh --------------------------------------------------------
 
   _scheduleRefresh() {
-    clearTimeout(this._refreshTimer);
+    stopTimer(this._refreshTimer);
     this._refreshTimer = null;
     if (typeof this.options.getToken !== "function") return;
     const exp = tokenExpiry(this._token);
@@ -884,14 +1172,18 @@ export class BrokerClient extends Emitter {
     this._refreshTimer = null;
     const ws = this._ws;
     try {
-      const token = await this.options.getToken();
+      const getToken = this.options.getToken;
+      if (getToken === null) return;
+      const token = await getToken();
       if (ws !== this._ws || this.state !== "connected") return;
+      this._authToken = token;
+      this._authFetched = true;
       await this._request({ op: "auth", token }, { retry: false });
       this._token = token;
       this._scheduleRefresh();
     } catch (err) {
       if (ws !== this._ws || this.state !== "connected") return;
-      this.emit("error", err instanceof BrokerError ? err : new Unauthorized(`token refresh failed: ${err && err.message ? err.message : err}`));
+      this.emit("error", err instanceof BrokerError ? err : new Unauthorized(`token refresh failed: ${describe(err)}`));
       // Try again a little later; if exp passes meanwhile the 4003 reconnect fetches one.
       const exp = tokenExpiry(this._token);
       if (exp !== null && exp - Date.now() > 1500) this._refreshTimer = setTimeout(() => this._refresh(), 1000);
@@ -900,6 +1192,13 @@ export class BrokerClient extends Emitter {
 
   // -- internals: requests -------------------------------------------------------------
 
+  /**
+   * Send a request (now, or once connected); resolves to its `ok`, rejects with its `error`.
+   * @param {Frame} frame
+   * @param {{ retry: boolean, sub?: Subscription | null, onReply?: ((reply: Frame) => void) | null }} how
+   *   retry: send it again on the next connection; onReply: called with the `ok` before it resolves
+   * @returns {Promise<Frame>}
+   */
   _request(frame, { retry, sub = null, onReply = null }) {
     if (this.state === "closed" || this.state === "failed") {
       return Promise.reject(this.error || new ConnectionLost("the client was closed"));
@@ -907,6 +1206,7 @@ export class BrokerClient extends Emitter {
     return new Promise((resolve, reject) => {
       const id = this._nextId++;
       frame.id = id;
+      /** @type {Pending} */
       const req = { frame, resolve, reject, retry, sub, onReply, sent: false, timer: null, waitingRetry: false, lastError: null };
       if (this.options.requestTimeout != null) {
         req.timer = setTimeout(() => {
@@ -921,14 +1221,16 @@ export class BrokerClient extends Emitter {
     });
   }
 
+  /** @param {Subscription} sub */
   _sendSub(sub) {
     // A sub sent again replaces the previous one on the broker: drop the older request.
     for (const [id, req] of this._pending) {
       if (req.sub === sub) {
-        clearTimeout(req.timer);
+        stopTimer(req.timer);
         this._pending.delete(id);
       }
     }
+    /** @type {Frame} */
     const frame = { op: "sub", topic: sub.pattern };
     const since = sub.since;
     const epoch = sub.epoch;
@@ -947,6 +1249,10 @@ export class BrokerClient extends Emitter {
     }).catch((err) => this._onSubRefused(sub, err));
   }
 
+  /**
+   * @param {Frame} frame
+   * @returns {void}
+   */
   _dispatch(frame) {
     switch (frame.op) {
       case "msg":
@@ -956,6 +1262,7 @@ export class BrokerClient extends Emitter {
         return this._onReply(frame);
       case "join":
       case "leave": {
+        /** @type {PresenceEvent} */
         const ev = { topic: frame.topic, user: frame.user };
         for (const sub of this._subs.values()) {
           if (sub.presence && sub.pattern === frame.topic) sub.emit(frame.op, ev);
@@ -968,6 +1275,7 @@ export class BrokerClient extends Emitter {
     }
   }
 
+  /** @param {Frame} frame an `ok` or `error` */
   _onReply(frame) {
     const req = typeof frame.id === "number" ? this._pending.get(frame.id) : undefined;
     if (!req) {
@@ -976,7 +1284,7 @@ export class BrokerClient extends Emitter {
     }
     if (frame.op === "ok") {
       this._pending.delete(frame.id);
-      clearTimeout(req.timer);
+      stopTimer(req.timer);
       if (req.onReply) req.onReply(frame);
       req.resolve(frame);
       return;
@@ -994,10 +1302,14 @@ export class BrokerClient extends Emitter {
       return;
     }
     this._pending.delete(frame.id);
-    clearTimeout(req.timer);
+    stopTimer(req.timer);
     req.reject(err);
   }
 
+  /**
+   * @param {Subscription} sub
+   * @param {BrokerError} err
+   */
   _onSubRefused(sub, err) {
     if (this._subs.get(sub.pattern) !== sub) return;
     if (this.state === "closed" || this.state === "failed") return; // kept in storage for the next client
@@ -1008,6 +1320,7 @@ export class BrokerClient extends Emitter {
     if (sub.confirmed) this.emit("error", err); // a resumed subscription now refused (e.g. a new token's ACL)
   }
 
+  /** @param {Subscription} sub */
   async _unsubscribe(sub) {
     if (this._subs.get(sub.pattern) === sub) {
       this._subs.delete(sub.pattern);
@@ -1015,7 +1328,7 @@ export class BrokerClient extends Emitter {
     }
     for (const [id, req] of this._pending) {
       if (req.sub === sub) {
-        clearTimeout(req.timer);
+        stopTimer(req.timer);
         this._pending.delete(id);
       }
     }
@@ -1028,6 +1341,13 @@ export class BrokerClient extends Emitter {
     }
   }
 
+  /**
+   * @param {Subscription} sub
+   * @param {number | null} since what the sub asked from
+   * @param {string | null} epoch
+   * @param {Frame} reply its `ok`
+   * @param {boolean} resumed
+   */
   _applySubReply(sub, since, epoch, reply, resumed) {
     const newEpoch = typeof reply.epoch === "string" ? reply.epoch : "";
     const seq = typeof reply.seq === "number" ? reply.seq : 0;
@@ -1051,20 +1371,24 @@ export class BrokerClient extends Emitter {
       }
     }
     this._save();
+    /** @type {Subscribed} */
     const info = { seq, epoch: newEpoch, recovered, resumed };
     sub._resolveReady(info);
     sub.emit("subscribed", info);
     if (!recovered && resumed) {
+      /** @type {Gap} */
       const gap = { pattern: sub.pattern, since, epoch, newEpoch, epochChanged: epoch !== null && epoch !== newEpoch };
       sub.emit("gap", gap);
       this.emit("gap", gap);
     }
   }
 
+  /** @param {Frame} frame a `msg` */
   _onMsg(frame) {
     const seq = frame.seq;
     const topic = frame.topic;
     if (typeof seq !== "number" || typeof topic !== "string") return;
+    /** @type {Subscription[]} */
     const targets = [];
     for (const sub of this._subs.values()) {
       if (!sub.active) continue;
@@ -1102,6 +1426,7 @@ export class BrokerClient extends Emitter {
     const storage = this.options.storage;
     this._storedUser = null;
     if (!storage) return;
+    /** @type {any} */
     let saved;
     try {
       saved = JSON.parse(storage.getItem(this.options.storageKey + ".subs") || "null");
@@ -1146,3 +1471,209 @@ export class BrokerClient extends Emitter {
 }
 
 export default BrokerClient;
+
+// ---- types (JSDoc; broker.d.ts is generated from them) -----------------------------------
+
+/** @typedef {Json[]} JsonArray */
+/** @typedef {{ [key: string]: Json }} JsonObject */
+/**
+ * A JSON value, as `data` of a message.
+ * @typedef {null | boolean | number | string | JsonArray | JsonObject} Json
+ */
+
+/**
+ * A user as the broker names it.
+ * @typedef {object} User
+ * @property {string} id
+ * @property {string} name
+ */
+
+/**
+ * A published message.
+ * @template [T=Json]
+ * @typedef {object} Message
+ * @property {string} topic
+ * @property {number} seq Broker-wide sequence number, increasing.
+ * @property {T} data
+ * @property {User} from
+ * @property {number} ts The broker's receive time, ms since the Unix epoch.
+ */
+
+/**
+ * The broker's answer to a subscription (sent again on every resume).
+ * @typedef {object} Subscribed
+ * @property {number} seq
+ * @property {string} epoch
+ * @property {boolean} recovered
+ * @property {boolean} resumed True when this answers a resume after a reconnect or a page reload.
+ */
+
+/**
+ * A resume that could not recover every missed message.
+ * @typedef {object} Gap
+ * @property {string} pattern
+ * @property {number | null} since
+ * @property {string | null} epoch
+ * @property {string} newEpoch
+ * @property {boolean} epochChanged True when the broker's history started over (e.g. a memory broker restarted).
+ */
+
+/**
+ * A user joined or left a topic (subscriptions made with `presence: true`).
+ * @typedef {object} PresenceEvent
+ * @property {string} topic
+ * @property {User} user
+ */
+
+/**
+ * A user subscribed to a topic, with how many of their connections are.
+ * @typedef {User & { connections: number }} PresenceUser
+ */
+
+/**
+ * The client's state: "disconnected" while waiting to retry, "failed" when `client.error` stopped it.
+ * @typedef {"idle" | "connecting" | "connected" | "disconnected" | "failed" | "closed"} State
+ */
+
+/**
+ * The "connecting" event: an attempt at `url` begins.
+ * @typedef {object} ConnectingEvent
+ * @property {string} url
+ * @property {number} attempt
+ */
+
+/**
+ * The "connected" event: authenticated (`server` is the broker's broker/<version>).
+ * @typedef {object} ConnectedEvent
+ * @property {User} user
+ * @property {string} server
+ * @property {string} url
+ */
+
+/**
+ * The "disconnected" event: a connection ended, or an attempt failed.
+ * @typedef {object} DisconnectedEvent
+ * @property {number | null} code The WebSocket close code (1006 when the connection failed; null when no socket was made).
+ * @property {string} reason
+ * @property {boolean} willReconnect
+ * @property {number | null} delay Milliseconds until the next attempt, when reconnecting.
+ * @property {BrokerError | null} error Why, when it is an error (ConnectionFailed, Unauthorized, ...).
+ */
+
+/**
+ * What `sessionStorage` and `localStorage` offer, all the client needs.
+ * @typedef {object} StorageLike
+ * @property {(key: string) => string | null} getItem
+ * @property {(key: string, value: string) => void} setItem
+ */
+
+/**
+ * A WebSocket, as far as the client uses one.
+ * @typedef {object} WebSocketLike
+ * @property {number} readyState
+ * @property {(data: string) => void} send
+ * @property {(code?: number, reason?: string) => void} close
+ * @property {((ev: any) => any) | null} onopen
+ * @property {((ev: { data: any }) => any) | null} onmessage
+ * @property {((ev: { code: number, reason: string }) => any) | null} onclose
+ * @property {((ev: any) => any) | null} onerror
+ */
+
+/**
+ * A WebSocket class: the browser's, Node 22's global, or one passed in.
+ * @typedef {new (url: string) => WebSocketLike} WebSocketClass
+ */
+
+/**
+ * The options of `new BrokerClient(urls, options)`: a `token` or a `getToken` is needed.
+ * @typedef {object} ClientOptions
+ * @property {string | null} [token] A JWT. With `getToken` too, used first.
+ * @property {(() => string | Promise<string>) | null} [getToken] Returns a fresh JWT; called when there is none or it is about to expire, and before `exp` to refresh in place.
+ * @property {WebSocketClass | null} [WebSocket] The WebSocket class (default: the global one).
+ * @property {StorageLike | null} [storage] Keeps subscriptions and their positions across page reloads (e.g. `sessionStorage`).
+ * @property {string} [storageKey] Prefix of the storage key (default "broker").
+ * @property {boolean} [reconnect] Reconnect after a lost connection (default true).
+ * @property {number | null} [reconnectTimeout] Give up (state "failed") when not connected again within this many ms (default: never).
+ * @property {number} [backoffInitial] First backoff ceiling in ms (default 250); doubles per attempt up to `backoffMax` (10000).
+ * @property {number} [backoffMax]
+ * @property {number} [connectTimeout] Ms to wait for the broker's hello (default 10000).
+ * @property {number | null} [requestTimeout] Ms to wait for an answer to a request, queued time included (default 30000; null: forever).
+ * @property {number} [refreshAt] Refresh the token at this fraction of its remaining lifetime (default 0.8).
+ * @property {number} [dedupeWindow] How many recent seqs are remembered to drop duplicates (default 20000).
+ * @property {number} [maxBuffered] Messages kept for a subscription that has no listener or iterator yet (default 10000).
+ */
+
+/**
+ * The options of `client.subscribe(pattern, options)`.
+ * @typedef {object} SubscribeOptions
+ * @property {number} [last] Replay the latest N retained messages first.
+ * @property {number} [since] Replay every retained message after this seq first (with `epoch`, the history it was seen in).
+ * @property {string} [epoch]
+ * @property {boolean} [presence] Ask for join/leave events on this exact topic.
+ */
+
+/**
+ * The options of `client.publish(topic, data, options)`.
+ * @typedef {object} PublishOptions
+ * @property {string} [key] Idempotency key (1 to 128 characters); generated when absent.
+ * @property {boolean} [echo] Deliver the message to this connection too.
+ */
+
+/**
+ * The client's events and what each passes to its listeners.
+ * @typedef {object} ClientEvents
+ * @property {ConnectingEvent} connecting
+ * @property {ConnectedEvent} connected
+ * @property {DisconnectedEvent} disconnected
+ * @property {State} state
+ * @property {Message} message
+ * @property {Gap} gap
+ * @property {PresenceEvent} join
+ * @property {PresenceEvent} leave
+ * @property {BrokerError} error
+ */
+
+/**
+ * A subscription's events and what each passes to its listeners.
+ * @typedef {object} SubscriptionEvents
+ * @property {Message} message
+ * @property {Subscribed} subscribed
+ * @property {Gap} gap
+ * @property {PresenceEvent} join
+ * @property {PresenceEvent} leave
+ * @property {BrokerError} error
+ */
+
+/**
+ * A frame as it is on the wire (parsed JSON: fields are checked where they are read).
+ * @internal
+ * @typedef {Record<string, any>} Frame
+ */
+
+/**
+ * A request waiting for its `ok` or `error`.
+ * @internal
+ * @typedef {object} Pending
+ * @property {Frame} frame
+ * @property {(reply: Frame) => void} resolve
+ * @property {(error: BrokerError) => void} reject
+ * @property {boolean} retry send it again on the next connection
+ * @property {Subscription | null} sub
+ * @property {((reply: Frame) => void) | null} onReply
+ * @property {boolean} sent
+ * @property {ReturnType<typeof setTimeout> | null} timer
+ * @property {boolean} waitingRetry
+ * @property {BrokerError | null} lastError
+ */
+
+/**
+ * Why a connection ended, for `_lost`.
+ * @internal
+ * @typedef {object} LostInfo
+ * @property {number | null} code
+ * @property {string} reason
+ * @property {boolean} opened
+ * @property {boolean} [hello]
+ * @property {boolean} [timedOut]
+ * @property {string} [url]
+ */

@@ -12,10 +12,11 @@ import { BrokerClient, ConnectionFailed } from "/broker.js";
 
 const TOKEN_KEY = "broker.console.token";
 const WANTED_KEY = "broker.console.connected";
-const MESSAGES_KEY = "broker.console.messages";
+const MESSAGES_KEY = "broker.console.messages"; // the index; each message under MESSAGES_KEY.<seq>
 const STORAGE_KEY = "broker.console"; // broker.js keeps the subscriptions under it
 const MAX_ROWS = 1000; // rendered messages kept in the list
 const MAX_KEPT = 200; // messages kept across a reload
+const MAX_KEPT_CHARS = 1 << 20; // and their JSON at most (sessionStorage holds ~5 M characters)
 const MAX_SEEN = 20000; // seqs remembered so that a message is rendered once
 
 const $ = (id) => document.getElementById(id);
@@ -40,7 +41,8 @@ const refused = new Map(); // pattern -> error text, for subscriptions the broke
 const lastOf = new Map(); // pattern -> the "last N" it was made with (for its badge)
 let seen = new Set(); // seqs rendered
 let seenOrder = [];
-let kept = []; // the latest messages, kept across a reload
+let kept = []; // [{seq, size}] of the latest messages kept across a reload, oldest first
+let keptChars = 0;
 
 // ---- small helpers -----------------------------------------------------------------------
 
@@ -55,8 +57,9 @@ function storageSet(key, value) {
   try {
     if (value === null) sessionStorage.removeItem(key);
     else sessionStorage.setItem(key, value);
+    return true;
   } catch (e) {
-    /* storage disabled or full: nothing to remember */
+    return false; // storage disabled or full: nothing to remember
   }
 }
 function tabStorage() {
@@ -283,17 +286,44 @@ function remember(seq) {
   if (seenOrder.length > MAX_SEEN) seen.delete(seenOrder.shift());
 }
 
+// Each message is written once, under its own key, next to a small index of seqs: a message
+// costs its own size, never the size of all the messages kept (64 KiB messages once cost
+// 12 MiB of JSON each, rewriting the whole list).
+function keptKey(seq) {
+  return `${MESSAGES_KEY}.${seq}`;
+}
+
+function saveIndex() {
+  storageSet(MESSAGES_KEY, JSON.stringify({ user: me ? me.id : null, seqs: kept.map((k) => k.seq) }));
+}
+
+function dropOldest() {
+  const oldest = kept.shift();
+  keptChars -= oldest.size;
+  storageSet(keptKey(oldest.seq), null);
+}
+
 function keep(msg, outgoing) {
-  kept.push({ ...msg, outgoing });
-  if (kept.length > MAX_KEPT) kept = kept.slice(-MAX_KEPT);
-  storageSet(MESSAGES_KEY, JSON.stringify({ user: me ? me.id : null, messages: kept }));
+  const text = JSON.stringify({ ...msg, outgoing });
+  if (text.length > MAX_KEPT_CHARS) return; // shown, not kept
+  while (kept.length && (kept.length >= MAX_KEPT || keptChars + text.length > MAX_KEPT_CHARS)) dropOldest();
+  if (storageSet(keptKey(msg.seq), text)) {
+    kept.push({ seq: msg.seq, size: text.length });
+    keptChars += text.length;
+  }
+  saveIndex();
+}
+
+function forgetKept() {
+  while (kept.length) dropOldest();
+  keptChars = 0;
+  storageSet(MESSAGES_KEY, null);
 }
 
 function forgetMessages() {
-  kept = [];
+  forgetKept();
   seen = new Set();
   seenOrder = [];
-  storageSet(MESSAGES_KEY, null);
   el.messages.replaceChildren();
   updateCount();
 }
@@ -407,10 +437,21 @@ function restoreMessages() {
   } catch (e) {
     saved = null;
   }
-  if (!saved || !Array.isArray(saved.messages)) return;
+  if (!saved || !Array.isArray(saved.seqs)) return;
   me = saved.user ? { id: saved.user, name: "" } : null;
-  kept = saved.messages.filter((m) => m && typeof m.seq === "number" && typeof m.topic === "string");
-  for (const msg of kept) render(msg, !!msg.outgoing, true);
+  for (const seq of saved.seqs) {
+    const text = typeof seq === "number" ? storageGet(keptKey(seq)) : null;
+    let msg = null;
+    try {
+      msg = JSON.parse(text || "null");
+    } catch (e) {
+      msg = null;
+    }
+    if (!msg || msg.seq !== seq || typeof msg.topic !== "string") continue;
+    kept.push({ seq, size: text.length });
+    keptChars += text.length;
+    render(msg, !!msg.outgoing, true);
+  }
 }
 
 // ---- forms -------------------------------------------------------------------------------
@@ -562,8 +603,7 @@ enterSends(el.pubData, el.pubForm);
 enterSends(el.dmData, el.dmForm);
 el.clear.addEventListener("click", () => {
   el.messages.replaceChildren();
-  kept = [];
-  storageSet(MESSAGES_KEY, null);
+  forgetKept();
   updateCount(); // `seen` is kept: cleared messages do not come back on a resume
 });
 window.addEventListener("online", retryNow);

@@ -1,15 +1,16 @@
-"""The SQLite store's commit log: what an ``ok`` waits for under ``fsync = interval``.
+"""The SQLite store's commit log on disk, its records and segments: what an ``ok`` waits for
+under ``fsync = interval``.
 
 A publish that arrives alone would otherwise pay a whole SQLite transaction (a BEGIN, the
 inserts, a COMMIT writing two or three 4 KiB WAL frames): tens of microseconds on the
 event loop for every chat message. Instead the batch is encoded as one record and
 appended to a log segment with one ``write``: once it returns the batch is in the
 operating system, which a ``kill -9`` of the broker cannot undo, and the batch counts as
-recorded. The store's fsync thread rotates to a new segment every ``fsync_interval``,
-fsyncs the finished one, applies its batches to SQLite in one transaction and removes the
-segment once SQLite holds them durably. At start, whatever segments are left (the broker
-was killed) are applied before anything else. Like Redis' append-only file, with the
-difference that the log only ever holds the last interval.
+recorded. The store's fsync thread (``syncer``) rotates to a new segment every
+``fsync_interval``, fsyncs the finished one, applies its batches to SQLite in one
+transaction and removes the segment once SQLite holds them durably. At start, whatever
+segments are left (the broker was killed) are applied before anything else. Like Redis'
+append-only file, with the difference that the log only ever holds the last interval.
 
 A segment is ``<prefix>.<n>``, ``n`` growing; a record is its payload's length and CRC-32
 (little-endian u32 each) and the payload. A record cut short or damaged (a crash in the
@@ -107,7 +108,7 @@ def read_segment(data: bytes) -> list[Batch]:
 
 class CommitLog:
     """Log segments ``<folder>/<prefix>.<n>``: appended to on the event loop, rotated,
-    fsynced and removed by the store's fsync thread. Not thread-safe: the store
+    fsynced and removed by the store's fsync thread. Not thread-safe: the ``Syncer``
     serialises ``append`` and ``rotate``."""
 
     def __init__(self, folder: Path, prefix: str) -> None:

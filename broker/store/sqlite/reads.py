@@ -1,0 +1,272 @@
+"""History reads from SQLite: ``read_since``, ``read_last`` and replays a page at a time,
+all on the reader thread with its own connection, so that a replay never waits for a
+commit. Reads see what SQLite holds: the store applies the commit log first."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from broker.core.model import Message
+from broker.core.topics import is_pattern, matches
+from broker.store.base import Pages, Replay, chunks
+from broker.store.sqlite.database import connect
+
+# SQLite limits the number of bound parameters; stay well below it.
+_CHUNK = 500
+
+
+def _row_message(row: tuple[Any, ...]) -> Message:
+    return Message(row[0], row[1], bytes(row[2]), row[3], row[4], row[5])
+
+
+class SqlitePages(Pages):
+    """A replay read from SQLite a page at a time, on the reader thread."""
+
+    def __init__(
+        self,
+        reads: Reads,
+        topics: dict[str, int],
+        start: int,
+        recovered: bool,
+        upto: int,
+        size: int,
+        max_bytes: int,
+    ) -> None:
+        super().__init__(start, recovered)
+        self._reads = reads
+        self._topics = topics  # topic -> its trimmed mark when the replay began
+        self._after = start
+        self._upto = upto
+        self._size = size
+        self._max_bytes = max_bytes
+
+    async def next(self) -> list[Message]:
+        while not self.gap and self._topics and self._after < self._upto:
+            page, scanned, gap = await self._reads.page(
+                self._topics, self._after, self._upto, self._size, self._max_bytes
+            )
+            self._after = scanned
+            if gap:
+                self.gap = True
+            elif page:
+                return page
+        return []
+
+
+class Reads:
+    """The reader thread (a pool of one) and its connection: every method with ``_sync``
+    runs there, the others on the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-read")
+        self._db: sqlite3.Connection | None = None
+
+    def connect(self) -> None:
+        """Open the reader's connection (once the schema exists)."""
+        self._db = connect(self.path)
+
+    async def _on(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def close(self) -> None:
+        """Close the connection on its thread, then the thread."""
+        await self._on(self._close_sync)
+        self._pool.shutdown()
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
+        """``Store.read_since`` on what SQLite holds."""
+        result: Replay = await self._on(self._read_since_sync, pattern, since, upto)
+        return result
+
+    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
+        """``Store.read_last`` on what SQLite holds."""
+        result: list[Message] = await self._on(self._read_last_sync, pattern, n, upto)
+        return result
+
+    async def replay(
+        self,
+        pattern: str,
+        since: int | None,
+        last: int | None,
+        upto: int,
+        page_size: int,
+        page_bytes: int,
+    ) -> Pages:
+        """``Store.replay`` on what SQLite holds."""
+        pages: Pages = await self._on(
+            self._replay_sync, pattern, since, last, upto, page_size, page_bytes
+        )
+        return pages
+
+    async def page(
+        self, topics: dict[str, int], after: int, upto: int, size: int, max_bytes: int
+    ) -> tuple[list[Message], int, bool]:
+        """One page of a replay (see ``_page_sync``)."""
+        result: tuple[list[Message], int, bool] = await self._on(
+            self._page_sync, topics, after, upto, size, max_bytes
+        )
+        return result
+
+    def _topics_sync(self, pattern: str) -> list[tuple[str, int]]:
+        db = self._db
+        assert db is not None
+        if not is_pattern(pattern):
+            return db.execute(
+                "SELECT topic, trimmed FROM topics WHERE topic=?", (pattern,)
+            ).fetchall()
+        first = pattern.split("/", 1)[0]
+        if first in ("+", "#"):
+            rows = db.execute("SELECT topic, trimmed FROM topics").fetchall()
+        else:
+            # Topics whose first level is `first`: `first` itself or `first/...`.
+            rows = db.execute(
+                "SELECT topic, trimmed FROM topics WHERE topic=? OR (topic>=? AND topic<?)",
+                (first, first + "/", first + "0"),
+            ).fetchall()
+        return [(t, trimmed) for t, trimmed in rows if matches(pattern, t)]
+
+    def _read_since_sync(self, pattern: str, since: int, upto: int) -> Replay:
+        db = self._db
+        assert db is not None
+        topics = self._topics_sync(pattern)
+        recovered = all(trimmed <= since for _, trimmed in topics)
+        rows: list[tuple[Any, ...]] = []
+        for chunk in chunks([t for t, _ in topics], _CHUNK):
+            marks = ",".join("?" * len(chunk))
+            rows += db.execute(
+                f"SELECT * FROM messages WHERE topic IN ({marks}) AND seq>? AND seq<=?",
+                (*chunk, since, upto),
+            ).fetchall()
+        rows.sort(key=lambda r: r[0])
+        return Replay([_row_message(r) for r in rows], recovered)
+
+    def _read_last_sync(self, pattern: str, n: int, upto: int) -> list[Message]:
+        db = self._db
+        assert db is not None
+        if n == 0:
+            return []
+        rows: list[tuple[Any, ...]] = []
+        for chunk in chunks([t for t, _ in self._topics_sync(pattern)], _CHUNK):
+            marks = ",".join("?" * len(chunk))
+            rows += db.execute(
+                f"SELECT * FROM messages WHERE topic IN ({marks}) AND seq<=? "
+                "ORDER BY seq DESC LIMIT ?",
+                (*chunk, upto, n),
+            ).fetchall()
+        rows.sort(key=lambda r: r[0])
+        return [_row_message(r) for r in rows[-n:]]
+
+    def _replay_sync(
+        self,
+        pattern: str,
+        since: int | None,
+        last: int | None,
+        upto: int,
+        page_size: int,
+        page_bytes: int,
+    ) -> Pages:
+        topics = dict(self._topics_sync(pattern))
+        if since is not None:
+            start, recovered = since, all(trimmed <= since for trimmed in topics.values())
+        else:
+            start, recovered = self._nth_latest_sync(list(topics), last or 0, upto), True
+        return SqlitePages(self, topics, start, recovered, upto, page_size, page_bytes)
+
+    def _nth_latest_sync(self, topics: list[str], n: int, upto: int) -> int:
+        """The seq after which the latest ``n`` messages (``seq <= upto``) of ``topics``
+        begin; ``upto`` when there are none. Reads seqs only, lazily."""
+        db = self._db
+        assert db is not None
+        if n <= 0 or not topics:
+            return upto
+        n = min(n, 1 << 62)  # SQLite integers are 64-bit
+        runs = []
+        for chunk in chunks(topics, _CHUNK):
+            marks = ",".join("?" * len(chunk))
+            cursor = db.execute(
+                f"SELECT seq FROM messages WHERE topic IN ({marks}) AND seq<=? "
+                "ORDER BY seq DESC LIMIT ?",
+                (*chunk, upto, n),
+            )
+            runs.append(row[0] for row in cursor)
+        nth = None
+        for i, seq in enumerate(heapq.merge(*runs, reverse=True)):
+            nth = seq
+            if i + 1 >= n:
+                break
+        return upto if nth is None else int(nth) - 1
+
+    def _page_sync(
+        self, topics: dict[str, int], after: int, upto: int, size: int, max_bytes: int
+    ) -> tuple[list[Message], int, bool]:
+        """One page of a replay: messages of ``topics`` with ``after < seq <= upto``, at
+        most ``size`` of them and ``max_bytes`` of data; the seq read up to; and whether
+        a message of the replay was removed before it could be read (a gap)."""
+        db = self._db
+        assert db is not None
+        names = list(topics)
+        if len(names) <= 2 * _CHUNK:
+            # Few topics: their (topic, seq) index finds the next messages.
+            found: list[tuple[int, int]] = []
+            for chunk in chunks(names, _CHUNK):
+                marks = ",".join("?" * len(chunk))
+                found += db.execute(
+                    f"SELECT seq, length(data) FROM messages WHERE topic IN ({marks}) "
+                    "AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
+                    (*chunk, after, upto, size),
+                ).fetchall()
+            found.sort()
+            scanned = upto if len(found) < size else found[size - 1][0]
+        else:
+            # Many topics: walk the messages in seq order, keep those of these topics.
+            rows = db.execute(
+                "SELECT seq, topic, length(data) FROM messages WHERE seq>? AND seq<=? "
+                "ORDER BY seq LIMIT ?",
+                (after, upto, 4 * size),
+            ).fetchall()
+            found = [(seq, length) for seq, topic, length in rows if topic in topics]
+            scanned = upto if len(rows) < 4 * size else rows[-1][0]
+        seqs: list[int] = []
+        total = 0
+        for seq, length in found[:size]:
+            if seqs and total + length > max_bytes:
+                break
+            seqs.append(seq)
+            total += length
+        if len(seqs) < len(found):
+            scanned = seqs[-1]
+        messages: list[Message] = []
+        if seqs:
+            marks = ",".join("?" * len(seqs))
+            rows = db.execute(
+                f"SELECT * FROM messages WHERE seq IN ({marks}) ORDER BY seq", seqs
+            ).fetchall()
+            messages = [_row_message(r) for r in rows]
+        # A message of the replay removed before it was read (retention, the per-topic
+        # count) moved its topic's mark past `after` since the replay began.
+        if len(names) <= 2 * _CHUNK:
+            moved: list[tuple[str, int]] = []
+            for chunk in chunks(names, _CHUNK):
+                marks = ",".join("?" * len(chunk))
+                moved += db.execute(
+                    f"SELECT topic, trimmed FROM topics WHERE topic IN ({marks}) AND trimmed>?",
+                    (*chunk, after),
+                ).fetchall()
+        else:
+            moved = db.execute(
+                "SELECT topic, trimmed FROM topics WHERE trimmed>?", (after,)
+            ).fetchall()
+        gap = any(trimmed > topics.get(topic, trimmed) for topic, trimmed in moved)
+        if len(messages) < len(seqs):
+            gap = True
+        return messages, scanned, gap

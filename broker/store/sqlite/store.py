@@ -1,0 +1,285 @@
+"""``SqliteStore``: the default, durable store, composed of the package's parts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NoReturn
+
+from broker.core.model import Draft, Message, now_ms
+from broker.errors import Unavailable
+from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store
+from broker.store.dedupe import encode_seqs, number
+from broker.store.sqlite.commitlog import Batch, CommitLog, encode
+from broker.store.sqlite.database import Database, check_database
+from broker.store.sqlite.files import DirectoryLock, FileWatch, boot_id, describe
+from broker.store.sqlite.reads import Reads
+from broker.store.sqlite.syncer import TAIL_MAX_BYTES, Syncer
+
+log = logging.getLogger("broker.store.sqlite")
+
+#: Seqs are reserved durably this many at a time (see Database.resume_sequence).
+SEQ_RESERVE = 10_000
+
+
+class SqliteStore(Store):
+    """History in an SQLite database (WAL): survives a crash of the broker and restarts.
+
+    A batch counts as recorded once it is appended to the commit log
+    (``broker.store.sqlite.commitlog``) with one ``write``; the fsync policy
+    (docs/operations.md, "Durability and fsync") says what else. ``interval`` (the
+    default): nothing else, so the append runs on the event loop's thread
+    (``append_now``): the batch is in the operating system, which a ``kill -9`` of the
+    broker cannot undo, and a power loss can cost the publishes of the last
+    ``fsync_interval``, never the database's consistency. ``always``: the batch is
+    appended the same way and counts once the store's fsync thread has fsynced the
+    segment; publishes that arrive meanwhile form the next group commit.
+
+    Either way a thread of its own, every ``fsync_interval`` seconds, rotates the log,
+    fsyncs the finished segment, applies its batches to SQLite in one transaction, fsyncs
+    and checkpoints the WAL, and removes the segment. Reads (their own thread and
+    connection, so replay never waits for a commit) and retention apply the log first.
+
+    ``max_pages`` (tests only) caps the database at that many pages (SQLite's
+    ``max_page_count``), so that a test meets "database or disk is full" without filling
+    a disk; ``boot_id`` (tests only) stands for this machine's boot id, as if it had
+    rebooted (a power loss) since the last run."""
+
+    def __init__(
+        self,
+        path: Path,
+        history: int = 1000,
+        retention: float = 24 * 3600,
+        *,
+        fsync: str = "interval",
+        fsync_interval: float = 1.0,
+        max_pages: int | None = None,
+        boot_id: str | None = None,
+    ) -> None:
+        super().__init__(history, retention)
+        self.path = path
+        if fsync not in ("interval", "always"):
+            raise ValueError(f"unknown fsync policy {fsync!r}")
+        #: Fsync before every commit counts (True), or every ``fsync_interval`` seconds.
+        self.fsync_always = fsync == "always"
+        self.fsync_interval = fsync_interval
+        self._boot_id = boot_id
+        self._lock = DirectoryLock(path.parent)
+        self._file = FileWatch(path)
+        self._db = Database(path, history, fsync_interval, max_pages)
+        self._syncer = Syncer(self._db, fsync_interval, lambda cause: self._failing(cause, 0))
+        self._reads = Reads(path)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-write")
+        #: Seqs up to this one are durably reserved (see Database.resume_sequence).
+        self._reserved = 0
+        # The cause of the storage failure going on (None: none) and publishes refused.
+        self._failure: str | None = None
+        self._refused = 0
+        self._trim_failure: str | None = None
+
+    async def _write(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    # -- open and close (the writer thread) -------------------------------------------
+
+    async def open(self) -> None:
+        await self._write(self._open_sync)
+        self._syncer.start(asyncio.get_running_loop())
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            self._open_database()
+        except sqlite3.DatabaseError as exc:
+            self._lock.release()
+            raise Unavailable(
+                f"cannot open {self.path}: {describe(exc)}; the file is corrupt or not an "
+                "SQLite database: move it away or choose another --data"
+            ) from None
+        except BaseException:
+            self._lock.release()
+            raise
+        self._file.remember()
+
+    def _open_database(self) -> None:
+        check_database(self.path)
+        self.epoch, self.last_seq = self._db.open()
+        log_ = CommitLog(self.path.parent, f"{self.path.name}-log")
+        self.last_seq, recovered = self._syncer.recover(log_, self.last_seq)
+        booted = self._boot_id or boot_id()
+        self.last_seq, self._reserved = self._db.resume_sequence(self.last_seq, booted)
+        self._syncer.applied_seq = self.last_seq
+        self._reads.connect()
+        self._db.open_rest()
+        log_.remove_upto(recovered)
+        log_.start()
+        self._syncer.log = log_
+
+    async def close(self) -> None:
+        await self._syncer.stop()
+        await self._reads.close()
+        await self._write(self._close_sync)
+        self._writer.shutdown()
+        self._lock.release()
+
+    def _close_sync(self) -> None:
+        self._syncer.apply()
+        self._db.close(self.last_seq)
+        self._syncer.close_log()
+
+    # -- appends (the event loop) -----------------------------------------------------
+
+    def append_now(self, drafts: list[Draft]) -> list[Message] | None:
+        # With fsync always an ok waits for the fsync thread (append). So does a failing
+        # store, or a tail SQLite has not caught up with.
+        if (
+            self.fsync_always
+            or self._failure is not None
+            or self._syncer.tail_bytes > TAIL_MAX_BYTES
+        ):
+            return None
+        try:
+            return self._append_log(drafts)
+        except (sqlite3.Error, OSError, Unavailable) as exc:
+            self._append_failed(exc, len(drafts))
+
+    async def append(self, drafts: list[Draft]) -> list[Message]:
+        try:
+            if self._failure is not None or self._syncer.tail_bytes > TAIL_MAX_BYTES:
+                # SQLite first takes what the log holds (or says why it cannot).
+                await self._write(self._syncer.apply)
+            result = self._append_log(drafts)
+            if self.fsync_always:
+                await self._syncer.await_fsync()
+        except (sqlite3.Error, OSError, Unavailable) as exc:
+            self._append_failed(exc, len(drafts))
+        if self._failure is not None:
+            log.warning(
+                "store records publishes again (%d refused meanwhile; the cause was: %s)",
+                self._refused,
+                self._failure,
+                extra={"event": "store_recovered"},
+            )
+            self._failure = None
+        return result
+
+    def _append_log(self, drafts: list[Draft]) -> list[Message]:
+        """Number a batch and append it to the commit log, on the event loop's thread:
+        recorded once this returns (``interval``), or once the fsync thread has fsynced
+        it (``always``, ``Syncer.await_fsync``)."""
+        self._file.check()
+        now = now_ms()
+        numbered = number(drafts, self.last_seq + 1, lambda u, k: self._live_key(u, k, now))
+        messages = numbered.fresh
+        if not messages:
+            return numbered.results  # duplicates only: nothing to record
+        last = messages[-1].seq
+        # Seqs are reserved durably ahead of use (see Database.resume_sequence): the
+        # record that crosses the reservation carries the next one and is fsynced before
+        # any ok.
+        reserved = last + SEQ_RESERVE if last > self._reserved else 0
+        record = encode(
+            Batch(
+                messages,
+                [(u, k, encode_seqs(seqs), now) for (u, k), seqs in numbered.keys.items()],
+                reserved,
+            )
+        )
+        self._syncer.add(record, messages, numbered.keys, now, reserved)
+        self.last_seq = last
+        if reserved:
+            self._reserved = reserved
+        return numbered.results
+
+    def _live_key(self, user: str, key: str, now: int) -> tuple[int, ...] | None:
+        """The seqs of ``user``'s publish with ``key`` within the dedupe window, wherever
+        it is: the log's tail, a batch being applied, or SQLite."""
+        oldest = now - self.dedupe_window * 1000
+        hit = self._syncer.live_key((user, key), oldest)
+        if hit is not None:
+            return hit
+        return self._db.known_key(user, key, oldest)
+
+    def _append_failed(self, exc: sqlite3.Error | OSError | Unavailable, refused: int) -> NoReturn:
+        cause = exc.message if isinstance(exc, Unavailable) else describe(exc)
+        self._failing(cause, refused)
+        raise Unavailable("the store cannot record messages now; retry later") from None
+
+    def _failing(self, cause: str, refused: int) -> None:
+        """Log a storage failure once when it starts, not once per batch."""
+        if self._failure is None:
+            log.error(
+                "store cannot record publishes: %s (%s); answering 'unavailable' until it can",
+                cause,
+                self.path,
+                extra={"event": "store_failing"},
+            )
+            self._failure = cause
+            self._refused = 0
+        self._refused += refused
+
+    # -- reads (the reader thread, after the writer applied what they need) -----------
+
+    async def _visible(self, upto: int) -> None:
+        """Apply the commit log if SQLite does not hold every message up to ``upto`` yet.
+        When it cannot (the store is failing), reads go on without the log's tail."""
+        if self._syncer.applied_seq >= upto or self._syncer.log is None:
+            return
+        try:
+            await self._write(self._syncer.apply)
+        except (sqlite3.Error, OSError) as exc:
+            self._failing(describe(exc), 0)
+
+    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
+        await self._visible(upto)
+        return await self._reads.read_since(pattern, since, upto)
+
+    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
+        await self._visible(upto)
+        return await self._reads.read_last(pattern, n, upto)
+
+    async def replay(
+        self,
+        pattern: str,
+        *,
+        since: int | None = None,
+        last: int | None = None,
+        upto: int,
+        page_size: int = PAGE_SIZE,
+        page_bytes: int = PAGE_BYTES,
+    ) -> Pages:
+        await self._visible(upto)
+        return await self._reads.replay(pattern, since, last, upto, page_size, page_bytes)
+
+    # -- retention (the writer thread) ------------------------------------------------
+
+    def _trim_sync(self, now: float) -> int:
+        # Retention covers what the log holds too; but when SQLite cannot take the log (a
+        # full disk), trimming is what frees the room for it.
+        with contextlib.suppress(sqlite3.Error, OSError):
+            self._syncer.apply()
+        return self._db.trim(now, self.retention, self.dedupe_window)
+
+    async def trim(self, now: float) -> int:
+        lost = self._file.newly_lost()
+        if lost is not None:
+            self._failing(lost, 0)  # noticed without waiting for a publish
+        try:
+            removed: int = await self._write(self._trim_sync, now)
+        except (sqlite3.Error, OSError) as exc:
+            if self._trim_failure is None:
+                self._trim_failure = describe(exc)
+                log.warning(
+                    "retention cannot remove old messages: %s (%s)",
+                    self._trim_failure,
+                    self.path,
+                    extra={"event": "trim_failed"},
+                )
+            return 0
+        self._trim_failure = None
+        return removed
