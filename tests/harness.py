@@ -28,12 +28,11 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from click.core import ParameterSource
-
-from broker.cli.serve import serve
+from broker.cli.serve import given_flags, serve
 from broker.core.auth import mint_token
 from broker.server.app import BrokerServer
-from broker.server.config import SETTINGS, ServerConfig, load_settings
+from broker.server.config import ServerConfig
+from broker.server.config_load import load_settings
 from broker.server.factory import create_server
 from broker.server.logs import log_handler
 
@@ -55,14 +54,9 @@ def serve_config(home: Path, args: list[str]) -> ServerConfig:
     """The settings ``broker serve ARGS`` would run with, the environment and any config
     file left out (an empty one is read instead of the user's)."""
     ctx = serve.make_context("serve", list(args))
-    flags: dict[str, Any] = {}
-    for row in SETTINGS:
-        if ctx.get_parameter_source(row.name) is ParameterSource.COMMANDLINE:
-            value = ctx.params[row.name]
-            flags[row.name] = [v for part in value for v in part] if row.kind.multiple else value
     empty = home / "empty.toml"
     empty.write_text("")
-    return load_settings(flags, {}, empty).config
+    return load_settings(given_flags(ctx, ctx.params), {}, empty).config
 
 
 class BrokerThread:

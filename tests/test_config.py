@@ -54,6 +54,7 @@ async def check_configured(broker: BrokerProcess, data_dir: Path) -> None:
     assert (data_dir / "broker.sqlite3").is_file()
 
 
+@pytest.mark.slow
 async def test_a_broker_configured_entirely_by_file(tmp_path: Path) -> None:
     port, data = free_port(), tmp_path / "filedata"
     config = tmp_path / "broker.toml"
@@ -71,6 +72,7 @@ async def test_a_broker_configured_entirely_by_file(tmp_path: Path) -> None:
         broker.kill()
 
 
+@pytest.mark.slow
 async def test_a_broker_configured_entirely_by_environment(tmp_path: Path) -> None:
     port, data = free_port(), tmp_path / "envdata"
     env = {
@@ -88,6 +90,7 @@ async def test_a_broker_configured_entirely_by_environment(tmp_path: Path) -> No
         broker.kill()
 
 
+@pytest.mark.slow
 def test_the_default_config_file_is_read(tmp_path: Path) -> None:
     """broker.toml in the user's config dir applies when no --config is given."""
     port = free_port()

@@ -29,7 +29,8 @@ from broker.core.auth import mint_token
 
 from .support import ROOT, BrokerProcess, Peer, free_port
 
-pytestmark = pytest.mark.process
+# Chromium against broker serve processes.
+pytestmark = [pytest.mark.process, pytest.mark.browser]
 
 try:
     from playwright.async_api import Browser, Locator, Page, async_playwright, expect
