@@ -63,7 +63,8 @@ class BrokerThread:
     """A broker server in this process; ``start()`` returns once it listens.
 
     The same conveniences as ``BrokerProcess``: ``url``, ``http_url``, ``port``,
-    ``token(...)``, ``log()`` (its log lines, in the format ``--log-format`` asks for),
+    ``token(...)``, ``log()`` (the lines its event loop logged, in the format
+    ``--log-format`` asks for),
     ``stop()`` (graceful, as SIGTERM) and ``restart()`` (same port, same data).
     """
 
@@ -201,6 +202,11 @@ class BrokerThread:
     def _capture_logs(self, config: ServerConfig) -> None:
         handler = log_handler(config.log_format, self._log)
         handler.setLevel(config.log_level.upper())
+        # The logger is the process's: keep what this broker's own thread logs, not what
+        # another broker of the same test does (its worker threads' lines are left out).
+        handler.addFilter(
+            lambda record: self._thread is not None and record.thread == self._thread.ident
+        )
         _LogLevel.acquire(config.log_level.upper())
         logging.getLogger("broker").addHandler(handler)
         self._handler = handler
