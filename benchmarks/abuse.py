@@ -27,9 +27,10 @@ machine is shared); its row says so. Every loop is bounded in count and time.
     python benchmarks/abuse.py --only fire_forget,idle_sockets --json out.json
     PYTHONPATH=/path/to/other/checkout python benchmarks/abuse.py   # another version
 
-Only the wire protocol is used (tokens are minted here, HS256), so any version of the
-broker can be measured: it is run as ``python -m broker.cli serve`` when the importable
-``broker`` package has the layered layout, else as ``python -m broker.cli serve``.
+Only the wire protocol is used (odd tokens are minted here, HS256), so any version of the
+broker that has ``python -m broker.cli serve`` can be measured: the one ``$PYTHONPATH``
+makes importable when it is set, else this checkout (``benchmarks/harness.py``). Raw
+clients encode and parse frames with the core's codec (``broker.core.frames``).
 """
 
 from __future__ import annotations
@@ -59,8 +60,13 @@ from typing import Any
 
 import orjson
 import psutil
+from harness import Broker, StartFailed, broker_package
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from broker.client.link import frame as client_frame
+from broker.core.auth import mint_token
+from broker.core.frames import CLOSE, TEXT, Frame, FrameError, Parser
 
 SECRET = "abuse-benchmark-secret-0123456789abcdef"
 RSS_CAP = 2 * 1024**3  # stop an attack whose broker grows past this (shared machine)
@@ -72,7 +78,7 @@ TARGET_RSS_MB = 512.0
 ATTACKER_NICE = 10  # the attacking process's priority while an attack runs
 PROBE_ADDRESS = "127.0.0.2"  # loopback too, but another address than the attacker's
 
-# -- tokens (HS256, minted here: the benchmark talks the wire protocol only) -----------
+# -- tokens: malformed ones are minted here by hand (HS256) ----------------------------
 
 
 def _b64(raw: bytes) -> bytes:
@@ -88,8 +94,7 @@ def mint_raw(header: bytes, payload: bytes, secret: str = SECRET) -> str:
 
 def token(user: str, ttl: float = 3600) -> str:
     """An ordinary token for ``user``."""
-    payload = {"sub": user, "name": user, "exp": int(time.time() + ttl)}
-    return mint_raw(b'{"alg":"HS256","typ":"JWT"}', orjson.dumps(payload))
+    return mint_token(SECRET, user, ttl=ttl)
 
 
 # -- a raw WebSocket client (for sockets that never read, and odd handshakes) -----------
@@ -110,36 +115,14 @@ def ws_request(port: int, bearer: str | None = None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
-    """A client frame; the mask key is zero, so the payload goes as it is."""
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-    return head + b"\0\0\0\0" + payload
-
-
-def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
-    """Complete server frames at the start of ``buf`` (removed from it)."""
-    out: list[tuple[int, bytes]] = []
-    while len(buf) >= 2:
-        n = buf[1] & 0x7F
-        pos = 2
-        if n == 126:
-            if len(buf) < 4:
-                break
-            n, pos = int.from_bytes(buf[2:4], "big"), 4
-        elif n == 127:
-            if len(buf) < 10:
-                break
-            n, pos = int.from_bytes(buf[2:10], "big"), 10
-        if len(buf) < pos + n:
-            break
-        out.append((buf[0] & 0x0F, bytes(buf[pos : pos + n])))
-        del buf[: pos + n]
+def parse_frames(parser: Parser, data: bytes) -> list[Frame]:
+    """The server messages and control frames that ``data`` completes; a stream the
+    codec refuses ends with a made-up close frame carrying the codec's close code."""
+    out: list[Frame] = []
+    try:
+        out.extend(parser.feed(data))
+    except FrameError as exc:
+        out.append((CLOSE, exc.code.to_bytes(2, "big")))
     return out
 
 
@@ -163,17 +146,17 @@ def probe_once(port: int, bearer: str, timeout: float = 3.0) -> float | None:
             head, _, rest = bytes(buf).partition(b"\r\n\r\n")
             if b" 101 " not in head.split(b"\r\n", 1)[0]:
                 return None
-            buf = bytearray(rest)
+            parser = Parser(masked=False)
+            chunk = rest
             while time.monotonic() - started < timeout:
-                for opcode, payload in parse_frames(buf):
-                    if opcode == 1 and b'"hello"' in payload:
+                for opcode, payload in parse_frames(parser, chunk):
+                    if opcode == TEXT and b'"hello"' in payload:
                         return time.monotonic() - started
-                    if opcode == 8:
+                    if opcode == CLOSE:
                         return None
                 chunk = sock.recv(65536)
                 if not chunk:
                     return None
-                buf += chunk
     except OSError:
         return None
     return None
@@ -186,7 +169,7 @@ class RawClient:
         self.reader = reader
         self.writer = writer
         self.status = 0
-        self.buf = bytearray()
+        self.parser = Parser(masked=False)
 
     @classmethod
     async def open(
@@ -208,23 +191,22 @@ class RawClient:
 
     def send(self, frame: dict[str, Any] | bytes) -> None:
         payload = frame if isinstance(frame, bytes) else orjson.dumps(frame)
-        self.writer.write(ws_frame(payload))
+        self.writer.write(client_frame(payload))
 
-    async def frames(self, timeout: float) -> list[tuple[int, bytes]]:
+    async def frames(self, timeout: float) -> list[Frame]:
         """Whatever complete frames arrive within ``timeout`` (at least one, unless EOF)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            got = parse_frames(self.buf)
-            if got:
-                return got
             try:
                 chunk = await asyncio.wait_for(self.reader.read(65536), deadline - time.monotonic())
             except TimeoutError:
                 break
             if not chunk:
                 break
-            self.buf += chunk
-        return parse_frames(self.buf)
+            got = parse_frames(self.parser, chunk)
+            if got:
+                return got
+        return []
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -234,107 +216,12 @@ class RawClient:
 # -- the broker under test --------------------------------------------------------------
 
 
-def serve_module(env: dict[str, str]) -> tuple[list[str], Path]:
-    """How to run ``serve`` for the importable ``broker`` package, and where from."""
-    out = subprocess.run(
-        [sys.executable, "-c", "import broker, os; print(os.path.dirname(broker.__file__))"],
-        env=env,
-        cwd=tempfile.gettempdir(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
+def default_broker(workdir: Path, env: dict[str, str], data: Path | None = None) -> Broker:
+    """A broker (not started) with default settings, the log level included (its growth is
+    measured), and the usual soft file-descriptor limit; SQLite store in ``workdir``."""
+    return Broker(
+        workdir=workdir, secret=SECRET, data=data, env=env, log_level=None, nofile=BROKER_NOFILE
     )
-    package = Path(out.stdout.strip())
-    if (package / "server").is_dir():
-        return ["-m", "broker.cli"], package.parent
-    return ["-m", "cli.main"], package.parent
-
-
-class Broker:
-    """A broker subprocess with default settings, SQLite store in a temp directory."""
-
-    def __init__(self, workdir: Path, env: dict[str, str], extra: list[str] | None = None) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.data = workdir / "data"
-        self.log_path = workdir / f"broker-{self.port}.log"
-        self.env = dict(env)
-        self.env["XDG_CONFIG_HOME"] = str(workdir / "config")
-        self.env["XDG_DATA_HOME"] = str(workdir / "xdg-data")
-        self.env["NO_COLOR"] = "1"
-        self.env["COLUMNS"] = "200"
-        module, self.cwd = serve_module(self.env)
-        self.cmd = [sys.executable, *module, "serve", "--port", str(self.port)]
-        self.cmd += ["--secret", SECRET, "--data", str(self.data), *(extra or [])]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def start(self, timeout: float = 20.0) -> bool:
-        """Start and wait until it listens; False if it exited (see ``log()``)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-
-        def limits() -> None:
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            soft = BROKER_NOFILE if hard == resource.RLIM_INFINITY else min(BROKER_NOFILE, hard)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.cmd, cwd=self.cwd, env=self.env, stdout=log, stderr=log, preexec_fn=limits
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return True
-            time.sleep(0.05)
-        self.kill()
-        return False
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
-    def stop(self, timeout: float = 12.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Monitor:
@@ -833,12 +720,11 @@ async def attack_never_readers(ctx: Ctx) -> None:
 
 async def attack_second_broker(ctx: Ctx) -> None:
     """Row 9: a second broker started on the same --data, publishing through it."""
-    second = Broker(ctx.broker.workdir / "second", ctx.broker.env)
-    second.data = ctx.broker.data
-    second.cmd[second.cmd.index("--data") + 1] = str(ctx.broker.data)
-    started = await asyncio.to_thread(second.start, 15.0)
+    second = default_broker(ctx.broker.workdir / "second", ctx.broker.env, data=ctx.broker.data)
     try:
-        if not started:
+        try:
+            await asyncio.to_thread(second.start, 15.0)
+        except StartFailed:
             last = [ln for ln in second.log().splitlines() if ln.strip()][-1:] or ["(no output)"]
             code = second.proc.returncode if second.proc else None
             ctx.notes["second"] = f"refused to start (exit {code}): {last[0][:120]}"
@@ -958,10 +844,12 @@ ATTACKS = [
 
 def run_attack(attack: Attack, env: dict[str, str], root: Path) -> dict[str, Any]:
     workdir = root / attack.name
-    broker = Broker(workdir, env)
+    broker = default_broker(workdir, env)
     row: dict[str, Any] = {"attack": attack.name, "row": attack.row, "seconds": attack.seconds}
-    if not broker.start():
-        row["error"] = "broker did not start: " + broker.log()[-300:]
+    try:
+        broker.start()
+    except StartFailed as exc:
+        row["error"] = f"broker did not start: {str(exc)[-300:]}"
         return row
     monitor: Monitor | None = None
     pair: subprocess.Popen[str] | None = None
@@ -1156,7 +1044,7 @@ def main() -> int:
         shutil.rmtree(root, ignore_errors=True)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"version: {serve_module(env)[1]}; {time.monotonic() - started:.0f} s in all; load {load}"
+        f"version: {broker_package(env).parent}; {time.monotonic() - started:.0f} s in all; load {load}"
     )
     print(table(rows))
     if args.json:

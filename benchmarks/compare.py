@@ -11,9 +11,9 @@ core 1, and prints a table with the ratio of each peer to our broker.
 
 Servers:
 
-* ``broker``: ours, started like ``broker bench`` does (``broker.cli.bench.embedded_broker``:
-  default SQLite store in a temporary directory); publishes carry an ``id`` and are acked
-  only once recorded durably.
+* ``broker``: ours, started by ``benchmarks/harness.py`` (``broker serve``, default SQLite
+  store in a temporary directory); publishes carry an ``id`` and are acked only once
+  recorded durably.
 * ``socketio``: ``benchmarks/peers/socketio-server.js`` (Node, Socket.IO 4, JWT in the
   handshake ``auth``, ``socket.to(room).emit`` relay); installed with ``npm ci`` in
   ``benchmarks/peers`` when ``node_modules`` is missing. Publishes use an ack callback.
@@ -50,7 +50,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from harness import Broker, StartFailed, free_port, stop_process, wait_port  # noqa: E402
 from loadgen import Stats, close_all, new_loop, open_many, raise_nofile, wait_until  # noqa: E402
 
 from broker.client.bench import percentiles, proc_cpu_seconds, proc_rss_bytes  # noqa: E402
@@ -94,12 +94,6 @@ class Server:
     token: Callable[[str], str]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def pin(pid: int, cpu: int) -> None:
     """Pin every thread of ``pid`` to ``cpu`` (threads started later inherit it)."""
     with contextlib.suppress(FileNotFoundError):
@@ -108,40 +102,26 @@ def pin(pid: int, cpu: int) -> None:
                 os.sched_setaffinity(int(tid), {cpu})
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise Skip(f"{what} exited: {err.strip()[-400:]}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
-            return
-        if time.monotonic() > deadline:
-            raise Skip(f"{what} did not start listening")
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def started(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until ``proc`` listens on ``port``; ``Skip`` with its error output if not."""
+    try:
+        wait_port(port, proc, what)
+    except StartFailed as exc:
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        raise Skip(f"{exc}: {err.strip()[-400:]}") from None
 
 
 @contextlib.contextmanager
 def start_broker() -> Iterator[Server]:
-    from broker.cli.bench import embedded_broker
-
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
-    )
-    with contextlib.chdir(ROOT), embedded_broker([]) as (url, secret, pid):
-        pin(pid, SERVER_CPU)
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
-        yield Server("broker", port, pid, lambda uid: mint_token(secret, uid, ttl=3600))
+    try:
+        broker = Broker(["--max-queue", "64MiB"]).start()
+    except StartFailed as exc:
+        raise Skip(str(exc)) from None
+    try:
+        pin(broker.pid, SERVER_CPU)
+        yield Server("broker", broker.port, broker.pid, broker.token)
+    finally:
+        broker.stop()
 
 
 def ensure_node_peer() -> None:
@@ -183,11 +163,11 @@ def start_socketio() -> Iterator[Server]:
         stderr=subprocess.PIPE,
     )
     try:
-        wait_port(port, proc, "the Socket.IO server")
+        started(port, proc, "the Socket.IO server")
         pin(proc.pid, SERVER_CPU)
         yield Server("socketio", port, proc.pid, lambda uid: mint_token(secret, uid, ttl=3600))
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def mosquitto_binary() -> str:
@@ -224,11 +204,11 @@ def start_mosquitto() -> Iterator[Server]:
             stderr=subprocess.PIPE,
         )
         try:
-            wait_port(port, proc, "mosquitto")
+            started(port, proc, "mosquitto")
             pin(proc.pid, SERVER_CPU)
             yield Server("mosquitto", port, proc.pid, lambda uid: "")
         finally:
-            stop(proc)
+            stop_process(proc)
 
 
 STARTERS = {"broker": start_broker, "socketio": start_socketio, "mosquitto": start_mosquitto}

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: docs/performance.md, "Chat rooms").
 HOT = [
     "broker/core/auth.py",
+    "broker/core/frames.py",
     "broker/core/hub.py",
     "broker/core/model.py",
     "broker/core/protocol.py",

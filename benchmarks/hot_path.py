@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from websockets.frames import Frame, Opcode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.core.auth import mint_token  # noqa: E402
+from broker.core.frames import TEXT, encode  # noqa: E402
 from broker.server.app import SERVER_NAME, BrokerServer  # noqa: E402
 from broker.server.config import ServerConfig  # noqa: E402
 from broker.server.connection import Connection  # noqa: E402
@@ -76,7 +76,8 @@ class CountingTransport:
 
 
 def masked(obj: object) -> bytes:
-    return Frame(Opcode.TEXT, orjson.dumps(obj)).serialize(mask=True)
+    """``obj`` as a client's (masked) text frame."""
+    return encode(orjson.dumps(obj), TEXT, mask=os.urandom(4))
 
 
 SECRET = "k" * 32

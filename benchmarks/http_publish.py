@@ -1,6 +1,6 @@
 """HTTP publishes per second and p99 next to WebSocket publishes, on the same broker run.
 
-Starts an embedded broker (SQLite store by default) on a free loopback port. The HTTP
+Starts a broker (benchmarks/harness.py; SQLite store by default) on a free loopback port. The HTTP
 client keeps 16 requests in flight over 16 keep-alive connections (``POST /api/publish``,
 each answered after the message is recorded); the WebSocket client keeps 16 acknowledged
 ``pub`` frames in flight on one connection. Both publish the same number of messages of
@@ -31,8 +31,7 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.cli.bench import embedded_broker  # noqa: E402
-from broker.core.auth import mint_token  # noqa: E402
+from harness import Broker  # noqa: E402
 
 PAYLOAD = {"home": 2, "away": 1, "minute": 67, "note": "x" * 40}
 
@@ -144,10 +143,10 @@ def main() -> None:
     extra = ["--memory"] if args.memory else []
     results: dict[str, list[tuple[float, float]]] = {"http": [], "websocket": []}
     cpu: dict[str, list[float]] = {"http": [], "websocket": []}
-    with embedded_broker(extra) as (url, secret, pid):
-        server = psutil.Process(pid)
-        port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
-        token = mint_token(secret, "bench", ttl=3600)
+    with Broker([*extra, "--max-queue", "64MiB"]) as broker:
+        server = psutil.Process(broker.pid)
+        port, url = broker.port, broker.url
+        token = broker.token("bench")
 
         def server_cpu() -> float:
             times = server.cpu_times()

@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import shutil
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from harness import broker_env, free_port  # noqa: E402
 
 from broker.core.auth import mint_token  # noqa: E402
 from broker.server.config import ServerConfig  # noqa: E402
@@ -30,7 +34,7 @@ from broker.server.factory import create_server  # noqa: E402
 CLIENTS = r"""
 import asyncio, base64, os, sys
 import orjson
-from websockets.frames import Frame, Opcode
+from broker.client.link import frame
 
 async def one(port, token, i):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -41,7 +45,7 @@ async def one(port, token, i):
         f"Authorization: Bearer {token}\r\n\r\n").encode())
     await reader.readuntil(b"\r\n\r\n")
     sub = {"op": "sub", "topic": f"idle/{i}", "id": 1}
-    writer.write(Frame(Opcode.TEXT, orjson.dumps(sub)).serialize(mask=True))
+    writer.write(frame(orjson.dumps(sub)))
     await reader.read(4096)  # hello and the sub's ok
     return reader, writer
 
@@ -55,9 +59,11 @@ asyncio.run(main())
 """
 
 
-async def open_clients(port: int, n: int, token: str) -> subprocess.Popen[bytes]:
+async def open_clients(port: int, n: int, token: str, home: Path) -> subprocess.Popen[bytes]:
     child = subprocess.Popen(
-        [sys.executable, "-c", CLIENTS, str(port), str(n), token], stdout=subprocess.PIPE
+        [sys.executable, "-c", CLIENTS, str(port), str(n), token],
+        stdout=subprocess.PIPE,
+        env=broker_env(home),
     )
     assert child.stdout is not None
     await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)
@@ -68,19 +74,21 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--connections", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--port", type=int, default=18790)
+    parser.add_argument("--port", type=int, help="default: a free one")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     secret = "k" * 32
-    server = create_server(ServerConfig(port=args.port, secret=secret, memory=True))
+    port = args.port or free_port()
+    home = Path(tempfile.mkdtemp(prefix="idle-memory-"))
+    server = create_server(ServerConfig(port=port, secret=secret, memory=True))
     await server.start()
     token = mint_token(secret, "idle", ttl=3600)
-    children = [await open_clients(args.port, args.warmup, token)]
+    children = [await open_clients(port, args.warmup, token, home)]
     try:
         gc.collect()
         tracemalloc.start(1)
         before = tracemalloc.take_snapshot()
-        children.append(await open_clients(args.port, args.connections, token))
+        children.append(await open_clients(port, args.connections, token, home))
         await asyncio.sleep(0.5)
         gc.collect()
         after = tracemalloc.take_snapshot()
@@ -95,7 +103,9 @@ async def main() -> None:
     finally:
         for child in children:
             child.kill()
+            child.wait()
         await server.shutdown()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
 """A lean load generator for benchmarks/compare.py: many WebSocket connections per core.
 
-Every connection is a raw ``asyncio.Protocol`` (uvloop when installed) that does the HTTP
-upgrade by hand and then reads only WebSocket frame headers: server frames are unmasked,
-so counting deliveries costs a few byte look-ups per frame, not a JSON decode. A sample of
-deliveries is decoded for latency: every published payload starts with ``@@<time.time()>@@``
-so the send time is found the same way in any of the three wire formats.
-
-Client frames are masked with the all-zero key (legal, and XOR with zero is a no-op), so
-publishing costs one bytes join.
+Every connection is the client's own lean link (``broker.client.link.Link``: an
+``asyncio.Protocol`` on the core's frame codec, uvloop when installed), so the load
+generator's WebSocket is the one ``broker bench`` uses. Messages are not decoded: a few
+byte look-ups tell a delivery from an ack. A sample of deliveries is decoded for latency:
+every published payload starts with ``@@<time.time()>@@`` so the send time is found the
+same way in any of the three wire formats.
 
 Three wire protocols, one class each:
 
@@ -26,31 +24,23 @@ Three wire protocols, one class each:
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from broker.client.link import Link  # noqa: E402
+from broker.core.frames import BINARY, TEXT  # noqa: E402
 
 try:  # pragma: no cover - optional
     import uvloop
 except ImportError:  # pragma: no cover
     uvloop = None  # type: ignore[assignment]
-
-_ZERO_MASK = b"\x00\x00\x00\x00"
-
-
-def client_frame(payload: bytes, opcode: int = 1) -> bytes:
-    """A final, masked (all-zero key) client frame holding ``payload``."""
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    return header + _ZERO_MASK + payload
 
 
 def stamp_payload(size: int) -> bytes:
@@ -59,15 +49,16 @@ def stamp_payload(size: int) -> bytes:
     return head + b"x" * max(0, size - len(head))
 
 
-def stamp_of(buf: bytes, start: int, end: int) -> float | None:
-    i = buf.find(b"@@", start, end)
+def stamp_of(data: bytes) -> float | None:
+    """The send time ``stamp_payload`` put in a message, if there is one."""
+    i = data.find(b"@@")
     if i < 0:
         return None
-    j = buf.find(b"@@", i + 2, end)
+    j = data.find(b"@@", i + 2)
     if j < 0:
         return None
     try:
-        return float(buf[i + 2 : j])
+        return float(data[i + 2 : j])
     except ValueError:
         return None
 
@@ -90,15 +81,20 @@ class Stats:
     acked: int = 0
     errors: int = 0
     published: int = 0
-    bytes_in: int = 0
     sample_every: int = 0  # 0: no latency samples
     latencies: list[float] = field(default_factory=list)
     ack_latencies: list[float] = field(default_factory=list)
     closed: int = 0
+    links: list[Link] = field(default_factory=list)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes read by every connection so far."""
+        return sum(link.bytes_received for link in self.links)
 
 
-class Conn(asyncio.Protocol):
-    """One WebSocket connection; subclasses speak a protocol on top."""
+class Conn:
+    """One WebSocket connection (a ``Link``); subclasses speak a protocol on top."""
 
     path = "/"
     subprotocol: str | None = None
@@ -122,13 +118,9 @@ class Conn(asyncio.Protocol):
         self.pub_topics = pub_topics
         self.per_topic = [0] * len(pub_topics)
         self.prefixes: list[bytes] = []
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.http = True
+        self.link: Link | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.count = 0
-        self.sample_every = 0
         self.in_flight = 0
         self.window = 0
         self.publishing = False
@@ -139,104 +131,55 @@ class Conn(asyncio.Protocol):
 
     # -- transport -----------------------------------------------------------------------
 
-    def headers(self) -> list[str]:
-        return []
+    def headers(self) -> dict[str, str]:
+        return {}
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {self.path} HTTP/1.1",
-            f"Host: {self.host}:{self.port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ]
+    async def open(self, timeout: float) -> None:
+        """Connect, upgrade, and wait until the protocol on top is ready."""
+        headers = self.headers()
         if self.subprotocol:
-            lines.append(f"Sec-WebSocket-Protocol: {self.subprotocol}")
-        lines += self.headers()
-        transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())  # type: ignore[attr-defined]
+            headers["Sec-WebSocket-Protocol"] = self.subprotocol
+        url = f"ws://{self.host}:{self.port}{self.path}"
+        self.link = Link(self.frame)  # set first: the first message may come with the upgrade
+        await self.link.connect(url, headers, timeout)
+        self.stats.links.append(self.link)
+        self.link.closed.add_done_callback(self._lost)
+        self.on_open()
+        await asyncio.wait_for(asyncio.shield(self.ready), timeout)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _lost(self, _: object) -> None:
         self.stats.closed += 1
         if not self.ready.done():
-            self.ready.set_exception(ConnectionError(f"connection lost: {exc}"))
-        if not self.lost.done():
-            self.lost.set_result(None)
+            self.ready.set_exception(ConnectionError("connection lost"))
 
     def fail(self, why: str) -> None:
         if not self.ready.done():
             self.ready.set_exception(RuntimeError(why))
-        if self.transport is not None:
-            self.transport.abort()
+        self.abort()
 
-    def data_received(self, data: bytes) -> None:
-        self.stats.bytes_in += len(data)
-        if self.buf:
-            data = self.buf + data
-            self.buf = b""
-        if self.http:
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
-                self.buf = data
-                return
-            status = data[: data.find(b"\r\n")]
-            if b" 101 " not in status:
-                self.fail(f"upgrade refused: {data[:end].decode(errors='replace')}")
-                return
-            self.http = False
-            data = data[end + 4 :]
-            self.on_open()
-            if not data:
-                return
-        n = len(data)
-        i = 0
-        frame = self.frame
-        while n - i >= 2:
-            ln = data[i + 1] & 0x7F
-            h = i + 2
-            if ln == 126:
-                if n - i < 4:
-                    break
-                ln = (data[i + 2] << 8) | data[i + 3]
-                h = i + 4
-            elif ln == 127:
-                if n - i < 10:
-                    break
-                ln = int.from_bytes(data[i + 2 : i + 10], "big")
-                h = i + 10
-            end = h + ln
-            if end > n:
-                break
-            op = data[i] & 0x0F
-            if op == 9:  # ping
-                self.transport.write(client_frame(data[h:end], 10))  # type: ignore[union-attr]
-            elif op == 8:
-                self.fail("closed by server")
-            elif op != 10:
-                frame(data, h, end)
-            i = end
-        if i < n:
-            self.buf = data[i:]
+    def abort(self) -> None:
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.abort()
 
-    def send(self, payload: bytes, opcode: int = 1) -> None:
-        self.transport.write(client_frame(payload, opcode))  # type: ignore[union-attr]
+    def send(self, payload: bytes, opcode: int = TEXT) -> None:
+        assert self.link is not None
+        self.link.send([payload], opcode)
 
     # -- protocol hooks -----------------------------------------------------------------
 
     def on_open(self) -> None:
         pass
 
-    def frame(self, buf: bytes, start: int, end: int) -> None:
+    def frame(self, data: bytes) -> None:
+        """A message from the server."""
         raise NotImplementedError
 
-    def delivered(self, buf: bytes, start: int, end: int) -> None:
+    def delivered(self, data: bytes) -> None:
         self.count += 1
         stats = self.stats
         stats.delivered += 1
         if stats.sample_every and stats.delivered % stats.sample_every == 0:
-            t = stamp_of(buf, start, end)
+            t = stamp_of(data)
             if t is not None:
                 stats.latencies.append(time.time() - t)
 
@@ -282,20 +225,20 @@ class BrokerConn(Conn):
         self.state = 0  # 0 hello, 1 sub oks, 2 running
         self.pending = 0
 
-    def headers(self) -> list[str]:
-        return [f"Authorization: Bearer {self.token}"]
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
-    def frame(self, buf: bytes, start: int, end: int) -> None:
-        c = buf[start + 7]  # {"op":"m...
+    def frame(self, data: bytes) -> None:
+        c = data[7]  # {"op":"m...
         if self.state == 2:
             if c == 109:  # m: msg
-                self.delivered(buf, start, end)
+                self.delivered(data)
             elif c == 111:  # o: ok
-                j = buf.find(b'"id":', start, end) + 5
+                j = data.find(b'"id":') + 5
                 k = j
-                while 48 <= buf[k] <= 57:
+                while 48 <= data[k] <= 57:
                     k += 1
-                self.acked(int(buf[j:k]))
+                self.acked(int(data[j:k]))
             elif c == 101:  # e: error
                 self.stats.errors += 1
                 self.in_flight -= 1
@@ -303,8 +246,8 @@ class BrokerConn(Conn):
                     self.fill()
             return
         if self.state == 0:
-            if buf[start : start + 13] != b'{"op":"hello"':
-                self.fail(f"unexpected first frame {buf[start:end]!r}")
+            if data[:13] != b'{"op":"hello"':
+                self.fail(f"unexpected first frame {data!r}")
                 return
             self.state = 1
             for k, topic in enumerate(self.topics):
@@ -313,7 +256,7 @@ class BrokerConn(Conn):
         elif c == 111:
             self.pending -= 1
         else:
-            self.fail(f"subscribe failed: {buf[start:end]!r}")
+            self.fail(f"subscribe failed: {data!r}")
             return
         if self.pending == 0:
             self.state = 2
@@ -336,42 +279,42 @@ class SocketIOConn(Conn):
         self.state = 0  # 0 eio open, 1 sio connect, 2 joins, 3 running
         self.pending = 0
 
-    def frame(self, buf: bytes, start: int, end: int) -> None:
-        c0 = buf[start]
+    def frame(self, data: bytes) -> None:
+        c0 = data[0]
         if self.state == 3:
             if c0 == 52:  # '4': socket.io packet
-                c1 = buf[start + 1]
-                if c1 == 50 and buf[start + 2] == 91:  # 42[ : event without ack id
-                    self.delivered(buf, start, end)
+                c1 = data[1]
+                if c1 == 50 and data[2] == 91:  # 42[ : event without ack id
+                    self.delivered(data)
                 elif c1 == 51:  # 43<id>[ : ack
-                    k = start + 2
-                    while 48 <= buf[k] <= 57:
+                    k = 2
+                    while 48 <= data[k] <= 57:
                         k += 1
-                    self.acked(int(buf[start + 2 : k]))
+                    self.acked(int(data[2:k]))
                 elif c1 == 52:
                     self.stats.errors += 1
-            elif c0 == 50 and end - start == 1:  # engine.io ping
+            elif c0 == 50 and len(data) == 1:  # engine.io ping
                 self.send(b"3")
             return
-        if c0 == 50 and end - start == 1:
+        if c0 == 50 and len(data) == 1:
             self.send(b"3")
             return
         if self.state == 0:
             if c0 != 48:  # '0' open
-                self.fail(f"unexpected engine.io packet {buf[start:end]!r}")
+                self.fail(f"unexpected engine.io packet {data!r}")
                 return
             self.state = 1
             self.send(b'40{"token":"%s"}' % self.token.encode())
         elif self.state == 1:
-            if buf[start : start + 2] != b"40":
-                self.fail(f"socket.io connect refused: {buf[start:end]!r}")
+            if data[:2] != b"40":
+                self.fail(f"socket.io connect refused: {data!r}")
                 return
             self.state = 2
             for k, topic in enumerate(self.topics):
                 self.send(b'42%d["join","%s"]' % (k, topic.encode()))
             self.pending = len(self.topics)
         elif self.state == 2:
-            if buf[start : start + 2] == b"43":
+            if data[:2] == b"43":
                 self.pending -= 1
             else:
                 return  # an event before our joins completed: ignore
@@ -403,16 +346,14 @@ class MqttConn(Conn):
         # protocol name, level 5, flags: clean start, keepalive 0 (none), no properties
         var = b"\x00\x04MQTT\x05\x02\x00\x00" + b"\x00"
         body = var + len(cid).to_bytes(2, "big") + cid
-        self.send(b"\x10" + _varint(len(body)) + body, 2)
+        self.send(b"\x10" + _varint(len(body)) + body, BINARY)
 
-    def frame(self, buf: bytes, start: int, end: int) -> None:
-        if self.mbuf:
-            data = self.mbuf + buf[start:end]
-            self.mbuf = b""
-            start, end = 0, len(data)
-        else:
-            data = buf
-        i = start
+    def frame(self, message: bytes) -> None:
+        # MQTT packets may span WebSocket messages: a partial one waits in mbuf.
+        data = self.mbuf + message if self.mbuf else message
+        self.mbuf = b""
+        end = len(data)
+        i = 0
         while end - i >= 2:
             ptype = data[i] >> 4
             # remaining length varint
@@ -433,7 +374,7 @@ class MqttConn(Conn):
             if pend > end:
                 break
             if ptype == 3:
-                self.delivered(data, j, pend)
+                self.delivered(data[j:pend])
             elif ptype == 4:
                 self.acked((data[j] << 8) | data[j + 1])
             else:
@@ -454,7 +395,7 @@ class MqttConn(Conn):
                 body = (
                     (k + 1).to_bytes(2, "big") + b"\x00" + len(t).to_bytes(2, "big") + t + b"\x04"
                 )
-                self.send(b"\x82" + _varint(len(body)) + body, 2)
+                self.send(b"\x82" + _varint(len(body)) + body, BINARY)
             self.pending = len(self.topics)
         elif ptype == 9 and self.state == 1:  # SUBACK
             self.pending -= 1
@@ -472,7 +413,7 @@ class MqttConn(Conn):
         if self.track_acks:  # map back: acks come with the 16-bit packet id
             self.sent_at[pid] = self.sent_at.pop(ident)
         body = self.prefixes[topic] + pid.to_bytes(2, "big") + b"\x00" + payload
-        self.send(b"\x32" + _varint(len(body)) + body, 2)
+        self.send(b"\x32" + _varint(len(body)) + body, BINARY)
 
 
 KINDS: dict[str, type[Conn]] = {"broker": BrokerConn, "socketio": SocketIOConn, "mqtt": MqttConn}
@@ -503,7 +444,6 @@ async def open_many(
 ) -> list[Conn]:
     """Open one connection per spec (keyword arguments of the connection class), at most
     ``concurrency`` handshakes at a time, and wait until each is subscribed."""
-    loop = asyncio.get_running_loop()
     cls = KINDS[kind]
     gate = asyncio.Semaphore(concurrency)
     conns: list[Conn | None] = [None] * len(specs)
@@ -512,12 +452,8 @@ async def open_many(
         async with gate:
             for attempt in range(3):
                 try:
-                    _, conn = await loop.create_connection(
-                        lambda: cls(stats, host, port, **spec),
-                        host,
-                        port,  # type: ignore[arg-type]
-                    )
-                    await asyncio.wait_for(conn.ready, timeout)
+                    conn = cls(stats, host, port, **spec)  # type: ignore[arg-type]
+                    await conn.open(timeout)
                     conns[k] = conn
                     return
                 except (ConnectionError, OSError):
@@ -531,8 +467,7 @@ async def open_many(
 
 def close_all(conns: list[Conn]) -> None:
     for c in conns:
-        if c.transport is not None and not c.transport.is_closing():
-            c.transport.abort()
+        c.abort()
 
 
 async def wait_until(

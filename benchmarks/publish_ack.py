@@ -1,6 +1,6 @@
 """Acknowledged publishes per second, SQLite store vs memory store, one publisher.
 
-Starts an embedded broker for each store on a free loopback port, publishes with up to
+Starts a broker (benchmarks/harness.py) for each store on a free loopback port, publishes with up to
 WINDOW acknowledged publishes in flight, and prints throughput and publish-to-ack latency.
 
     python benchmarks/publish_ack.py [--msgs 50000] [--window 100] [--runs 3]
@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.cli.bench import embedded_broker  # noqa: E402
+from harness import Broker  # noqa: E402
+
 from broker.client.bench import BenchConfig, run  # noqa: E402
-from broker.core.auth import mint_token  # noqa: E402
 
 
 def main() -> None:
@@ -32,15 +32,15 @@ def main() -> None:
     for store, extra in (("sqlite", []), ("memory", ["--memory"])):
         rates, p50s, p99s, maxes, cpus = [], [], [], [], []
         for _ in range(args.runs):
-            with embedded_broker(extra) as (url, secret, pid):
+            with Broker([*extra, "--max-queue", "64MiB"]) as broker:
                 cfg = BenchConfig(
-                    url=url,
-                    token=lambda uid, s=secret: mint_token(s, uid),
+                    url=broker.url,
+                    token=broker.token,
                     publishers=1,
                     subscribers=0,
                     messages=args.msgs,
                     window=args.window,
-                    server_pid=pid,
+                    server_pid=broker.pid,
                 )
                 result = run(cfg)
             assert result.acked == args.msgs and result.errors == 0, result

@@ -36,9 +36,7 @@ import os
 import queue
 import random
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,6 +53,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harness import Broker, StartFailed  # noqa: E402
+
 from broker.core.auth import mint_token  # noqa: E402
 
 MAX_CONNECTIONS = 20_000  # bound: this is a loopback soak, not a load generator
@@ -68,12 +68,6 @@ def raise_fd_limit(wanted: int) -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -361,42 +355,6 @@ class Publishers:
             await asyncio.sleep(0.05)
         await ws.close()
         await reader
-
-
-def start_broker(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["XDG_CONFIG_HOME"] = str(workdir / "config")
-    env["XDG_DATA_HOME"] = str(workdir / "data")
-    cmd = [
-        sys.executable,
-        "-m",
-        "broker.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--secret",
-        args.secret,
-        "--log-level",
-        "warning",
-    ]
-    cmd += ["--memory"] if args.memory else ["--data", str(workdir / "store")]
-    cmd += args.broker_arg
-    with open(workdir / "broker.log", "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"broker exited: {(workdir / 'broker.log').read_text()}")
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", port), timeout=0.2),
-        ):
-            return proc, f"ws://127.0.0.1:{port}/ws"
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("broker did not start")
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:
@@ -713,8 +671,17 @@ def main() -> None:
     if args.url:
         url = args.url
     else:
-        broker, url = start_broker(args, workdir)
-        pid = broker.pid
+        broker = Broker(
+            ["--memory", *args.broker_arg] if args.memory else args.broker_arg,
+            workdir=workdir,
+            secret=args.secret,
+            data=workdir / "store",
+        )
+        try:
+            broker.start()
+        except StartFailed as exc:
+            raise SystemExit(str(exc)) from None
+        url, pid = broker.url, broker.pid
     per = args.connections // args.workers
     ranges = [
         (i * per, (i + 1) * per if i < args.workers - 1 else args.connections)
@@ -736,7 +703,7 @@ def main() -> None:
     loop_name = install_uvloop()
     print(
         f"# soak {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.cpu_count()} cores, {loop_name}; "
-        f"broker {url} (pid {pid}, log {workdir / 'broker.log'})",
+        f"broker {url} (pid {pid}, log {broker.log_path if broker else '-'})",
         flush=True,
     )
     print(
@@ -749,14 +716,8 @@ def main() -> None:
         summary = asyncio.run(orchestrate(args, cfg, pid))
     finally:
         if broker is not None:
-            broker.terminate()
-            summary_rc: int | None
-            try:
-                summary_rc = broker.wait(30)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                summary_rc = None
-            print(f"# broker exit code on SIGTERM: {summary_rc}", flush=True)
+            code = broker.stop(30)
+            print(f"# broker exit code on SIGTERM: {code}", flush=True)
     summary["date"] = time.strftime("%Y-%m-%d")
     summary["cpus"] = os.cpu_count()
     print(json.dumps({k: v for k, v in summary.items() if k != "intervals"}, indent=2))

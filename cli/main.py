@@ -33,6 +33,7 @@ for command in (
     bench.bench,
     config.config_group,
     backup.backup_command,
+    backup.restore_command,
 ):
     cli.add_command(command)
 

@@ -15,7 +15,14 @@ from broker.core.model import Draft, Message
 from broker.errors import Unavailable
 from broker.store.dedupe import Duplicate
 from broker.store.sqlite import SqliteStore
-from broker.store.sqlite.commitlog import Batch, CommitLog, decode, encode, read_segment
+from broker.store.sqlite.commitlog import (
+    Batch,
+    CommitLog,
+    decode,
+    encode,
+    read_segment,
+    scan_segment,
+)
 
 
 def draft(topic: str, n: int, key: str | None = None) -> Draft:
@@ -58,9 +65,9 @@ def test_segments_rotate_and_recover_in_order(tmp_path: Path) -> None:
     log.append(encode(batch(3)))
     log.close()
     again = CommitLog(tmp_path, "db-log")
-    assert [m.seq for b in again.recover()[0] for m in b.messages] == [1, 2, 3]
+    assert [m.seq for b in again.recover().batches for m in b.messages] == [1, 2, 3]
     again.remove_upto(finished[0])
-    assert [m.seq for b in again.recover()[0] for m in b.messages] == [2, 3]
+    assert [m.seq for b in again.recover().batches for m in b.messages] == [2, 3]
 
 
 async def open_store(path: Path, interval: float = 3600.0) -> SqliteStore:
@@ -241,3 +248,28 @@ async def test_a_segment_already_applied_is_not_applied_twice(tmp_path: Path) ->
         assert dup is not None and type(dup[0]) is Duplicate and dup[0].seqs == (1,)
     finally:
         await again.close()
+
+
+def test_a_tear_followed_by_records_in_a_later_segment_is_damage(tmp_path: Path) -> None:
+    (tmp_path / "db-log.1").write_bytes(encode(batch(1)) + encode(batch(2))[:-4])
+    (tmp_path / "db-log.2").write_bytes(encode(batch(3)))
+    (tmp_path / "db-log.3").write_bytes(b"")  # made ahead of a rotation
+    found = CommitLog(tmp_path, "db-log").recover()
+    assert [b.messages[0].seq for b in found.batches] == [1, 3]
+    assert found.torn == 0 and found.last_segment == 3
+    [damage] = found.damage
+    assert (damage.path.name, damage.before, damage.after) == ("db-log.1", 1, 1)
+    # The same tear at the end of the log is only torn.
+    (tmp_path / "db-log.2").unlink()
+    found = CommitLog(tmp_path, "db-log").recover()
+    assert found.damage == [] and found.torn == len(encode(batch(2))) - 4
+
+
+def test_a_record_inside_a_message_is_not_taken_for_one_after_damage() -> None:
+    inner = encode(batch(1))  # a publisher's data that looks like a record
+    carrier = encode(Batch([Message(2, "t", inner, "u", "U", 1)]))
+    data = bytearray(encode(batch(1)) + carrier + encode(batch(3)))
+    data[len(encode(batch(1))) + 2] ^= 0x01  # the carrier's length: found by searching
+    scan = scan_segment(bytes(data))
+    assert [b.messages[0].seq for b in scan.batches] == [1, 3]
+    assert (scan.before, scan.after, scan.damaged) == (1, 1, len(carrier))

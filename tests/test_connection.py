@@ -15,8 +15,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
+from broker.core.auth import mint_token
+
 from .harness import Broker
-from .support import Peer
+from .support import Peer, free_port
 
 
 async def raw_upgrade(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -218,6 +220,16 @@ async def test_data_then_close_in_one_write(broker: Broker) -> None:
         (Frame(Opcode.TEXT, b'{"op":"pub","data":"\xff"}').serialize(mask=True), 1007),
         # A client frame without a mask.
         (Frame(Opcode.TEXT, b'{"op":"stats","id":1}').serialize(mask=False), 1002),
+        # RSV1 without permessage-deflate negotiated; a reserved opcode.
+        (b"\xc1" + Frame(Opcode.TEXT, b"{}").serialize(mask=True)[1:], 1002),
+        (b"\x83" + Frame(Opcode.TEXT, b"{}").serialize(mask=True)[1:], 1002),
+        # A continuation frame with no message to continue.
+        (Frame(Opcode.CONT, b"{}").serialize(mask=True), 1002),
+        # A close frame with a code no peer may send; with a reason that is not UTF-8.
+        (b"\x88" + Frame(Opcode.TEXT, b"\x03\xed").serialize(mask=True)[1:], 1002),
+        (b"\x88" + Frame(Opcode.TEXT, b"\x03\xe8\xff").serialize(mask=True)[1:], 1007),
+        # A ping over 125 bytes.
+        (b"\x89" + Frame(Opcode.TEXT, b"p" * 126).serialize(mask=True)[1:], 1002),
     ],
 )
 async def test_bad_frames_close_with_their_code(broker: Broker, frame: bytes, code: int) -> None:
@@ -239,3 +251,49 @@ async def test_compression_not_negotiated_by_default(broker: Broker) -> None:
     assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
     assert orjson.loads(await ws.recv())["op"] == "hello"
     await ws.close()
+
+
+async def test_compressed_messages_are_inflated_within_the_size_limit() -> None:
+    # permessage-deflate is negotiated only when the server is configured with compression
+    # (not a setting), so this broker runs in the test's loop.
+    from broker.server.config import ServerConfig
+    from broker.server.factory import create_server
+
+    secret = "k" * 32
+    port = free_port()
+    server = create_server(
+        ServerConfig(port=port, secret=secret, memory=True, compression=True, max_message_size=4096)
+    )
+    await server.start()
+    try:
+        headers = {"Authorization": f"Bearer {mint_token(secret, 'z', ttl=60)}"}
+        url = f"ws://127.0.0.1:{port}/ws"
+        async with connect(url, additional_headers=headers, compression="deflate") as ws:
+            assert ws.protocol.extensions, "permessage-deflate was not negotiated"
+            assert orjson.loads(await ws.recv())["op"] == "hello"
+            for i in range(3):  # the client keeps its compression context across messages
+                pub = {"op": "pub", "topic": "z", "data": "a" * 3000, "id": i}
+                await ws.send(orjson.dumps(pub).decode())
+                assert orjson.loads(await ws.recv()) == {"op": "ok", "id": i, "seq": i + 1}
+            # Small on the wire, over the limit once inflated.
+            await ws.send(orjson.dumps({"op": "pub", "topic": "z", "data": "a" * 5000}).decode())
+            await asyncio.wait_for(ws.wait_closed(), 5)
+            assert ws.close_code == 1009
+    finally:
+        await server.shutdown()
+
+
+async def test_frames_in_the_same_write_as_the_handshake_are_read(broker: Broker) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    auth = {"op": "auth", "token": broker.token("eager")}
+    writer.write(request + Frame(Opcode.TEXT, orjson.dumps(auth)).serialize(mask=True))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    first = await asyncio.wait_for(reader.read(2 + 125), 5)
+    assert first[0] == 0x81 and b'"op":"hello"' in first, first
+    writer.close()

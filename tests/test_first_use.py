@@ -123,7 +123,7 @@ def test_the_web_docs_event_table_lists_the_events_of_its_examples() -> None:
     assert used <= listed, used - listed
     # And the declarations' client events, each documented.
     dts = (ROOT / "broker" / "static" / "broker.d.ts").read_text()
-    block = re.search(r"interface ClientEvents \{(.*?)\}", dts, re.S)
+    block = re.search(r"(?:interface ClientEvents|type ClientEvents =) \{(.*?)\}", dts, re.S)
     assert block is not None
     declared = set(re.findall(r"^\s*(\w+):", block[1], re.M))
     assert declared <= listed, declared - listed

@@ -4,10 +4,12 @@ The load generator shares the machine with the broker it measures, so what it co
 message decides whether a benchmark measures the broker or itself: websockets' asyncio
 client costs ~45 µs per acknowledged publish (a coroutine, a frame object and a
 ``send`` system call per message, a future per received frame), about what the broker
-spends on it. This ``asyncio.Protocol`` writes frames built by hand, as many as the
-caller has ready in one ``write``, and parses the server's unmasked frames in
-``data_received``, handing each text message to a callback. It speaks only what
-``broker bench`` needs: text messages, ping (answered) and close. Applications use
+spends on it. This ``asyncio.Protocol`` writes frames encoded by the core's codec
+(``broker.core.frames``), as many as the caller has ready in one ``write``, and parses the
+server's frames with the same codec in ``data_received``, handing each text or binary
+message to a callback; pings are answered, a close frame is echoed. It is also the
+benchmarks' WebSocket client (``benchmarks/loadgen.py``), so it asks only for what the
+caller gives: a URL, headers (a bearer token, a subprotocol). Applications use
 ``broker.client.Client``.
 """
 
@@ -19,17 +21,40 @@ import hashlib
 import os
 import random
 import ssl
-import struct
 from collections.abc import Callable, Iterable
+from typing import cast
 from urllib.parse import urlsplit
 
-try:  # websockets' C helper, as the server uses it
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover
-    from websockets.utils import apply_mask
+from broker.core import frames
+from broker.core.frames import (
+    BINARY,
+    CLOSE,
+    CLOSE_NORMAL,
+    PING,
+    PONG,
+    TEXT,
+    FrameError,
+    Masker,
+    Parser,
+)
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_HEAD = 64 * 1024
+#: Default bound on a message from the server (a history batch can be large).
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def _fast_mask() -> Masker:
+    """websockets' C helper, several times faster than the codec's pure Python; the
+    codec's own where it is missing."""
+    try:
+        from websockets.speedups import apply_mask
+    except ImportError:  # pragma: no cover
+        return frames.apply_mask
+    return apply_mask
+
+
+_APPLY_MASK = _fast_mask()
 
 
 class HandshakeFailed(Exception):
@@ -41,33 +66,32 @@ class HandshakeFailed(Exception):
         self.status = status
 
 
-def frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One masked client frame (RFC 6455 5.2) carrying ``payload`` whole. The mask need
-    not be unpredictable here (no proxy to poison between a load generator and the
-    broker it measures): ``random`` spares a system call per frame."""
-    mask = random.randbytes(4)
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + mask + apply_mask(payload, mask)
+def frame(payload: bytes, opcode: int = TEXT) -> bytes:
+    """One masked client frame carrying ``payload`` whole. The mask need not be
+    unpredictable here (no proxy to poison between a load generator and the broker it
+    measures): ``random`` spares a system call per frame."""
+    return frames.encode(payload, opcode, mask=random.randbytes(4), apply_mask=_APPLY_MASK)
 
 
 class Link(asyncio.Protocol):
-    """One client WebSocket: ``open()`` it, ``send`` frames, get messages through
-    ``on_message``; ``closed`` resolves when the TCP connection is gone."""
+    """One client WebSocket: ``open()`` it (or make one and ``connect()`` it), ``send``
+    frames, get messages (text or binary, as bytes) through ``on_message``, which may use
+    the link from the first message on; ``closed`` resolves when the TCP connection is
+    gone. ``bytes_received`` counts every byte read, handshake included."""
 
-    def __init__(self, on_message: Callable[[bytes], None]) -> None:
+    def __init__(self, on_message: Callable[[bytes], None], max_size: int = MAX_MESSAGE) -> None:
         self.on_message = on_message
         self.transport: asyncio.Transport | None = None
+        #: The server's close code: 1005 for a close frame without one, 1006 (set when the
+        #: connection is lost) for none; None while open.
         self.close_code: int | None = None
+        self.bytes_received = 0
         self._buffer = bytearray()
+        self._parser = Parser(masked=False, max_size=max_size)
         self._opened: asyncio.Future[None] | None = None
         self._key = b""
         self._handshaking = True
+        self._close_sent = False
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -79,14 +103,23 @@ class Link(asyncio.Protocol):
         headers: dict[str, str],
         on_message: Callable[[bytes], None],
         timeout: float = 30.0,
+        max_size: int = MAX_MESSAGE,
     ) -> Link:
-        """Connect to ``url`` (``ws://`` or ``wss://``) with ``headers`` on the upgrade."""
+        """Connect to ``url`` (``ws://`` or ``wss://``) with ``headers`` on the upgrade;
+        ``max_size`` bounds a message from the server (close 1009 above it)."""
+        link = cls(on_message, max_size)
+        await link.connect(url, headers, timeout)
+        return link
+
+    async def connect(self, url: str, headers: dict[str, str], timeout: float = 30.0) -> None:
+        """Connect this link to ``url`` (``ws://`` or ``wss://``) with ``headers`` on the
+        upgrade; ``HandshakeFailed`` if the server does not upgrade."""
         parts = urlsplit(url)
         secure = parts.scheme == "wss"
         host = parts.hostname or "127.0.0.1"
         port = parts.port or (443 if secure else 80)
         loop = asyncio.get_running_loop()
-        link = cls(on_message)
+        link = self
         link._opened = loop.create_future()
         context = ssl.create_default_context() if secure else None
         await asyncio.wait_for(
@@ -106,47 +139,47 @@ class Link(asyncio.Protocol):
         assert link.transport is not None
         link.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await asyncio.wait_for(asyncio.shield(link._opened), timeout)
-        return link
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        if self._handshaking and not self._handshake():
-            return
-        pos, end = 0, len(buffer)
-        while end - pos >= 2:
-            head1, head2 = buffer[pos], buffer[pos + 1]
-            length, start = head2 & 0x7F, pos + 2
-            if length == 126:
-                if end - pos < 4:
-                    break
-                length, start = int.from_bytes(buffer[pos + 2 : pos + 4], "big"), pos + 4
-            elif length == 127:
-                if end - pos < 10:
-                    break
-                length, start = int.from_bytes(buffer[pos + 2 : pos + 10], "big"), pos + 10
-            stop = start + length
-            if stop > end:
-                break
-            payload = bytes(buffer[start:stop])
-            pos = stop
-            opcode = head1 & 0x0F
-            if opcode == 0x1 or opcode == 0x2:
-                self.on_message(payload)
-            elif opcode == 0x9:
-                self.send([payload], opcode=0xA)
-            elif opcode == 0x8:
-                self.close_code = int.from_bytes(payload[:2], "big") if payload else 1005
-                self.send([payload[:2]], opcode=0x8)
-                if self.transport is not None:
-                    self.transport.close()
-                break
-        del buffer[:pos]
+        self.bytes_received += len(data)
+        if self._handshaking:
+            self._buffer += data
+            if not self._handshake():
+                return
+            data, self._buffer = bytes(self._buffer), bytearray()
+        on_message = self.on_message
+        try:
+            for opcode, payload in self._parser.feed(data):
+                if opcode <= BINARY:  # TEXT or BINARY: fragments are joined
+                    on_message(payload)
+                elif opcode == PING:
+                    self.send([payload], opcode=PONG)
+                elif opcode == CLOSE:
+                    self._closed_by_server(payload)
+                    return
+        except FrameError as exc:
+            self.close_code = exc.code
+            if not self._close_sent:
+                self._write(frame(frames.close_payload(exc.code, exc.reason), CLOSE))
+                self._close_sent = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def _closed_by_server(self, payload: bytes) -> None:
+        """Echo the server's close frame (if this side did not send one first), and end
+        the connection."""
+        self.close_code = frames.parse_close(payload)[0]
+        if not self._close_sent:
+            self._write(frame(payload[:2], CLOSE))
+            self._close_sent = True
+        if self.transport is not None:
+            self.transport.close()
 
     def _handshake(self) -> bool:
         """Read the upgrade response; True once the connection is open."""
@@ -181,6 +214,8 @@ class Link(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.close_code is None:
+            self.close_code = frames.CLOSE_ABNORMAL
         self._fail(ConnectionError("connection closed during the handshake"))
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(ConnectionError("connection lost"))
@@ -197,10 +232,15 @@ class Link(asyncio.Protocol):
 
     # -- actions -----------------------------------------------------------------------
 
-    def send(self, payloads: Iterable[bytes], opcode: int = 0x1) -> None:
-        """Send each payload as one message, all in one ``write``."""
+    def send(self, payloads: Iterable[bytes], opcode: int = TEXT) -> None:
+        """Send each payload as one message (``TEXT``, or ``BINARY``), all in one
+        ``write``."""
+        if not self._close_sent:
+            self._write(b"".join([frame(p, opcode) for p in payloads]))
+
+    def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join([frame(p, opcode) for p in payloads]))
+            self.transport.write(data)
 
     async def drain(self) -> None:
         """Wait while the socket's write buffer is above its high-water mark."""
@@ -214,7 +254,9 @@ class Link(asyncio.Protocol):
         """Send a close frame and wait (bounded) for the server to end the connection."""
         if self.transport is None or self.closed.done():
             return
-        self.send([(1000).to_bytes(2, "big")], opcode=0x8)
+        if not self._close_sent:
+            self._write(frame(frames.close_payload(CLOSE_NORMAL), CLOSE))
+            self._close_sent = True
         try:
             await asyncio.wait_for(asyncio.shield(self.closed), timeout)
         except TimeoutError:

@@ -20,6 +20,9 @@ from typing import Any
 
 import orjson
 
+# The server's text frame, from the one frame codec (re-exported for the server).
+from broker.core.frames import text_frame as text_frame
+
 
 # Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__,
 # several microseconds per publish; nothing changes a draft once made.
@@ -151,22 +154,6 @@ class Message:
         if self._wire is None:
             self._wire = text_frame(self.frame)
         return self._wire
-
-
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, final WebSocket text frame (RFC 6455 5.2) holding ``payload``.
-
-    Server frames are never masked, so one encoded frame can be written byte for byte to
-    every subscriber: this is what makes fan-out cost one encode per message.
-    """
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 65536:
-        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
-    return header + payload
 
 
 def _seq(message: Message) -> int:

@@ -1,13 +1,15 @@
-"""One TCP connection to the broker: HTTP handshake and WebSocket framing, no tasks.
+"""One TCP connection to the broker: plain HTTP, the WebSocket handshake and frames, no tasks.
 
-websockets' sans-I/O ``ServerProtocol`` parses the HTTP request, builds the handshake
-response and parses incoming frames (masking, fragmentation, size limit, UTF-8, ping,
-pong and the closing handshake). This ``asyncio.Protocol`` feeds it bytes and hands what
-comes out to a ``Handler`` (the server) synchronously, from ``data_received``: a
-connection costs no task, no future and no per-frame wake-up, which is what keeps an idle
-connection small and a small room cheap. Outgoing protocol frames (``Session``) are
-written to ``transport`` directly: server frames are unmasked, so one encoded frame
-serves every subscriber.
+h11 reads plain HTTP requests. A WebSocket upgrade is answered by websockets' sans-I/O
+``ServerProtocol`` (the handshake only: validation, extension negotiation, the response).
+From then on the core's frame codec (``broker.core.frames``) parses incoming frames
+(masking, fragments, size limit, control frames) and this class runs the rest of RFC
+6455: UTF-8 of text messages, pongs, and the closing handshake. What comes out goes to a
+``Handler`` (the server) synchronously, from ``data_received``: a connection costs no
+task, no future and no per-frame wake-up, which is what keeps an idle connection small
+and a small room cheap. Outgoing protocol frames (``Session``) are written to
+``transport`` directly: server frames are unmasked, so one encoded frame serves every
+subscriber.
 """
 
 from __future__ import annotations
@@ -22,18 +24,26 @@ from typing import Protocol as Interface
 
 import h11
 from websockets.extensions.base import ServerExtensionFactory
-from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-try:  # websockets' C helper, as its own parser uses; the pure-Python one otherwise
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover
-    from websockets.utils import apply_mask
-
+from broker.core import frames
 from broker.core.auth import Identity
-from broker.server.logs import clip_utf8
+from broker.core.frames import (
+    BINARY,
+    CLOSE,
+    CLOSE_ABNORMAL,
+    CLOSE_INVALID_DATA,
+    PING,
+    PONG,
+    TEXT,
+    FrameError,
+    Masker,
+    Parser,
+    close_payload,
+    encode,
+    parse_close,
+)
 
 if TYPE_CHECKING:
     from broker.server.session import Session
@@ -44,17 +54,27 @@ _STATUSES = {int(status) for status in HTTPStatus}
 #: Bytes a plain HTTP client may pipeline while its request is answered; past this, the
 #: connection is not read until the answer is sent.
 _MAX_QUEUED = 256 * 1024
+#: Close code for the server's own failures (a bug, a peer that stopped answering pings).
+CLOSE_INTERNAL = frames.CLOSE_INTERNAL
 
-#: Close code websockets uses for an abnormal closure (no close frame).
-CLOSE_ABNORMAL = 1006
-#: Close code for a text message that is not UTF-8.
-CLOSE_INVALID_DATA = 1007
-#: Longest close reason, in UTF-8 bytes: a close frame's payload is at most 125 bytes,
-#: two of them the code (RFC 6455 5.5).
-MAX_CLOSE_REASON = 123
-#: Close code for an internal error; also for a peer that stopped answering pings, as
-#: websockets uses it.
-CLOSE_INTERNAL = 1011
+# A connection's WebSocket states (RFC 6455 4 and 7): the handshake (or plain HTTP), open,
+# a close frame sent and the peer's awaited, closed.
+_CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
+_STATE_NAMES = ("CONNECTING", "OPEN", "CLOSING", "CLOSED")
+_PING = encode(b"", PING)
+
+
+def _fast_mask() -> Masker:
+    """websockets' C helper, which unmasks several times faster than the codec's pure
+    Python; the codec's own where it is missing."""
+    try:
+        from websockets.speedups import apply_mask
+    except ImportError:  # pragma: no cover
+        return frames.apply_mask
+    return apply_mask
+
+
+_APPLY_MASK = _fast_mask()
 
 
 class HttpRequest:
@@ -87,7 +107,7 @@ class HttpRequest:
 
 class _Http:
     """A connection's HTTP/1.1 state while it is not a WebSocket: the h11 parser, the
-    raw bytes of the first request (handed to websockets if it is an upgrade), the
+    raw bytes of the first request (its head handed to websockets if it is an upgrade), the
     request being read and whether one is being answered."""
 
     __slots__ = (
@@ -152,19 +172,19 @@ class Connection(asyncio.Protocol):
     """The server side of one TCP connection, from the HTTP request to the last byte."""
 
     __slots__ = (
+        "_close_code",
         "_close_timer",
-        "_direct",
         "_drain_waiter",
-        "_fragments",
-        "_fragments_text",
-        "_partial",
+        "_parser",
         "_paused",
+        "_state",
         "closed",
         "handler",
         "http",
         "identity",
         "last_seen",
         "loop",
+        "max_size",
         "peer",
         "protocol",
         "server_header",
@@ -183,7 +203,14 @@ class Connection(asyncio.Protocol):
         open_timeout: float,
     ) -> None:
         self.handler = handler
+        #: Bound on a WebSocket message and on an HTTP request body, in bytes.
+        self.max_size = max_size
+        #: The opening handshake; unused once the connection is open.
         self.protocol = ServerProtocol(extensions=extensions, max_size=max_size)
+        self._state = _CONNECTING
+        self._close_code = CLOSE_ABNORMAL
+        #: The frame parser, from the handshake's completion until a protocol error.
+        self._parser: Parser | None = None
         self.server_header = server_header
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -200,32 +227,25 @@ class Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._close_timer: asyncio.TimerHandle | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
-        # A fragmented message being received: its payloads so far, and whether it is text.
-        self._fragments: list[bytes] | None = None
-        self._fragments_text = False
-        # Frames parsed by _receive_direct rather than websockets, and a partial one.
-        self._direct = False
-        self._partial = bytearray()
         self._paused = False
         #: Plain HTTP/1.1 (h11) until the first request turns out to be a WebSocket
         #: upgrade; then None, so that a WebSocket keeps no HTTP state.
         self.http: _Http | None = _Http(open_timeout)
 
     def __repr__(self) -> str:
-        return f"<Connection {self.peer} {self.protocol.state.name}>"
+        return f"<Connection {self.peer} {_STATE_NAMES[self._state]}>"
 
     # -- state -------------------------------------------------------------------------
 
     @property
     def is_open(self) -> bool:
         """The handshake is done and no close frame was sent or received."""
-        return self.protocol.state is State.OPEN
+        return self._state == _OPEN
 
     @property
     def close_code(self) -> int:
-        """The close code received (1006 if none, or not closed yet)."""
-        code = self.protocol.close_code
-        return CLOSE_ABNORMAL if code is None else int(code)
+        """The close code received (1005 for a close frame without one; 1006 if none)."""
+        return self._close_code
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -240,110 +260,66 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.loop.time()
-        if self._direct:
-            self._receive_direct(data)
-            return
-        if self.http is not None:
+        if self._parser is not None:
+            self._receive_frames(data)
+        elif self.http is not None:
             self._receive_http(data)
-            return
-        self._feed_protocol(data)
+        # Otherwise a refused handshake or a failed connection: nothing more is read.
 
-    def _feed_protocol(self, data: bytes) -> None:
-        """Bytes for websockets' protocol; then maybe parse frames directly."""
-        self._receive_protocol(data)
-        # Past the handshake, and with nothing left half-parsed in websockets' reader,
-        # read plain data frames ourselves (see _receive_direct).
-        protocol = self.protocol
-        self._direct = (
-            protocol.state is State.OPEN
-            and not protocol.extensions
-            and not protocol.reader.buffer
-            and self._fragments is None
-        )
+    def _receive_frames(self, data: bytes) -> None:
+        """Act on the messages and control frames in ``data`` (after any partial frame
+        kept from before), in order. Once a close frame is sent, only the peer's close
+        frame still matters."""
+        parser = self._parser
+        assert parser is not None
+        try:
+            for opcode, payload in parser.feed(data):
+                if self._state != _OPEN:
+                    if opcode == CLOSE:
+                        self._close_received(payload)
+                elif opcode == TEXT:
+                    try:
+                        text = payload.decode()  # whole: a character may span fragments
+                    except UnicodeDecodeError:
+                        self._fail_frames(CLOSE_INVALID_DATA, "invalid UTF-8 in a text message")
+                        return
+                    self.handler.message(self, text)
+                elif opcode == BINARY:
+                    self.handler.message(self, payload)
+                elif opcode == PING:
+                    self._send(encode(payload, PONG))
+                elif opcode == CLOSE:
+                    self._close_received(payload)
+                # A pong needs nothing: like any byte received, it updated last_seen.
+        except FrameError as exc:
+            self._fail_frames(exc.code, exc.reason)
+        except Exception:
+            log.exception("internal error on the connection from %s", self.peer)
+            self.fail(CLOSE_INTERNAL, "internal error")
 
-    def _receive_protocol(self, data: bytes) -> None:
-        """Feed bytes to websockets' protocol and act on what it parsed."""
+    def _upgrade(self, raw: bytes) -> None:
+        """The first request asks for a WebSocket: websockets answers its head; what
+        came after it is the first frames."""
+        end = raw.find(b"\r\n\r\n")
+        # h11 also reads bare LF line ends, which websockets refuses (400): give it all.
+        end = len(raw) if end < 0 else end + 4
         protocol = self.protocol
-        protocol.receive_data(data)
+        protocol.receive_data(raw[:end])
         events = protocol.events_received()
-        self._write_protocol_data()
+        self._write_protocol_data()  # a request websockets could not parse: its 400
         try:
             for event in events:
-                if isinstance(event, Frame):
-                    self._frame(event)
-                elif isinstance(event, Request):
+                if isinstance(event, Request):
                     self._handshake(event)
         except Exception:
             # The server answers failed requests itself; this is a bug in the shell.
             log.exception("internal error on the connection from %s", self.peer)
-            self.fail(CLOSE_INTERNAL, "internal error")
+            self.abort()
             return
-        if protocol.close_expected():
-            self._expect_close()
-
-    def _receive_direct(self, data: bytes) -> None:
-        """Parse the frames in ``data``, after any partial frame kept from before.
-
-        The common frame, a complete masked text or binary message within the size limit,
-        is unmasked (websockets' C ``apply_mask``) and handed over here: websockets'
-        generator-based parser costs several times more per frame, and a small room is
-        mostly small frames. Every other frame (ping, pong, close, fragments) goes to
-        websockets' protocol, whole and in order, so its rules and answers apply. A frame
-        that is unmasked or over the size limit, and anything once the connection is no
-        longer open, hands the rest of the stream to websockets for good: it fails the
-        connection with the right code.
-        """
-        buffer: bytes | bytearray = data
-        if self._partial:
-            self._partial += data
-            buffer = self._partial  # parsed in place; what was consumed is cut below
-        max_size = self.protocol.max_message_size
-        end = len(buffer)
-        pos = 0
-        try:
-            while end - pos >= 2:
-                if self.protocol.state is not State.OPEN:
-                    self._direct = False
-                    break
-                head1 = buffer[pos]
-                head2 = buffer[pos + 1]
-                length = head2 & 0x7F
-                start = pos + 6  # 2 header bytes and the 4-byte mask
-                if length == 126:
-                    if end - pos < 4:
-                        break
-                    length = int.from_bytes(buffer[pos + 2 : pos + 4], "big")
-                    start += 2
-                elif length == 127:
-                    if end - pos < 10:
-                        break
-                    length = int.from_bytes(buffer[pos + 2 : pos + 10], "big")
-                    start += 8
-                if not head2 & 0x80 or (max_size is not None and length > max_size):
-                    self._direct = False
-                    break
-                stop = start + length
-                if stop > end:
-                    break  # the rest of this frame is still on its way
-                if (head1 == 0x81 or head1 == 0x82) and self._fragments is None:
-                    payload = apply_mask(buffer[start:stop], buffer[start - 4 : start])
-                    pos = stop
-                    self._message(payload, head1 == 0x81)
-                else:
-                    frame, pos = bytes(buffer[pos:stop]), stop
-                    self._receive_protocol(frame)
-        except Exception:
-            log.exception("internal error on the connection from %s", self.peer)
-            self.fail(CLOSE_INTERNAL, "internal error")
-            return
-        if buffer is self._partial:
-            del self._partial[:pos]
-        elif pos < end:
-            self._partial = bytearray(buffer[pos:])
-        if not self._direct and self._partial:
-            rest, self._partial = bytes(self._partial), bytearray()
-            if self.transport is not None and not self.transport.is_closing():
-                self._receive_protocol(rest)
+        if self._parser is None:
+            self._expect_close()  # refused: websockets sent its response, then EOF
+        elif end < len(raw):
+            self._receive_frames(raw[end:])
 
     # -- plain HTTP (h11) ------------------------------------------------------------------
 
@@ -381,19 +357,19 @@ class Connection(asyncio.Protocol):
                     if _is_upgrade(event):
                         # websockets parses this request again and does the handshake.
                         self.http = None
-                        self._feed_protocol(raw)
+                        self._upgrade(raw)
                         return
                 http.request = event
                 http.method = event.method
                 http.body = bytearray()
                 length = next((v for n, v in event.headers if n == b"content-length"), b"0")
-                limit = self.protocol.max_message_size
+                limit = self.max_size
                 if limit is not None and int(length) > limit:
                     self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
                     return
             elif isinstance(event, h11.Data):
                 http.body += event.data
-                limit = self.protocol.max_message_size
+                limit = self.max_size
                 if limit is not None and len(http.body) > limit:
                     self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
                     return
@@ -488,12 +464,11 @@ class Connection(asyncio.Protocol):
             # Half-closed after its request: keep the socket to send the response.
             self.http.closing = True
             return self.http.busy
-        self.protocol.receive_eof()
-        self._write_protocol_data()
-        return False
+        return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.protocol.receive_eof()  # idempotent: the state is CLOSED from here on
+        self._state = _CLOSED
+        self._parser = None
         for timer in (self.timer, self._close_timer):
             if timer is not None:
                 timer.cancel()
@@ -530,29 +505,27 @@ class Connection(asyncio.Protocol):
     def close(self, code: int, reason: str = "", timeout: float = 2.0) -> None:
         """Start the closing handshake; drop the TCP connection if the peer has not
         finished it within ``timeout`` seconds. Does nothing if already closing."""
-        if self.protocol.state is State.OPEN:
-            self.protocol.send_close(code, clip_utf8(reason, MAX_CLOSE_REASON))
-            self._write_protocol_data()
+        if self._state == _OPEN:
+            self._send(encode(close_payload(code, reason), CLOSE))
+            self._state = _CLOSING
             self._expect_close(timeout)
-        elif self.protocol.state is State.CONNECTING:
+        elif self._state == _CONNECTING:
             self.abort()
 
     def write(self, frame: bytes) -> None:
         """Write a ready-made WebSocket frame, if the connection is open."""
-        if self.transport is not None and self.protocol.state is State.OPEN:
+        if self.transport is not None and self._state == _OPEN:
             self.transport.write(frame)
 
     def ping(self) -> None:
         """Send a keepalive ping (the pong, like any incoming byte, updates ``last_seen``)."""
-        if self.protocol.state is State.OPEN:
-            self.protocol.send_ping(b"")
-            self._write_protocol_data()
+        self.write(_PING)
 
     def fail(self, code: int, reason: str) -> None:
         """Close at once, without waiting for the peer (a dead or broken peer)."""
-        if self.protocol.state is State.OPEN:
-            self.protocol.fail(code, clip_utf8(reason, MAX_CLOSE_REASON))
-            self._write_protocol_data()
+        if self._state == _OPEN:
+            self._send(encode(close_payload(code, reason), CLOSE))
+            self._state = _CLOSING
         self.abort()
 
     def abort(self) -> None:
@@ -579,36 +552,53 @@ class Connection(asyncio.Protocol):
         # websockets' parser keeps the request in a local variable for the connection's
         # whole life; its headers are most of an idle connection's memory.
         request.headers.clear()
-        if self.protocol.state is State.OPEN:
+        if response.status_code == 101:
+            self._state = _OPEN
+            self._parser = Parser(
+                masked=True,
+                max_size=self.max_size,
+                # permessage-deflate, the one extension offered, was negotiated.
+                deflate="Sec-WebSocket-Extensions" in response.headers,
+                apply_mask=_APPLY_MASK,
+            )
             self.handler.opened(self)
-        else:
-            self._expect_close()
 
-    def _frame(self, frame: Frame) -> None:
-        # Ping, pong and close are answered by the protocol itself; only data remains.
-        opcode = frame.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if frame.fin:
-                self._message(bytes(frame.data), opcode is Opcode.TEXT)
+    def _send(self, frame: bytes) -> None:
+        """Write a frame of the protocol's own (pong, close) whatever the state."""
+        if self.transport is not None and not self.closed.done():
+            self.transport.write(frame)
+
+    def _close_received(self, payload: bytes) -> None:
+        """The peer's close frame (valid: the parser checked it). Echo it if it opens the
+        closing handshake; either way both close frames have now crossed, and the
+        server closes TCP first (RFC 6455 7.1.1)."""
+        if self._state == _CLOSED:
+            return
+        self._close_code = parse_close(payload)[0]
+        if self._state == _OPEN:
+            self._send(encode(payload, CLOSE))
+        self._state = _CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail_frames(self, code: int, reason: str) -> None:
+        """The peer broke the framing rules (or sent text that is not UTF-8): send the
+        close frame with ``code``, read nothing more, and half-close, so that the close
+        frame reaches the peer before TCP ends; a peer that does not close in time is
+        dropped."""
+        log.debug("closing the connection from %s: %s (%d)", self.peer, reason, code)
+        if self._state == _OPEN:
+            self._send(encode(close_payload(code, reason), CLOSE))
+        self._state = _CLOSING
+        self._parser = None
+        transport = self.transport
+        if transport is not None and not self.closed.done():
+            if transport.can_write_eof():
+                with contextlib.suppress(Exception):  # uvloop: RuntimeError when closing
+                    transport.write_eof()
             else:
-                self._fragments = [bytes(frame.data)]
-                self._fragments_text = opcode is Opcode.TEXT
-        elif opcode is Opcode.CONT and self._fragments is not None:
-            self._fragments.append(bytes(frame.data))
-            if frame.fin:
-                payload, self._fragments = b"".join(self._fragments), None
-                self._message(payload, self._fragments_text)
-
-    def _message(self, payload: bytes, text: bool) -> None:
-        if not text:
-            self.handler.message(self, payload)
-            return
-        try:
-            data = payload.decode()  # whole: a character may span fragments
-        except UnicodeDecodeError:
-            self.fail(CLOSE_INVALID_DATA, "invalid UTF-8 in a text message")
-            return
-        self.handler.message(self, data)
+                transport.close()  # TLS cannot half-close
+        self._expect_close()
 
     def _write_protocol_data(self) -> None:
         transport = self.transport
@@ -626,12 +616,12 @@ class Connection(asyncio.Protocol):
     def _expect_close(self, timeout: float = 2.0) -> None:
         # The server closes TCP first once both close frames crossed (RFC 6455 7.1.1);
         # a peer that never answers is dropped after the timeout.
-        if self.protocol.state is State.CLOSED and self.transport is not None:
+        if self._state == _CLOSED and self.transport is not None:
             self.transport.close()
         elif self._close_timer is None:
             self._close_timer = self.loop.call_later(timeout, self.abort)
 
     def _handshake_timeout(self) -> None:
         self.timer = None
-        if self.protocol.state is State.CONNECTING:
+        if self._state == _CONNECTING:
             self.abort()

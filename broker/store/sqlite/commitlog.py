@@ -13,9 +13,16 @@ segments are left (the broker was killed) are applied before anything else. Like
 append-only file, with the difference that the log only ever holds the last interval.
 
 A segment is ``<prefix>.<n>``, ``n`` growing; a record is its payload's length and CRC-32
-(little-endian u32 each) and the payload. A record cut short or damaged (a crash in the
-middle of a ``write``, a power loss) ends its segment: what follows it was never
-acknowledged.
+(little-endian u32 each) and the payload.
+
+At start (``CommitLog.recover``) the segments are read whole. A record cut short at the
+end of the log (fewer bytes than its header says, or zeros: a power loss in the middle of
+a ``write``) is *torn*: it was never fsynced, so never acknowledged under ``fsync =
+always``, and under ``interval`` it is what a power loss may cost; it is dropped. Any
+other bad record (its bytes all there but its CRC wrong, or valid records after it) is
+*damage*: the records after it are found again (``scan_segment``) and kept, and the store
+starts a new epoch (see ``SqliteStore``): what the damaged bytes held is lost and no seq
+they may have carried can be given again under the epoch clients saw.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ _MESSAGE = struct.Struct("<qqIIII")  # seq, ts, then the byte lengths of topic, 
 _KEY = struct.Struct("<qIII")  # ts, byte lengths of user, key, seqs
 #: A record longer than this is damage, not data (a batch is at most a few MiB).
 _MAX_RECORD = 1 << 30
+#: Bytes of CRC a search for valid records after damage may check, per segment; past it
+#: the rest counts as damaged (the safe side: a new epoch).
+_SCAN_BUDGET = 256 << 20
 
 
 @dataclass
@@ -75,6 +85,8 @@ def decode(payload: bytes) -> Batch:
         ts, *lengths = _KEY.unpack_from(payload, pos)
         (user, key, seqs), pos = _cut(payload, pos + _KEY.size, lengths)
         batch.keys.append((user.decode(), key.decode(), seqs.decode(), ts))
+    if pos != len(payload):
+        raise struct.error("bytes left after the last field")
     return batch
 
 
@@ -87,23 +99,151 @@ def _cut(payload: bytes, pos: int, lengths: list[int]) -> tuple[list[bytes], int
     return fields, pos
 
 
+def _record_at(data: bytes, pos: int) -> tuple[Batch, int] | str:
+    """The record at ``pos`` and the position after it, or why there is none: "torn" (cut
+    short, or zeros to the end) or "damaged"."""
+    if len(data) - pos < _HEAD.size:
+        return "torn"
+    length, crc = _HEAD.unpack_from(data, pos)
+    start = pos + _HEAD.size
+    if length > len(data) - start or (length == 0 and not data[pos:].strip(b"\0")):
+        return "torn"
+    if length > _MAX_RECORD or length < _BATCH.size:
+        return "damaged"
+    payload = data[start : start + length]
+    if zlib.crc32(payload) != crc:
+        return "damaged"
+    try:
+        return decode(payload), start + length
+    except (struct.error, UnicodeDecodeError):
+        return "damaged"
+
+
+def _plausible(data: bytes, pos: int) -> bool:
+    """Cheap checks before a record's CRC, while searching for one after damage."""
+    if len(data) - pos < _HEAD.size + _BATCH.size:
+        return False
+    length = _HEAD.unpack_from(data, pos)[0]
+    if length < _BATCH.size or length > len(data) - pos - _HEAD.size:
+        return False
+    reserved, n_messages, n_keys = _BATCH.unpack_from(data, pos + _HEAD.size)
+    return bool(reserved >= 0 and n_messages * _MESSAGE.size + n_keys * _KEY.size <= length)
+
+
+@dataclass
+class Scan:
+    """One segment read whole: its valid records, and what was wrong in it."""
+
+    batches: list[Batch] = field(default_factory=list)
+    #: Bytes cut short at the segment's end (a torn write), and bytes of damage.
+    torn: int = 0
+    damaged: int = 0
+    #: Valid records before the first damage, and after it.
+    before: int = 0
+    after: int = 0
+    #: Offset of the first bad byte (-1: none).
+    bad_at: int = -1
+
+
+def scan_segment(data: bytes) -> Scan:
+    """Every valid record of a segment's bytes. After a bad record the next one is sought
+    where the bad one's length says it ends, else at every offset (within a CRC budget);
+    whatever lies between counts as damaged, and a bad end with nothing valid after it as
+    torn when it is cut short."""
+    scan = Scan()
+    pos = 0
+    budget = _SCAN_BUDGET
+    while pos < len(data):
+        found = _record_at(data, pos)
+        if not isinstance(found, str):
+            scan.batches.append(found[0])
+            if scan.bad_at < 0:
+                scan.before += 1
+            else:
+                scan.after += 1
+            pos = found[1]
+            continue
+        if scan.bad_at < 0:
+            scan.bad_at = pos
+        resume = _resync(data, pos, budget, _last_seq(scan.batches))
+        if resume is None:
+            rest = len(data) - pos
+            if found == "torn" and scan.damaged == 0:
+                scan.torn = rest
+            else:
+                scan.damaged += rest
+            break
+        budget -= resume[1]
+        scan.damaged += resume[0] - pos
+        pos = resume[0]
+    return scan
+
+
+def _last_seq(batches: list[Batch]) -> int:
+    """The highest seq of the batches read so far (0: none)."""
+    for batch in reversed(batches):
+        if batch.messages:
+            return batch.messages[-1].seq
+    return 0
+
+
+def _follows(found: tuple[Batch, int] | str, after: int) -> bool:
+    """Whether a record found after damage is one: whole, and its seqs increasing past
+    ``after`` (a message's bytes that happen to look like a record are not)."""
+    if isinstance(found, str):
+        return False
+    seqs = [m.seq for m in found[0].messages]
+    return all(a < b for a, b in zip([after, *seqs], seqs, strict=False))
+
+
+def _resync(data: bytes, bad: int, budget: int, after: int) -> tuple[int, int] | None:
+    """The offset of the next valid record after the bad one at ``bad`` (its seqs past
+    ``after``) and the CRC bytes spent finding it; None when there is none (or the budget
+    ran out)."""
+    spent = 0
+    if len(data) - bad >= _HEAD.size:
+        end = bad + _HEAD.size + _HEAD.unpack_from(data, bad)[0]
+        if end < len(data) and _plausible(data, end) and _follows(_record_at(data, end), after):
+            return end, _HEAD.unpack_from(data, end)[0]
+    for pos in range(bad + 1, len(data) - _HEAD.size - _BATCH.size + 1):
+        if not _plausible(data, pos):
+            continue
+        spent += _HEAD.unpack_from(data, pos)[0]
+        if spent > budget:
+            return None
+        if _follows(_record_at(data, pos), after):
+            return pos, spent
+    return None
+
+
 def read_segment(data: bytes) -> list[Batch]:
     """The whole records at the start of a segment's bytes, up to the first torn or
     damaged one."""
-    batches = []
-    pos = 0
-    while len(data) - pos >= _HEAD.size:
-        length, crc = _HEAD.unpack_from(data, pos)
-        start = pos + _HEAD.size
-        payload = data[start : start + length]
-        if length > _MAX_RECORD or len(payload) < length or zlib.crc32(payload) != crc:
-            break
-        try:
-            batches.append(decode(payload))
-        except (struct.error, UnicodeDecodeError):
-            break
-        pos = start + length
-    return batches
+    scan = scan_segment(data)
+    return scan.batches[: scan.before]
+
+
+@dataclass
+class Damage:
+    """A segment found damaged at start (see ``Recovery``)."""
+
+    path: Path
+    size: int
+    bad_at: int
+    damaged: int
+    before: int
+    after: int
+
+
+@dataclass
+class Recovery:
+    """What ``CommitLog.recover`` found: every valid record, oldest first; the number of
+    the last segment read; the bytes of a torn tail; the damaged segments."""
+
+    batches: list[Batch] = field(default_factory=list)
+    last_segment: int = 0
+    torn: int = 0
+    damage: list[Damage] = field(default_factory=list)
 
 
 class CommitLog:
@@ -128,14 +268,49 @@ class CommitLog:
                 found.append((int(suffix), path))
         return sorted(found)
 
-    def recover(self) -> tuple[list[Batch], int]:
-        """Every whole record of the segments left on disk, oldest first, and the number
-        of the last of them (0: none)."""
-        segments = self.segments()
-        batches: list[Batch] = []
-        for _, path in segments:
-            batches += read_segment(path.read_bytes())
-        return batches, segments[-1][0] if segments else 0
+    def recover(self) -> Recovery:
+        """Every valid record of the segments left on disk, oldest first, with what was
+        torn or damaged (see the module's docstring). A bad end that valid records follow,
+        in the same segment or a later one, is damage, not a tear."""
+        found = Recovery()
+        scans = []
+        for number, path in self.segments():
+            data = path.read_bytes()
+            scans.append((path, len(data), scan_segment(data)))
+            found.last_segment = number
+        for i, (path, size, scan) in enumerate(scans):
+            found.batches += scan.batches
+            later = any(s.batches for _, _, s in scans[i + 1 :])
+            if scan.torn and not later:
+                found.torn += scan.torn
+            elif scan.torn or scan.damaged:
+                found.damage.append(
+                    Damage(
+                        path,
+                        size,
+                        scan.bad_at,
+                        scan.torn + scan.damaged,
+                        scan.before,
+                        scan.after + sum(len(s.batches) for _, _, s in scans[i + 1 :]),
+                    )
+                )
+        return found
+
+    def keep_aside(self, path: Path) -> Path:
+        """Rename a damaged segment out of the log (never deleted): ``<name>.damaged``,
+        ``<name>.damaged.1``... Returns its new path."""
+        target = path.with_name(f"{path.name}.damaged")
+        n = 0
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.damaged.{n}")
+        os.rename(path, target)
+        folder = os.open(self.folder, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+        return target
 
     def start(self) -> None:
         """Open a new segment after those on disk (call once they are applied)."""

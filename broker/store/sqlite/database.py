@@ -138,8 +138,9 @@ class Database:
             db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
         else:
             epoch = row[0]
-        # The highest seq ever given: the newest message, or the newest one retention
-        # removed (topics.trimmed); meta.last_seq is only in databases from before.
+        # The highest seq ever given: the newest message, the newest one retention
+        # removed (topics.trimmed), or meta.last_seq: where the sequence jumped (past a
+        # reservation, or to a new epoch), and in databases from before.
         stored = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         top = db.execute("SELECT max(seq) FROM messages").fetchone()[0]
         trimmed = db.execute("SELECT max(trimmed) FROM topics").fetchone()[0]
@@ -151,7 +152,7 @@ class Database:
         row = self.wdb.execute("SELECT value FROM meta WHERE key='reserved'").fetchone()
         return 0 if row is None else int(row[0])
 
-    def resume_sequence(self, last_seq: int, booted: str) -> tuple[int, int]:
+    def resume_sequence(self, last_seq: int, booted: str, torn: bool = False) -> tuple[int, int]:
         """Never give a seq twice, even after a power loss; returns the seq to go on from
         and the reservation held.
 
@@ -159,28 +160,61 @@ class Database:
         which clients may have seen: giving those seqs to new messages would make a client
         that resumes with ``since`` skip them. So seqs are reserved durably ahead of use
         (the store's ``_append_log``) and, when the last run did not shut down cleanly and
-        the machine has rebooted since (``booted``, a power loss is possible), the
-        sequence goes on after the reservation. A broker that was only killed (same boot)
-        lost nothing: its WAL is in the OS, and the sequence goes on without a jump."""
+        the machine has rebooted since (``booted``, a power loss is possible), or the
+        commit log ends in a ``torn`` record (one happened), the sequence goes on after
+        the reservation, recorded as the database's last seq. A broker that was only
+        killed (same boot) lost nothing: its WAL is in the OS, and the sequence goes on
+        without a jump."""
         db = self.wdb
         assert db is not None
-        meta = dict(
-            db.execute("SELECT key, value FROM meta WHERE key IN ('reserved', 'clean', 'boot')")
-        )
+        meta = self.meta()
         reserved = int(meta.get("reserved", 0))
-        if meta.get("clean") == "0" and (not booted or meta.get("boot") != booted):
-            if reserved > last_seq:
-                log.warning(
-                    "the last run did not shut down cleanly and the machine has restarted "
-                    "since: seqs go on after %d, past any the last run may have given",
-                    reserved,
-                    extra={"event": "seq_resumed_after_reservation"},
-                )
-                last_seq = reserved
+        rebooted = meta.get("clean") == "0" and (not booted or meta.get("boot") != booted)
+        if (rebooted or torn) and reserved > last_seq:
+            log.warning(
+                "the last run %s: seqs go on after %d, past any the last run may have given",
+                "lost the end of its commit log"
+                if torn
+                else "did not shut down cleanly and the machine has restarted since",
+                reserved,
+                extra={"event": "seq_resumed_after_reservation"},
+            )
+            last_seq = reserved
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(last_seq),))
         db.executemany(
             "INSERT OR REPLACE INTO meta VALUES (?, ?)", [("clean", "0"), ("boot", booted)]
         )
         return last_seq, reserved
+
+    def meta(self) -> dict[str, str]:
+        """The meta table's bookkeeping rows (epoch, clean, boot, reserved, last_seq,
+        restored)."""
+        assert self.wdb is not None
+        return dict(self.wdb.execute("SELECT key, value FROM meta"))
+
+    def take_restored(self) -> str | None:
+        """What the marks of ``broker restore`` or ``broker backup`` say (a backup put in
+        place, by the command or by hand), removed once read; None: no mark."""
+        assert self.wdb is not None
+        rows = dict(
+            self.wdb.execute("SELECT key, value FROM meta WHERE key IN ('restored', 'backup')")
+        )
+        if not rows:
+            return None
+        self.wdb.execute("DELETE FROM meta WHERE key IN ('restored', 'backup')")
+        if "restored" in rows:
+            return f"restored from a backup: {rows['restored']}"
+        return f"a backup put in place by hand ({rows['backup']})"
+
+    def start_epoch(self, after: int) -> str:
+        """A new epoch, whose seqs go on after ``after``; returns it."""
+        assert self.wdb is not None
+        epoch = new_epoch()
+        self.wdb.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+            [("epoch", epoch), ("last_seq", str(after)), ("reserved", str(after))],
+        )
+        return epoch
 
     def open_rest(self) -> None:
         """Open the checkpointer's and the key lookups' connections and the WAL, and make

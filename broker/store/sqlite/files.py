@@ -1,11 +1,15 @@
 """The data directory's files around the database: its lock, the database file's identity
-(deleted or replaced under a running broker), this machine's boot id, and the one-line
-cause of a storage error."""
+(deleted or replaced under a running broker), the history mark (what seqs were given,
+kept outside the database), this machine's boot id, and the one-line cause of a storage
+error."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.errors import Unavailable
@@ -29,35 +33,134 @@ def describe(exc: BaseException) -> str:
 
 
 class DirectoryLock:
-    """The exclusive lock on a data directory (its ``lock`` file, holding our pid): two
-    brokers on one database would hand out the same seqs."""
+    """The exclusive lock on a data directory: two brokers on one database would hand out
+    the same seqs. The lock is taken on the directory itself, which no file replacement
+    can swap (a ``lock`` file can be replaced, and whoever opens the new one locks it
+    too), and on its ``lock`` file, which holds our pid for the message that names the
+    holder (and is what brokers before this one lock). Where the file system cannot lock
+    a directory the file alone holds it, and ``check`` notices it replaced."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._fd: int | None = None
+        self._dir_fd: int | None = None
+        self._identity: tuple[int, int] | None = None
+
+    def _refuse(self, fd: int | None) -> Unavailable:
+        holder = ""
+        try:
+            with open(self.folder / "lock", "rb") as f:
+                holder = f.read(32).decode(errors="replace").strip()
+        except OSError:
+            pass
+        if fd is not None:
+            os.close(fd)
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        return Unavailable(
+            f"data directory {self.folder} is in use by another broker{pid}; "
+            "stop it or choose another --data"
+        )
 
     def acquire(self) -> None:
-        """Take the lock, or refuse to start (``Unavailable``, naming the holder's pid)."""
-        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock, or refuse (``Unavailable``, naming the holder's pid)."""
+        dir_fd: int | None = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        assert dir_fd is not None
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise self._refuse(dir_fd) from None
+            os.close(dir_fd)  # no directory locks here (NFS): the file alone
+            dir_fd = None
+        path = self.folder / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise Unavailable(
-                f"data directory {self.folder} is in use by another broker{pid}; "
-                "stop it or choose another --data"
-            ) from None
+            if dir_fd is not None:
+                os.close(dir_fd)
+            raise self._refuse(fd) from None
+        st = os.fstat(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        self._fd, self._dir_fd = fd, dir_fd
+        self._identity = (st.st_dev, st.st_ino)
+        if dir_fd is None:
+            self.check()  # replaced between our open and our lock
+
+    def check(self) -> None:
+        """Without a directory lock: raise ``Unavailable`` once the lock file we hold is
+        not the one at its path any more (replaced or removed): another broker could
+        lock the new one."""
+        if self._dir_fd is not None or self._fd is None:
+            return
+        try:
+            st = os.stat(self.folder / "lock")
+            same = (st.st_dev, st.st_ino) == self._identity
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise Unavailable(
+                f"the lock file of {self.folder} was replaced or removed while the broker "
+                "ran; publishes are refused until it is restarted"
+            )
 
     def release(self) -> None:
         """Let go of the lock (if held)."""
-        if self._fd is not None:
-            os.close(self._fd)  # releases the flock
-            self._fd = None
+        for fd in (self._fd, self._dir_fd):
+            if fd is not None:
+                os.close(fd)  # releases the flock
+        self._fd = self._dir_fd = None
+
+
+@dataclass(frozen=True)
+class Mark:
+    """The history mark: seqs up to ``seq`` were given under ``epoch``, and the database
+    file (inode ``inode``) held them. Kept next to the database, outside it, so that a
+    database that went back (restored, copied in by hand) is told from the one the last
+    run left."""
+
+    epoch: str
+    seq: int
+    inode: int
+
+
+class MarkFile:
+    """The file that keeps the ``Mark`` (``<database>-mark``), replaced atomically and
+    fsynced on every write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> Mark | None:
+        """The mark (None: none yet, a directory from before marks). Raises ``ValueError``
+        when the file is unreadable."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw)
+            return Mark(str(data["epoch"]), int(data["seq"]), int(data["inode"]))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{self.path} is unreadable") from None
+
+    def write(self, mark: Mark) -> None:
+        """Replace the mark durably (temporary file, fsync, rename, directory fsync)."""
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        body = json.dumps({"epoch": mark.epoch, "seq": mark.seq, "inode": mark.inode})
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, body.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 class FileWatch:

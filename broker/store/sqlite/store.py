@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,9 +16,16 @@ from broker.core.model import Draft, Message, now_ms
 from broker.errors import Unavailable
 from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store
 from broker.store.dedupe import encode_seqs, number
-from broker.store.sqlite.commitlog import Batch, CommitLog, encode
+from broker.store.sqlite.commitlog import Batch, CommitLog, Recovery, encode
 from broker.store.sqlite.database import Database, check_database
-from broker.store.sqlite.files import DirectoryLock, FileWatch, boot_id, describe
+from broker.store.sqlite.files import (
+    DirectoryLock,
+    FileWatch,
+    Mark,
+    MarkFile,
+    boot_id,
+    describe,
+)
 from broker.store.sqlite.reads import Reads
 from broker.store.sqlite.syncer import TAIL_MAX_BYTES, Syncer
 
@@ -69,6 +78,8 @@ class SqliteStore(Store):
         self.fsync_interval = fsync_interval
         self._boot_id = boot_id
         self._lock = DirectoryLock(path.parent)
+        self._mark = MarkFile(path.with_name(f"{path.name}-mark"))
+        self._seen = 0  # the mark's seq at open
         self._file = FileWatch(path)
         self._db = Database(path, history, fsync_interval, max_pages)
         self._syncer = Syncer(self._db, fsync_interval, lambda cause: self._failing(cause, 0))
@@ -108,17 +119,116 @@ class SqliteStore(Store):
 
     def _open_database(self) -> None:
         check_database(self.path)
-        self.epoch, self.last_seq = self._db.open()
+        self.epoch, stored = self._db.open()
         log_ = CommitLog(self.path.parent, f"{self.path.name}-log")
-        self.last_seq, recovered = self._syncer.recover(log_, self.last_seq)
+        found = log_.recover()
+        went_back = self._went_back(stored, found)
+        if found.torn:
+            log.warning(
+                "the commit log ended in a torn record (a power loss during a write): "
+                "dropped its %d bytes",
+                found.torn,
+                extra={"event": "commit_log_torn"},
+            )
+        self.last_seq = self._syncer.recover(found, stored)
         booted = self._boot_id or boot_id()
-        self.last_seq, self._reserved = self._db.resume_sequence(self.last_seq, booted)
+        self.last_seq, self._reserved = self._db.resume_sequence(
+            self.last_seq, booted, torn=found.torn > 0
+        )
+        told = self._new_epoch(went_back, found) if went_back else None
         self._syncer.applied_seq = self.last_seq
         self._reads.connect()
         self._db.open_rest()
-        log_.remove_upto(recovered)
+        self._write_mark(self.last_seq)
+        self._syncer.on_applied = self._write_mark
+        for damage in found.damage:
+            kept = log_.keep_aside(damage.path)
+            log.error(
+                "commit log segment %s is damaged: %d of its %d bytes, from byte %d, are "
+                "unreadable; %d valid records before them and %d after were applied; the "
+                "segment is kept as %s",
+                damage.path.name,
+                damage.damaged,
+                damage.size,
+                damage.bad_at,
+                damage.before,
+                damage.after,
+                kept,
+                extra={"event": "commit_log_damaged"},
+            )
+        if told is not None:
+            told()
+        log_.remove_upto(found.last_segment)
         log_.start()
         self._syncer.log = log_
+
+    def _went_back(self, stored: int, found: Recovery) -> list[str]:
+        """Why the history may be older than what clients saw (none: it is not): the
+        database carries ``broker restore``'s mark; or it is not the one this directory's
+        history mark describes (another file, another epoch, fewer seqs); or a
+        reservation lies behind its last seq; or the commit log does not follow on from
+        it, or is damaged."""
+        why = []
+        restored = self._db.take_restored()
+        if restored is not None:
+            why.append(restored)
+        try:
+            mark = self._mark.read()
+        except ValueError as exc:
+            why.append(str(exc))
+            mark = None
+        self._seen = 0 if mark is None else mark.seq
+        if mark is not None and restored is None:
+            if mark.epoch != self.epoch:
+                why.append(
+                    f"the database's epoch is {self.epoch} but this directory last ran "
+                    f"epoch {mark.epoch}"
+                )
+            elif mark.inode != os.stat(self.path).st_ino:
+                why.append("the database file was replaced (copied in or restored by hand)")
+            elif mark.seq > stored:
+                why.append(
+                    f"the database holds seqs up to {stored} but seqs up to {mark.seq} were given"
+                )
+        meta = self._db.meta()
+        reserved = int(meta.get("reserved", 0))
+        if meta.get("clean") == "0" and 0 < reserved < stored:
+            why.append(f"its seq reservation ({reserved}) lies behind its last seq ({stored})")
+        first = next((m.seq for b in found.batches for m in b.messages if m.seq > stored), None)
+        if first is not None and first != stored + 1 and not found.damage:
+            why.append(f"the commit log goes on at seq {first} but the database ends at {stored}")
+        if found.damage:
+            why.append(f"{len(found.damage)} commit log segment(s) damaged")
+        return why
+
+    def _new_epoch(self, why: list[str], found: Recovery) -> Callable[[], None]:
+        """Start a new epoch after every seq seen, so that every resume answers
+        ``recovered: false`` and replays what is retained. Returns the one log line that
+        says so, with the figures."""
+        seen = [m.seq for b in found.batches for m in b.messages]
+        seen += [b.reserved for b in found.batches]
+        top = max([self.last_seq, self._seen, self._reserved, *seen])
+        old, last = self.epoch, self.last_seq
+        self.epoch = self._db.start_epoch(top)
+        self.last_seq = self._reserved = top
+        # Logged once the start is durable, after what it found is told.
+        return lambda: log.warning(
+            "history went back: %s; starting epoch %s after seq %d (epoch %s may have given "
+            "seqs up to %d; the database holds up to %d): every resume answers "
+            "recovered: false and replays what is retained",
+            "; ".join(why),
+            self.epoch,
+            top,
+            old,
+            top,
+            last,
+            extra={"event": "history_went_back"},
+        )
+
+    def _write_mark(self, seq: int) -> None:
+        """Record that SQLite durably holds seqs up to ``seq`` of this epoch (the fsync
+        thread, after each apply; the writer at open)."""
+        self._mark.write(Mark(self.epoch, seq, os.stat(self.path).st_ino))
 
     async def close(self) -> None:
         await self._syncer.stop()
@@ -173,6 +283,7 @@ class SqliteStore(Store):
         recorded once this returns (``interval``), or once the fsync thread has fsynced
         it (``always``, ``Syncer.await_fsync``)."""
         self._file.check()
+        self._lock.check()
         now = now_ms()
         numbered = number(drafts, self.last_seq + 1, lambda u, k: self._live_key(u, k, now))
         messages = numbered.fresh

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from broker.core.model import Message
 from broker.store.dedupe import KeyId, encode_seqs
-from broker.store.sqlite.commitlog import CommitLog
+from broker.store.sqlite.commitlog import CommitLog, Recovery
 from broker.store.sqlite.database import Database
 from broker.store.sqlite.files import describe
 
@@ -69,15 +69,17 @@ class Syncer:
         self._synced = 0
         self._sync_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Told the highest seq SQLite holds durably after each apply that added some
+        #: (the store keeps the history mark with it).
+        self.on_applied: Callable[[int], None] | None = None
 
-    def recover(self, log_: CommitLog, last_seq: int) -> tuple[int, int]:
+    def recover(self, found: Recovery, last_seq: int) -> int:
         """At open, before anything else: apply what the commit log holds beyond SQLite
-        (the broker was killed before its fsync thread applied it). Returns the highest
-        seq given, and the last segment read, to be removed once the WAL is durable."""
-        batches, last_segment = log_.recover()
-        messages = [m for b in batches for m in b.messages if m.seq > last_seq]
-        keys = [k for b in batches for k in b.keys]
-        reserved = max((b.reserved for b in batches), default=0)
+        (the broker was killed before its fsync thread applied it); ``found`` is what
+        ``CommitLog.recover`` read. Returns the highest seq given."""
+        messages = [m for b in found.batches for m in b.messages if m.seq > last_seq]
+        keys = [k for b in found.batches for k in b.keys]
+        reserved = max((b.reserved for b in found.batches), default=0)
         if messages or keys or reserved:
             if self._db.reserved() >= reserved:
                 reserved = 0
@@ -89,7 +91,7 @@ class Syncer:
                 len(messages),
                 extra={"event": "commit_log_recovered"},
             )
-        return last_seq, last_segment
+        return last_seq
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the fsync thread (once the log is open); ``loop`` is told of fsyncs."""
@@ -281,3 +283,8 @@ class Syncer:
             self._applying_keys = {}
             if finished is not None:
                 log_.remove_upto(finished[0])
+            if messages and self.on_applied is not None:
+                try:  # under the apply lock: one writer of the mark at a time, in order
+                    self.on_applied(messages[-1].seq)
+                except OSError as exc:
+                    self._on_failure(describe(exc))
