@@ -253,6 +253,7 @@ async def test_presence_and_stats_cluster_wide_and_cleanup_after_kill(nodes: Nod
     assert [u["id"] for u in users] == ["bob", "carol"]
 
 
+@pytest.mark.process
 async def test_graceful_shutdown_drops_presence_at_once(nodes: NodeFactory) -> None:
     a, b = nodes(2)
     watcher = await Peer.open(b.url, b.token("carol"))
