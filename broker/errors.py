@@ -36,6 +36,7 @@ CLOSE_TOO_BIG = 1009  # a frame over the max message size, never read (TooLarge)
 CLOSE_UNAUTHORIZED = 4001  # no valid token in time, or a refused refresh (Unauthorized)
 CLOSE_TOKEN_EXPIRED = 4003  # the token's exp has passed (TokenExpired)
 CLOSE_SLOW_CONSUMER = 4008  # the connection's send queue went over its bound
+CLOSE_TRY_AGAIN_LATER = 1013  # a cap of anonymous connections is reached (section 10)
 
 
 class BrokerError(Exception):

@@ -126,12 +126,14 @@ def make_client(
     ca_file: str | None,
     *,
     reconnect: bool,
+    anonymous: bool = False,
     **kwargs: Any,
 ) -> Client:
-    """A ``Client`` for the shared options; bad URLs are usage errors."""
+    """A ``Client`` for the shared options (``anonymous``: no token at all, public topics
+    only); bad URLs are usage errors."""
     _setup_logging()
     urls = [u.strip() for u in url.split(",") if u.strip()]
-    plain, provider = resolve_token(token)
+    plain, provider = (None, None) if anonymous else resolve_token(token)
     try:
         return Client(
             urls,
@@ -139,6 +141,7 @@ def make_client(
             token_provider=provider,
             ca_file=ca_file,
             reconnect=reconnect,
+            anonymous=anonymous,
             **kwargs,
         )
     except ValueError as exc:

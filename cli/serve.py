@@ -20,6 +20,7 @@ from click.core import ParameterSource
 if TYPE_CHECKING:
     from broker.server.app import BrokerServer
 
+from broker.core.namespaces import render as render_namespaces
 from broker.errors import ConfigError
 from broker.local import (
     default_config_file,
@@ -150,6 +151,12 @@ def render_config(effective: Effective) -> None:
     width = max(len(line) for line, _ in lines)
     for line, source in lines:
         click.echo(f"{line:<{width}}  # {source}")
+    if effective.config.namespaces:
+        click.echo(
+            f"\n# namespaces ({effective.sources['namespace']}); the first that covers a topic wins"
+        )
+        for line in render_namespaces(effective.config.namespaces):
+            click.echo(line)
 
 
 @click.command()
@@ -179,6 +186,11 @@ def serve(ctx: click.Context, /, config_file: Path | None, print_config: bool, *
     Every option can also be set in the environment (BROKER_ and the option in upper
     snake case: --max-queue is BROKER_MAX_QUEUE) or in the TOML file (max_queue = "1MiB").
     Precedence: flags, then the environment, then the file, then the defaults.
+
+    \b
+    Per-pattern options (public topics, history, retention, presence) are [[namespace]]
+    tables of the TOML file only, with no flag or environment form; see
+    docs/operations.md, "Namespaces and public topics".
 
     \b
     Examples:

@@ -69,12 +69,15 @@ async def _follow(
     since: int | None,
     epoch: str | None,
     last: int | None,
+    latest: bool = False,
     count: int | None,
     verbose: bool,
 ) -> None:
     async with client:
         for pattern in patterns:
-            sub = await client.subscribe(pattern, since=since, epoch=epoch, last=last)
+            sub = await client.subscribe(
+                pattern, since=since, epoch=epoch, last=last, latest=latest
+            )
             if since is not None and not sub.recovered:
                 if epoch is not None and sub.epoch != epoch:
                     warn(
@@ -106,6 +109,8 @@ def _run_follow(
     since: int | None = None,
     epoch: str | None = None,
     last: int | None = None,
+    latest: bool = False,
+    anonymous: bool = False,
     count: int | None,
     timeout: float | None,
     verbose: bool,
@@ -116,6 +121,7 @@ def _run_follow(
         token,
         ca_file,
         reconnect=True,
+        anonymous=anonymous,
         on_gap=on_gap,
         on_error=on_error,
         on_state=on_state_printer(),
@@ -138,6 +144,7 @@ def _run_follow(
                     since=since,
                     epoch=epoch,
                     last=last,
+                    latest=latest,
                     count=count,
                     verbose=verbose,
                 ),
@@ -185,6 +192,7 @@ def _mode(as_json: bool, template: str | None, rich_default: bool) -> str:
       broker sub 'scores/#' --json
       broker sub football --last 5 --count 5
       broker sub football --since 1042 --epoch 3f2a9c
+      broker sub 'scores/#' --latest --anonymous
       broker sub 'chat/+' -F '{time} {from.name}@{topic}: {data}'
     """
     ),
@@ -207,6 +215,18 @@ def _mode(as_json: bool, template: str | None, rich_default: bool) -> str:
     metavar="N",
     help="First replay the last N kept messages.",
 )
+@click.option(
+    "--latest",
+    is_flag=True,
+    help="First replay the latest kept message of each matching topic (a scoreboard's "
+    "current scores).",
+)
+@click.option(
+    "--anonymous",
+    is_flag=True,
+    help="Connect without a token (any --token is ignored): public topics only, the "
+    "broker's public namespaces.",
+)
 @_output_options
 @click.option("--raw", is_flag=True, help="Print the data only, even on a terminal.")
 @click.option(
@@ -221,6 +241,8 @@ def sub_command(
     since: int | None,
     epoch: str | None,
     last: int | None,
+    latest: bool,
+    anonymous: bool,
     as_json: bool,
     template: str | None,
     count: int | None,
@@ -232,8 +254,8 @@ def sub_command(
     ca_file: str | None,
 ) -> None:
     """``broker sub`` (help above)."""
-    if since is not None and last is not None:
-        raise click.UsageError("--since and --last are exclusive")
+    if sum((since is not None, last is not None, latest)) > 1:
+        raise click.UsageError("--since, --last and --latest are exclusive")
     if epoch is not None and since is None:
         raise click.UsageError("--epoch goes with --since")
     mode = _mode(as_json, template, rich_default=sys.stdout.isatty() and not raw)
@@ -247,6 +269,8 @@ def sub_command(
         since=since,
         epoch=epoch,
         last=last,
+        latest=latest,
+        anonymous=anonymous,
         count=count,
         timeout=timeout,
         verbose=verbose,

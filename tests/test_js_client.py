@@ -653,13 +653,16 @@ def test_two_pages_chat_with_the_web_example(broker: BrokerProcess) -> None:
         # Bob leaves: Alice's list of people follows.
         await bob.close()
         await expect(alice.get_by_test_id("person")).to_have_count(1)
-        # Alice reloads: she rejoins by herself, and sees what was said meanwhile once.
+        # Alice reloads: she rejoins by herself, sees what she saw, and what was said
+        # meanwhile, each once.
         peer = await Peer.open(broker.url, broker.token("3", "Carol"))
         await alice.reload()
         await peer.request("pub", topic="chat/lobby", data="Carol was here")
         await peer.close()
         await expect(alice.get_by_test_id("status")).to_have_text("Connected as Alice")
-        await expect(texts(alice)).to_have_text(["Carol was here"])
+        await expect(texts(alice)).to_have_text(
+            ["hi all", "hello Alice", "<b>just between us</b>", "Carol was here"]
+        )
         assert alice.errors == []  # type: ignore[attr-defined]
 
     with static_site(ROOT / "examples" / "web") as site:

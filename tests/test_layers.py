@@ -63,11 +63,7 @@ IO_MODULES = {
 
 #: Cycles known and owned by a change in flight, each with why it is still here. Nothing else
 #: may be added: a new cycle is a design to fix, not an exception to list.
-KNOWN_CYCLES = {
-    # The Redis store builds the cluster presence from itself; building it from the Redis
-    # link instead removes this (issue 22, the redis helper's change; drop this entry then).
-    frozenset({"broker.store.redis.store", "broker.store.redis.presence"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def module_files(

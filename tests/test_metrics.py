@@ -159,6 +159,8 @@ async def test_metrics_and_stats_after_a_known_workload(
         "limit_hits": dict.fromkeys(LIMITS, 0),
         "max_connections": figures["max_connections"],  # from the descriptor limit
         "unauthenticated": 0,
+        "anonymous": 0,
+        "streams": 0,
     }
     assert figures["max_connections"] > 100
     assert list(stats["top_topics"]) == ["scores/uk", "scores/fr"]  # busiest first

@@ -72,7 +72,7 @@ def test_parse_valid(frame: dict[str, object], expected: object) -> None:
         ('{"op":"pub","topic":"a/#","data":1,"id":2}', "'+' or '#'", 2),
         ('{"op":"pub","topic":"a","data":1,"echo":1}', "boolean", None),
         ('{"op":"presence","id":1,"topic":"a/+"}', "not a pattern", 1),
-        ('{"op":"auth"}', "token", None),
+        ('{"op":"auth","token":5}', "token", None),
         ('{"op":"stats"}', "requires an 'id'", None),
     ],
 )

@@ -235,13 +235,16 @@ class Client:
         on_gap: Callable[[Gap], None] | None = None,
         on_error: Callable[[BrokerError], None] | None = None,
         on_state: Callable[[str], None] | None = None,
+        anonymous: bool = False,
     ) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
             raise ValueError("at least one broker URL is needed")
         self.urls = [_check_url(u) for u in url_list]
-        if token is None and token_provider is None:
-            raise ValueError("a token or a token_provider is needed")
+        if token is None and token_provider is None and not anonymous:
+            raise ValueError("a token or a token_provider is needed (or anonymous=True)")
+        #: Connect without a token: read public topics only (docs/protocol.md).
+        self.anonymous = anonymous
         self._token = token
         # The token last sent (at connect or in a refresh): what a refusal refuses.
         self._offered = token
@@ -367,15 +370,17 @@ class Client:
         epoch: str | None = None,
         last: int | None = None,
         presence: bool = False,
+        latest: bool = False,
     ) -> Subscription:
-        """Subscribe to a topic or pattern, replaying history ``since`` a seq or the ``last`` N."""
+        """Subscribe to a topic or pattern, replaying history ``since`` a seq, the ``last``
+        N, or the ``latest`` message of each matching topic."""
         validate_pattern(pattern)
-        if since is not None and last is not None:
-            raise ValueError("since and last are exclusive")
+        if sum((since is not None, last is not None, latest)) > 1:
+            raise ValueError("since, last and latest are exclusive")
         for name, value in (("since", since), ("last", last)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer")
-        state = SubState(pattern, presence, watermark=since, epoch=epoch, last=last)
+        state = SubState(pattern, presence, watermark=since, epoch=epoch, last=last, latest=latest)
         self._subs[pattern] = state
         try:
             reply = await self._request(
@@ -618,7 +623,9 @@ class Client:
 
     # -- internals: connections ----------------------------------------------------------
 
-    async def _get_token(self) -> str:
+    async def _get_token(self) -> str | None:
+        if self.anonymous:
+            return None
         if self._token_provider is None:
             assert self._token is not None
             return self._token
@@ -638,7 +645,7 @@ class Client:
         self._url_index += 1
         token = await self._get_token()
         self._offered = token
-        headers = {"Authorization": f"Bearer {token}"} if self.auth_header else None
+        headers = {"Authorization": f"Bearer {token}"} if self.auth_header and token else None
         options: dict[str, Any] = {}
         if self._ssl is not None and url.startswith("wss:"):
             options["ssl"] = self._ssl  # else the system's default trust store
@@ -666,7 +673,7 @@ class Client:
                 reason = f"no answer within {self.connect_timeout:g}s"
             raise ConnectionFailed(f"cannot connect to {url}: {reason}") from None
         try:
-            if not self.auth_header:
+            if not self.auth_header or token is None:
                 await ws.send(encode_request(Auth(token)).decode())
             raw = await asyncio.wait_for(ws.recv(), self.connect_timeout)
             frame = parse_reply(raw)

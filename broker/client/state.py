@@ -57,6 +57,8 @@ class SubState:
     replay_until: int | None = None
     #: A ``last`` replay that has not delivered anything yet is redone as is on resume.
     last: int | None = None
+    #: A ``latest`` replay, redone as ``last`` is until a message past it arrives.
+    latest: bool = False
     #: The broker answered: resume this subscription on every new connection.
     confirmed: bool = False
 
@@ -70,6 +72,7 @@ class SubState:
             epoch=self.epoch if since is not None else None,
             last=self.last if since is None else None,
             presence=self.presence,
+            latest=self.latest and since is None and self.last is None,
         )
 
 
@@ -108,9 +111,11 @@ class ClientState:
                 state.watermark = max(state.watermark or 0, state.replay_until)
                 state.replay_until = None
                 state.last = None
+                state.latest = False
             if matches(state.pattern, topic):
                 state.watermark = max(state.watermark or 0, seq)
                 state.last = None
+                state.latest = False
         if not self.remember(seq):
             return None
         return Message.from_json(frame)
@@ -138,7 +143,7 @@ class ClientState:
         self.note_epoch(new_epoch)
         state.epoch = new_epoch
         state.confirmed = True
-        if since is None and state.last is None:
+        if since is None and state.last is None and not state.latest:
             state.watermark = max(state.watermark or 0, seq)  # live from here on
             return None
         state.replay_until = seq  # replayed messages follow, up to about ``seq``

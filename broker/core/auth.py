@@ -43,6 +43,13 @@ class Identity:
     exp: float | None = None
     acl: Acl = field(default_factory=Acl)
     admin: bool = False
+    #: An anonymous connection (section 10): no user, reads public topics only.
+    anonymous: bool = False
+
+    @classmethod
+    def anonymous_reader(cls, public: tuple[str, ...]) -> Identity:
+        """The identity of an anonymous connection: it may read what ``public`` covers."""
+        return cls(id="", name="", acl=Acl(pub=(), sub=public), anonymous=True)
 
     def user_json(self) -> dict[str, str]:
         """The ``{"id", "name"}`` object the protocol sends for this user."""
@@ -50,6 +57,8 @@ class Identity:
 
     def check_publish(self, topic: str) -> None:
         """Raise ``Forbidden`` unless this user may publish to the (valid) ``topic``."""
+        if self.anonymous:
+            raise Forbidden("an anonymous connection may not publish")
         if topic.startswith("$"):
             raise Forbidden(f"topic {topic!r} is reserved for the broker")
         if self.acl.pub is not None and not any_covers(self.acl.pub, topic):
@@ -57,6 +66,12 @@ class Identity:
 
     def check_subscribe(self, pattern: str) -> None:
         """Raise ``Forbidden`` unless this user may subscribe to the (valid) ``pattern``."""
+        if self.anonymous:
+            if not any_covers(self.acl.sub or (), pattern):
+                raise Forbidden(
+                    f"{pattern!r} is not public: anonymous connections read public topics"
+                )
+            return
         owner = pattern_inbox_owner(pattern)
         if owner is not None:
             if owner == self.id:

@@ -41,6 +41,14 @@ class Subscriber(Protocol):
         """Queue a protocol frame (replies, presence events)."""
 
 
+def _floor(sub: Subscription, topic: str) -> int:
+    """The seq after which ``sub`` has delivered every message of ``topic``."""
+    mark = sub.covered_from
+    if sub.covered_topics:
+        mark = min(mark, sub.covered_topics.get(topic, mark))
+    return mark
+
+
 class Run:
     """Consecutive committed messages of one topic, which go to the same connections: a
     connection takes them in one ``deliver_run`` call, so a busy topic's fan-out costs a
@@ -64,6 +72,12 @@ class Subscription:
     #: Every matching message with a larger seq has reached the connection through this
     #: subscription (live or replay): used to skip duplicates when another one replays.
     covered_from: int = 0
+    #: Per topic, a lower mark than ``covered_from``: a ``latest`` replay delivered each
+    #: topic's latest message, so from it on that topic is covered (None: no such topic).
+    covered_topics: dict[str, int] | None = None
+    #: Counted in presence (join/leave, the ``presence`` op): not for an anonymous
+    #: connection, nor on a topic whose namespace turns presence off.
+    present: bool = True
 
     @property
     def exact(self) -> bool:
@@ -118,7 +132,8 @@ class Hub:
         if sub.exact:
             if sub.presence:
                 self._watchers.setdefault(sub.pattern, set()).add(conn)
-            if old is None:
+            # ``present`` follows from the connection and the topic: the same as old's.
+            if old is None and sub.present:
                 self._join(conn, sub.pattern)
         return old
 
@@ -156,7 +171,7 @@ class Hub:
             watchers.discard(conn)
             if not watchers:
                 del self._watchers[sub.pattern]
-        if announce:
+        if announce and sub.present:
             self._leave(conn, sub.pattern)
 
     # -- presence --------------------------------------------------------------------
@@ -309,7 +324,7 @@ class Hub:
                 if len(floors) >= _FLOOR_CACHE:
                     floors.clear()
                 marks = [
-                    subs[p].covered_from
+                    _floor(subs[p], topic)
                     for p in patterns(topic, conn)
                     if p != besides and p in subs
                 ]

@@ -84,6 +84,7 @@ class Message:
     ts: int
     _frame: bytes | None = field(default=None, repr=False, compare=False)
     _wire: bytes | None = field(default=None, repr=False, compare=False)
+    _event: bytes | None = field(default=None, repr=False, compare=False)
     _data: Any = field(default=_UNDECODED, repr=False, compare=False)
 
     @classmethod
@@ -154,6 +155,20 @@ class Message:
         if self._wire is None:
             self._wire = text_frame(self.frame)
         return self._wire
+
+    @property
+    def body(self) -> bytes:
+        """The message as the fields of its ``msg`` frame without ``op`` (the HTTP
+        history's messages, a server-sent event's data): one line of JSON."""
+        return b"{" + self.frame[len(b'{"op":"msg",') :]
+
+    def event(self, epoch: str) -> bytes:
+        """The server-sent event carrying this message (section 11 of docs/protocol.md):
+        ``id: <epoch>:<seq>`` and ``data:`` its body, encoded once for every stream. A
+        message's epoch never changes, so the first one asked for is kept."""
+        if self._event is None:
+            self._event = b"id: %s:%d\ndata: %s\n\n" % (epoch.encode(), self.seq, self.body)
+        return self._event
 
 
 def _seq(message: Message) -> int:

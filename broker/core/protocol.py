@@ -37,7 +37,8 @@ MAX_KEY = 128
 class Auth:
     """``auth``: authenticate (first frame) or refresh the token."""
 
-    token: str
+    #: None: no token, a request for an anonymous connection (section 10).
+    token: str | None
     id: RequestId | None = None
 
 
@@ -51,6 +52,8 @@ class Sub:
     epoch: str | None = None
     last: int | None = None
     presence: bool = False
+    #: Replay the latest retained message of each matching topic (section 9).
+    latest: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,9 @@ def _parse_op(frame: dict[str, Any], rid: RequestId | None) -> Request:
         last = _optional_count(frame, "last")
         if since is not None and last is not None:
             raise BadRequest("'since' and 'last' cannot be used together")
+        latest = _optional_bool(frame, "latest")
+        if latest and (since is not None or last is not None):
+            raise BadRequest("'latest' cannot be used with 'since' or 'last'")
         epoch = frame.get("epoch")
         if epoch is not None and not isinstance(epoch, str):
             raise BadRequest("'epoch' must be a string")
@@ -234,13 +240,14 @@ def _parse_op(frame: dict[str, Any], rid: RequestId | None) -> Request:
             epoch=epoch,
             last=last,
             presence=_optional_bool(frame, "presence"),
+            latest=latest,
         )
     if op == "unsub":
         return Unsub(id=_require_id(rid, op), topic=validate_pattern(frame.get("topic")))
     if op == "auth":
         token = frame.get("token")
-        if not isinstance(token, str):
-            raise BadRequest("'auth' requires a 'token' string")
+        if token is not None and not isinstance(token, str):
+            raise BadRequest("'token' must be a string (or absent, for an anonymous connection)")
         return Auth(token=token, id=rid)
     if op == "presence":
         rid = _require_id(rid, op)
@@ -278,8 +285,11 @@ def encode_error(error: BrokerError) -> bytes:
     return orjson.dumps(frame)
 
 
-def encode_hello(user: dict[str, str], server: str) -> bytes:
-    """The ``hello`` frame sent after successful authentication."""
+def encode_hello(user: dict[str, str], server: str, anonymous: bool = False) -> bytes:
+    """The ``hello`` frame sent after successful authentication (``anonymous: true`` for
+    an anonymous connection, section 10)."""
+    if anonymous:
+        return orjson.dumps({"op": "hello", "user": user, "anonymous": True, "server": server})
     return orjson.dumps({"op": "hello", "user": user, "server": server})
 
 
@@ -313,9 +323,13 @@ def encode_request(request: Request) -> bytes:
             sub["last"] = request.last
         if request.presence:
             sub["presence"] = True
+        if request.latest:
+            sub["latest"] = True
         return orjson.dumps(sub)
     if isinstance(request, Auth):
-        auth: dict[str, Any] = {"op": "auth", "token": request.token}
+        auth: dict[str, Any] = {"op": "auth"}
+        if request.token is not None:
+            auth["token"] = request.token
         if request.id is not None:
             auth["id"] = request.id
         return orjson.dumps(auth)

@@ -172,3 +172,42 @@ class Admission:
         self.settle(conn)
         self.sockets.discard(conn)
         self._refusing.discard(conn)
+
+
+def default_anonymous(max_connections: int) -> int:
+    """The default cap on anonymous connections: half the connection cap, so that a
+    crowd watching public topics always leaves half to users who log in."""
+    return max(1, max_connections // 2)
+
+
+class AnonymousCaps:
+    """Anonymous connections and streams (section 10 of docs/protocol.md): a total cap and
+    a per-address cap of their own (0: no per-address cap)."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self.count = 0
+        self._by_address: dict[str, int] = {}
+
+    def admit(self, peer: str) -> str | None:
+        """Count one more from ``peer``; the limit that refuses it instead (None: admitted)."""
+        address = peer_address(peer)
+        mine = self._by_address.get(address, 0)
+        if self.count >= self.total:
+            return "anonymous"
+        if self.per_address and mine >= self.per_address:
+            return "anonymous_per_address"
+        self.count += 1
+        self._by_address[address] = mine + 1
+        return None
+
+    def release(self, peer: str) -> None:
+        """One from ``peer`` is gone."""
+        address = peer_address(peer)
+        mine = self._by_address.get(address, 0)
+        if mine <= 1:
+            self._by_address.pop(address, None)
+        else:
+            self._by_address[address] = mine - 1
+        self.count = max(0, self.count - 1)

@@ -35,6 +35,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.server.http import origin_allowed
+from broker.store.base import ListPages, Pages
 
 if TYPE_CHECKING:
     from broker.core.auth import TokenVerifier
@@ -246,6 +247,15 @@ class HttpApi:
             raise BadRequest(f"{name!r} must be a non-negative integer")
         return int(raw)
 
+    @staticmethod
+    def _flag(query: dict[str, str], name: str) -> bool:
+        raw = query.get(name)
+        if raw is None or raw in ("false", "0"):
+            return False
+        if raw in ("true", "1"):
+            return True
+        raise BadRequest(f"{name!r} must be true, false, 1 or 0")
+
     def _rate(self, identity: Identity, units: int) -> None:
         rate = self.server.config.rate_limit
         if rate is None:
@@ -325,6 +335,9 @@ class HttpApi:
         last, since = self._count(query, "last"), self._count(query, "since")
         if last is not None and since is not None:
             raise BadRequest("'since' and 'last' cannot be used together")
+        latest = self._flag(query, "latest")
+        if latest and (last is not None or since is not None):
+            raise BadRequest("'latest' cannot be used with 'since' or 'last'")
         epoch = query.get("epoch")
         identity.check_subscribe(pattern)
         server = self.server
@@ -337,7 +350,10 @@ class HttpApi:
         # a request takes is bounded by that, not by the history it could cover.
         visible: list[Message] = []
         try:
-            if since is not None:
+            if latest:
+                found = await store.latest(pattern, upto, visible=identity.may_receive)
+                pages: Pages = ListPages(found, upto, True, PAGE + 1)
+            elif since is not None:
                 if (epoch is not None and epoch != store.epoch) or since > upto:
                     since, recovered = 0, False
                 pages = await store.replay(pattern, since=since, upto=upto, page_size=PAGE + 1)
@@ -397,4 +413,4 @@ class HttpApi:
 
 def _message_json(msg: Message) -> bytes:
     """A message as the fields of its ``msg`` frame, without ``op``."""
-    return b"{" + msg.frame[len(b'{"op":"msg",') :]
+    return msg.body

@@ -27,6 +27,7 @@ from broker import __version__
 from broker.core.auth import Identity, TokenVerifier, parse_bearer
 from broker.core.hub import Hub
 from broker.core.model import Draft, Message, now_ms, text_frame
+from broker.core.namespaces import Namespaces
 from broker.core.protocol import (
     Auth,
     Presence,
@@ -41,10 +42,12 @@ from broker.core.protocol import (
     parse_request,
 )
 from broker.core.protocol import Request as Frame
+from broker.core.sse import StreamRequest, parse_stream
 from broker.errors import (
     CLOSE_GOING_AWAY,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOKEN_EXPIRED,
+    CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
     BadRequest,
     BrokerError,
@@ -55,7 +58,9 @@ from broker.errors import (
 )
 from broker.server.admission import (
     Admission,
+    AnonymousCaps,
     connection_budget,
+    default_anonymous,
     default_unauthenticated,
     raise_descriptor_limit,
 )
@@ -70,6 +75,8 @@ from broker.server.memory import release_memory
 from broker.server.metrics import Metrics, wire_size
 from broker.server.replay import Subscriptions
 from broker.server.session import Flusher, Session
+from broker.server.sse import StreamLink, StreamSession, heartbeats
+from broker.server.sse import serve as serve_stream
 from broker.store.base import Store
 from broker.store.dedupe import Duplicate
 
@@ -89,6 +96,8 @@ _LIMIT_TEXT = {
     "unauthenticated": "max_unauthenticated, the oldest unauthenticated connections dropped",
     "unauthenticated_per_address": "max_unauthenticated_per_address, new connections refused",
     "subscriptions": "max_subscriptions, subscriptions refused",
+    "anonymous": "max_anonymous, new anonymous connections refused",
+    "anonymous_per_address": "max_anonymous_per_address, new anonymous connections refused",
 }
 
 log = logging.getLogger("broker")
@@ -115,6 +124,9 @@ class BrokerServer:
         self.config = config
         self.verifier = verifier
         self.store = store
+        #: Per-pattern options, ``[[namespace]]`` (public topics, history, presence).
+        self.namespaces = Namespaces(config.namespaces)
+        store.namespaces = self.namespaces
         # In cluster mode presence and stats span every node (broker/store/redis).
         self.cluster = cluster
         self.hub = self.cluster.make_hub(self.stats) if self.cluster else Hub()
@@ -126,7 +138,7 @@ class BrokerServer:
             flusher=self.flusher,
         )
         self.subscriptions = Subscriptions(
-            self.hub, self.store, config.max_subscriptions, self._limit_reached
+            self.hub, self.store, config.max_subscriptions, self._limit_reached, self.namespaces
         )
         self.backpressure = Backpressure(
             config.max_pending_publishes,
@@ -146,7 +158,7 @@ class BrokerServer:
         self.journal.commit_observers.append(self.metrics.observe_commit)
         self.hub.observe_fanout = self.metrics.fanout_seconds.observe
         if cluster is not None:
-            cluster.store.link.observe_roundtrip = self.metrics.redis_roundtrip_seconds.observe
+            cluster.link.observe_roundtrip = self.metrics.redis_roundtrip_seconds.observe
         self._listener: asyncio.Server | None = None
         self._conns: set[Connection] = set()  # upgraded to WebSocket
         self._unauthenticated: set[Connection] = set()  # waiting for the first frame
@@ -154,6 +166,16 @@ class BrokerServer:
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.admission = self._admission()
+        self.anonymous = AnonymousCaps(
+            self.config.max_anonymous
+            if self.config.max_anonymous is not None
+            else default_anonymous(self.admission.max_connections),
+            self.config.max_anonymous_per_address,
+        )
+        # Anonymous sessions and the address each is counted under.
+        self._anonymous_peers: dict[Session, str] = {}
+        #: Open server-sent event streams (GET /sse).
+        self.streams: set[StreamSession] = set()
         # Refused connections and limits reached: a few lines in full, then a summary.
         self._refusals = Repeats(log, burst=_REFUSALS_LOGGED)
         self._limits = Repeats(log, burst=1)
@@ -194,6 +216,7 @@ class BrokerServer:
         self._spawn(self._trim_loop())
         if self.config.ping_interval > 0:
             self._spawn(self._keepalive_loop(self.config.ping_interval))
+        self._spawn(heartbeats(lambda: list(self.streams)))
         if self.store.shared:
             self._spawn(self.store.follow(self.hub.fanout, self._history_restarted))
 
@@ -348,10 +371,141 @@ class BrokerServer:
             self._reply(conn, request, error_reply(BadRequest(reason), status), True)
         elif request.path.startswith("/api/"):
             self._spawn(self._api(conn, request))
+        elif request.path == "/sse":
+            self._stream(conn, request)
         else:
             status, headers, body = self.routes.plain(conn, request)
             self.metrics.http_request(request.path, status)
             conn.respond(status, headers, body)
+
+    # -- server-sent event streams (section 11) -------------------------------------------
+
+    def _stream(self, conn: Connection, request: HttpRequest) -> None:
+        """``GET /sse``: refuse it before the stream (status and JSON body), or start it."""
+        allowed, origin = self.api.origin_allowed(request)
+        cors = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")] if origin else []
+        if allowed and request.method == "OPTIONS":
+            headers = [
+                *cors,
+                ("Access-Control-Allow-Methods", "GET, OPTIONS"),
+                ("Access-Control-Allow-Headers", "Authorization, Last-Event-ID"),
+                ("Allow", "GET, OPTIONS"),
+            ]
+            self._reply(conn, request, Reply(204, headers=headers, content_type=None))
+            return
+        try:
+            if not allowed:
+                raise Forbidden("origin not allowed")
+            if request.method != "GET":
+                reply = error_reply(BadRequest(f"/sse takes GET, not {request.method}"), 405)
+                reply.headers.append(("Allow", "GET, OPTIONS"))
+                self._reply(conn, request, reply, close=True)
+                return
+            if self.draining:
+                raise Unavailable("the broker is shutting down")
+            resume = request.header("last-event-id")
+            ask = parse_stream(
+                request.query, resume[-1] if resume else None, self.config.max_subscriptions
+            )
+            identity = self._stream_identity(conn, request, ask)
+        except BrokerError as exc:
+            reply = error_reply(exc)
+            reply.headers += cors
+            self.metrics.error(exc.code)
+            self._reply(conn, request, reply, close=True)
+            return
+        self._start_stream(conn, identity, ask, cors)
+
+    def _stream_identity(
+        self, conn: Connection, request: HttpRequest, ask: StreamRequest
+    ) -> Identity:
+        """Who a stream is for: its bearer header, its ``token`` parameter, or nobody (an
+        anonymous stream, counted against its caps last, once all else passed)."""
+        header = request.header("authorization")
+        if len(header) > 1:
+            raise Unauthorized("more than one Authorization header")
+        if header:
+            identity = self.verifier.verify(parse_bearer(header[0]))
+        elif ask.token is not None:
+            identity = self.verifier.verify(ask.token)
+        elif self.namespaces.public:
+            identity = Identity.anonymous_reader(self.namespaces.public)
+        else:
+            raise Unauthorized(
+                "an 'Authorization: Bearer <token>' header or a 'token' parameter is required"
+            )
+        for pattern in ask.patterns:
+            identity.check_subscribe(pattern)
+        if identity.anonymous:
+            identity = self.anonymous_identity(conn)
+        return identity
+
+    def _start_stream(
+        self,
+        conn: Connection,
+        identity: Identity,
+        ask: StreamRequest,
+        cors: list[tuple[str, str]],
+    ) -> None:
+        transport = conn.transport
+        if transport is None or conn.closed.done():
+            return
+        head = [
+            "HTTP/1.1 200 OK",
+            f"Server: {SERVER_NAME}",
+            "Content-Type: text/event-stream",
+            "Cache-Control: no-cache",
+            "X-Accel-Buffering: no",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in cors),
+        ]
+        # Written as it is, not through h11: the body is the stream, ended by the close.
+        transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        self.metrics.http_request("/sse", 200)
+        session = StreamSession(
+            StreamLink(conn),
+            identity,
+            flusher=self.flusher,
+            max_queue=self.config.max_queue,
+            on_close=self._on_session_close,
+        )
+        session.epoch = self.store.epoch
+        session.opened = False
+        conn.session = session
+        self.sessions.add(session)
+        self.streams.add(session)
+        if identity.anonymous:
+            self._anonymous_peers[session] = conn.peer
+        self.hub.attach(session)
+        session.set_expiry(identity.exp)
+        log.info(
+            "stream %s user=%s from %s: %s",
+            session.id,
+            identity.id,
+            conn.peer,
+            " ".join(ask.patterns),
+            extra={"event": "connect", "conn": session.id, "user": identity.id, "peer": conn.peer},
+        )
+        session.task = asyncio.get_running_loop().create_task(self._serve_stream(session, ask))
+
+    async def _serve_stream(self, session: StreamSession, ask: StreamRequest) -> None:
+        try:
+            if (
+                self.store.shared
+                and ask.since is not None
+                and ask.epoch in (None, self.store.epoch)
+            ):
+                await self.catch_up(ask.since)
+            await serve_stream(
+                session, ask, self.store, self.hub.subscribe, lambda: self.hub.last_seq
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("stream %s failed: %s", session.id, exc, extra={"event": "store_error"})
+            session.close(CLOSE_INTERNAL, "history cannot be read now")
+        finally:
+            session.task = None
 
     async def _api(self, conn: Connection, request: HttpRequest) -> None:
         try:
@@ -459,6 +613,18 @@ class BrokerServer:
         if conn in self._http_conns:
             self._http_conns.discard(conn)
             self.connections -= 1
+            stream = conn.session
+            if stream is not None:  # a server-sent event stream
+                if stream.task is not None:
+                    stream.task.cancel()
+                self._drop(stream)
+                conn.session = None
+                log.info(
+                    "stream %s ended user=%s",
+                    stream.id,
+                    stream.identity.id,
+                    extra={"event": "disconnect", "conn": stream.id, "user": stream.identity.id},
+                )
             return
         if conn not in self._conns:
             return  # never upgraded: a plain HTTP request or a failed handshake
@@ -498,13 +664,32 @@ class BrokerServer:
             request_id = getattr(frame, "id", None)
             if not isinstance(frame, Auth):
                 raise Unauthorized("the first frame must be 'auth'")
-            identity = self.verifier.verify(frame.token)
+            if frame.token is None and self.namespaces.public:
+                identity = self.anonymous_identity(conn)
+            else:
+                identity = self.verifier.verify(frame.token)
+        except Unavailable as exc:  # a cap of anonymous connections
+            exc.request_id = request_id
+            self.metrics.error(exc.code)
+            conn.write(text_frame(encode_error(exc)))
+            conn.close(CLOSE_TRY_AGAIN_LATER, exc.message[:120])
+            return
         except BrokerError as exc:
             error = exc if isinstance(exc, Unauthorized) else Unauthorized(exc.message)
             error.request_id = exc.request_id if request_id is None else request_id
             self._refuse_session(conn, error)
             return
         self._start_session(conn, identity)
+
+    def anonymous_identity(self, conn: Connection) -> Identity:
+        """An anonymous connection's identity, counted against its caps (section 10);
+        ``Unavailable`` when one is reached (the caller answers 1013 or 503)."""
+        limit = self.anonymous.admit(conn.peer)
+        if limit is not None:
+            self._refused(conn, "over_capacity", f"{limit} cap reached")
+            self._limit_reached(limit, f"from {conn.peer}")
+            raise Unavailable("too many anonymous connections; try again later")
+        return Identity.anonymous_reader(self.namespaces.public)
 
     def _auth_timeout(self, conn: Connection) -> None:
         conn.timer = None
@@ -534,6 +719,8 @@ class BrokerServer:
         conn.session = session
         self.admission.settle(conn)
         self.sessions.add(session)
+        if identity.anonymous:
+            self._anonymous_peers[session] = conn.peer
         self.hub.attach(session)
         log.info(
             "connect %s user=%s from %s",
@@ -542,7 +729,7 @@ class BrokerServer:
             conn.peer,
             extra={"event": "connect", "conn": session.id, "user": identity.id, "peer": conn.peer},
         )
-        session.send(encode_hello(identity.user_json(), SERVER_NAME))
+        session.send(encode_hello(identity.user_json(), SERVER_NAME, identity.anonymous))
         session.set_expiry(identity.exp)
 
     def _handle(self, session: Session, data: str | bytes) -> None:
@@ -569,6 +756,8 @@ class BrokerServer:
             if isinstance(frame, Sub):
                 await self.subscriptions.subscribe(session, frame)
             elif isinstance(frame, Presence):
+                if session.identity.anonymous:
+                    raise Forbidden("an anonymous connection may not ask who is present")
                 session.identity.check_subscribe(frame.topic)
                 users = self.hub.presence(frame.topic)
                 if self.cluster is not None:
@@ -642,6 +831,11 @@ class BrokerServer:
         self.backpressure.forget(session)
         if session in self.sessions:
             self.sessions.discard(session)
+            if isinstance(session, StreamSession):
+                self.streams.discard(session)
+            peer = self._anonymous_peers.pop(session, None)
+            if peer is not None:
+                self.anonymous.release(peer)
             session.set_expiry(None)
             if not self.hub.detach(session, _DETACH_SLICE):
                 self._spawn(self._detach_rest(session))
@@ -751,6 +945,8 @@ class BrokerServer:
             self.journal.submit(draft, self.backpressure.wrap(None, draft, done))
 
     def _refresh(self, session: Session, frame: Auth) -> None:
+        if session.identity.anonymous:
+            raise Forbidden("an anonymous connection cannot log in: open a new connection")
         identity = self.verifier.verify(frame.token)
         if identity.id != session.identity.id:
             raise Unauthorized("a refreshed token must be for the same user")
@@ -787,6 +983,8 @@ class BrokerServer:
             "limit_hits": dict(self.metrics.limit_hits),
             "max_connections": self.admission.max_connections,
             "unauthenticated": self.admission.unauthenticated,
+            "anonymous": self.anonymous.count,
+            "streams": len(self.streams),
             "top_topics": dict(self.metrics.top_topics.top(10)),
         }
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.core.auth import ALGORITHMS
+from broker.core.namespaces import Namespace, parse_namespaces
 from broker.local import DEFAULT_HOST, DEFAULT_PORT, data_dir
 from broker.server.kinds import (
     Choice,
@@ -153,7 +154,8 @@ class ServerConfig:
         None,
         Text("URL"),
         "Cluster mode: the Redis-backed store and fan-out shared by every node given the "
-        "same URL; memory and data don't apply.",
+        "same URL; memory and data don't apply. With Sentinel: "
+        "redis+sentinel://host:26379[,host:port...]/service/db (follows failovers).",
         example="redis://127.0.0.1:6379/0",
     )
     redis_wait: int = setting(
@@ -227,6 +229,18 @@ class ServerConfig:
         "Connections not authenticated yet from one IP address, at once; when full, that "
         "address's oldest is dropped (0: no limit).",
     )
+    max_anonymous: int | None = setting(
+        None,
+        Integer(0, 1_000_000),
+        "Anonymous connections and streams (public topics, no token) at once; over it a new "
+        "one is refused (close 1013, or 503). Not set: half of max_connections.",
+        example=5000,
+    )
+    max_anonymous_per_address: int = setting(
+        256,
+        Integer(0, 1_000_000),
+        "Anonymous connections and streams from one IP address at once (0: no limit).",
+    )
     dedupe_window: float = setting(
         120.0,
         Duration(1, 7 * DAY),
@@ -275,6 +289,7 @@ class ServerConfig:
 
     # -- structured settings: a [table] or [[array of tables]] of the file each ----------
     # Declare each as a field with a default_factory here, and list it in SECTIONS below.
+    namespaces: tuple[Namespace, ...] = field(default_factory=tuple)
 
     @property
     def scheme(self) -> str:
@@ -333,7 +348,14 @@ class Section:
 
 
 #: The structured settings, by TOML name.
-SECTIONS: dict[str, Section] = {}
+SECTIONS: dict[str, Section] = {
+    "namespace": Section(
+        "namespaces",
+        "namespace",
+        parse_namespaces,
+        "Per-pattern options (broker.core.namespaces): public, history, retention, presence.",
+    ),
+}
 
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")
 

@@ -29,6 +29,17 @@ def starter_file() -> str:
         else:
             lines.append(f"# {row.name} = {row.show(row.default)}")
         lines.append("")
+    lines += [
+        "# Per-pattern options: [[namespace]] tables, after every setting (no flag or",
+        "# environment form). The first namespace whose pattern matches a topic applies to it.",
+        "#   [[namespace]]",
+        '#   pattern = "scores/#"',
+        "#   public = true      # anonymous clients may read it (no token)",
+        "#   history = 1        # messages kept per topic, instead of history",
+        '#   retention = "7d"   # their maximum age (at most retention)',
+        "#   presence = false   # no presence, no join/leave",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.core.namespaces import check_retention
 from broker.core.units import format_size, shown
 from broker.errors import ConfigError
 from broker.local import default_config_file
@@ -23,6 +24,10 @@ from broker.server.config import SECTIONS, SETTINGS, SETTINGS_BY_NAME, ServerCon
 #: Largest settings file read: a real one is a few KiB; this bounds a wrong path
 #: (``/dev/zero``, a log file) to a quick refusal.
 MAX_CONFIG_FILE = 1 << 20
+
+
+#: URL schemes ``redis`` accepts (the last two: Sentinel).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
 
 
 @dataclass
@@ -157,8 +162,11 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('tls_key')} needs tls_cert")
     if config.memory and config.data:
         raise ConfigError(f"{given('memory')} and {given('data')} exclude each other")
-    if config.redis and not config.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{given('redis')} is not a Redis URL (redis://, rediss:// or unix://)")
+    if config.redis and not config.redis.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"{given('redis')} is not a Redis URL (redis://, rediss://, unix:// or "
+            "redis+sentinel://host:26379/service/db)"
+        )
     if config.redis_wait and not config.redis:
         raise ConfigError(f"{given('redis_wait')} needs redis")
     if config.redis and (config.memory or config.data):
@@ -166,6 +174,10 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{given('redis')} keeps history in Redis: {given(other)} doesn't apply")
     if not config.algorithm.startswith("HS") and not config.public_key:
         raise ConfigError(f"{given('algorithm')} {config.algorithm} needs public_key")
+    try:
+        check_retention(config.namespaces, config.retention)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} ({sources['retention']})") from None
 
 
 def describe(effective: Effective) -> list[tuple[str, str, str]]:

@@ -6,6 +6,7 @@ WebSocket handshake in ``broker.server.app``.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from http import HTTPStatus
 from importlib import resources
@@ -15,6 +16,7 @@ from typing import Protocol as Interface
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from broker.core.namespaces import Namespaces
 from broker.server.metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
@@ -70,6 +72,10 @@ class Server(Interface):
     def draining(self) -> bool:
         """Shutting down: ``/healthz`` answers 503."""
 
+    @property
+    def namespaces(self) -> Namespaces:
+        """Per-pattern options: the console page names the public patterns."""
+
 
 class Routes:
     """Answers the plain HTTP paths of one server."""
@@ -113,6 +119,8 @@ class Routes:
         if path in STATIC_FILES and "upgrade" not in connection:
             if path in LIBRARY_FILES:
                 return library_file(path, request, self.server.config.allowed_origins)
+            if path == "/":
+                return static_file(path, public=self.server.namespaces.public)
             return static_file(path)
         return conn.protocol.reject(HTTPStatus.NOT_FOUND, "not found\n")
 
@@ -126,12 +134,20 @@ def _read_static(path: str) -> tuple[str, bytes] | Response:
         return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]), b"")
 
 
-def static_file(path: str) -> Response:
-    """One of the ``STATIC_FILES`` (the browser console), never cached stale."""
+#: The console page's placeholder for the public patterns (read by console.js).
+PUBLIC_META = b'<meta name="broker-public" content="">'
+
+
+def static_file(path: str, public: tuple[str, ...] = ()) -> Response:
+    """One of the ``STATIC_FILES`` (the browser console), never cached stale; the page
+    names the ``public`` patterns, so that a visitor without a token watches them."""
     found = _read_static(path)
     if isinstance(found, Response):
         return found
     content_type, body = found
+    if public:
+        named = html.escape(",".join(public), quote=True).encode()
+        body = body.replace(PUBLIC_META, b'<meta name="broker-public" content="' + named + b'">')
     headers = Headers(
         [
             ("Content-Type", content_type),

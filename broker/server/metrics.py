@@ -57,6 +57,7 @@ HTTP_PATHS = (
     "/api/history",
     "/api/presence",
     "/api/stats",
+    "/sse",
     "/healthz",
     "/metrics",
     "/",
@@ -68,6 +69,8 @@ LIMITS = (
     "unauthenticated",  # --max-unauthenticated (the oldest waiting one is dropped)
     "unauthenticated_per_address",  # --max-unauthenticated-per-address (its oldest dropped)
     "subscriptions",  # --max-subscriptions (per connection)
+    "anonymous",  # --max-anonymous (anonymous connections and streams, section 10)
+    "anonymous_per_address",  # --max-anonymous-per-address
 )
 
 #: Latency buckets (seconds) for publish-to-ack, fan-out, store commits and Redis.
@@ -143,6 +146,12 @@ GAUGES = (
         "broker_unauthenticated_connections",
         "Connections accepted and not authenticated yet.",
     ),
+    (
+        "anonymous",
+        "broker_anonymous_connections",
+        "Open anonymous connections and streams (public topics only).",
+    ),
+    ("streams", "broker_sse_streams", "Open server-sent event streams (GET /sse)."),
 )
 
 

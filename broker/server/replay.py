@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable
 
 from broker.core.hub import Hub, Subscription
+from broker.core.namespaces import Namespaces
 from broker.core.protocol import Sub, encode_ok
 from broker.errors import CLOSE_SLOW_CONSUMER, BrokerError, Forbidden, Unavailable
 from broker.server.connection import CLOSE_INTERNAL
 from broker.server.session import Session
-from broker.store.base import Pages, Store
+from broker.store.base import PAGE_SIZE, ListPages, Pages, Store, Visible
 
 log = logging.getLogger("broker")
 
@@ -35,7 +36,9 @@ class Subscriptions:
         store: Store,
         max_subscriptions: int,
         limit_reached: Callable[[str, str], None],
+        namespaces: Namespaces | None = None,
     ) -> None:
+        self.namespaces = namespaces or Namespaces()
         self.hub = hub
         self.store = store
         self.max_subscriptions = max_subscriptions
@@ -62,10 +65,11 @@ class Subscriptions:
         session.hold()
         try:
             upto = self.hub.last_seq
-            sub = Subscription(frame.topic, frame.presence, covered_from=upto)
+            present = not ident.anonymous and self.namespaces.presence(frame.topic)
+            sub = Subscription(frame.topic, frame.presence, covered_from=upto, present=present)
             old = self.hub.subscribe(session, sub)
             try:
-                pages, recovered = await self._read_history(frame, sub, upto)
+                pages, recovered = await self._read_history(frame, sub, upto, ident.may_receive)
             except Exception as exc:
                 # Undo: a refused sub must not keep receiving live messages.
                 if old is not None:
@@ -119,10 +123,11 @@ class Subscriptions:
             session.close(CLOSE_SLOW_CONSUMER, "history moved on during the replay")
 
     async def _read_history(
-        self, frame: Sub, sub: Subscription, upto: int
+        self, frame: Sub, sub: Subscription, upto: int, visible: Visible = None
     ) -> tuple[Pages | None, bool]:
         """The replay of a ``sub`` (up to ``upto``, None: none) and its ``recovered`` flag;
-        sets how far back the subscription covers."""
+        sets how far back the subscription covers; ``visible``: the topics the connection
+        may receive."""
         if frame.since is not None:
             since, recovered = frame.since, True
             if (frame.epoch is not None and frame.epoch != self.store.epoch) or since > upto:
@@ -134,6 +139,11 @@ class Subscriptions:
             pages = await self.store.replay(frame.topic, last=frame.last, upto=upto)
             sub.covered_from = min(upto, pages.start)
             return pages, True
+        if frame.latest:
+            # Scattered messages, one per topic: the subscription covers only what is live.
+            found = await self.store.latest(frame.topic, upto, visible=visible)
+            sub.covered_topics = {m.topic: m.seq - 1 for m in found}
+            return ListPages(list(found), upto, True, PAGE_SIZE), True
         return None, True
 
     async def catch_up(self, seq: int, timeout: float = 1.0) -> None:

@@ -171,6 +171,10 @@ class Session:
         """Queue a protocol frame (JSON bytes)."""
         self._queue(text_frame(frame))
 
+    def encode(self, message: Message) -> bytes:
+        """The bytes that carry ``message`` to this connection (a WebSocket frame)."""
+        return message.wire
+
     def deliver(self, message: Message) -> None:
         """Queue a live message, or hold it while a replay is in progress."""
         if self.closing:
@@ -216,7 +220,7 @@ class Session:
                 self.flush()
                 await asyncio.sleep(0)  # a long replay shares the loop with the others
                 turn = loop.time()
-            wire = message.wire
+            wire = self.encode(message)
             if self._pending and self._pending_bytes + len(wire) > chunk:
                 self.flush()
                 try:

@@ -247,7 +247,8 @@ export class BrokerClient extends Emitter<ClientEvents> {
     get subscriptions(): Map<string, Subscription>;
     /**
      * Subscribe to a topic or pattern; returns the Subscription at once. Options: `last` (the
-     * latest N first), `since` (+`epoch`), `presence`. Subscribing again to a pattern returns
+     * latest N first), `latest` (the latest message of each matching topic first), `since`
+     * (+`epoch`), `presence`. Subscribing again to a pattern returns
      * the same subscription (its position, restored from storage too, is kept).
      * @param {string} pattern
      * @param {SubscribeOptions} [options]
@@ -425,6 +426,10 @@ export type ClientOptions = {
      */
     getToken?: (() => string | Promise<string>) | null | undefined;
     /**
+     * Connect without a token: read the broker's public topics only (docs/protocol.md, "Public topics").
+     */
+    anonymous?: boolean | undefined;
+    /**
      * The WebSocket class (default: the global one).
      */
     WebSocket?: WebSocketClass | null | undefined;
@@ -478,6 +483,10 @@ export type SubscribeOptions = {
      * Replay the latest N retained messages first.
      */
     last?: number | undefined;
+    /**
+     * Replay the latest retained message of each matching topic first (a scoreboard's current scores).
+     */
+    latest?: boolean | undefined;
     /**
      * Replay every retained message after this seq first (with `epoch`, the history it was seen in).
      */

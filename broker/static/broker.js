@@ -358,7 +358,7 @@ export class Subscription extends Emitter {
    * @internal
    * @param {BrokerClient} client
    * @param {string} pattern
-   * @param {{ presence?: boolean, since?: number | null, epoch?: string | null, last?: number | null, confirmed?: boolean, restored?: boolean }} options
+   * @param {{ presence?: boolean, since?: number | null, epoch?: string | null, last?: number | null, latest?: boolean, confirmed?: boolean, restored?: boolean }} options
    */
   constructor(client, pattern, options) {
     super();
@@ -378,6 +378,8 @@ export class Subscription extends Emitter {
     this.epoch = options.epoch ?? null;
     /** @internal @type {number | null} */
     this.last = options.last ?? null;
+    /** @internal */
+    this.latest = !!options.latest; // a latest replay not done yet: asked again on resume
     /** @internal @type {number | null} */
     this.replayUntil = null; // the `ok` seq while its replay may still be arriving
     /** @internal */
@@ -520,6 +522,7 @@ export class Subscription extends Emitter {
 const DEFAULTS = {
   token: null,
   getToken: null,
+  anonymous: false,
   WebSocket: null,
   storage: null,
   storageKey: "broker",
@@ -564,8 +567,8 @@ export class BrokerClient extends Emitter {
      * @type {Required<ClientOptions>}
      */
     this.options = { ...DEFAULTS, ...options };
-    if (!this.options.token && typeof this.options.getToken !== "function") {
-      throw new TypeError("a token or a getToken function is needed");
+    if (!this.options.token && typeof this.options.getToken !== "function" && !this.options.anonymous) {
+      throw new TypeError("a token or a getToken function is needed (or anonymous: true)");
     }
     const WS = this.options.WebSocket || /** @type {WebSocketClass | undefined} */ (globalThis.WebSocket);
     if (typeof WS !== "function") {
@@ -710,7 +713,8 @@ export class BrokerClient extends Emitter {
 
   /**
    * Subscribe to a topic or pattern; returns the Subscription at once. Options: `last` (the
-   * latest N first), `since` (+`epoch`), `presence`. Subscribing again to a pattern returns
+   * latest N first), `latest` (the latest message of each matching topic first), `since`
+   * (+`epoch`), `presence`. Subscribing again to a pattern returns
    * the same subscription (its position, restored from storage too, is kept).
    * @param {string} pattern
    * @param {SubscribeOptions} [options]
@@ -721,7 +725,9 @@ export class BrokerClient extends Emitter {
     if (this.state === "closed" || this.state === "failed") {
       throw this.error || new ConnectionLost("the client was closed");
     }
-    if (options.last != null && options.since != null) throw new TypeError("give last or since, not both");
+    if ([options.last != null, options.since != null, !!options.latest].filter(Boolean).length > 1) {
+      throw new TypeError("give one of last, since and latest");
+    }
     const existing = this._subs.get(pattern);
     if (existing && !existing.ended) {
       existing.restored = false;
@@ -736,6 +742,7 @@ export class BrokerClient extends Emitter {
       since: options.since,
       epoch: options.epoch,
       last: options.last,
+      latest: options.latest,
     });
     this._subs.set(pattern, sub);
     this._save();
@@ -825,7 +832,8 @@ export class BrokerClient extends Emitter {
       conn.opened = true;
       this._authToken = token;
       this._authFetched = fetched;
-      ws.send(JSON.stringify({ op: "auth", token }));
+      // No token: an anonymous connection, which reads public topics only.
+      ws.send(JSON.stringify(token ? { op: "auth", token } : { op: "auth" }));
     };
     ws.onmessage = (ev) => {
       if (ws !== this._ws) return;
@@ -1239,6 +1247,8 @@ export class BrokerClient extends Emitter {
       if (epoch) frame.epoch = epoch;
     } else if (sub.last !== null) {
       frame.last = sub.last;
+    } else if (sub.latest) {
+      frame.latest = true;
     }
     if (sub.presence) frame.presence = true;
     const resumed = sub.confirmed;
@@ -1362,7 +1372,7 @@ export class BrokerClient extends Emitter {
     sub.epoch = newEpoch;
     sub.confirmed = true;
     sub.active = true;
-    if (since === null && sub.last === null) {
+    if (since === null && sub.last === null && !sub.latest) {
       sub.since = Math.max(sub.since ?? 0, seq); // live from here on
     } else {
       sub.replayUntil = seq; // the replay follows, up to about `seq`
@@ -1397,10 +1407,12 @@ export class BrokerClient extends Emitter {
         sub.since = Math.max(sub.since ?? 0, sub.replayUntil);
         sub.replayUntil = null;
         sub.last = null;
+        sub.latest = false;
       }
       if (matches(sub.pattern, topic)) {
         sub.since = Math.max(sub.since ?? 0, seq);
         sub.last = null;
+        sub.latest = false;
         targets.push(sub);
       }
     }
@@ -1446,6 +1458,7 @@ export class BrokerClient extends Emitter {
           since: known ? s.since : null,
           epoch: typeof s.epoch === "string" ? s.epoch : null,
           last: typeof s.last === "number" ? s.last : null,
+          latest: s.latest === true,
           confirmed: known,
           restored: true,
         })
@@ -1459,7 +1472,14 @@ export class BrokerClient extends Emitter {
     const subs = [];
     for (const sub of this._subs.values()) {
       // A replay in progress is not done yet: resume from where it had got to.
-      subs.push({ pattern: sub.pattern, presence: sub.presence, since: sub.since, epoch: sub.epoch, last: sub.last });
+      subs.push({
+        pattern: sub.pattern,
+        presence: sub.presence,
+        since: sub.since,
+        epoch: sub.epoch,
+        last: sub.last,
+        latest: sub.latest,
+      });
     }
     const state = { user: this._storedUser ?? (this.user ? this.user.id : null), epoch: this.epoch, subs };
     try {
@@ -1589,6 +1609,7 @@ export default BrokerClient;
  * @typedef {object} ClientOptions
  * @property {string | null} [token] A JWT. With `getToken` too, used first.
  * @property {(() => string | Promise<string>) | null} [getToken] Returns a fresh JWT; called when there is none or it is about to expire, and before `exp` to refresh in place.
+ * @property {boolean} [anonymous] Connect without a token: read the broker's public topics only (docs/protocol.md, "Public topics").
  * @property {WebSocketClass | null} [WebSocket] The WebSocket class (default: the global one).
  * @property {StorageLike | null} [storage] Keeps subscriptions and their positions across page reloads (e.g. `sessionStorage`).
  * @property {string} [storageKey] Prefix of the storage key (default "broker").
@@ -1607,6 +1628,7 @@ export default BrokerClient;
  * The options of `client.subscribe(pattern, options)`.
  * @typedef {object} SubscribeOptions
  * @property {number} [last] Replay the latest N retained messages first.
+ * @property {boolean} [latest] Replay the latest retained message of each matching topic first (a scoreboard's current scores).
  * @property {number} [since] Replay every retained message after this seq first (with `epoch`, the history it was seen in).
  * @property {string} [epoch]
  * @property {boolean} [presence] Ask for join/leave events on this exact topic.

@@ -18,6 +18,12 @@ const MAX_ROWS = 1000; // rendered messages kept in the list
 const MAX_KEPT = 200; // messages kept across a reload
 const MAX_KEPT_CHARS = 1 << 20; // and their JSON at most (sessionStorage holds ~5 M characters)
 const MAX_SEEN = 20000; // seqs remembered so that a message is rendered once
+// The broker's public patterns (readable without a token), written into the page by the
+// broker: a visitor without a token watches them at once.
+const PUBLIC = (document.querySelector('meta[name="broker-public"]')?.getAttribute("content") || "")
+  .split(",")
+  .map((p) => p.trim())
+  .filter(Boolean);
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -36,6 +42,8 @@ const el = {
 // ---- state -------------------------------------------------------------------------------
 
 let client = null; // the BrokerClient, or null when disconnected by choice
+let anonymous = false; // connected without a token: public topics only
+let dropped = 0; // messages no longer kept across a reload (the oldest went first)
 let me = null; // {id, name} from the broker
 const refused = new Map(); // pattern -> error text, for subscriptions the broker refused
 const lastOf = new Map(); // pattern -> the "last N" it was made with (for its badge)
@@ -99,24 +107,28 @@ function showState(state, text, detail) {
   el.connect.textContent = busy ? "Reconnect" : "Connect";
   el.connect.classList.toggle("primary", !busy);
   el.retryNow.hidden = state !== "reconnecting";
-  el.pubButton.disabled = !live;
-  el.dmButton.disabled = !live;
+  el.pubButton.disabled = !live || anonymous;
+  el.dmButton.disabled = !live || anonymous;
 }
 
 // ---- connecting --------------------------------------------------------------------------
 
 function connect(token) {
-  if (!token) {
+  if (!token && !PUBLIC.length) {
     el.token.setAttribute("aria-invalid", "true");
     showState("idle", "Not connected", "Paste a token first.");
     el.token.focus();
     return;
   }
   el.token.removeAttribute("aria-invalid");
-  storageSet(TOKEN_KEY, token);
-  storageSet(WANTED_KEY, "1");
+  storageSet(TOKEN_KEY, token || null);
+  storageSet(WANTED_KEY, token ? "1" : null);
   dropClient();
-  const c = new BrokerClient(undefined, { token, storage: tabStorage(), storageKey: STORAGE_KEY });
+  anonymous = !token;
+  // Without a token: an anonymous connection to the public topics, with its own storage.
+  const c = token
+    ? new BrokerClient(undefined, { token, storage: tabStorage(), storageKey: STORAGE_KEY })
+    : new BrokerClient(undefined, { anonymous: true, storage: tabStorage(), storageKey: STORAGE_KEY + ".public" });
   client = c;
   c.on("connecting", ({ attempt }) => {
     if (c !== client) return;
@@ -130,8 +142,18 @@ function connect(token) {
     if (c !== client) return;
     if (me && me.id !== user.id) forgetMessages();
     me = user;
-    showState("connected", `Connected as ${user.name}`, `User id ${user.id}${server ? " · " + server : ""} · ${url}`);
     el.status.setAttribute("data-user-id", user.id);
+    if (anonymous) {
+      showState("connected", "Watching public topics", `No token: read-only · ${PUBLIC.join(", ")} · ${url}`);
+      el.status.setAttribute("data-anonymous", "true");
+      el.myInbox.textContent = "(none without a token)";
+      // The current message of every public topic first, then what is live.
+      for (const pattern of PUBLIC) watch(c.subscribe(pattern, { latest: true }), false);
+      renderSubs();
+      return;
+    }
+    el.status.removeAttribute("data-anonymous");
+    showState("connected", `Connected as ${user.name}`, `User id ${user.id}${server ? " · " + server : ""} · ${url}`);
     el.myInbox.textContent = `user/${user.id}`;
     watch(c.subscribe(`user/${user.id}`), true);
     renderSubs();
@@ -294,7 +316,7 @@ function keptKey(seq) {
 }
 
 function saveIndex() {
-  storageSet(MESSAGES_KEY, JSON.stringify({ user: me ? me.id : null, seqs: kept.map((k) => k.seq) }));
+  storageSet(MESSAGES_KEY, JSON.stringify({ user: me ? me.id : null, seqs: kept.map((k) => k.seq), dropped }));
 }
 
 function dropOldest() {
@@ -306,7 +328,10 @@ function dropOldest() {
 function keep(msg, outgoing) {
   const text = JSON.stringify({ ...msg, outgoing });
   if (text.length > MAX_KEPT_CHARS) return; // shown, not kept
-  while (kept.length && (kept.length >= MAX_KEPT || keptChars + text.length > MAX_KEPT_CHARS)) dropOldest();
+  while (kept.length && (kept.length >= MAX_KEPT || keptChars + text.length > MAX_KEPT_CHARS)) {
+    dropOldest();
+    dropped += 1;
+  }
   if (storageSet(keptKey(msg.seq), text)) {
     kept.push({ seq: msg.seq, size: text.length });
     keptChars += text.length;
@@ -317,6 +342,7 @@ function keep(msg, outgoing) {
 function forgetKept() {
   while (kept.length) dropOldest();
   keptChars = 0;
+  dropped = 0;
   storageSet(MESSAGES_KEY, null);
 }
 
@@ -439,6 +465,11 @@ function restoreMessages() {
   }
   if (!saved || !Array.isArray(saved.seqs)) return;
   me = saved.user ? { id: saved.user, name: "" } : null;
+  dropped = typeof saved.dropped === "number" ? saved.dropped : 0;
+  if (dropped > 0) {
+    // Say so: the list after a reload is not everything this tab showed.
+    flashNotice(`Showing the latest ${saved.seqs.length} messages kept across the reload; ${dropped} older ones are not kept.`);
+  }
   for (const seq of saved.seqs) {
     const text = typeof seq === "number" ? storageGet(keptKey(seq)) : null;
     let msg = null;
@@ -613,12 +644,15 @@ if (savedToken) el.token.value = savedToken;
 showState("idle", "Not connected", "");
 restoreMessages();
 updateCount();
-// A reload of a connected tab connects again by itself and resumes where it was.
+// A reload of a connected tab connects again by itself and resumes where it was; a visitor
+// with no token watches the public topics at once, when the broker has any.
 if (savedToken && storageGet(WANTED_KEY)) connect(savedToken);
+else if (!savedToken && PUBLIC.length) connect(null);
 
 // A read-only view for debugging from the devtools console.
 window.brokerConsole = {
   state: () => el.status.getAttribute("data-state"),
+  anonymous: () => anonymous,
   user: () => me,
   client: () => client,
   subscriptions: () =>

@@ -7,6 +7,8 @@ The interface is deliberately narrow so that a Redis store fits behind it too:
 * ``read_since(pattern, since, upto)`` and ``read_last(pattern, n, upto)`` replay history;
   ``replay(pattern, since=/last=, upto)`` does the same a page at a time (``Pages``), so
   a replay holds one page in memory however much history it covers;
+* ``latest(pattern, upto)`` reads the most recent message of each matching topic from a
+  per-topic index (section 9 of docs/protocol.md);
 * ``trim(now)`` applies the age limit (the per-topic count limit is applied on append).
 
 Each store also knows its ``epoch`` (a name for this history, new when history starts
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from broker.core.model import Draft, Message
+from broker.core.namespaces import Namespaces
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 
 Deliver = Callable[[list[tuple[Message, Draft]]], None]
+#: Which topics a reader may see (inbox privacy); None: every one.
+Visible = Callable[[str], bool] | None
+#: Most messages a ``latest`` replay holds (section 9 of docs/protocol.md).
+LATEST_LIMIT = 1000
 
 #: A replay page: at most this many messages, and this many bytes of data (one more
 #: message when the first alone is larger).
@@ -97,6 +104,9 @@ class Store(ABC):
     shared: bool = False
     #: Seconds an idempotency key is remembered from its first publish (``--dedupe-window``).
     dedupe_window: float = 120.0
+    #: Per-pattern options (``[[namespace]]``): a namespace's ``history`` replaces
+    #: ``history`` for its topics, its ``retention`` (never longer) ``retention``.
+    namespaces: Namespaces = Namespaces()
 
     def __init__(self, history: int = 1000, retention: float = 24 * 3600) -> None:
         self.history = history
@@ -129,6 +139,14 @@ class Store(ABC):
     @abstractmethod
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         """The latest ``n`` retained messages with ``seq <= upto`` matching ``pattern``."""
+
+    @abstractmethod
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        """The most recent retained message (``seq <= upto``) of each topic matching
+        ``pattern`` (and ``visible``, when given), in increasing seq; only the ``limit``
+        with the highest seqs. Read from a per-topic index, never by scanning messages."""
 
     @abstractmethod
     async def trim(self, now: float) -> int:

@@ -9,7 +9,15 @@ from collections import deque
 
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
-from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store
+from broker.store.base import (
+    LATEST_LIMIT,
+    PAGE_BYTES,
+    PAGE_SIZE,
+    Pages,
+    Replay,
+    Store,
+    Visible,
+)
 from broker.store.dedupe import KeyId, number
 
 
@@ -107,7 +115,11 @@ class MemoryStore(Store):
 
     def append_now(self, drafts: list[Draft]) -> list[Message]:
         numbered = number(drafts, self.last_seq + 1, self._known_key)
+        spaces = self.namespaces
+        history = self.history
         for msg in numbered.fresh:
+            if spaces:
+                history = spaces.history(msg.topic, self.history)
             q = self._topics.get(msg.topic)
             if q is None:
                 q = self._topics[msg.topic] = deque()
@@ -116,7 +128,7 @@ class MemoryStore(Store):
                 heapq.heappush(self._oldest, (msg.seq, msg.topic))
             q.append(msg)
             self.size += message_size(msg)
-            if len(q) > self.history:
+            while len(q) > history:
                 gone = q.popleft()
                 self.size -= message_size(gone)
                 self._trimmed[msg.topic] = gone.seq
@@ -206,10 +218,31 @@ class MemoryStore(Store):
         merged = list(merge_by_seq(runs))
         return merged[-n:] if n else []
 
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        # Each topic's deque ends with its latest message: one look per matching topic.
+        found: list[Message] = []
+        for topic in self._matching(pattern):
+            q = self._topics.get(topic)
+            if not q or (visible is not None and not visible(topic)):
+                continue
+            msg = q[-1]
+            if msg.seq > upto:
+                i = bisect.bisect_right(q, upto, key=_seq)
+                if not i:
+                    continue
+                msg = q[i - 1]
+            found.append(msg)
+        return sorted(heapq.nlargest(limit, found, key=_seq), key=_seq)
+
     async def trim(self, now: float) -> int:
         cutoff = int((now - self.retention) * 1000)
+        spaces = self.namespaces
         removed = 0
         for topic, q in self._topics.items():
+            if spaces:
+                cutoff = int((now - spaces.retention(topic, self.retention)) * 1000)
             while q and q[0].ts < cutoff:
                 gone = q.popleft()
                 self.size -= message_size(gone)

@@ -28,6 +28,9 @@ async function main(): Promise<void> {
   await client.connect();
 
   const sub: Subscription = client.subscribe("scores/#", { last: 10, presence: false });
+  const viewer = new BrokerClient("ws://127.0.0.1:8765/ws", { anonymous: true });
+  const board: Subscription = viewer.subscribe("scores/#", { latest: true });
+  board.on("message", (m: Message) => console.log(m.topic, m.data));
   const off = sub.on("message", (m: Message) => console.log(m.seq, m.topic, m.from.name, m.data));
   off();
   const first = await sub.ready;

@@ -1,36 +1,28 @@
-"""One place where Redis failures become ``Unavailable``, and outages are logged once."""
+"""Whether Redis answers (outages logged once), and the answers that are not failures."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
 
 from broker.errors import Unavailable
 
 log = logging.getLogger("broker.store.redis")
 
-T = TypeVar("T")
-
 #: While Redis is down, how often a request may try it (others are refused at once).
 PROBE_INTERVAL = 0.25
 
 
-def redis_label(client: aioredis.Redis) -> str:
-    """host:port/db of a client, never its password."""
-    kw = client.connection_pool.connection_kwargs
-    where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
-    return f"redis {where}/{kw.get('db', 0)}"
-
-
 class EpochChanged(Exception):
     """The append script found another epoch in Redis than this node's."""
+
+
+class HistoryWentBack(Exception):
+    """The append script found the seq counter below what this node already saw."""
+
+    def __init__(self, counter: int) -> None:
+        super().__init__(f"the seq counter is back at {counter}")
+        self.counter = counter
 
 
 class Health:
@@ -72,43 +64,3 @@ class Health:
         """Refuse at once while Redis is down and was tried very recently."""
         if self.down and time.monotonic() - self.last_try < PROBE_INTERVAL:
             raise Unavailable("the cluster store (Redis) is unreachable; retry later")
-
-
-class Link:
-    """This node's connections to Redis; every round trip goes through ``call``."""
-
-    def __init__(self, url: str, block_seconds: float) -> None:
-        # One immediate retry: a pooled connection may be stale after a Redis restart.
-        # No more, so that an unreachable Redis is reported within ~2 s.
-        common: dict[str, Any] = {
-            "socket_connect_timeout": 1.0,
-            "retry": Retry(NoBackoff(), 1),
-        }
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, **common)
-        #: Blocking reads (XREAD BLOCK, pub/sub) get connections of their own.
-        self.blocking = aioredis.Redis.from_url(url, socket_timeout=block_seconds + 2.0, **common)
-        self.health = Health(redis_label(self.redis))
-        #: Called with the seconds each Redis round trip took (metrics), when set.
-        self.observe_roundtrip: Callable[[float], None] | None = None
-
-    async def call(self, what: str, awaitable: Awaitable[T]) -> T:
-        """Await one Redis round trip: timed, and mapped to ``Unavailable`` on failure."""
-        started = time.perf_counter()
-        try:
-            result = await awaitable
-        except ResponseError as exc:
-            if str(exc).startswith("EPOCH"):
-                raise EpochChanged(str(exc)) from None
-            self.health.failed(what, exc)
-            raise Unavailable(
-                "the cluster store (Redis) cannot take this now; retry later"
-            ) from exc
-        except (RedisError, OSError) as exc:
-            self.health.failed(what, exc)
-            raise Unavailable(
-                "the cluster store (Redis) cannot take this now; retry later"
-            ) from exc
-        self.health.ok()
-        if self.observe_roundtrip is not None:
-            self.observe_roundtrip(time.perf_counter() - started)
-        return result

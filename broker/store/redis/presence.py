@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -16,10 +16,8 @@ from broker.core.hub import Hub
 from broker.core.topics import is_pattern
 from broker.errors import Unavailable
 from broker.store.redis.codec import to_str
+from broker.store.redis.link import Link
 from broker.store.redis.scripts import script
-
-if TYPE_CHECKING:
-    from broker.store.redis.store import RedisStore
 
 log = logging.getLogger("broker.store.redis")
 
@@ -40,11 +38,11 @@ class Cluster:
     reach local watchers through the Redis ``events`` channel, like everyone else's.
     """
 
-    def __init__(self, store: RedisStore) -> None:
-        self.store = store
-        self.redis = store.redis
-        self.prefix = store.prefix
-        self.node_id = store.node_id
+    def __init__(self, link: Link, prefix: str, node_id: str) -> None:
+        self.link = link
+        self.redis = link.redis
+        self.prefix = prefix
+        self.node_id = node_id
         self.hub: Hub | None = None
         self.figures: Callable[[], Mapping[str, Any]] = dict
         self._set = self.redis.register_script(script("set_presence"))
@@ -114,7 +112,7 @@ class Cluster:
         )
         pipe.sadd(self.prefix + "nodes", self.node_id)
         await self._sweep(args=[self.prefix, ""], client=pipe)
-        previous, _, _ = await self.store.link.call("heartbeat", pipe.execute())
+        previous, _, _ = await self.link.call("heartbeat", pipe.execute())
         if previous is None and self._written:
             # Our entries were swept (heartbeat missed) or Redis started over: rewrite all.
             log.warning(
@@ -192,7 +190,7 @@ class Cluster:
             values.append(((topic, uid), count))
             args += (topic, uid, name, count)
         try:
-            await self.store.link.call("presence", self._set(args=args))
+            await self.link.call("presence", self._set(args=args))
         except BaseException:
             self._dirty.update(batch)
             raise
@@ -207,7 +205,7 @@ class Cluster:
     async def _events_loop(self) -> None:
         backoff = Backoff(0.1, 2.0, jitter=False)
         while not self._closing:
-            pubsub = self.store.link.blocking.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.link.blocking.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.prefix + "events")
                 backoff.reset()
@@ -218,7 +216,7 @@ class Cluster:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                self.store.link.health.failed("presence events", exc)
+                self.link.health.failed("presence events", exc)
                 await asyncio.sleep(backoff.next())
             finally:
                 # A typed alias: redis-py types aclose in some releases and not in others.
@@ -242,7 +240,7 @@ class Cluster:
     async def presence(self, topic: str, local: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The ``presence`` answer for ``topic``: this node's ``local`` entries (exact
         counts) plus those of every other live node."""
-        raw = await self.store.link.call(
+        raw = await self.link.call(
             "presence", self._presence(args=[self.prefix, topic, self.node_id])
         )
         users = {u["id"]: dict(u) for u in local}
@@ -255,7 +253,7 @@ class Cluster:
     async def stats(self, local: dict[str, Any]) -> dict[str, Any]:
         """The ``stats`` answer: ``local`` (this node's figures) with the SUMMED figures
         added up over every live node, plus ``node`` (this node's id) and ``nodes``."""
-        raw = await self.store.link.call("stats", self._nodes(args=[self.prefix]))
+        raw = await self.link.call("stats", self._nodes(args=[self.prefix]))
         nodes = [{"id": self.node_id, **{k: local.get(k, 0) for k in SUMMED}}]
         for i in range(0, len(raw), 2):
             node = to_str(raw[i])

@@ -24,6 +24,8 @@ Keys, under a prefix (default ``broker:``)::
     pt:<node>           HASH: topic -> number of that node's users in p:<topic>
     nodes               SET: node ids that may hold presence entries
     node:<id>           string with a TTL: the node's heartbeat and figures (JSON)
+    follower:<id>       string with a TTL: written by a node's follower before its WAIT
+                        (with --redis-wait), so that it delivers only replicated entries
     events              pub/sub channel: presence join/leave, JSON [op, topic, user, name]
     k:<len(user)>:<user><key>   string with a TTL of --dedupe-window: the seqs ("12,13")
                         of the first publish with that idempotency key, set by the
@@ -41,7 +43,8 @@ connections. An outage is logged once when it starts and once when it ends (``He
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
+import heapq
 import logging
 import time
 import uuid
@@ -54,10 +57,11 @@ from broker.core.backoff import Backoff
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
 from broker.errors import Unavailable
-from broker.store.base import Deliver, Replay, Store, chunks
+from broker.store.base import LATEST_LIMIT, Deliver, Replay, Store, Visible, chunks
 from broker.store.dedupe import decode_seqs, number
 from broker.store.redis.codec import decode_member, encode_tail, key_id, split_batch, to_str
-from broker.store.redis.health import EpochChanged, Link
+from broker.store.redis.health import EpochChanged, HistoryWentBack
+from broker.store.redis.link import Link
 from broker.store.redis.presence import Cluster
 from broker.store.redis.scripts import script
 
@@ -70,8 +74,18 @@ FOLLOW_BATCH = 2000
 #: Approximate cap of the ``log`` stream: a node may fall this far behind before it has
 #: to fill the gap from the per-topic histories.
 STREAM_MAXLEN = 100_000
+#: Seqs left unused between a history and the new epoch that replaces it (when Redis
+#: came back empty or older): room for what other nodes had read and the one starting
+#: the new epoch had not, so that no seq they passed is handed out again.
+EPOCH_GAP = 1_000_000
 #: Topics per pipeline when reading history.
 PIPELINE_CHUNK = 500
+
+
+def _seq(message: Message) -> int:
+    return message.seq
+
+
 # -- the store ------------------------------------------------------------------------------
 
 
@@ -99,10 +113,11 @@ class RedisStore(Store):
         self.wait_timeout = wait_timeout
         #: This node's name in Redis (presence fields, heartbeat, stream origin).
         self.node_id = node_id or uuid.uuid4().hex[:12]
-        self.link = Link(url, BLOCK_MS / 1000)
+        # A command waits at most 2 s, or the WAIT of --redis-wait-timeout and a second.
+        self.link = Link(url, BLOCK_MS / 1000, max(2.0, wait_timeout + 1.0))
         self.redis = self.link.redis
         self.health = self.link.health
-        self.cluster = Cluster(self)
+        self.cluster = Cluster(self.link, prefix, self.node_id)
         self._append = self.redis.register_script(script("append"))
         self._ensure = self.redis.register_script(script("ensure_epoch"))
         self._trim = self.redis.register_script(script("trim"))
@@ -120,7 +135,7 @@ class RedisStore(Store):
         deadline = time.monotonic() + 10
         while True:
             try:
-                await self._ensure_epoch(0)
+                await self._ensure_epoch(0, "")
                 break
             except Unavailable:
                 if time.monotonic() > deadline:
@@ -142,18 +157,37 @@ class RedisStore(Store):
                 )
         await self.cluster.start()
 
-    async def _ensure_epoch(self, floor: int) -> None:
-        epoch, seq = await self.link.call(
-            "epoch", self._ensure(args=[self.prefix, new_epoch(), str(floor)])
-        )
+    async def _ensure_epoch(self, floor: int, known: str, rewritten: bool = False) -> None:
+        """Learn the history's epoch (create it when Redis has none) with the counter at
+        ``floor`` or above; when Redis still holds ``known`` but its counter is below
+        ``floor`` (or ``rewritten``: the stream changed under this node's follower),
+        history went back and a new epoch replaces it (logged here, once, by the node
+        that replaced it)."""
+        args: list[str | int] = [self.prefix, new_epoch(), floor, known, int(rewritten), EPOCH_GAP]
+        epoch, counter, top, renewed, after = await self.link.call("epoch", self._ensure(args=args))
         self.epoch = to_str(epoch)
-        self.last_seq = max(self.last_seq, int(seq))
+        self.last_seq = max(self.last_seq, int(after))
+        if int(renewed) == 2:
+            log.error(
+                "Redis history went back (restarted from an older snapshot, or failed over "
+                "to a replica that lagged): its seq counter was at %d and its stream ends at "
+                "%s, but this node had seen seq %d%s under epoch %s; started epoch %s with "
+                "seqs above %d, so every resume answers recovered: false; the messages "
+                "acknowledged after seq %s are gone from history",
+                int(counter),
+                to_str(top),
+                floor,
+                " (and a different message at that seq)" if rewritten else "",
+                known,
+                self.epoch,
+                int(after),
+                to_str(top),
+                extra={"event": "history_went_back"},
+            )
 
     async def close(self) -> None:
         await self.cluster.close()
-        for client in (self.link.blocking, self.redis):
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        await self.link.close()
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -167,20 +201,29 @@ class RedisStore(Store):
             self.node_id,
             len(drafts),
             int(self.dedupe_window * 1000),
+            self.last_seq,
         ]
         for d in drafts:
             kid = "" if d.key is None else key_id(d.sender_id, d.key)
             args += (d.topic, encode_tail(d), d.origin, 1 if d.echo else 0, kid, d.group)
+        spaces = self.namespaces
+        if spaces:  # the topics whose namespace keeps another number of messages
+            for topic in dict.fromkeys(d.topic for d in drafts):
+                keep = spaces.history(topic, self.history)
+                if keep != self.history:
+                    args += (topic, keep)
         try:
             reply = await self._append_and_wait(args)
-        except EpochChanged:
-            # Redis started over (empty): name the new history, then retry once.
-            await self._ensure_epoch(self.last_seq)
-            args[1] = self.epoch
+        except (EpochChanged, HistoryWentBack):
+            # Redis started over (empty), another node named a new history, or Redis came
+            # back older than this node saw it: learn or start the new epoch, retry once.
+            await self._ensure_epoch(self.last_seq, self.epoch)
+            args[1], args[7] = self.epoch, self.last_seq
             try:
                 reply = await self._append_and_wait(args)
-            except EpochChanged:
+            except (EpochChanged, HistoryWentBack):
                 raise Unavailable("the cluster's history is changing; retry later") from None
+        self.last_seq = max(self.last_seq, int(reply[0]))
         # The script skipped the publishes whose key it found; the others got consecutive
         # seqs ending at reply[0].
         prior = {
@@ -211,13 +254,20 @@ class RedisStore(Store):
 
     async def trim(self, now: float) -> int:
         cutoff = str(int((now - self.retention) * 1000))
+        spaces = self.namespaces
         removed = 0
         try:
             topics = await self.link.call("trim", self.redis.smembers(self.key("topics")))
             for chunk in chunks(sorted(topics), PIPELINE_CHUNK):
                 pipe = self.redis.pipeline(transaction=False)
                 for topic in chunk:
-                    await self._trim(args=[self.prefix, topic, cutoff], client=pipe)
+                    name = to_str(topic)
+                    own = (
+                        str(int((now - spaces.retention(name, self.retention)) * 1000))
+                        if spaces
+                        else cutoff
+                    )
+                    await self._trim(args=[self.prefix, topic, own], client=pipe)
                 removed += sum(await self.link.call("trim", pipe.execute()))
         except Unavailable:
             pass  # logged once by Health; the next round trims what is left
@@ -265,12 +315,29 @@ class RedisStore(Store):
         runs, _ = await self._ranges(await self._topics(pattern), 0, upto, last=n)
         return list(merge_by_seq(runs))[-n:]
 
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        # Per topic, the top of its ZSET (scored by seq): one O(log n) lookup each.
+        topics = [t for t in await self._topics(pattern) if visible is None or visible(t)]
+        runs, _ = await self._ranges(topics, 0, upto, last=1)
+        found = [run[-1] for run in runs if run]
+        return sorted(heapq.nlargest(limit, found, key=_seq), key=_seq)
+
     # -- following the stream -------------------------------------------------------------
 
     async def follow(self, deliver: Deliver, restart: Callable[[int], None]) -> None:
         """Feed ``deliver`` every message of the ``log`` stream after ``last_seq``, in seq
-        order, forever; reconnect after Redis errors and resume from the last entry."""
+        order, forever; reconnect after Redis errors and resume from the last entry.
+
+        Each read also checks that Redis did not go back under the follower: a counter
+        below its position, or another entry at its position than the one it read
+        (Redis restarted from an older snapshot, a failover to a lagging replica). Then a
+        new epoch starts (``_ensure_epoch``) and the follower goes on with the seqs above
+        its position, instead of waiting for entries that will never come."""
         last = self.last_seq
+        #: SHA-1 of the entry at ``last``, when this follower read it.
+        mark: str | None = None
         backoff = Backoff(0.1, 2.0, jitter=False)
         # After a new epoch the stream may start above last + 1 (seqs continue from the
         # highest any node had seen): not a gap.
@@ -280,22 +347,27 @@ class RedisStore(Store):
                 # XREAD BLOCK only waits for the next entry; the script that runs right
                 # after it returns the whole batch as one string (cheap to parse).
                 pipe = self.link.blocking.pipeline(transaction=False)
-                pipe.get(self.key("epoch"))
                 pipe.xread({self.key("log"): f"{last}-1"}, count=1, block=BLOCK_MS)
-                pipe.evalsha(self._read_sha, 0, self.prefix, f"{last}-1", FOLLOW_BATCH)
+                pipe.evalsha(self._read_sha, 0, self.prefix, str(last), FOLLOW_BATCH)
                 try:
-                    epoch, _, batch = await pipe.execute()
+                    _, (epoch, counter, at, trimmed, batch) = await pipe.execute()
                 except NoScriptError:  # Redis restarted: its script cache is empty
                     await self.link.blocking.script_load(script("read_log"))
                     continue
                 self.health.ok()
                 backoff.reset()
-                epoch = to_str(epoch) if epoch else None
-                if epoch != self._followed_epoch:
-                    await self._ensure_epoch(last)
+                epoch = to_str(epoch)
+                rewritten = (
+                    mark is not None and to_str(at) != mark and not (not at and int(trimmed))
+                )
+                went_back = epoch == self._followed_epoch and (int(counter) < last or rewritten)
+                if epoch != self._followed_epoch or went_back:
+                    await self._ensure_epoch(
+                        max(last, self.last_seq), self._followed_epoch or "", rewritten
+                    )
                     if self.epoch != self._followed_epoch:
                         log.warning(
-                            "Redis history started over (epoch %s -> %s); seqs continue from %d",
+                            "Redis history changed (epoch %s -> %s); seqs continue from %d",
                             self._followed_epoch,
                             self.epoch,
                             self.last_seq,
@@ -303,17 +375,22 @@ class RedisStore(Store):
                         )
                         self._followed_epoch = self.epoch
                         new_history = True
+                        mark = None
                         restart(last)
                     continue  # the entries just read may belong to the old stream
                 if not batch:
                     continue
-                pairs = [self._entry(entry) for entry in split_batch(batch)]
+                raw = split_batch(batch)
+                pairs = [self._entry(entry) for entry in raw]
                 first = pairs[0][0].seq
                 if first > last + 1 and last and not new_history:
                     pairs = await self._fill_gap(last, first) + pairs
+                if self.wait_replicas:
+                    await self._replicated()
                 new_history = False
                 deliver(pairs)
                 last = pairs[-1][0].seq
+                mark = hashlib.sha1(raw[-1]).hexdigest()
                 self.last_seq = max(self.last_seq, last)
             except asyncio.CancelledError:
                 raise
@@ -325,6 +402,19 @@ class RedisStore(Store):
             except Exception:
                 log.exception("following the Redis stream failed", extra={"event": "follow_failed"})
                 await asyncio.sleep(backoff.next())
+
+    async def _replicated(self) -> None:
+        """With ``wait_replicas``: return once that many replicas hold everything this
+        follower read (a write of its own, then WAIT), so that subscribers only receive
+        what a failover keeps; Unavailable otherwise (the batch is read again)."""
+        pipe = self.link.blocking.pipeline(transaction=False)
+        pipe.set(self.key("follower:" + self.node_id), b"", px=60_000)
+        # Within the blocking connection's timeout; a batch not confirmed is read again.
+        wait_ms = int(min(self.wait_timeout, BLOCK_MS / 1000) * 1000)
+        pipe.execute_command("WAIT", self.wait_replicas, wait_ms)
+        _, confirmed = await self.link.call("follow", pipe.execute())
+        if int(confirmed) < self.wait_replicas:
+            raise Unavailable("not replicated yet")
 
     def _entry(self, entry: bytes) -> tuple[Message, Draft]:
         head, _, rest = entry.partition(b"\n")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from broker.core.model import Message, new_epoch
+from broker.core.namespaces import Namespaces
 from broker.errors import Unavailable
 from broker.store.dedupe import decode_seqs
 
@@ -112,6 +113,8 @@ class Database:
     ) -> None:
         self.path = path
         self.history = history
+        #: Per-pattern history and retention (``Store.namespaces``).
+        self.namespaces = Namespaces()
         self.fsync_interval = fsync_interval
         self.max_pages = max_pages
         self.write_lock = threading.Lock()
@@ -304,17 +307,18 @@ class Database:
             ]
         else:
             count += added
-        if count > self.history:
+        history = self.namespaces.history(topic, self.history)
+        if count > history:
             row = db.execute(
                 "SELECT seq FROM messages WHERE topic=? ORDER BY seq DESC LIMIT 1 OFFSET ?",
-                (topic, self.history),
+                (topic, history),
             ).fetchone()
             if row is not None:
                 db.execute("DELETE FROM messages WHERE topic=? AND seq<=?", (topic, row[0]))
                 db.execute(
                     "UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (row[0], topic)
                 )
-            count = self.history
+            count = history
         self._counts[topic] = count
 
     def sync(self, checkpoint: bool = False) -> None:
@@ -381,6 +385,7 @@ class Database:
                     (first_kept,),
                 ).fetchall()
                 db.execute("DELETE FROM messages WHERE seq<?", (first_kept,))
+                gone += self._trim_namespaces(db, now, retention)
                 for topic, top, _ in gone:
                     db.execute(
                         "UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic)
@@ -395,6 +400,28 @@ class Database:
                 if topic in self._counts:
                     self._counts[topic] = max(0, self._counts[topic] - count)
             return sum(count for _, _, count in gone)
+
+    def _trim_namespaces(
+        self, db: sqlite3.Connection, now: float, retention: float
+    ) -> list[tuple[str, int, int]]:
+        """Retention of the namespaces that set a shorter one than the global: per topic
+        of theirs, what is older goes; ``(topic, highest seq removed, count)`` each."""
+        spaces = self.namespaces
+        if not spaces.retentions:
+            return []
+        gone: list[tuple[str, int, int]] = []
+        for (topic,) in db.execute("SELECT topic FROM topics").fetchall():
+            own = spaces.retention(topic, retention)
+            if own >= retention:
+                continue
+            cutoff = int((now - own) * 1000)
+            top, count = db.execute(
+                "SELECT max(seq), count(*) FROM messages WHERE topic=? AND ts<?", (topic, cutoff)
+            ).fetchone()
+            if count:
+                db.execute("DELETE FROM messages WHERE topic=? AND seq<=?", (topic, top))
+                gone.append((topic, int(top), int(count)))
+        return gone
 
     def close(self, last_seq: int) -> None:
         """A clean shutdown: record it (the next start goes on from ``last_seq``, no

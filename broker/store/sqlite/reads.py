@@ -13,7 +13,7 @@ from typing import Any
 
 from broker.core.model import Message
 from broker.core.topics import is_pattern, matches
-from broker.store.base import Pages, Replay, chunks
+from broker.store.base import Pages, Replay, Visible, chunks
 from broker.store.sqlite.database import connect
 
 # SQLite limits the number of bound parameters; stay well below it.
@@ -92,6 +92,35 @@ class Reads:
         """``Store.read_last`` on what SQLite holds."""
         result: list[Message] = await self._on(self._read_last_sync, pattern, n, upto)
         return result
+
+    async def latest(self, pattern: str, upto: int, limit: int, visible: Visible) -> list[Message]:
+        """``Store.latest`` on what SQLite holds."""
+        result: list[Message] = await self._on(self._latest_sync, pattern, upto, limit, visible)
+        return result
+
+    def _latest_sync(self, pattern: str, upto: int, limit: int, visible: Visible) -> list[Message]:
+        db = self._db
+        assert db is not None
+        topics = [t for t, _ in self._topics_sync(pattern) if visible is None or visible(t)]
+        seqs: list[int] = []
+        for chunk in chunks(topics, _CHUNK):
+            # Per topic, max(seq) over its (topic, seq) index: one lookup, not a scan.
+            marks = ",".join("(?)" for _ in chunk)
+            rows = db.execute(
+                f"WITH t(topic) AS (VALUES {marks}) "
+                "SELECT (SELECT max(seq) FROM messages WHERE topic=t.topic AND seq<=?) FROM t",
+                (*chunk, upto),
+            ).fetchall()
+            seqs += [row[0] for row in rows if row[0] is not None]
+        chosen = sorted(heapq.nlargest(limit, seqs))
+        messages: list[Message] = []
+        for part in chunks(chosen, _CHUNK):
+            marks = ",".join("?" * len(part))
+            rows = db.execute(
+                f"SELECT * FROM messages WHERE seq IN ({marks}) ORDER BY seq", part
+            ).fetchall()
+            messages += [_row_message(r) for r in rows]
+        return messages
 
     async def replay(
         self,

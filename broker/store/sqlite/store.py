@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from broker.core.model import Draft, Message, now_ms
+from broker.core.namespaces import Namespaces
 from broker.errors import Unavailable
-from broker.store.base import PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store
+from broker.store.base import LATEST_LIMIT, PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store, Visible
 from broker.store.dedupe import encode_seqs, number
 from broker.store.sqlite.commitlog import Batch, CommitLog, Recovery, encode
 from broker.store.sqlite.database import Database, check_database
@@ -353,6 +354,21 @@ class SqliteStore(Store):
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         await self._visible(upto)
         return await self._reads.read_last(pattern, n, upto)
+
+    async def latest(
+        self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
+    ) -> list[Message]:
+        await self._visible(upto)
+        return await self._reads.latest(pattern, upto, limit, visible)
+
+    @property
+    def namespaces(self) -> Namespaces:
+        """``Store.namespaces``: the writer applies their history and retention."""
+        return self._db.namespaces
+
+    @namespaces.setter
+    def namespaces(self, value: Namespaces) -> None:
+        self._db.namespaces = value
 
     async def replay(
         self,

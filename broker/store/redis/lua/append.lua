@@ -1,5 +1,7 @@
 -- One group commit. ARGV: prefix, epoch, history, stream maxlen, node, n, dedupe window
--- (ms), then per draft: topic, tail, session, echo, key id ('' without a key), group.
+-- (ms), floor (the highest seq this node assigned or saw), then per draft: topic, tail, session, echo, key id ('' without a key), group;
+-- then pairs of topic, history for the topics that keep another number than `history`
+-- (their namespace's, docs/operations.md "Namespaces and public topics").
 -- A keyed publish (its first draft has the key id and the number of drafts it spans)
 -- whose key is already stored (k:<key id>, expiring after the window), or used earlier in
 -- this batch, is skipped: nothing is recorded for it. Returns {last seq (0 when nothing
@@ -10,16 +12,26 @@ local cur = redis.call('GET', P .. 'epoch')
 if cur ~= ARGV[2] then
   return redis.error_reply('EPOCH ' .. tostring(cur))
 end
+-- A counter below what this node already saw: Redis came back older (an earlier snapshot,
+-- a lagging replica). Handing out these seqs again would give two messages one name.
+local counter = tonumber(redis.call('GET', P .. 'seq') or '0')
+if counter < tonumber(ARGV[8]) then
+  return redis.error_reply('BEHIND ' .. counter)
+end
 local history = tonumber(ARGV[3])
 local node = ARGV[5]
 local n = tonumber(ARGV[6])
 local window = ARGV[7]
+local limits = {}
+for k = 9 + n * 6, #ARGV - 1, 2 do
+  limits[ARGV[k]] = tonumber(ARGV[k + 1])
+end
 local touched = {}
 local seen = {}
 local out = {0}
 local i = 0
 while i < n do
-  local a = 8 + i * 6
+  local a = 9 + i * 6
   local kid = ARGV[a + 4]
   local size = math.max(tonumber(ARGV[a + 5]), 1)
   local prior = nil
@@ -59,7 +71,7 @@ while i < n do
 end
 for topic in pairs(touched) do
   local key = P .. 'h:' .. topic
-  local extra = redis.call('ZCARD', key) - history
+  local extra = redis.call('ZCARD', key) - (limits[topic] or history)
   if extra > 0 then
     local top = redis.call('ZRANGE', key, extra - 1, extra - 1, 'WITHSCORES')[2]
     redis.call('ZREMRANGEBYRANK', key, 0, extra - 1)
