@@ -51,12 +51,14 @@ _TEARDOWN_DRAIN = 0.05
 
 
 def serve_config(home: Path, args: list[str]) -> ServerConfig:
-    """The settings ``broker serve ARGS`` would run with, the environment and any config
-    file left out (an empty one is read instead of the user's)."""
+    """The settings ``broker serve ARGS`` would run with: its flags and the ``--config``
+    file they name; the environment and the user's own config file left out."""
     ctx = serve.make_context("serve", list(args))
-    empty = home / "empty.toml"
-    empty.write_text("")
-    return load_settings(given_flags(ctx, ctx.params), {}, empty).config
+    config_file = ctx.params.get("config_file")
+    if config_file is None:
+        config_file = home / "empty.toml"
+        config_file.write_text("")
+    return load_settings(given_flags(ctx, ctx.params), {}, config_file).config
 
 
 class BrokerThread:
