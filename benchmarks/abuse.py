@@ -1,6 +1,7 @@
 """Abuse benchmark: can one client freeze, exhaust or blind a broker with default settings?
 
-For each attack of issue 13's table, this script starts a fresh broker (default settings,
+For each attack of issue 13's table (rows 0-10) and of issue 27's (rows 101-115 are its
+rows 1-15), this script starts a fresh broker (default settings unless the row names one,
 SQLite store in a temporary directory, loopback, a random port), lets a well-behaved pair
 of clients publish and receive 20 messages per second on ``pair/t`` (in a process of its
 own, so the attacker's CPU does not slow it), runs the attack for a bounded time and
@@ -92,9 +93,9 @@ def mint_raw(header: bytes, payload: bytes, secret: str = SECRET) -> str:
     return (signing + b"." + _b64(sig)).decode()
 
 
-def token(user: str, ttl: float = 3600) -> str:
-    """An ordinary token for ``user``."""
-    return mint_token(SECRET, user, ttl=ttl)
+def token(user: str, ttl: float = 3600, admin: bool = False) -> str:
+    """An ordinary token for ``user`` (an admin's with ``admin``)."""
+    return mint_token(SECRET, user, ttl=ttl, admin=admin)
 
 
 # -- a raw WebSocket client (for sockets that never read, and odd handshakes) -----------
@@ -216,11 +217,20 @@ class RawClient:
 # -- the broker under test --------------------------------------------------------------
 
 
-def default_broker(workdir: Path, env: dict[str, str], data: Path | None = None) -> Broker:
+def default_broker(
+    workdir: Path, env: dict[str, str], data: Path | None = None, args: list[str] | None = None
+) -> Broker:
     """A broker (not started) with default settings, the log level included (its growth is
-    measured), and the usual soft file-descriptor limit; SQLite store in ``workdir``."""
+    measured), and the usual soft file-descriptor limit; SQLite store in ``workdir``.
+    ``args``: the settings a row needs besides (``--memory``, say)."""
     return Broker(
-        workdir=workdir, secret=SECRET, data=data, env=env, log_level=None, nofile=BROKER_NOFILE
+        args or (),
+        workdir=workdir,
+        secret=SECRET,
+        data=data,
+        env=env,
+        log_level=None,
+        nofile=BROKER_NOFILE,
     )
 
 
@@ -370,6 +380,9 @@ class Ctx:
     deadline: float
     notes: dict[str, Any] = field(default_factory=dict)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Seconds before the end at which an attack that holds connections closes them, so
+    #: that the RSS after the close is sampled too.
+    broker_seconds_after_close: float = 5.0
 
     @property
     def url(self) -> str:
@@ -815,6 +828,384 @@ async def attack_odd_values(ctx: Ctx) -> None:
     ctx.notes["seen"] = dict(seen)
 
 
+# -- issue 27: the second round (rows 101-115 are its rows 1-15) --------------------------
+
+
+async def attack_pattern_users(ctx: Ctx) -> None:
+    """Row 101: 66 connections of one user, 1,000 `{a,+}^16/b` patterns each, then
+    publishes to `a/.../a` and `a/.../x` (17 levels, matching none of them)."""
+    patterns = [
+        "/".join("+" if i >> b & 1 else "a" for b in range(16)) + "/b" for i in range(65_536)
+    ]
+    conns: list[Replies] = []
+    limit = time.monotonic() + ctx.left() * 0.5
+    ok = sent = 0
+    for c in range(66):
+        if time.monotonic() >= limit or ctx.over():
+            break
+        r = Replies(await open_ws(ctx.url, "evil"))
+        conns.append(r)
+        sent += await r.subscribe_many(patterns[c * 1000 : (c + 1) * 1000], ctx, limit)
+        ok += r.ok
+    ctx.notes["subs"] = f"{ok}/{sent} ok on {len(conns)} connections"
+    topics = ["/".join(["a"] * 17), "/".join(["a"] * 16 + ["x"])]
+    published = 0
+    slowest = 0.0
+
+    async def publisher(r: Replies, n: int) -> None:
+        nonlocal published, slowest
+        i = 0
+        while not ctx.over() and r.closed is None and i < 100_000:
+            started = time.monotonic()
+            frame = {"op": "pub", "id": f"p{n}.{i}", "topic": topics[i % 2], "data": i}
+            if not await r.request(frame, max(0.1, ctx.left())):
+                break
+            slowest = max(slowest, time.monotonic() - started)
+            published += 1
+            i += 1
+
+    await asyncio.gather(*(publisher(r, n) for n, r in enumerate(conns[:8])))
+    ctx.notes["publishes"] = f"{published} acked, slowest {slowest * 1000:.0f} ms"
+    errors: Counter[str] = Counter()
+    for r in conns:
+        errors.update(r.errors)
+        await r.close()
+    ctx.notes["errors"] = dict(errors)
+
+
+async def _http_exchange(
+    port: int, wire: bytes, answers: int, timeout: float, read: bool = True
+) -> tuple[int, int]:
+    """Send ``wire`` on a new connection from 127.0.0.1, read until ``answers`` status lines
+    (or EOF, or ``timeout``); (answers seen, bytes read)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    seen = got = 0
+    try:
+        writer.write(wire)
+        deadline = time.monotonic() + timeout
+        tail = b""
+        while read and seen < answers and time.monotonic() < deadline:
+            try:
+                chunk = await asyncio.wait_for(reader.read(1 << 20), deadline - time.monotonic())
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            got += len(chunk)
+            seen += (tail + chunk).count(b"HTTP/1.1 ") - tail.count(b"HTTP/1.1 ")
+            tail = chunk[-16:]
+    finally:
+        writer.transport.abort()
+    return seen, got
+
+
+async def attack_http_keepalive(ctx: Ctx) -> None:
+    """Row 102: 950 tokenless keep-alive HTTP sockets from one address, each `GET /healthz`
+    every 3 s (the broker runs under a 1,024-descriptor limit)."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    answered = dropped = 0
+
+    async def one() -> None:
+        nonlocal answered, dropped
+        rounds = 0
+        while not ctx.over() and rounds < 1000:
+            rounds += 1
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", ctx.broker.port), 3
+                )
+            except (OSError, TimeoutError):
+                await asyncio.sleep(1)
+                continue
+            try:
+                while not ctx.over():
+                    writer.write(request)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    await asyncio.wait_for(reader.readexactly(length), 5)
+                    answered += 1
+                    await asyncio.sleep(3)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, IndexError, ValueError):
+                dropped += 1
+            finally:
+                writer.transport.abort()
+
+    await asyncio.gather(*(one() for _ in range(950)))
+    ctx.notes["healthz"] = f"{answered} answered, {dropped} connections dropped"
+
+
+async def attack_http_pipeline(ctx: Ctx) -> None:
+    """Row 103: 400 pipelined `GET /healthz` in one write, repeated."""
+    wire = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 400
+    rounds = full = 0
+    while not ctx.over() and rounds < 500:
+        rounds += 1
+        seen, _ = await _http_exchange(ctx.broker.port, wire, 400, min(10.0, max(0.1, ctx.left())))
+        full += seen == 400
+        await asyncio.sleep(0.2)
+    ctx.notes["rounds"] = f"{full}/{rounds} answered in full"
+
+
+async def attack_http_unread(ctx: Ctx) -> None:
+    """Row 104: three connections pipelining `GET /broker.js` (0.7 MiB of requests each)
+    whose answers are never read, held open, then closed."""
+    wire = b"GET /broker.js HTTP/1.1\r\nHost: x\r\n\r\n" * (700 * 1024 // 38)
+    writers = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", ctx.broker.port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        writer.write(wire)
+        writers.append(writer)
+    while ctx.left() > ctx.broker_seconds_after_close:
+        await asyncio.sleep(0.2)
+    for writer in writers:
+        writer.transport.abort()
+    while not ctx.over():
+        await asyncio.sleep(0.2)
+    ctx.notes["unread"] = "3 x 0.7 MiB of pipelined GET /broker.js, closed 5 s before the end"
+
+
+BIG_HTTP_MESSAGES = 1000  # x 60 KB on one topic: 60 MB of history
+
+
+async def setup_history_http(broker: Broker) -> None:
+    blob = "z" * 60_000
+    items = [("hbig/t", {"i": i, "pad": blob}) for i in range(BIG_HTTP_MESSAGES)]
+    await publish_acked(broker.url, items, window=20, timeout=180)
+
+
+async def attack_http_history(ctx: Ctx) -> None:
+    """Row 105: `GET /api/history` over 60 MB of history, 40 pipelined, on two connections
+    at once, repeated."""
+    auth = f"Authorization: Bearer {token('reader')}\r\n".encode()
+    request = b"GET /api/history?topic=hbig/t&since=0 HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+    rounds = answers = biggest = 0
+    while not ctx.over() and rounds < 100:
+        rounds += 1
+        results = await asyncio.gather(
+            *(
+                _http_exchange(ctx.broker.port, request * 40, 40, min(20.0, max(0.1, ctx.left())))
+                for _ in range(2)
+            )
+        )
+        for seen, got in results:
+            answers += seen
+            biggest = max(biggest, got // max(seen, 1))
+    ctx.notes["history"] = f"{answers} answers in {rounds} rounds, ~{biggest >> 10} KiB each"
+
+
+async def attack_memory_tiny(ctx: Ctx) -> None:
+    """Row 108 (--memory): up to 1,000,000 tiny messages on 1,000 topics, 8 publishers."""
+    done = 0
+
+    async def one(n: int) -> None:
+        nonlocal done
+        ws = await open_ws(ctx.url, f"tiny{n}")
+        r = Replies(ws)
+        i = 0
+        try:
+            while not ctx.over() and i < 125_000:
+                if i - r.answered > 500:
+                    await asyncio.sleep(0.002)
+                    continue
+                await ws.send(f'{{"op":"pub","id":{i},"topic":"tiny/{i % 1000}","data":1}}')
+                i += 1
+        except ConnectionClosed:
+            pass
+        done += r.ok
+        await r.close()
+
+    await asyncio.gather(*(one(n) for n in range(8)))
+    ctx.notes["published"] = f"{done} acked"
+
+
+async def attack_memory_keys(ctx: Ctx) -> None:
+    """Row 109 (--memory): publishes with a fresh idempotency key each, 8 publishers, as
+    fast as acks come (2.1 million keys in 60 s in the issue)."""
+    done = 0
+
+    async def one(n: int) -> None:
+        nonlocal done
+        ws = await open_ws(ctx.url, f"keys{n}")
+        r = Replies(ws)
+        i = 0
+        try:
+            while not ctx.over() and i < 1_000_000:
+                if i - r.answered > 500:
+                    await asyncio.sleep(0.002)
+                    continue
+                await ws.send(f'{{"op":"pub","id":{i},"topic":"k/{n}","data":1,"key":"k{n}-{i}"}}')
+                i += 1
+        except ConnectionClosed:
+            pass
+        done += r.ok
+        await r.close()
+
+    await asyncio.gather(*(one(n) for n in range(8)))
+    ctx.notes["published"] = f"{done} keyed publishes acked"
+
+
+async def attack_flood32(ctx: Ctx) -> None:
+    """Row 111: 32 connections flooding fire-and-forget 1 KB publishes."""
+    frame = orjson.dumps({"op": "pub", "topic": "flood32", "data": "f" * 1000}).decode()
+    sent = 0
+
+    async def one(n: int) -> None:
+        nonlocal sent
+        ws = await open_ws(ctx.url, f"flood{n}")
+        r = Replies(ws)
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            while not ctx.over() and sent < 10_000_000:
+                await asyncio.wait_for(ws.send(frame), max(0.1, ctx.left()))
+                sent += 1
+        await r.close()
+
+    await asyncio.gather(*(one(n) for n in range(32)))
+    ctx.notes["sent"] = f"{sent} x 1 KB"
+
+
+REBIND_ORIGIN = "https://app.example"
+
+
+async def attack_rebinding(ctx: Ctx) -> None:
+    """Row 112 (--allowed-origin https://app.example): a page at an attacker's host name
+    (DNS rebinding: `Host` and `Origin` both that name): WebSocket, HTTP API, /metrics."""
+    port = ctx.broker.port
+    name = f"evil.example:{port}"
+    common = f"Host: {name}\r\nOrigin: http://{name}\r\n"
+    bearer = f"Authorization: Bearer {token('victim', admin=True)}\r\n"
+    ws = (
+        f"GET /ws HTTP/1.1\r\n{common}{bearer}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    api = f"GET /api/stats HTTP/1.1\r\n{common}{bearer}\r\n"
+    metrics = f"GET /metrics HTTP/1.1\r\n{common}\r\n"
+    seen: Counter[str] = Counter()
+    rounds = 0
+    while not ctx.over() and rounds < 200:
+        rounds += 1
+        for what, wire in (("ws", ws), ("api", api), ("metrics", metrics)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(wire.encode())
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+                seen[f"{what} {line.split(b' ')[1].decode() if b' ' in line else '?'}"] += 1
+            except (TimeoutError, OSError):
+                seen[f"{what} no answer"] += 1
+            finally:
+                writer.transport.abort()
+        await asyncio.sleep(0.1)
+    ctx.notes["answers"] = dict(seen)
+
+
+async def _http_batches(port: int, batches: list[tuple[list[str], Any]], timeout: float) -> int:
+    """POST ``/api/publish`` batches (topics, data) on one keep-alive connection; how many
+    were answered 200."""
+    auth = f"Authorization: Bearer {token('filler')}\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    ok = 0
+    deadline = time.monotonic() + timeout
+    try:
+        for topics, data in batches:
+            if time.monotonic() >= deadline:
+                break
+            body = orjson.dumps({"topics": topics, "data": data})
+            writer.write(
+                (
+                    f"POST /api/publish HTTP/1.1\r\nHost: x\r\n{auth}"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                + body
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await asyncio.wait_for(reader.readexactly(length), 30)
+            ok += b" 200 " in head.split(b"\r\n", 1)[0]
+    finally:
+        writer.transport.abort()
+    return ok
+
+
+MANY_TOPICS = 100_000
+
+
+async def setup_many_topics(broker: Broker) -> None:
+    batches = [([f"many/{i}" for i in range(b, b + 100)], 1) for b in range(0, MANY_TOPICS, 100)]
+    await asyncio.gather(*(_http_batches(broker.port, batches[n::4], 200) for n in range(4)))
+    await publish_acked(broker.url, [("mine/t", {"i": i}) for i in range(10)])
+
+
+async def _timed_subs(ctx: Ctx, user: str, topic: str, last: int, rounds: int) -> list[float]:
+    """``sub`` ``topic`` with ``last`` then ``unsub``, repeated; seconds to each ``ok``."""
+    r = Replies(await open_ws(ctx.url, user))
+    took: list[float] = []
+    try:
+        for i in range(rounds):
+            if ctx.over() or r.closed is not None:
+                break
+            started = time.monotonic()
+            frame = {"op": "sub", "id": 2 * i, "topic": topic, "last": last}
+            if not await r.request(frame, max(0.1, ctx.left())):
+                break
+            took.append(time.monotonic() - started)
+            await r.request({"op": "unsub", "id": 2 * i + 1, "topic": topic}, 5)
+    finally:
+        await r.close()
+    return took
+
+
+async def attack_many_readers(ctx: Ctx) -> None:
+    """Row 106: 32 history readers (`sub #` with `last: 5`, repeated) over 100,000 topics;
+    meanwhile a victim's `sub` with `last: 5` on its own topic."""
+    readers = [asyncio.create_task(_timed_subs(ctx, f"reader{n}", "#", 5, 1000)) for n in range(32)]
+    victim = await _timed_subs(ctx, "victim", "mine/t", 5, 10_000)
+    done = await asyncio.gather(*readers)
+    reads = [t for got in done for t in got]
+    ctx.notes["readers"] = f"{len(reads)} `#` reads, slowest {max(reads, default=0):.2f} s"
+    ctx.notes["victim"] = (
+        f"{len(victim)} own-topic subs, slowest {max(victim, default=0) * 1000:.0f} ms"
+    )
+
+
+async def attack_expired_topics(ctx: Ctx) -> None:
+    """Row 107 (--retention 5s): 100,000 topics published once, then retention removes every
+    message; `sub #` with `last: 1`, repeated."""
+    while ctx.left() > ctx.broker_seconds_after_close + 3 and not ctx.over():
+        await asyncio.sleep(0.2)  # retention runs (every 0.5 s at 5 s)
+    took = await _timed_subs(ctx, "reader", "#", 1, 1000)
+    ctx.notes["`#` last 1"] = f"{len(took)} reads, slowest {max(took, default=0) * 1000:.0f} ms"
+
+
+async def attack_http_batches(ctx: Ctx) -> None:
+    """Row 110: HTTP batch publishes (100 topics, 60 KB of data: 6 MB stored for each
+    61 KB body), 4 clients; the data directory's size at the end."""
+    blob = "b" * 60_000
+    batches = [([f"d/{n}/{i}" for i in range(100)], blob) for n in range(20_000)]
+    oks = await asyncio.gather(
+        *(_http_batches(ctx.broker.port, batches[n::4], max(0.1, ctx.left())) for n in range(4))
+    )
+    size = sum(p.stat().st_size for p in ctx.broker.data.rglob("*") if p.is_file())
+    ctx.notes["batches"] = f"{sum(oks)} answered 200; data directory {size >> 20} MiB"
+
+
+async def attack_disk_full(ctx: Ctx) -> None:
+    """Row 114 (a full disk: SQLite's max_page_count, the test-only variable): publishes
+    refused one after another; commit-log segments left in the data directory."""
+    ws = await open_ws(ctx.url, "filler")
+    r = Replies(ws)
+    blob = "d" * 3000
+    i = 0
+    while not ctx.over() and i < 100_000:
+        await r.request({"op": "pub", "id": i, "topic": "full", "data": blob}, 5)
+        i += 1
+    segments = len(list(ctx.broker.data.glob("*-log.*")))
+    ctx.notes["publishes"] = f"{r.ok} ok, errors {dict(r.errors)}; {segments} log segments"
+    await r.close()
+
+
 @dataclass
 class Attack:
     name: str
@@ -822,6 +1213,10 @@ class Attack:
     seconds: float
     run: Callable[[Ctx], Awaitable[None]]
     setup: Callable[[Broker], Awaitable[None]] | None = None
+    #: Settings besides the defaults that the attack needs (``--memory``, say).
+    extra: list[str] = field(default_factory=list)
+    #: Environment variables the broker gets besides (test-only ones).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 ATTACKS = [
@@ -836,6 +1231,29 @@ ATTACKS = [
     Attack("never_readers", 8, 15, attack_never_readers, setup_history_big),
     Attack("second_broker", 9, 10, attack_second_broker),
     Attack("odd_values", 10, 10, attack_odd_values, setup_history_odd),
+    Attack("pattern_users", 101, 30, attack_pattern_users),
+    Attack("http_keepalive", 102, 15, attack_http_keepalive),
+    Attack("http_pipeline", 103, 10, attack_http_pipeline),
+    Attack("http_unread", 104, 15, attack_http_unread),
+    Attack("http_history", 105, 15, attack_http_history, setup_history_http),
+    Attack("many_readers", 106, 15, attack_many_readers, setup_many_topics),
+    Attack(
+        "expired_topics", 107, 15, attack_expired_topics, setup_many_topics, ["--retention", "5s"]
+    ),
+    Attack("memory_tiny", 108, 20, attack_memory_tiny, extra=["--memory"]),
+    Attack("memory_keys", 109, 20, attack_memory_keys, extra=["--memory"]),
+    Attack("http_batches", 110, 15, attack_http_batches),
+    Attack("flood32", 111, 15, attack_flood32),
+    Attack("flood32_memory", 111, 15, attack_flood32, extra=["--memory"]),
+    Attack("rebinding", 112, 10, attack_rebinding, extra=["--allowed-origin", REBIND_ORIGIN]),
+    Attack(
+        "disk_full",
+        114,
+        10,
+        attack_disk_full,
+        extra=["--fsync-interval", "0.1s"],
+        env={"BROKER_TEST_SQLITE_MAX_PAGES": "64"},
+    ),
 ]
 
 
@@ -844,7 +1262,7 @@ ATTACKS = [
 
 def run_attack(attack: Attack, env: dict[str, str], root: Path) -> dict[str, Any]:
     workdir = root / attack.name
-    broker = default_broker(workdir, env)
+    broker = default_broker(workdir, {**env, **attack.env}, args=attack.extra)
     row: dict[str, Any] = {"attack": attack.name, "row": attack.row, "seconds": attack.seconds}
     try:
         broker.start()

@@ -20,6 +20,7 @@ from click.core import ParameterSource
 if TYPE_CHECKING:
     from broker.server.app import BrokerServer
 
+from broker.core.hooks import render as render_hooks
 from broker.core.namespaces import render as render_namespaces
 from broker.errors import ConfigError
 from broker.local import (
@@ -156,6 +157,10 @@ def render_config(effective: Effective) -> None:
             f"\n# namespaces ({effective.sources['namespace']}); the first that covers a topic wins"
         )
         for line in render_namespaces(effective.config.namespaces):
+            click.echo(line)
+    if effective.config.hooks.configured:
+        click.echo(f"\n# hooks (file {effective.file}); the secret is not shown")
+        for line in render_hooks(effective.config.hooks):
             click.echo(line)
 
 

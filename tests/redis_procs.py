@@ -31,8 +31,9 @@ def need_redis() -> None:
 
 class RedisProc:
     """One redis-server on a free port with its own directory. ``persistence`` is
-    ``"none"``, ``"rdb"`` (snapshots only when asked: ``save()``) or ``"aof"``
-    (appendfsync everysec, no snapshots)."""
+    ``"none"``, ``"rdb"`` (snapshots only when asked: ``save()``), ``"aof"``
+    (appendfsync everysec, no snapshots) or ``"aof-always"`` (every write fsynced before
+    it is answered: a kill -9 loses nothing)."""
 
     def __init__(self, home: Path, persistence: str = "rdb", *extra: str) -> None:
         self.home = home
@@ -50,8 +51,9 @@ class RedisProc:
     def command(self) -> list[str]:
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         cmd += ["--dir", str(self.home), "--save", ""]
-        if self.persistence == "aof":
-            cmd += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        if self.persistence in ("aof", "aof-always"):
+            fsync = "always" if self.persistence == "aof-always" else "everysec"
+            cmd += ["--appendonly", "yes", "--appendfsync", fsync]
         else:
             cmd += ["--appendonly", "no"]
         return cmd + self.extra

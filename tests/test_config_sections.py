@@ -53,5 +53,8 @@ def test_an_unknown_table_lists_the_sections(tmp_path: Path, section: Section) -
     path.write_text("[server]\nport = 9000\n")
     with pytest.raises(ConfigError) as info:
         load_settings({}, {}, path)
-    assert "unknown table [server] (the tables are [namespace], [origins])" in info.value.message
+    assert (
+        "unknown table [server] (the tables are [namespace], [hooks], [origins])"
+        in info.value.message
+    )
     assert "settings go at the top level" in info.value.message

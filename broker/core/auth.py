@@ -6,7 +6,13 @@ No I/O. ``TokenVerifier.verify`` turns a JWT into an ``Identity`` or raises
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +29,19 @@ KEY_ALGORITHMS = ("RS256", "ES256")
 #: The one list of JWT algorithms (docs/protocol.md): a broker accepts exactly one of them
 #: (``broker serve --algorithm``) and ``broker token --algorithm`` signs with any of them.
 ALGORITHMS = HMAC_ALGORITHMS + KEY_ALGORITHMS
+#: Verified tokens remembered per verifier (the token's bytes -> its identity), so that a
+#: client reconnecting with the same token is not verified again; the oldest goes first.
+TOKEN_CACHE_SIZE = 1024
+
+_HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+# Claims the fast path leaves to PyJWT (it checks them) and header fields it knows.
+_CHECKED_ELSEWHERE = ("aud", "iss", "jti")
+_PLAIN_HEADER = frozenset({"alg", "typ"})
+
+
+def _b64(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 @dataclass(frozen=True)
@@ -162,11 +181,83 @@ class TokenVerifier:
         self.issuer = issuer
         self.require_exp = require_exp
         self.leeway = leeway
+        # The HMAC key for the fast path, when PyJWT would take it (not a PEM, SSH or DER
+        # public key, not empty).
+        self._hmac_key: bytes | None = None
+        if algorithm in _HASHES:
+            try:
+                raw = key.encode() if isinstance(key, str) else key
+                jwt.get_algorithm_by_name(algorithm).prepare_key(raw)
+                self._hmac_key = raw
+            except jwt.PyJWTError:
+                pass
+        # Token -> (identity, its exp as PyJWT compares it): only tokens that passed every
+        # check, for this verifier's key and settings; the expiry is checked on each use.
+        self._cache: dict[str, tuple[Identity, int | None]] = {}
 
     def verify(self, token: object) -> Identity:
         """The identity in a valid ``token``; ``Unauthorized`` with the reason otherwise."""
         if not isinstance(token, str) or not token:
             raise Unauthorized("missing token")
+        cached = self._cache.get(token)
+        if cached is not None:
+            identity, exp = cached
+            if exp is None or exp > time.time() - self.leeway:
+                return identity
+            del self._cache[token]  # expired: PyJWT says so below, in its words
+        found = self._verify_hmac(token)
+        identity = found if found is not None else self._verify(token)
+        cache = self._cache
+        if len(cache) >= TOKEN_CACHE_SIZE:
+            del cache[next(iter(cache))]
+        cache[token] = (identity, None if identity.exp is None else int(identity.exp))
+        return identity
+
+    def _verify_hmac(self, token: str) -> Identity | None:
+        """The identity in an HS* ``token`` verified without PyJWT, when it is a plain
+        one (three base64url segments, header ``alg`` and ``typ`` only, a good
+        signature, integer ``iat``/``nbf``/``exp`` that pass, no ``aud``/``iss``/``jti``
+        and no audience or issuer required); None: let PyJWT decide, with its errors."""
+        key = self._hmac_key
+        if key is None or self.audience is not None or self.issuer is not None:
+            return None
+        parts = token.split(".")
+        if len(parts) != 3 or not all(_SEGMENT.fullmatch(part) for part in parts):
+            return None
+        try:
+            header = json.loads(_b64(parts[0]))
+            signature = _b64(parts[2])
+            claims = json.loads(_b64(parts[1]))
+        except (ValueError, binascii.Error):
+            return None
+        if (
+            type(header) is not dict
+            or header.get("alg") != self.algorithm
+            or not header.keys() <= _PLAIN_HEADER
+            or type(claims) is not dict
+        ):
+            return None
+        signed = token[: len(parts[0]) + len(parts[1]) + 1].encode()
+        if not hmac.compare_digest(hmac.digest(key, signed, _HASHES[self.algorithm]), signature):
+            return None
+        if any(name in claims for name in _CHECKED_ELSEWHERE):
+            return None
+        now = time.time()
+        leeway = self.leeway
+        for name in ("iat", "nbf"):
+            value = claims.get(name, 0)
+            if type(value) is not int or value > now + leeway:
+                return None
+        exp = claims.get("exp")
+        if exp is None:
+            if self.require_exp or "exp" in claims:
+                return None
+        elif type(exp) is not int or exp <= now - leeway:
+            return None
+        return identity_from_claims(claims)
+
+    def _verify(self, token: str) -> Identity:
+        """``verify`` by PyJWT: every token the fast path leaves, and every error."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

@@ -17,6 +17,7 @@ from broker.core.auth import Identity
 from broker.core.model import Draft, Message
 from broker.core.protocol import encode_presence_event
 from broker.core.topics import INBOX_PREFIX, TopicIndex, inbox_owner, is_pattern
+from broker.errors import Forbidden
 
 _INBOX = INBOX_PREFIX + "/"
 # Topics a replay filter remembers at once (a replay's topics, usually a handful).
@@ -114,6 +115,13 @@ class Hub:
         #: Called with (topic, user id) when a user present on a topic is renamed (a
         #: cluster rewrites its presence entry), when set.
         self.on_rename: Callable[[str, str], None] | None = None
+        #: Distinct wildcard patterns one user's connections may hold together (None: no
+        #: bound). A walk of the index costs up to the nodes of every wildcard pattern
+        #: that follows the topic's levels, matching or not: this bounds one user's share
+        #: of that, however many connections they open. Exact topics cost no walk.
+        self.max_user_patterns: int | None = None
+        # user id -> wildcard pattern -> connections of the user holding it
+        self._user_patterns: dict[str, dict[str, int]] = {}
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -125,11 +133,14 @@ class Hub:
         """Add or replace ``conn``'s subscription to ``sub.pattern``; return the old one."""
         subs = self.subscriptions.setdefault(conn, {})
         old = subs.get(sub.pattern)
+        exact = sub.exact
+        if not exact and old is None:
+            self._hold_pattern(conn.identity.id, sub.pattern)
         if old is not None:
-            self._forget(conn, old, announce=False)
+            self._forget(conn, old, announce=False, release=False)
         subs[sub.pattern] = sub
         self.index.add(sub.pattern, conn)
-        if sub.exact:
+        if exact:
             if sub.presence:
                 self._watchers.setdefault(sub.pattern, set()).add(conn)
             # ``present`` follows from the connection and the topic: the same as old's.
@@ -162,9 +173,43 @@ class Hub:
         del self.subscriptions[conn]
         return True
 
-    def _forget(self, conn: Subscriber, sub: Subscription, announce: bool) -> None:
+    def _hold_pattern(self, user: str, pattern: str) -> None:
+        """Count a connection of ``user`` holding wildcard ``pattern``; raise ``Forbidden``
+        when it is a new pattern for the user past ``max_user_patterns``."""
+        held = self._user_patterns.get(user)
+        if held is None:
+            held = self._user_patterns[user] = {}
+        count = held.get(pattern, 0)
+        limit = self.max_user_patterns
+        if not count and limit is not None and len(held) >= limit:
+            if not held:
+                del self._user_patterns[user]
+            raise Forbidden(f"wildcard pattern limit reached ({limit} per user)")
+        held[pattern] = count + 1
+
+    def _release_pattern(self, user: str, pattern: str) -> None:
+        held = self._user_patterns.get(user)
+        if held is None or pattern not in held:
+            return
+        left = held[pattern] - 1
+        if left:
+            held[pattern] = left
+        else:
+            del held[pattern]
+            if not held:
+                del self._user_patterns[user]
+
+    def user_patterns(self, user: str) -> int:
+        """Distinct wildcard patterns ``user``'s connections hold on this node."""
+        return len(self._user_patterns.get(user, ()))
+
+    def _forget(
+        self, conn: Subscriber, sub: Subscription, announce: bool, release: bool = True
+    ) -> None:
         self.index.remove(sub.pattern, conn)
         if not sub.exact:
+            if release:
+                self._release_pattern(conn.identity.id, sub.pattern)
             return
         watchers = self._watchers.get(sub.pattern)
         if watchers is not None:

@@ -36,6 +36,10 @@ class Namespace:
     history: int | None = None
     retention: float | None = None
     presence: bool = True
+    #: Subscriptions to its topics ask the backend's ``subscribe`` hook (broker.core.hooks).
+    subscribe_hook: bool = False
+    #: Publishes to its topics ask the backend's ``publish`` hook.
+    publish_hook: bool = False
 
 
 #: The namespace of topics no ``[[namespace]]`` covers.
@@ -77,6 +81,8 @@ OPTIONS: dict[str, Callable[[object], Any]] = {
     "history": _history,
     "retention": _retention,
     "presence": _boolean,
+    "subscribe_hook": _boolean,
+    "publish_hook": _boolean,
 }
 
 
@@ -235,6 +241,19 @@ class Namespaces:
             return default
         value = self.find(topic).retention
         return default if value is None else value
+
+    def publish_hook(self, topic: str) -> bool:
+        """Whether a publish to ``topic`` asks the backend's ``publish`` hook."""
+        return bool(self.spaces) and self.find(topic).publish_hook
+
+    def subscribe_hook(self, pattern: str) -> bool:
+        """Whether a subscription to ``pattern`` asks the backend's ``subscribe`` hook: it
+        can match a topic of a namespace that sets ``subscribe_hook``."""
+        return any(s.subscribe_hook and overlap(s.pattern, pattern) for s in self.spaces)
+
+    def selecting(self, hook: str) -> list[str]:
+        """The patterns of the namespaces that set ``<hook>_hook``."""
+        return [s.pattern for s in self.spaces if getattr(s, f"{hook}_hook", False)]
 
     @property
     def retentions(self) -> list[Namespace]:

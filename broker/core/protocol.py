@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from broker.core.model import kept_bytes
 from broker.core.topics import is_pattern, validate_pattern, validate_topic
 from broker.errors import BadRequest, BrokerError
 
@@ -215,7 +216,7 @@ def _parse_op(frame: dict[str, Any], rid: RequestId | None) -> Request:
             raise BadRequest("'pub' requires 'data'")
         return Pub(
             topic=topic,
-            data=orjson.dumps(data),
+            data=kept_bytes(orjson.dumps(data)),
             id=rid,
             echo=_optional_bool(frame, "echo"),
             key=parse_key(frame) if "key" in frame else None,

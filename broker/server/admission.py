@@ -2,7 +2,9 @@
 
 Every accepted socket counts against ``max_connections``, whatever it goes on to do (a
 WebSocket, a plain HTTP request, nothing at all), so idle sockets cannot take the file
-descriptors the broker needs. Until it authenticates a connection is *unauthenticated*:
+descriptors the broker needs. Until it authenticates a connection is *unauthenticated*
+(a plain HTTP keep-alive connection stays so for as long as none of its requests carries
+a valid token):
 those are bounded on their own (``max_unauthenticated``; when full, the oldest is
 dropped, so a flood of sockets that never authenticate cannot hold the door shut) and per
 peer address (``max_unauthenticated_per_address``, the oldest of that address dropped), and
@@ -158,7 +160,8 @@ class Admission:
         return entry[1] if entry is not None else None
 
     def settle(self, conn: Conn) -> None:
-        """``conn`` authenticated (or is served plain HTTP): no longer unauthenticated."""
+        """``conn`` authenticated (a WebSocket, or an HTTP request with a valid token): no
+        longer unauthenticated. Plain HTTP without a token never settles."""
         entry = self._pending.pop(conn, None)
         if entry is None:
             return

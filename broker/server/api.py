@@ -23,7 +23,7 @@ import orjson
 
 from broker.core.auth import Identity, parse_bearer
 from broker.core.limits import TokenBucket
-from broker.core.model import Message
+from broker.core.model import Message, kept_bytes
 from broker.core.protocol import parse_key
 from broker.core.topics import is_pattern, validate_pattern, validate_topic
 from broker.errors import (
@@ -57,6 +57,12 @@ ROUTES = {
 MAX_TOPICS = 100
 #: Most messages in one history answer.
 PAGE = 1000
+#: Most bytes of messages in one history answer (at least one message is always given):
+#: a request costs what it returns, as a WebSocket replay's page does.
+PAGE_BYTES = 1 << 20
+#: Messages read from the store at a time for one answer: at the largest message size
+#: this is what a request holds beyond its answer.
+READ_PAGE = 256
 #: Per-user rate buckets kept at once (the least recently used go first).
 MAX_BUCKETS = 10_000
 #: Verified tokens remembered at once (the least recently used go first).
@@ -74,6 +80,8 @@ class Reply:
     content_type: str | None = JSON
     #: The error code of an error reply (counted in the metrics), None for a success.
     code: str | None = None
+    #: Who sent the request, when its token was valid: the connection has authenticated.
+    identity: Identity | None = None
 
 
 def error_reply(error: BrokerError, status: int | None = None) -> Reply:
@@ -119,12 +127,27 @@ class Server(Interface):
         """In cluster mode, presence and stats of every node."""
 
     def submit(
-        self, identity: Identity, topics: list[str], data: bytes, key: str | None, answer: Answer
+        self,
+        identity: Identity,
+        topics: list[str],
+        data: bytes,
+        key: str | None,
+        answer: Answer,
+        rewritten: dict[str, bytes] | None = None,
     ) -> None:
         """Publish ``data`` to ``topics`` (already checked) as one publish."""
 
     async def catch_up(self, seq: int) -> None:
         """Wait (briefly) until this node has fanned out ``seq``."""
+
+    async def check_publish(
+        self, identity: Identity, topics: list[str], data: bytes, key: str | None
+    ) -> dict[str, bytes]:
+        """Ask the ``publish`` hook about the topics it selects: the data it gave some
+        instead; raises its refusal."""
+
+    async def check_subscribe(self, identity: Identity, pattern: str) -> None:
+        """Ask the ``subscribe`` hook about ``pattern`` when it selects it."""
 
     def stats(self) -> dict[str, Any]:
         """This node's figures."""
@@ -192,6 +215,14 @@ class HttpApi:
             reply.headers.append(("Allow", ", ".join((*methods, "OPTIONS"))))
             return reply
         identity = self._authenticate(request)
+        try:
+            reply = await self._authenticated(identity, request)
+        except BrokerError as exc:
+            reply = error_reply(exc)
+        reply.identity = identity
+        return reply
+
+    async def _authenticated(self, identity: Identity, request: HttpRequest) -> Reply:
         if request.path == "/api/publish":
             return await self._publish(identity, request)
         query = self._query(request)
@@ -298,7 +329,7 @@ class HttpApi:
             if len(set(topics)) != len(topics):
                 raise BadRequest("'topics' must not repeat a topic")
         key = parse_key(body)
-        return topics, "topics" in body, orjson.dumps(body["data"]), key
+        return topics, "topics" in body, kept_bytes(orjson.dumps(body["data"])), key
 
     async def _publish(self, identity: Identity, request: HttpRequest) -> Reply:
         topics, batch, data, key = self._publish_body(request)
@@ -308,6 +339,7 @@ class HttpApi:
         for topic in topics:  # the whole batch first: nothing is published on a refusal
             identity.check_publish(topic)
         self._rate(identity, len(topics))
+        rewritten = await server.check_publish(identity, topics, data, key)
         answer: asyncio.Future[tuple[tuple[int, ...], bool]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -321,7 +353,7 @@ class HttpApi:
                 assert seqs is not None
                 answer.set_result((seqs, duplicate))
 
-        server.submit(identity, topics, data, key, done)
+        server.submit(identity, topics, data, key, done, rewritten)
         seqs, duplicate = await answer
         # A retry gets the shape of its own request; a key reused for a publish of another
         # size gets the first publish's seqs as they were.
@@ -341,14 +373,17 @@ class HttpApi:
         epoch = query.get("epoch")
         identity.check_subscribe(pattern)
         server = self.server
+        await server.check_subscribe(identity, pattern)
         store = server.store
         if store.shared and since is not None and epoch in (None, store.epoch):
             await server.catch_up(since)
         upto = server.hub.last_seq
         recovered = True
-        # Read a page at a time, up to one message more than a response holds: the memory
-        # a request takes is bounded by that, not by the history it could cover.
+        # Read a page at a time, up to one message more than a response holds (in count or
+        # in bytes): the memory a request takes is bounded by that, not by the history it
+        # could cover.
         visible: list[Message] = []
+        size = 0
         try:
             if latest:
                 found = await store.latest(pattern, upto, visible=identity.may_receive)
@@ -356,23 +391,32 @@ class HttpApi:
             elif since is not None:
                 if (epoch is not None and epoch != store.epoch) or since > upto:
                     since, recovered = 0, False
-                pages = await store.replay(pattern, since=since, upto=upto, page_size=PAGE + 1)
+                pages = await store.replay(pattern, since=since, upto=upto, page_size=READ_PAGE)
                 recovered = recovered and pages.recovered
             else:
-                pages = await store.replay(pattern, last=last or 0, upto=upto, page_size=PAGE + 1)
-            while len(visible) <= PAGE:
+                pages = await store.replay(pattern, last=last or 0, upto=upto, page_size=READ_PAGE)
+            while len(visible) <= PAGE and size <= PAGE_BYTES:
                 chunk = await pages.next()
                 if not chunk:
                     break
-                visible += [m for m in chunk if identity.may_receive(m.topic)]
+                for m in chunk:
+                    if identity.may_receive(m.topic):
+                        visible.append(m)
+                        size += len(m.frame)
         except BrokerError:
             raise
         except Exception:
             raise Unavailable("history cannot be read now; retry later") from None
         # A gap (retention removed some before they were read): "more", and the next
         # request (since = the last seq returned) answers recovered: false.
-        more = len(visible) > PAGE or pages.gap
         page = visible[:PAGE]
+        taken = 0
+        for n, m in enumerate(page):
+            taken += len(m.frame)
+            if taken > PAGE_BYTES and n:
+                page = page[:n]
+                break
+        more = len(visible) > len(page) or pages.gap
         body = b"".join(
             (
                 b'{"seq":',

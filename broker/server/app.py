@@ -25,6 +25,7 @@ from websockets.http11 import Request, Response
 
 from broker import __version__
 from broker.core.auth import Identity, TokenVerifier, parse_bearer
+from broker.core.hooks import CONNECT_HEADERS
 from broker.core.hub import Hub
 from broker.core.model import Draft, Message, now_ms, text_frame
 from broker.core.namespaces import Namespaces
@@ -67,7 +68,8 @@ from broker.server.admission import (
 from broker.server.api import HttpApi, Reply, error_reply
 from broker.server.backpressure import Backpressure
 from broker.server.config import ServerConfig
-from broker.server.connection import CLOSE_INTERNAL, Connection, HttpRequest
+from broker.server.connection import CLOSE_INTERNAL, DEFERRED, Connection, HttpRequest
+from broker.server.hooks import Hooks
 from broker.server.http import Routes, origin_allowed
 from broker.server.journal import Journal
 from broker.server.logs import Repeats
@@ -88,6 +90,10 @@ if TYPE_CHECKING:
 _BACKLOG_PAUSE = 64
 # Subscriptions dropped per loop turn when a connection that holds many closes.
 _DETACH_SLICE = 2000
+# Connections the kernel queues before accept (capped by net.core.somaxconn): asyncio's
+# default, 100, drops the SYNs of a reconnect storm, and each dropped one costs its client
+# a 1, 3, 7 s retransmission.
+_LISTEN_BACKLOG = 4096
 # Refused connections logged in full per result and 10 s window; the rest are summarised.
 _REFUSALS_LOGGED = 10
 #: What each limit of ``metrics.LIMITS`` refuses, for the log line.
@@ -130,6 +136,7 @@ class BrokerServer:
         # In cluster mode presence and stats span every node (broker/store/redis).
         self.cluster = cluster
         self.hub = self.cluster.make_hub(self.stats) if self.cluster else Hub()
+        self.hub.max_user_patterns = config.max_subscriptions
         # A shared store feeds every node through follow(); a local one after append.
         self.flusher = Flusher()
         self.journal = Journal(
@@ -176,6 +183,21 @@ class BrokerServer:
         self._anonymous_peers: dict[Session, str] = {}
         #: Open server-sent event streams (GET /sse).
         self.streams: set[StreamSession] = set()
+        #: Hooks to the application's backend (section 12), when configured.
+        self.hooks = Hooks(config.hooks, self.metrics) if config.hooks.configured else None
+        self._publish_hook = self.hooks is not None and bool(config.hooks.publish)
+        if self.hooks is not None and config.hooks.subscribe:
+            self.subscriptions.check = self.check_subscribe
+        if self.hooks is not None and config.hooks.events and self.cluster is None:
+            announce = self.hub.on_presence
+
+            def on_presence(op: str, topic: str, user: dict[str, str]) -> None:
+                announce(op, topic, user)
+                self._presence_event(op, topic, user)
+
+            self.hub.on_presence = on_presence
+        if self.hooks is not None and config.hooks.events and self.cluster is not None:
+            self.cluster.on_transition = self._presence_event
         # Refused connections and limits reached: a few lines in full, then a summary.
         self._refusals = Repeats(log, burst=_REFUSALS_LOGGED)
         self._limits = Repeats(log, burst=1)
@@ -186,6 +208,8 @@ class BrokerServer:
         """Open the store and start listening."""
         await self.store.open()
         self.hub.last_seq = self.store.last_seq
+        if self.hooks is not None:
+            self.hooks.start()
         ssl_context = None
         if self.config.tls_cert:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -209,6 +233,7 @@ class BrokerServer:
             self.config.port,
             ssl=ssl_context,
             ssl_handshake_timeout=self.config.auth_timeout if ssl_context else None,
+            backlog=_LISTEN_BACKLOG,
         )
         if self.config.port == 0:  # the port the system chose, for the logs and the banner
             self.config.port = int(self._listener.sockets[0].getsockname()[1])
@@ -298,6 +323,8 @@ class BrokerServer:
             conn.abort()
         for task in list(self._tasks):
             task.cancel()
+        if self.hooks is not None:
+            await self.hooks.close(min(2.0, self.config.drain_timeout))
         await self.store.close()
         self._refusals.flush(final=True)
         self._limits.flush(final=True)
@@ -334,7 +361,35 @@ class BrokerServer:
             except Unauthorized as exc:
                 return self._refuse(conn, HTTPStatus.UNAUTHORIZED, "unauthorized", exc.message)
             conn.identity = identity
+        elif self.hooks is not None and self.config.hooks.connect:
+            headers = {name: request.headers.get(name, "") for name in CONNECT_HEADERS}
+            headers = {name: value for name, value in headers.items() if value}
+            self._spawn(self._connect_hook(conn, request, headers))
+            return DEFERRED
         return None
+
+    async def _connect_hook(
+        self, conn: Connection, request: Request, headers: dict[str, str]
+    ) -> None:
+        """Ask the ``connect`` hook who a WebSocket without a token is, then answer the
+        upgrade: a user's or an anonymous connection starts at once; otherwise the
+        connection waits for ``auth`` as if no hook were configured."""
+        assert self.hooks is not None
+        response: Response | None = None
+        try:
+            answer = await self.hooks.connect("websocket", headers, _address(conn.peer))
+            if answer.identity is not None:
+                conn.identity = answer.identity
+            elif answer.anonymous and self.namespaces.public:
+                try:
+                    conn.identity = self.anonymous_identity(conn)
+                except Unavailable as exc:
+                    response = self._refuse(
+                        conn, HTTPStatus.SERVICE_UNAVAILABLE, "over_capacity", exc.message
+                    )
+        except Exception:
+            log.exception("the connect hook failed")
+        conn.answer_handshake(request, response)
 
     def _refuse(self, conn: Connection, status: HTTPStatus, result: str, reason: str) -> Response:
         """Refuse a handshake with ``status``, counted as attempt ``result``."""
@@ -357,8 +412,10 @@ class BrokerServer:
     # -- plain HTTP and the HTTP API (called by Connection) -----------------------------
 
     def http(self, conn: Connection, request: HttpRequest) -> None:
-        """A plain HTTP request: ``/api/...`` (answered by a task), or a plain path."""
-        self.admission.settle(conn)
+        """A plain HTTP request: ``/api/...`` (answered by a task), or a plain path.
+
+        The connection stays unauthenticated (within those bounds) until a request of
+        its carries a valid token: tokenless keep-alive sockets cannot hold the door."""
         if conn not in self._http_conns:
             if self.admission.refused(conn, conn.loop.time()):
                 self._refused(conn, "over_capacity", "too many connections")
@@ -407,12 +464,66 @@ class BrokerServer:
             ask = parse_stream(
                 request.query, resume[-1] if resume else None, self.config.max_subscriptions
             )
+            if self.hooks is not None and self._stream_hooks(request, ask):
+                self._spawn(self._stream_hooked(conn, request, ask, cors))
+                return
             identity = self._stream_identity(conn, request, ask)
         except BrokerError as exc:
-            reply = error_reply(exc)
-            reply.headers += cors
-            self.metrics.error(exc.code)
-            self._reply(conn, request, reply, close=True)
+            self._stream_refused(conn, request, exc, cors)
+            return
+        self._start_stream(conn, identity, ask, cors)
+
+    def _stream_refused(
+        self, conn: Connection, request: HttpRequest, exc: BrokerError, cors: list[tuple[str, str]]
+    ) -> None:
+        reply = error_reply(exc)
+        reply.headers += cors
+        self.metrics.error(exc.code)
+        self._reply(conn, request, reply, close=True)
+
+    def _stream_hooks(self, request: HttpRequest, ask: StreamRequest) -> bool:
+        """Whether a stream asks the backend: no token and a ``connect`` hook, or a
+        pattern the ``subscribe`` hook selects."""
+        hooks = self.config.hooks
+        tokenless = not request.header("authorization") and ask.token is None
+        return bool(hooks.connect and tokenless) or bool(
+            hooks.subscribe and any(self.namespaces.subscribe_hook(p) for p in ask.patterns)
+        )
+
+    async def _stream_hooked(
+        self,
+        conn: Connection,
+        request: HttpRequest,
+        ask: StreamRequest,
+        cors: list[tuple[str, str]],
+    ) -> None:
+        """A stream that asks the backend who it is (``connect``) or whether it may read
+        its patterns (``subscribe``), before the ``200``."""
+        assert self.hooks is not None
+        try:
+            identity: Identity | None = None
+            tokenless = not request.header("authorization") and ask.token is None
+            if self.config.hooks.connect and tokenless:
+                headers = {n: v[-1] for n in CONNECT_HEADERS if (v := request.header(n))}
+                answer = await self.hooks.connect("sse", headers, _address(conn.peer))
+                if answer.identity is not None:
+                    identity = answer.identity
+                    for pattern in ask.patterns:
+                        identity.check_subscribe(pattern)
+                elif not (
+                    self.namespaces.public and all(map(self.namespaces.is_public, ask.patterns))
+                ):
+                    raise Unauthorized(answer.message or "the application admitted no user")
+            if identity is None:
+                identity = self._stream_identity(conn, request, ask)
+            for pattern in ask.patterns:
+                await self.check_subscribe(identity, pattern)
+        except BrokerError as exc:
+            self._stream_refused(conn, request, exc, cors)
+            return
+        except Exception:
+            log.exception("the hooks of a stream failed")
+            self._stream_refused(conn, request, BrokerError("internal error"), cors)
             return
         self._start_stream(conn, identity, ask, cors)
 
@@ -478,6 +589,8 @@ class BrokerServer:
             self._anonymous_peers[session] = conn.peer
         self.hub.attach(session)
         session.set_expiry(identity.exp)
+        if self.hooks is not None and not identity.anonymous:
+            self.hooks.emit("connect", identity)
         log.info(
             "stream %s user=%s from %s: %s",
             session.id,
@@ -513,6 +626,8 @@ class BrokerServer:
         except Exception:
             log.exception("internal error answering %s %s", request.method, request.path)
             reply = error_reply(BrokerError("internal error"))
+        if reply.identity is not None:
+            self.admission.settle(conn)
         self._reply(conn, request, reply)
 
     def _reply(
@@ -619,6 +734,8 @@ class BrokerServer:
                     stream.task.cancel()
                 self._drop(stream)
                 conn.session = None
+                if self.hooks is not None and not stream.identity.anonymous:
+                    self.hooks.emit("disconnect", stream.identity, code=1000)
                 log.info(
                     "stream %s ended user=%s",
                     stream.id,
@@ -638,8 +755,13 @@ class BrokerServer:
             return
         if session.task is not None:
             session.task.cancel()
+        for _, waiting in session.pipeline or ():
+            if waiting is not None:
+                waiting.cancel()
         self._drop(session)
         conn.session = None  # no cycle left: both are freed now, not by the collector
+        if self.hooks is not None and not session.identity.anonymous:
+            self.hooks.emit("disconnect", session.identity, code=conn.close_code)
         log.info(
             "disconnect %s user=%s code=%s",
             session.id,
@@ -731,12 +853,20 @@ class BrokerServer:
         )
         session.send(encode_hello(identity.user_json(), SERVER_NAME, identity.anonymous))
         session.set_expiry(identity.exp)
+        if self.hooks is not None and not identity.anonymous:
+            self.hooks.emit("connect", identity)
 
     def _handle(self, session: Session, data: str | bytes) -> None:
         """Handle one request now, or start a task for one that waits on I/O."""
         frame = None
         try:
             frame = parse_request(data)
+            if session.pipeline and not isinstance(frame, Pub):
+                # Publishes wait for the publish hook: this request comes after them.
+                session.task = asyncio.get_running_loop().create_task(
+                    self._after_pipeline(session, data)
+                )
+                return
             if isinstance(frame, Pub):
                 self._publish(session, frame)
             elif isinstance(frame, Unsub):
@@ -774,7 +904,11 @@ class BrokerServer:
             self._request_failed(session, frame, exc)
         finally:
             session.task = None
-        # The frames that arrived meanwhile, in order, until one needs a task again.
+        self._resume(session)
+
+    def _resume(self, session: Session) -> None:
+        """Handle the frames that arrived while a request ran as a task, in order, until
+        one needs a task again."""
         backlog = session.backlog
         if backlog is None:
             return
@@ -856,10 +990,86 @@ class BrokerServer:
         if not session.allow_publish():
             self.metrics.rate_limited += 1
             raise RateLimited("publish rate limit exceeded")
+        hooked = self._publish_hook and self.namespaces.publish_hook(frame.topic)
+        if hooked or session.pipeline:
+            self._pipeline(session, frame, hooked)
+            return
+        self._record(session, frame, frame.data)
+
+    # -- publishes that ask the publish hook: asked at once, recorded in order -----------
+
+    def _pipeline(self, session: Session, frame: Pub, hooked: bool) -> None:
+        """Queue a publish behind this connection's publishes that wait for the hook
+        (asking the hook now when ``hooked``): each is recorded, in the order sent, once
+        every one before it is; the hook is asked for many at once."""
+        pipeline = session.pipeline
+        if pipeline is None:
+            pipeline = session.pipeline = deque()
+        task = None
+        if hooked:
+            task = asyncio.get_running_loop().create_task(self._ask_publish(session, frame))
+            task.add_done_callback(lambda _: self._drain_pipeline(session))
+        pipeline.append((frame, task))
+        if len(pipeline) >= _BACKLOG_PAUSE and session.conn.transport is not None:
+            session.conn.transport.pause_reading()
+        self._drain_pipeline(session)
+
+    async def _ask_publish(self, session: Session, frame: Pub) -> bytes | None:
+        """The publish hook's answer for ``frame`` (None: as it is); a key already
+        recorded asks nothing (the journal answers it as a duplicate)."""
+        assert self.hooks is not None
+        ident = session.identity
+        if frame.key is not None and await self.store.known_key(ident.id, frame.key):
+            return None
+        return await self.hooks.check("publish", ident, frame.topic, frame.data, frame.key)
+
+    def _drain_pipeline(self, session: Session) -> None:
+        """Record (or refuse) the publishes at the head of the pipeline that are ready."""
+        pipeline = session.pipeline
+        while pipeline:
+            frame, task = pipeline[0]
+            if task is not None and not task.done():
+                return
+            pipeline.popleft()
+            if session.closing or (task is not None and task.cancelled()):
+                continue
+            error = task.exception() if task is not None else None
+            if isinstance(error, Exception):
+                self._request_failed(session, frame, error)
+                continue
+            data = task.result() if task is not None else None
+            try:
+                self._record(session, frame, frame.data if data is None else data)
+            except Exception as exc:
+                self._request_failed(session, frame, exc)
+        session.pipeline = None
+        if session.conn.transport is not None and session.backlog is None:
+            session.conn.transport.resume_reading()
+        if session.pipeline_done is not None:
+            session.pipeline_done.set_result(None)
+            session.pipeline_done = None
+
+    async def _after_pipeline(self, session: Session, data: str | bytes) -> None:
+        """Handle a request once the publishes sent before it are recorded or refused."""
+        try:
+            if session.pipeline:
+                waiter = session.pipeline_done
+                if waiter is None:
+                    waiter = session.pipeline_done = asyncio.get_running_loop().create_future()
+                await waiter
+        finally:
+            session.task = None
+        if not session.closing:
+            self._handle(session, data)
+            if session.task is None:
+                self._resume(session)
+
+    def _record(self, session: Session, frame: Pub, data: bytes) -> None:
+        """Submit an accepted publish to the journal; answer it once recorded."""
         ident = session.identity
         draft = Draft(
             frame.topic,
-            frame.data,
+            data,
             ident.id,
             ident.name,
             now_ms(),
@@ -903,15 +1113,18 @@ class BrokerServer:
         data: bytes,
         key: str | None,
         answer: Callable[[tuple[int, ...] | None, bool, BrokerError | None], None],
+        rewritten: dict[str, bytes] | None = None,
     ) -> None:
         """Publish ``data`` to each of ``topics`` (already checked) as one publish with
-        ``key``: one append, consecutive seqs; ``answer(seqs, duplicate, error)`` once."""
+        ``key``: one append, consecutive seqs; ``answer(seqs, duplicate, error)`` once.
+        ``rewritten``: the data the ``publish`` hook gave some topics instead."""
         ts = now_ms()
         n = len(topics)
+        given = rewritten or {}
         drafts = [
-            Draft(t, data, identity.id, identity.name, ts, 0, False, key, n)
+            Draft(t, given.get(t, data), identity.id, identity.name, ts, 0, False, key, n)
             if i == 0
-            else Draft(t, data, identity.id, identity.name, ts, group=0)
+            else Draft(t, given.get(t, data), identity.id, identity.name, ts, group=0)
             for i, t in enumerate(topics)
         ]
         got: list[Message] = []
@@ -962,6 +1175,33 @@ class BrokerServer:
         if frame.id is not None:
             session.send(encode_ok(frame.id, exp=int(identity.exp) if identity.exp else None))
 
+    # -- hooks (section 12) --------------------------------------------------------------
+
+    async def check_publish(
+        self, identity: Identity, topics: list[str], data: bytes, key: str | None
+    ) -> dict[str, bytes]:
+        """Ask the ``publish`` hook about each of ``topics`` it selects (none when ``key``
+        is already recorded); the data it gave some topics instead. Raises its refusal."""
+        if not self._publish_hook or self.hooks is None:
+            return {}
+        chosen = [t for t in topics if self.namespaces.publish_hook(t)]
+        if not chosen or (key is not None and await self.store.known_key(identity.id, key)):
+            return {}
+        answers = await asyncio.gather(
+            *(self.hooks.check("publish", identity, t, data, key) for t in chosen)
+        )
+        return {t: a for t, a in zip(chosen, answers) if a is not None}
+
+    async def check_subscribe(self, identity: Identity, pattern: str) -> None:
+        """Ask the ``subscribe`` hook about ``pattern`` when it can match a topic that a
+        namespace selects; raises its refusal."""
+        if self.hooks is not None and self.namespaces.subscribe_hook(pattern):
+            await self.hooks.check("subscribe", identity, pattern)
+
+    def _presence_event(self, op: str, topic: str, user: dict[str, str]) -> None:
+        if self.hooks is not None:
+            self.hooks.emit(op, Identity(user["id"], user["name"]), topic=topic, user=user)
+
     def stats(self) -> dict[str, Any]:
         """Server-wide figures for the ``stats`` op."""
         return {
@@ -987,6 +1227,12 @@ class BrokerServer:
             "streams": len(self.streams),
             "top_topics": dict(self.metrics.top_topics.top(10)),
         }
+
+
+def _address(peer: str) -> str:
+    """The IP address of ``peer`` (``host:port``, IPv6 hosts included)."""
+    host = peer.rsplit(":", 1)[0]
+    return host.strip("[]")
 
 
 def _ignore(committed: list[tuple[Message, Draft]]) -> None:

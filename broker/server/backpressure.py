@@ -9,6 +9,14 @@ bytes); past its bound, or past the bound on bytes waiting for all connections t
 the server stops reading that connection's socket (``transport.pause_reading``) until
 enough of them are recorded. TCP flow control then slows the client down; nothing is
 refused. A publisher that waits for its acks never meets the bound.
+
+The publishes waiting for the store are one queue, in arrival order: a well-behaved
+client's publish waits behind everything the others have piled up. So there is also a
+bound on how many wait in all (``max_waiting``, about one journal batch): past it, every
+connection with more than its fair share waiting (``max_waiting`` divided by the
+connections with publishes waiting) is paused too, and a connection with one publish in
+flight never is. Many flooding connections together
+then keep the queue, and the wait of everyone else's publishes, short.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ if TYPE_CHECKING:
 
 Done = Callable[[Message | None, BrokerError | None], None]
 
+#: Publishes waiting for the store, all connections together, past which connections
+#: with more than their fair share waiting are paused: about one journal batch.
+MAX_WAITING = 2000
+
 log = logging.getLogger("broker.server.backpressure")
 
 
@@ -34,20 +46,30 @@ class Backpressure:
     connection is not woken for a single frame)."""
 
     def __init__(
-        self, max_count: int, max_bytes: int, max_total: int, backlog_pause: int = 64
+        self,
+        max_count: int,
+        max_bytes: int,
+        max_total: int,
+        backlog_pause: int = 64,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.max_total = max_total
         self.backlog_pause = backlog_pause  # app.py pauses a connection for its backlog too
+        self.max_waiting = max_waiting
         #: Bytes of publishes accepted and not yet recorded (or refused), in all.
         self.total = 0
+        #: Publishes accepted and not yet recorded, in all.
+        self.count = 0
         #: Times a connection was paused, and how many of those for the global bound.
         self.pauses = 0
         self.global_pauses = 0
         self._waiting: dict[Session, list[int]] = {}  # session -> [count, bytes]
         self._paused: set[Session] = set()
         self._over_total = False
+        # At least half of max_waiting wait: a connection paused for its share waits.
+        self._crowded = False
 
     @property
     def over_total(self) -> bool:
@@ -68,6 +90,7 @@ class Backpressure:
     def accepted(self, session: Session | None, size: int) -> None:
         """A publish of ``size`` bytes from ``session`` (None: HTTP) now waits for the store."""
         self.total += size
+        self.count += 1
         if self.total >= self.max_total and not self._over_total:
             self._over_total = True
             log.warning(
@@ -83,7 +106,12 @@ class Backpressure:
             waiting = self._waiting[session] = [0, 0]
         waiting[0] += 1
         waiting[1] += size
-        if waiting[0] >= self.max_count or waiting[1] >= self.max_bytes or self._over_total:
+        if (
+            waiting[0] >= self.max_count
+            or waiting[1] >= self.max_bytes
+            or self._over_total
+            or (self.count >= self.max_waiting and waiting[0] > self._fair_share())
+        ):
             # Checked whether paused already or not: the request backlog (app.py) may
             # have resumed reading meanwhile.
             transport = session.conn.transport
@@ -98,6 +126,8 @@ class Backpressure:
     def recorded(self, session: Session | None, size: int) -> None:
         """That publish is recorded or refused: it no longer waits."""
         self.total -= size
+        self.count -= 1
+        crowded = self.count >= self.max_waiting // 2
         if session is not None:
             waiting = self._waiting.get(session)
             if waiting is not None:
@@ -114,8 +144,17 @@ class Backpressure:
             )
             for paused in list(self._paused):
                 self._maybe_resume(paused)
+        elif self._crowded and not crowded:
+            # The queue is short again: those paused for their share may go on.
+            for paused in list(self._paused):
+                self._maybe_resume(paused)
         elif session is not None and session in self._paused:
             self._maybe_resume(session)
+        self._crowded = crowded
+
+    def _fair_share(self) -> int:
+        """Publishes one connection may have waiting while the queue is long."""
+        return max(1, self.max_waiting // max(1, len(self._waiting)))
 
     def _maybe_resume(self, session: Session) -> None:
         if session.closing:
@@ -125,6 +164,8 @@ class Backpressure:
             return
         count, size = self._waiting.get(session, (0, 0))
         if count > self.max_count // 2 or size > self.max_bytes // 2:
+            return
+        if self.count >= self.max_waiting // 2 and count > self._fair_share() // 2:
             return
         self._paused.discard(session)
         transport = session.conn.transport

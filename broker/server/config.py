@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.core.auth import ALGORITHMS
+from broker.core.hooks import HookSettings
+from broker.core.hooks import parse_settings as parse_hooks
 from broker.core.namespaces import Namespace, parse_namespaces
 from broker.local import DEFAULT_HOST, DEFAULT_PORT, data_dir
 from broker.server.kinds import (
@@ -202,6 +204,12 @@ class ServerConfig:
         "Memory store: total bytes of messages kept, all topics together; past it the "
         "oldest messages go first, whatever their topic.",
     )
+    max_disk: int = setting(
+        8 * GiB,
+        Size(1 * MiB, 1024 * TiB),
+        "On-disk store: bytes its database may take, all topics together; past it "
+        "publishes get 'unavailable' until retention frees room.",
+    )
     rate_limit: float | None = setting(
         None,
         Number(1_000_000),
@@ -290,6 +298,8 @@ class ServerConfig:
     # -- structured settings: a [table] or [[array of tables]] of the file each ----------
     # Declare each as a field with a default_factory here, and list it in SECTIONS below.
     namespaces: tuple[Namespace, ...] = field(default_factory=tuple)
+    #: The file's ``[hooks]`` table (broker.core.hooks): the application's backend.
+    hooks: HookSettings = field(default_factory=HookSettings)
 
     @property
     def scheme(self) -> str:
@@ -353,7 +363,15 @@ SECTIONS: dict[str, Section] = {
         "namespaces",
         "namespace",
         parse_namespaces,
-        "Per-pattern options (broker.core.namespaces): public, history, retention, presence.",
+        "Per-pattern options (broker.core.namespaces): public, history, retention, presence, "
+        "subscribe_hook, publish_hook.",
+    ),
+    "hooks": Section(
+        "hooks",
+        "hooks",
+        parse_hooks,
+        "Hooks to the application's backend (broker.core.hooks): connect, subscribe, "
+        "publish and events URLs, secret, timeout, bounds.",
     ),
 }
 

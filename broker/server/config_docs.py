@@ -38,6 +38,17 @@ def starter_file() -> str:
         "#   history = 1        # messages kept per topic, instead of history",
         '#   retention = "7d"   # their maximum age (at most retention)',
         "#   presence = false   # no presence, no join/leave",
+        "#   publish_hook = true    # publishes ask the application first ([hooks] publish)",
+        "#   subscribe_hook = true  # so do subscriptions ([hooks] subscribe)",
+        "",
+        "# Hooks to the application's backend (docs/hooks.md): its own login, rules and",
+        "# records. Each URL is optional; a secret is required with any.",
+        "#   [hooks]",
+        '#   connect = "http://127.0.0.1:8000/broker/connect"',
+        '#   publish = "http://127.0.0.1:8000/broker/publish"',
+        '#   events = "http://127.0.0.1:8000/broker/events"',
+        '#   secret = "a long random string"',
+        '#   timeout = "2s"',
         "",
     ]
     return "\n".join(lines)

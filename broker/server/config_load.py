@@ -15,11 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.core.hooks import check as check_hooks
 from broker.core.namespaces import check_retention
 from broker.core.units import format_size, shown
 from broker.errors import ConfigError
 from broker.local import default_config_file
-from broker.server.config import SECTIONS, SETTINGS, SETTINGS_BY_NAME, ServerConfig, Setting
+from broker.server.config import (
+    SECTIONS,
+    SETTINGS,
+    SETTINGS_BY_NAME,
+    ServerConfig,
+    Setting,
+)
 
 #: Largest settings file read: a real one is a few KiB; this bounds a wrong path
 #: (``/dev/zero``, a log file) to a quick refusal.
@@ -178,6 +185,13 @@ def _check(config: ServerConfig, sources: Mapping[str, str]) -> None:
         check_retention(config.namespaces, config.retention)
     except ValueError as exc:
         raise ConfigError(f"{exc} ({sources['retention']})") from None
+    selected = {
+        name: [s.pattern for s in config.namespaces if getattr(s, f"{name}_hook")]
+        for name in ("subscribe", "publish")
+    }
+    wrong = check_hooks(config.hooks, selected)
+    if wrong is not None:
+        raise ConfigError(f"{given('namespace')}: {wrong}")
 
 
 def describe(effective: Effective) -> list[tuple[str, str, str]]:

@@ -1,7 +1,11 @@
 """One TCP connection to the broker: plain HTTP, the WebSocket handshake and frames, no tasks.
 
-h11 reads plain HTTP requests. A WebSocket upgrade is answered by websockets' sans-I/O
-``ServerProtocol`` (the handshake only: validation, extension negotiation, the response).
+A WebSocket upgrade whose head arrives whole in the first read, well-formed and asking
+for nothing to negotiate (nearly every client), is parsed once and answered by
+``broker.server.handshake`` (the checks, the 101 from a template). Everything else goes
+the general way: h11 reads plain HTTP requests, and websockets' sans-I/O ``ServerProtocol``
+answers other upgrades and every refused handshake (validation, extension negotiation,
+the response), created only for them and dropped once the handshake is done.
 From then on the core's frame codec (``broker.core.frames``) parses incoming frames
 (masking, fragments, size limit, control frames) and this class runs the rest of RFC
 6455: UTF-8 of text messages, pongs, and the closing handshake. What comes out goes to a
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 from typing import Protocol as Interface
 
 import h11
+from websockets.datastructures import Headers
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
@@ -44,6 +49,7 @@ from broker.core.frames import (
     encode,
     parse_close,
 )
+from broker.server.handshake import ResponseTemplate, parse_upgrade, upgrade_ok
 
 if TYPE_CHECKING:
     from broker.server.session import Session
@@ -54,6 +60,9 @@ _STATUSES = {int(status) for status in HTTPStatus}
 #: Bytes a plain HTTP client may pipeline while its request is answered; past this, the
 #: connection is not read until the answer is sent.
 _MAX_QUEUED = 256 * 1024
+#: Bytes of answers not yet sent to a plain HTTP client past which its next pipelined
+#: request waits until they drain: a client that never reads holds this much, not more.
+_MAX_UNSENT = 1024 * 1024
 #: Close code for the server's own failures (a bug, a peer that stopped answering pings).
 CLOSE_INTERNAL = frames.CLOSE_INTERNAL
 
@@ -75,6 +84,8 @@ def _fast_mask() -> Masker:
 
 
 _APPLY_MASK = _fast_mask()
+#: One 101 template per ``Server`` header (one per server).
+_TEMPLATES: dict[str, ResponseTemplate] = {}
 
 
 class HttpRequest:
@@ -115,6 +126,7 @@ class _Http:
         "busy",
         "closing",
         "head",
+        "looping",
         "method",
         "parser",
         "paused",
@@ -136,6 +148,9 @@ class _Http:
         # reading is paused because there are too many of them.
         self.queued = 0
         self.paused = False
+        # True while ``_http_events`` runs: an answer given meanwhile does not start
+        # another loop (pipelined requests are a loop, never a recursion).
+        self.looping = False
 
 
 def _is_upgrade(request: h11.Request) -> bool:
@@ -153,7 +168,8 @@ class Handler(Interface):
         """A plain HTTP request: answer it with ``conn.respond``, now or later."""
 
     def http_request(self, conn: Connection, request: Request) -> Response | None:
-        """A plain HTTP response to send, or None to accept the WebSocket upgrade."""
+        """A plain HTTP response to send, None to accept the WebSocket upgrade, or
+        ``DEFERRED``: the handler answers later with ``conn.answer_handshake``."""
 
     def accepted(self, conn: Connection) -> bool:
         """A TCP connection was accepted; False: drop it at once (a limit is reached)."""
@@ -168,6 +184,10 @@ class Handler(Interface):
         """The TCP connection is gone (called once, for every connection)."""
 
 
+#: What ``Handler.http_request`` returns to answer the upgrade later (``answer_handshake``).
+DEFERRED = Response(0, "deferred", Headers())
+
+
 class Connection(asyncio.Protocol):
     """The server side of one TCP connection, from the HTTP request to the last byte."""
 
@@ -175,8 +195,10 @@ class Connection(asyncio.Protocol):
         "_close_code",
         "_close_timer",
         "_drain_waiter",
+        "_extensions",
         "_parser",
         "_paused",
+        "_protocol",
         "_state",
         "closed",
         "handler",
@@ -186,7 +208,6 @@ class Connection(asyncio.Protocol):
         "loop",
         "max_size",
         "peer",
-        "protocol",
         "server_header",
         "session",
         "timer",
@@ -205,8 +226,9 @@ class Connection(asyncio.Protocol):
         self.handler = handler
         #: Bound on a WebSocket message and on an HTTP request body, in bytes.
         self.max_size = max_size
-        #: The opening handshake; unused once the connection is open.
-        self.protocol = ServerProtocol(extensions=extensions, max_size=max_size)
+        self._extensions = extensions
+        # websockets' handshake, for the requests the fast path leaves to it (``protocol``).
+        self._protocol: ServerProtocol | None = None
         self._state = _CONNECTING
         self._close_code = CLOSE_ABNORMAL
         #: The frame parser, from the handshake's completion until a protocol error.
@@ -236,6 +258,14 @@ class Connection(asyncio.Protocol):
         return f"<Connection {self.peer} {_STATE_NAMES[self._state]}>"
 
     # -- state -------------------------------------------------------------------------
+
+    @property
+    def protocol(self) -> ServerProtocol:
+        """websockets' opening handshake (and its ``reject`` for HTTP answers), made on
+        first use: an upgrade the fast path accepts never needs one."""
+        if self._protocol is None:
+            self._protocol = ServerProtocol(extensions=self._extensions, max_size=self.max_size)
+        return self._protocol
 
     @property
     def is_open(self) -> bool:
@@ -297,6 +327,34 @@ class Connection(asyncio.Protocol):
             log.exception("internal error on the connection from %s", self.peer)
             self.fail(CLOSE_INTERNAL, "internal error")
 
+    def _fast_upgrade(self, data: bytes) -> bool:
+        """Accept or refuse the upgrade whose head is all in ``data`` (the first read),
+        then read the frames after it; False (nothing done) when the general path must
+        read the request (``handshake.parse_upgrade``)."""
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4:
+            return False
+        request = parse_upgrade(data[:end], bool(self._extensions))
+        if request is None:
+            return False
+        accept = upgrade_ok(request.headers)
+        if accept is None:
+            return False
+        self.http = None
+        try:
+            deferred = self._handshake(request, accept)
+        except Exception:
+            log.exception("internal error on the connection from %s", self.peer)
+            self.abort()
+            return True
+        if deferred:
+            return True  # answered later (answer_handshake); no frame comes before the 101
+        if self._parser is None:
+            self._expect_close()
+        elif end < len(data):
+            self._receive_frames(data[end:])
+        return True
+
     def _upgrade(self, raw: bytes) -> None:
         """The first request asks for a WebSocket: websockets answers its head; what
         came after it is the first frames."""
@@ -307,14 +365,18 @@ class Connection(asyncio.Protocol):
         protocol.receive_data(raw[:end])
         events = protocol.events_received()
         self._write_protocol_data()  # a request websockets could not parse: its 400
+        deferred = False
         try:
             for event in events:
                 if isinstance(event, Request):
-                    self._handshake(event)
+                    deferred = self._handshake(event)
         except Exception:
             # The server answers failed requests itself; this is a bug in the shell.
             log.exception("internal error on the connection from %s", self.peer)
             self.abort()
+            return
+        if deferred:
+            # Answered later (answer_handshake); a client sends no frame before the 101.
             return
         if self._parser is None:
             self._expect_close()  # refused: websockets sent its response, then EOF
@@ -327,6 +389,8 @@ class Connection(asyncio.Protocol):
         http = self.http
         assert http is not None
         if http.head is not None:
+            if not http.head and data.startswith(b"GET /ws") and self._fast_upgrade(data):
+                return
             http.head += data
         if http.busy:
             http.queued += len(data)
@@ -341,9 +405,21 @@ class Connection(asyncio.Protocol):
         self._http_events()
 
     def _http_events(self) -> None:
-        """Act on what h11 parsed, until it needs more bytes or a request is being answered."""
+        """Act on what h11 parsed, until it needs more bytes or a request is being answered.
+
+        Pipelined requests answered at once are handled by this loop, one after another:
+        ``respond`` does not call back in while it runs."""
         http = self.http
-        while http is not None and not http.busy and not self.closed.done():
+        if http is None or http.looping:
+            return
+        http.looping = True
+        try:
+            self._http_loop(http)
+        finally:
+            http.looping = False
+
+    def _http_loop(self, http: _Http) -> None:
+        while self.http is http and not http.busy and not self.closed.done():
             try:
                 event = http.parser.next_event()
             except h11.RemoteProtocolError as exc:
@@ -435,11 +511,6 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         transport.write(out)
-        http.busy = False
-        http.queued = 0
-        if http.paused:
-            http.paused = False
-            transport.resume_reading()
         if close or parser.our_state is not h11.DONE or parser.their_state is not h11.DONE:
             # Closing, or the client is still sending a body we refused: end here.
             transport.close()
@@ -447,6 +518,26 @@ class Connection(asyncio.Protocol):
         parser.start_next_cycle()
         # The next request (or an idle keep-alive connection) has the same time bound.
         self.timer = self.loop.call_later(http.timeout, self.abort)
+        if transport.get_write_buffer_size() > _MAX_UNSENT:
+            # A client that does not read its answers: stay busy (not reading, the next
+            # request not parsed) until they drain (``resume_writing``).
+            if not http.paused:
+                http.paused = True
+                transport.pause_reading()
+            return
+        self._http_next()
+
+    def _http_next(self) -> None:
+        """The answer is out: read and handle the next pipelined request, if any."""
+        http = self.http
+        transport = self.transport
+        if http is None or transport is None:
+            return
+        http.busy = False
+        http.queued = 0
+        if http.paused:
+            http.paused = False
+            transport.resume_reading()
         self._http_events()
 
     def close_http(self) -> None:
@@ -484,6 +575,16 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        http = self.http
+        if (
+            http is not None
+            and http.busy
+            and http.request is None
+            and self.transport is not None
+            and self.transport.get_write_buffer_size() <= _MAX_UNSENT
+            and http.parser.our_state is h11.IDLE
+        ):
+            self._http_next()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -535,7 +636,10 @@ class Connection(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _handshake(self, request: Request) -> None:
+    def _handshake(self, request: Request, accept: str | None = None) -> bool:
+        """Answer an upgrade request now, or later: True when the handler answers it later
+        (``DEFERRED``, a connect hook) with ``answer_handshake``. ``accept`` is the key the
+        fast path computed for a request it checked."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -544,24 +648,50 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("handling the HTTP request failed")
             response = self.protocol.reject(500, "internal error\n")
-        if response is None:
-            response = self.protocol.accept(request)
-        response.headers["Server"] = self.server_header
-        self.protocol.send_response(response)
-        self._write_protocol_data()
-        # websockets' parser keeps the request in a local variable for the connection's
-        # whole life; its headers are most of an idle connection's memory.
-        request.headers.clear()
-        if response.status_code == 101:
-            self._state = _OPEN
-            self._parser = Parser(
-                masked=True,
-                max_size=self.max_size,
-                # permessage-deflate, the one extension offered, was negotiated.
-                deflate="Sec-WebSocket-Extensions" in response.headers,
-                apply_mask=_APPLY_MASK,
-            )
-            self.handler.opened(self)
+        if response is DEFERRED:
+            return True
+        self.answer_handshake(request, response, accept)
+        return False
+
+    def answer_handshake(
+        self, request: Request, response: Response | None, accept: str | None = None
+    ) -> None:
+        """Send the answer to the upgrade ``request``: ``response``, or the ``101`` when
+        None (from the template when the fast path checked the request and found its
+        ``accept`` key, from websockets otherwise); then the connection is open
+        (``Handler.opened``) or closing."""
+        if self.closed.done():
+            return
+        deflate = False
+        if response is None and accept is not None:
+            template = _TEMPLATES.get(self.server_header)
+            if template is None:
+                template = _TEMPLATES[self.server_header] = ResponseTemplate(self.server_header)
+            if self.transport is not None:
+                self.transport.write(template.accept(accept))
+        else:
+            if response is not None:
+                self._expect_close()  # refused: the response, then EOF
+            if response is None:
+                response = self.protocol.accept(request)
+            response.headers["Server"] = self.server_header
+            self.protocol.send_response(response)
+            self._write_protocol_data()
+            if response.status_code != 101:
+                self._protocol = None
+                return
+            # permessage-deflate, the one extension offered, was negotiated.
+            deflate = "Sec-WebSocket-Extensions" in response.headers
+        # websockets' parser keeps the request for as long as it lives: drop both.
+        self._protocol = None
+        self._state = _OPEN
+        self._parser = Parser(
+            masked=True,
+            max_size=self.max_size,
+            deflate=deflate,
+            apply_mask=_APPLY_MASK,
+        )
+        self.handler.opened(self)
 
     def _send(self, frame: bytes) -> None:
         """Write a frame of the protocol's own (pong, close) whatever the state."""

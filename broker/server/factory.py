@@ -97,6 +97,7 @@ def build_store(config: ServerConfig) -> Store:
         fsync_interval=config.fsync_interval,
         max_pages=int(max_pages) if max_pages else None,
         boot_id=os.environ.get(BOOT_ID_ENV) or None,
+        max_disk=config.max_disk,
     )
 
 

@@ -7,6 +7,7 @@ WebSocket handshake in ``broker.server.app``.
 from __future__ import annotations
 
 import html
+import ipaddress
 from collections.abc import Sequence
 from http import HTTPStatus
 from importlib import resources
@@ -37,12 +38,31 @@ STATIC_FILES = {
 LIBRARY_FILES = frozenset({"/broker.js", "/broker.d.ts"})
 
 
+def loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header (port included or not) names this machine's loopback:
+    ``localhost`` (or a name under ``.localhost``), ``127.0.0.0/8`` or ``[::1]``."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def origin_allowed(origins: list[str], hosts: list[str], allowed: Sequence[str]) -> bool:
     """Whether a request's ``Origin`` header(s) pass the ``--allowed-origin`` check.
 
     No ``Origin`` (not a browser) or no list configured: allowed. The broker's own origin,
-    ``http(s)://`` + the ``Host`` header, is always allowed, so that its console works
-    whatever else the list names. A header sent twice is refused as a whole.
+    ``http(s)://`` + the ``Host`` header, is allowed only when that host is loopback
+    (``localhost``, ``127.0.0.1``, ``[::1]``): a ``Host`` header is whatever the page's
+    host name is, and a page of an attacker's name resolved to the broker (DNS rebinding)
+    sends its own name in both. The broker's public origin is allowed by listing it. A
+    header sent twice is refused as a whole.
     """
     if not origins or not allowed:
         return True
@@ -54,7 +74,9 @@ def origin_allowed(origins: list[str], hosts: list[str], allowed: Sequence[str])
     if len(hosts) != 1:
         return False
     host = hosts[0].strip().lower()
-    return bool(host) and origin.lower() in (f"http://{host}", f"https://{host}")
+    if not host or not loopback_host(host):
+        return False
+    return origin.lower() in (f"http://{host}", f"https://{host}")
 
 
 class Server(Interface):
@@ -110,6 +132,12 @@ class Routes:
                 return conn.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
             return conn.protocol.reject(HTTPStatus.OK, "ok")
         if path == "/metrics":
+            if not origin_allowed(
+                request.headers.get_all("Origin"),
+                request.headers.get_all("Host"),
+                self.server.config.allowed_origins,
+            ):
+                return conn.protocol.reject(HTTPStatus.FORBIDDEN, "origin not allowed\n")
             body = self.server.metrics.exposition()
             headers = Headers(
                 [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]

@@ -29,6 +29,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from broker.core.hooks import NAMES as HOOK_NAMES
 from broker.errors import ERROR_CODES
 
 __all__ = [
@@ -187,15 +188,19 @@ class FastHistogram:
 
     def family(self) -> HistogramMetricFamily:
         """The histogram as a metric family (cumulative buckets)."""
+        family = HistogramMetricFamily(self.name, self.documentation)
+        self.add_to(family, [])
+        return family
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        """Add this histogram to ``family`` with label values ``labels``."""
         buckets: list[tuple[str, float]] = []
         running = 0
         for bound, count in zip(self.bounds, self.counts):
             running += count
             buckets.append((_float_label(bound), running))
         buckets.append(("+Inf", self.total))
-        family = HistogramMetricFamily(self.name, self.documentation)
-        family.add_metric([], buckets, self.sum)
-        return family
+        family.add_metric(labels, buckets, self.sum)
 
 
 def _float_label(value: float) -> str:
@@ -283,6 +288,15 @@ class Metrics:
             "Round trip of one Redis command or pipeline (cluster mode only).",
             LATENCY_BUCKETS,
         )
+        #: Hooks to the application's backend (broker.server.hooks), per hook name.
+        self.hook_calls: dict[str, int] = dict.fromkeys(HOOK_NAMES, 0)
+        self.hook_failures: dict[str, int] = dict.fromkeys(HOOK_NAMES, 0)
+        self.hook_seconds = {
+            name: FastHistogram("broker_hook_seconds", "", LATENCY_BUCKETS) for name in HOOK_NAMES
+        }
+        #: Hook events dropped because their queue was full; events waiting to be sent.
+        self.hook_events_dropped = 0
+        self.hook_events_queued: Callable[[], int] = lambda: 0
         self.histograms = (
             self.publish_seconds,
             self.fanout_seconds,
@@ -358,8 +372,41 @@ class BrokerCollector(Collector):
         yield family
         for histogram in metrics.histograms:
             yield histogram.family()
+        yield from _hook_families(metrics)
         yield GaugeMetricFamily(
             "broker_start_time_seconds",
             "When this broker started (Unix time).",
             value=metrics.started,
         )
+
+
+def _hook_families(metrics: Metrics) -> Iterator[Metric]:
+    """The hooks' calls, failures and latency per hook, and the events queue."""
+    calls = CounterMetricFamily(
+        "broker_hook_calls", "Calls to the application's backend, by hook.", labels=["hook"]
+    )
+    failures = CounterMetricFamily(
+        "broker_hook_failures",
+        "Hook calls that failed (timeout, connection error, unexpected status), by hook.",
+        labels=["hook"],
+    )
+    seconds = HistogramMetricFamily(
+        "broker_hook_seconds", "Time of one hook call, request to answer, by hook.", labels=["hook"]
+    )
+    for name in HOOK_NAMES:
+        calls.add_metric([name], metrics.hook_calls[name])
+        failures.add_metric([name], metrics.hook_failures[name])
+        metrics.hook_seconds[name].add_to(seconds, [name])
+    yield calls
+    yield failures
+    yield seconds
+    yield CounterMetricFamily(
+        "broker_hook_events_dropped",
+        "Hook events dropped because the events queue was full.",
+        value=metrics.hook_events_dropped,
+    )
+    yield GaugeMetricFamily(
+        "broker_hook_events_queued",
+        "Hook events waiting to be sent to the backend.",
+        value=metrics.hook_events_queued(),
+    )

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from broker.core.auth import Identity
 from broker.core.hub import Hub, Subscription
 from broker.core.namespaces import Namespaces
 from broker.core.protocol import Sub, encode_ok
@@ -44,12 +45,16 @@ class Subscriptions:
         self.max_subscriptions = max_subscriptions
         #: Called with (limit, who) when a connection reaches its subscription limit.
         self.limit_reached = limit_reached
+        #: Asks the application (the ``subscribe`` hook) after the ACL, when set.
+        self.check: Callable[[Identity, str], Awaitable[None]] | None = None
 
     async def subscribe(self, session: Session, frame: Sub) -> None:
         """Serve a ``sub``: check it, subscribe, answer ``ok``, then replay its history
         with live messages held back meanwhile."""
         ident = session.identity
         ident.check_subscribe(frame.topic)
+        if self.check is not None:
+            await self.check(ident, frame.topic)
         subs = self.hub.subscriptions.get(session, {})
         limit = self.max_subscriptions
         if frame.topic not in subs and len(subs) >= limit:

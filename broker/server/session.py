@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from broker.core.auth import Identity
 from broker.core.hub import Run
@@ -127,6 +127,8 @@ class Session:
         "identity",
         "max_queue",
         "on_close",
+        "pipeline",
+        "pipeline_done",
         "task",
     )
 
@@ -155,6 +157,11 @@ class Session:
         #: that arrived meanwhile: the server handles one connection's requests in order.
         self.task: asyncio.Task[None] | None = None
         self.backlog: deque[str | bytes] | None = None  # created when first needed
+        #: Publishes waiting for the ``publish`` hook, in the order sent, each with the
+        #: task asking it (None: no hook, waits only for those before it); and a future
+        #: resolved when they are all done, for a request that waits behind them.
+        self.pipeline: deque[tuple[Any, asyncio.Task[bytes | None] | None]] | None = None
+        self.pipeline_done: asyncio.Future[None] | None = None
         self._held: list[Message] | None = None
         self._held_bytes = 0
         self._expiry: asyncio.TimerHandle | None = None

@@ -126,6 +126,11 @@ class Store(ABC):
         ``dedupe_window`` is not recorded: its drafts come back as ``Duplicate``
         (``broker.store.dedupe``), and a new key is recorded with its messages."""
 
+    async def known_key(self, user: str, key: str) -> bool:
+        """Whether ``user``'s idempotency ``key`` is recorded within ``dedupe_window`` (a
+        publish with it would be answered as a duplicate)."""
+        return False
+
     def append_now(self, drafts: list[Draft]) -> list[Message] | None:
         """``append`` done at once on the calling (event-loop) thread, for a store that
         records a batch faster than a hand-off to a thread costs; None: not now (this

@@ -5,7 +5,8 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from typing import Final
 
 from broker.core.model import Draft, Message, merge_by_seq, new_epoch
 from broker.core.topics import is_pattern, matches
@@ -20,9 +21,29 @@ from broker.store.base import (
 )
 from broker.store.dedupe import KeyId, number
 
+#: A kept message: (seq, topic, data, sender id, sender name, ts). A plain tuple of
+#: atomic values, not a ``Message``: the garbage collector stops tracking such tuples, so
+#: a full history does not make each collection walk it (a ``Message`` per kept message
+#: made collections of 0.5 s), and it holds no cached frames.
+Kept = tuple[int, str, bytes, str, str, int]
+SEQ: Final = 0
+TOPIC: Final = 1
+DATA: Final = 2
+SENDER_ID: Final = 3
+SENDER_NAME: Final = 4
+TS: Final = 5
 
-def _seq(msg: Message) -> int:
-    return msg.seq
+
+def _seq(kept: Kept) -> int:
+    return kept[SEQ]
+
+
+def _keep(msg: Message) -> Kept:
+    return (msg.seq, msg.topic, msg.payload, msg.sender_id, msg.sender_name, msg.ts)
+
+
+def _message(kept: Kept) -> Message:
+    return Message(*kept)
 
 
 class _MemoryPages(Pages):
@@ -32,7 +53,7 @@ class _MemoryPages(Pages):
 
     def __init__(
         self,
-        runs: dict[str, deque[Message]],
+        runs: dict[str, deque[Kept]],
         topics: list[str],
         start: int,
         recovered: bool,
@@ -48,11 +69,11 @@ class _MemoryPages(Pages):
         self._heap: list[tuple[int, str]] = []
         for topic in topics:
             q = runs.get(topic)
-            if not q or q[-1].seq <= start:
+            if not q or q[-1][SEQ] <= start:
                 continue
             i = bisect.bisect_right(q, start, key=_seq)
-            if q[i].seq <= upto:
-                self._heap.append((q[i].seq, topic))
+            if q[i][SEQ] <= upto:
+                self._heap.append((q[i][SEQ], topic))
         heapq.heapify(self._heap)
 
     async def next(self) -> list[Message]:
@@ -63,33 +84,58 @@ class _MemoryPages(Pages):
             seq, topic = heap[0]
             q = self._runs.get(topic)
             i = bisect.bisect_left(q, seq, key=_seq) if q else 0
-            if not q or i == len(q) or q[i].seq != seq:
+            if not q or i == len(q) or q[i][SEQ] != seq:
                 # Removed (age, count, size) before it was sent: stop before the hole.
                 self.gap = True
                 break
-            msg = q[i]
-            if page and total + len(msg.payload) > self._max_bytes:
+            kept = q[i]
+            if page and total + len(kept[DATA]) > self._max_bytes:
                 break
             heapq.heappop(heap)
-            page.append(msg)
-            total += len(msg.payload)
-            if i + 1 < len(q) and q[i + 1].seq <= self._upto:
-                heapq.heappush(heap, (q[i + 1].seq, topic))
+            page.append(_message(kept))
+            total += len(kept[DATA])
+            if i + 1 < len(q) and q[i + 1][SEQ] <= self._upto:
+                heapq.heappush(heap, (q[i + 1][SEQ], topic))
         return page
 
 
-def message_size(msg: Message) -> int:
-    """What a message counts against ``history_size``: its data, topic and sender."""
-    return len(msg.payload) + len(msg.topic) + len(msg.sender_id) + len(msg.sender_name)
+#: What a kept message costs beyond its text: its tuple, deque slot, seq and ts, the
+#: bytes and str objects' headers (measured).
+MESSAGE_OVERHEAD = 240
+#: What a topic with messages costs beyond its name: its deque and its dict entries.
+TOPIC_OVERHEAD = 900
+#: What a topic whose messages are all gone costs while its trim mark is remembered.
+EMPTY_TOPIC_OVERHEAD = 160
+#: What a remembered idempotency key costs beyond the user id and key text.
+KEY_OVERHEAD = 320
+#: Expired idempotency keys dropped per ``trim`` call, at most: a slice, not a stall.
+KEY_SLICE = 10_000
+
+
+def message_size(kept: Kept) -> int:
+    """What a kept message counts against ``history_size``: its data, topic and sender,
+    and ``MESSAGE_OVERHEAD``: near what it really takes in memory."""
+    text = len(kept[TOPIC]) + len(kept[SENDER_ID]) + len(kept[SENDER_NAME])
+    return len(kept[DATA]) + text + MESSAGE_OVERHEAD
+
+
+def _key_size(kid: KeyId) -> int:
+    return len(kid[0]) + len(kid[1]) + KEY_OVERHEAD
 
 
 class MemoryStore(Store):
     """History in process memory: fast, lost on restart (a new epoch every start).
 
     Bounded per topic (``history`` messages) and in all (``history_size`` bytes, see
-    ``message_size``): past the total, the oldest messages go first, whatever their topic,
-    and their topic's ``trimmed`` mark moves on, so a ``since`` replay that misses them
-    answers ``recovered: false``."""
+    ``message_size``, topics and keys included): past the total, the oldest messages go
+    first, whatever their topic, and their topic's ``trimmed`` mark moves on, so a
+    ``since`` replay that misses them answers ``recovered: false``.
+
+    A topic whose messages are all gone keeps only its trim mark; those marks are dropped
+    first, oldest first, when room is needed, and ``floor`` (the highest mark dropped)
+    answers for them: a ``since`` below it is ``recovered: false``. Idempotency keys take
+    at most a quarter of ``history_size``; past it the oldest are forgotten early. Expired
+    keys go a slice at a time."""
 
     def __init__(
         self,
@@ -100,15 +146,23 @@ class MemoryStore(Store):
         super().__init__(history, retention)
         self.epoch = new_epoch()
         self.history_size = history_size
-        self._topics: dict[str, deque[Message]] = {}
+        self._topics: dict[str, deque[Kept]] = {}
         self._trimmed: dict[str, int] = {}
         #: Bytes of the retained messages (``message_size``).
         self.size = 0
         # (seq of a topic's oldest message, topic), a heap: finds the oldest message of all.
         # Entries go stale when a topic loses messages another way; fixed when met.
         self._oldest: list[tuple[int, str]] = []
+        # Topics with no message left (their trim mark kept), in the order they emptied.
+        # OrderedDicts here and for the keys: taking the oldest of a plain dict after
+        # many deletions at its front scans every deleted slot, each time.
+        self._empty: OrderedDict[str, None] = OrderedDict()
+        #: The highest trim mark of a topic forgotten to make room (see the class doc).
+        self.floor = 0
         # (user, key) -> (seqs, monotonic time of the publish), oldest first.
-        self._keys: dict[KeyId, tuple[tuple[int, ...], float]] = {}
+        self._keys: OrderedDict[KeyId, tuple[tuple[int, ...], float]] = OrderedDict()
+        #: Bytes the keys count for (``_key_size``), within ``history_size // 4``.
+        self.keys_size = 0
 
     async def append(self, drafts: list[Draft]) -> list[Message]:
         return self.append_now(drafts)
@@ -118,50 +172,110 @@ class MemoryStore(Store):
         spaces = self.namespaces
         history = self.history
         for msg in numbered.fresh:
+            topic = msg.topic
             if spaces:
-                history = spaces.history(msg.topic, self.history)
-            q = self._topics.get(msg.topic)
+                history = spaces.history(topic, self.history)
+            q = self._topics.get(topic)
             if q is None:
-                q = self._topics[msg.topic] = deque()
-                self._trimmed.setdefault(msg.topic, 0)
-            if not q:
-                heapq.heappush(self._oldest, (msg.seq, msg.topic))
-            q.append(msg)
-            self.size += message_size(msg)
+                q = self._topics[topic] = deque()
+                if topic in self._empty:
+                    del self._empty[topic]
+                    self.size -= EMPTY_TOPIC_OVERHEAD + len(topic)
+                else:
+                    self._trimmed.setdefault(topic, 0)
+                self.size += TOPIC_OVERHEAD + len(topic)
+                heapq.heappush(self._oldest, (msg.seq, topic))
+            kept = _keep(msg)
+            q.append(kept)
+            self.size += message_size(kept)
             while len(q) > history:
                 gone = q.popleft()
                 self.size -= message_size(gone)
-                self._trimmed[msg.topic] = gone.seq
+                self._trimmed[topic] = gone[SEQ]
         if self.history_size is not None and self.size > self.history_size:
             self._evict(self.history_size)
         if numbered.fresh:
             self.last_seq = numbered.fresh[-1].seq
-        now = time.monotonic()
-        for kid, seqs in numbered.keys.items():
-            self._keys.pop(kid, None)  # a reused expired key moves to the end
-            self._keys[kid] = (seqs, now)
+        if numbered.keys:
+            self._add_keys(numbered.keys)
         return numbered.results
+
+    def _add_keys(self, keys: dict[KeyId, tuple[int, ...]]) -> None:
+        now = time.monotonic()
+        held = self._keys
+        for kid, seqs in keys.items():
+            if held.pop(kid, None) is not None:  # a reused expired key moves to the end
+                self.keys_size -= _key_size(kid)
+            held[kid] = (seqs, now)
+            self.keys_size += _key_size(kid)
+        # Expired keys go as new ones come (a few more than came), so that no sweep
+        # ever meets millions at once; past the bound the oldest go early.
+        self._expire_keys(now - self.dedupe_window, len(keys) + 16)
+        if self.history_size is not None:
+            limit = self.history_size // 4
+            while self.keys_size > limit and held:
+                kid, _ = held.popitem(last=False)
+                self.keys_size -= _key_size(kid)
+
+    def _expire_keys(self, before: float, budget: int) -> None:
+        """Drop up to ``budget`` keys published before ``before`` (the oldest are first)."""
+        held = self._keys
+        while budget > 0 and held:
+            kid, (seqs, stamp) = held.popitem(last=False)
+            if stamp >= before:
+                held[kid] = (seqs, stamp)
+                held.move_to_end(kid, last=False)
+                return
+            self.keys_size -= _key_size(kid)
+            budget -= 1
+
+    def _emptied(self, topic: str) -> None:
+        """``topic`` lost its last message: keep only its trim mark."""
+        del self._topics[topic]
+        self._empty[topic] = None
+        self.size -= TOPIC_OVERHEAD - EMPTY_TOPIC_OVERHEAD
+
+    def _forget_empty(self) -> bool:
+        """Forget the oldest emptied topic's trim mark (``floor`` answers for it); False
+        when there is none."""
+        empty = self._empty
+        if not empty:
+            return False
+        topic, _ = empty.popitem(last=False)
+        self.floor = max(self.floor, self._trimmed.pop(topic, 0))
+        self.size -= EMPTY_TOPIC_OVERHEAD + len(topic)
+        return True
 
     def _evict(self, limit: int) -> None:
         """Drop the oldest messages of all topics until the total is within ``limit``."""
+        while self.size > limit and self._forget_empty():
+            pass
         oldest = self._oldest
         while self.size > limit and oldest:
             seq, topic = heapq.heappop(oldest)
             q = self._topics.get(topic)
             if not q:
                 continue
-            if q[0].seq != seq:  # stale: file the topic under its oldest message now
-                heapq.heappush(oldest, (q[0].seq, topic))
+            if q[0][SEQ] != seq:  # stale: file the topic under its oldest message now
+                heapq.heappush(oldest, (q[0][SEQ], topic))
                 continue
             gone = q.popleft()
             self.size -= message_size(gone)
-            self._trimmed[topic] = gone.seq
+            self._trimmed[topic] = gone[SEQ]
             if q:
-                heapq.heappush(oldest, (q[0].seq, topic))
+                heapq.heappush(oldest, (q[0][SEQ], topic))
+            else:
+                self._emptied(topic)
+                # An emptied topic's mark is what goes next.
+                while self.size > limit and self._forget_empty():
+                    pass
         if len(oldest) > 2 * len(self._topics) + 64:
             # Topics emptied by age and made again leave entries behind: start afresh.
-            self._oldest = [(q[0].seq, t) for t, q in self._topics.items() if q]
+            self._oldest = [(q[0][SEQ], t) for t, q in self._topics.items() if q]
             heapq.heapify(self._oldest)
+
+    async def known_key(self, user: str, key: str) -> bool:
+        return self._known_key(user, key) is not None
 
     def _known_key(self, user: str, key: str) -> tuple[int, ...] | None:
         found = self._keys.get((user, key))
@@ -174,10 +288,15 @@ class MemoryStore(Store):
             return [pattern] if pattern in self._trimmed else []
         return [t for t in self._trimmed if matches(pattern, t)]
 
+    def _recovered(self, topics: list[str], since: int) -> bool:
+        return since >= self.floor and all(self._trimmed[t] <= since for t in topics)
+
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
         topics = self._matching(pattern)
-        recovered = all(self._trimmed[t] <= since for t in topics)
-        runs = [[m for m in self._topics.get(t, ()) if since < m.seq <= upto] for t in topics]
+        recovered = self._recovered(topics, since)
+        runs = [
+            [_message(k) for k in self._topics.get(t, ()) if since < k[SEQ] <= upto] for t in topics
+        ]
         return Replay(list(merge_by_seq(runs)), recovered)
 
     async def replay(
@@ -192,7 +311,7 @@ class MemoryStore(Store):
     ) -> Pages:
         topics = self._matching(pattern)
         if since is not None:
-            start, recovered = since, all(self._trimmed[t] <= since for t in topics)
+            start, recovered = since, self._recovered(topics, since)
         else:
             start, recovered = self._nth_latest(topics, last or 0, upto), True
         return _MemoryPages(self._topics, topics, start, recovered, upto, page_size, page_bytes)
@@ -202,7 +321,9 @@ class MemoryStore(Store):
         begin; ``upto`` when there are none."""
         if n <= 0:
             return upto
-        runs = [(m.seq for m in reversed(self._topics.get(t, ())) if m.seq <= upto) for t in topics]
+        runs = [
+            (k[SEQ] for k in reversed(self._topics.get(t, ())) if k[SEQ] <= upto) for t in topics
+        ]
         nth = None
         for i, seq in enumerate(heapq.merge(*runs, reverse=True)):
             nth = seq
@@ -212,7 +333,7 @@ class MemoryStore(Store):
 
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         runs = [
-            [m for m in self._topics.get(t, ()) if m.seq <= upto][-n:] if n else []
+            [_message(k) for k in self._topics.get(t, ()) if k[SEQ] <= upto][-n:] if n else []
             for t in self._matching(pattern)
         ]
         merged = list(merge_by_seq(runs))
@@ -222,19 +343,19 @@ class MemoryStore(Store):
         self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
     ) -> list[Message]:
         # Each topic's deque ends with its latest message: one look per matching topic.
-        found: list[Message] = []
+        found: list[Kept] = []
         for topic in self._matching(pattern):
             q = self._topics.get(topic)
             if not q or (visible is not None and not visible(topic)):
                 continue
-            msg = q[-1]
-            if msg.seq > upto:
+            kept = q[-1]
+            if kept[SEQ] > upto:
                 i = bisect.bisect_right(q, upto, key=_seq)
                 if not i:
                     continue
-                msg = q[i - 1]
-            found.append(msg)
-        return sorted(heapq.nlargest(limit, found, key=_seq), key=_seq)
+                kept = q[i - 1]
+            found.append(kept)
+        return [_message(k) for k in sorted(heapq.nlargest(limit, found, key=_seq), key=_seq)]
 
     async def trim(self, now: float) -> int:
         cutoff = int((now - self.retention) * 1000)
@@ -243,17 +364,14 @@ class MemoryStore(Store):
         for topic, q in self._topics.items():
             if spaces:
                 cutoff = int((now - spaces.retention(topic, self.retention)) * 1000)
-            while q and q[0].ts < cutoff:
+            while q and q[0][TS] < cutoff:
                 gone = q.popleft()
                 self.size -= message_size(gone)
-                self._trimmed[topic] = gone.seq
+                self._trimmed[topic] = gone[SEQ]
                 removed += 1
         for topic in [t for t, q in self._topics.items() if not q]:
-            del self._topics[topic]
-        # Expired keys: insertion order is publish order, so they are at the front.
-        expired = time.monotonic() - self.dedupe_window
-        for kid, (_, stamp) in list(self._keys.items()):
-            if stamp >= expired:
-                break
-            del self._keys[kid]
+            self._emptied(topic)
+        # Expired keys: insertion order is publish order, so they are at the front. A
+        # slice: ``append`` drops them as new ones come too.
+        self._expire_keys(time.monotonic() - self.dedupe_window, KEY_SLICE)
         return removed

@@ -25,6 +25,15 @@ class HistoryWentBack(Exception):
         self.counter = counter
 
 
+class ServerChanged(Exception):
+    """The append script ran on another Redis server than the one recorded with the epoch
+    (a restart that loaded its data from disk, or a failover)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"the Redis server is now {run_id}")
+        self.run_id = run_id
+
+
 class Health:
     """Whether Redis answers: logs once when an outage starts and once when it ends."""
 

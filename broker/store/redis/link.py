@@ -30,7 +30,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from broker.errors import ConfigError, Unavailable
-from broker.store.redis.health import EpochChanged, Health, HistoryWentBack
+from broker.store.redis.health import EpochChanged, Health, HistoryWentBack, ServerChanged
 
 T = TypeVar("T")
 
@@ -39,8 +39,9 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 #: Every URL scheme a node accepts.
 SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 DEFAULT_SENTINEL_PORT = 26379
-#: The scripts' own error answers: another epoch in Redis, or a counter behind this node.
-_SCRIPT_ANSWER = re.compile(r"(?:^|error: )(EPOCH|BEHIND) (\S+)\s*$")
+#: The scripts' own error answers: another epoch in Redis, a counter behind this node, or
+#: another Redis server than the one recorded with the epoch.
+_SCRIPT_ANSWER = re.compile(r"(?:^|error: )(EPOCH|BEHIND|SERVER) (\S+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ class Link:
                 raise EpochChanged(found[2]) from None
             if found and found[1] == "BEHIND":
                 raise HistoryWentBack(int(found[2])) from None
+            if found and found[1] == "SERVER":
+                raise ServerChanged(found[2]) from None
             self.health.failed(what, exc)
             raise Unavailable(
                 "the cluster store (Redis) cannot take this now; retry later"

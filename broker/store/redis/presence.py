@@ -55,6 +55,9 @@ class Cluster:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        #: Called with (op, topic, user) for each cluster-wide join/leave that this node's
+        #: writes caused (each one on exactly one node), when set: the hook events.
+        self.on_transition: Callable[[str, str, dict[str, str]], None] | None = None
 
     def make_hub(self, figures: Callable[[], Mapping[str, Any]]) -> Hub:
         """The node's hub, with presence made cluster-wide; ``figures`` gives the node's
@@ -190,10 +193,13 @@ class Cluster:
             values.append(((topic, uid), count))
             args += (topic, uid, name, count)
         try:
-            await self.link.call("presence", self._set(args=args))
+            changes = await self.link.call("presence", self._set(args=args))
         except BaseException:
             self._dirty.update(batch)
             raise
+        if changes and self.on_transition is not None:
+            for op, topic, uid, name in orjson.loads(changes):
+                self.on_transition(op, topic, {"id": uid, "name": name})
         for key, count in values:
             if count:
                 self._written[key] = count

@@ -12,7 +12,9 @@ events on a pub/sub channel.
 Keys, under a prefix (default ``broker:``)::
 
     seq                 counter: the last seq assigned
-    epoch               string: the name of this history (new when Redis starts over empty)
+    epoch               string: the name of this history (new when Redis starts over empty,
+                        comes back older, or another server serves it)
+    server              string: the run_id of the redis-server that serves the epoch
     log                 stream: every message, entry id "<seq>-1", capped (MAXLEN ~),
                         one field m = "<node> <session> <echo> <len(topic)>\n<topic><member>"
     h:<topic>           ZSET: retained messages of a topic, score = seq
@@ -60,7 +62,7 @@ from broker.errors import Unavailable
 from broker.store.base import LATEST_LIMIT, Deliver, Replay, Store, Visible, chunks
 from broker.store.dedupe import decode_seqs, number
 from broker.store.redis.codec import decode_member, encode_tail, key_id, split_batch, to_str
-from broker.store.redis.health import EpochChanged, HistoryWentBack
+from broker.store.redis.health import EpochChanged, HistoryWentBack, ServerChanged
 from broker.store.redis.link import Link
 from broker.store.redis.presence import Cluster
 from broker.store.redis.scripts import script
@@ -128,6 +130,10 @@ class RedisStore(Store):
     def key(self, name: str) -> str:
         return self.prefix + name
 
+    async def known_key(self, user: str, key: str) -> bool:
+        name = self.prefix.encode() + b"k:" + key_id(user, key)
+        return bool(await self.link.call("dedupe", self.redis.exists(name)))
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -161,12 +167,31 @@ class RedisStore(Store):
         """Learn the history's epoch (create it when Redis has none) with the counter at
         ``floor`` or above; when Redis still holds ``known`` but its counter is below
         ``floor`` (or ``rewritten``: the stream changed under this node's follower),
-        history went back and a new epoch replaces it (logged here, once, by the node
-        that replaced it)."""
+        history went back, and when another Redis server than the recorded one answers
+        (restarted from disk, failed over) it may have: a new epoch replaces it (logged
+        here, once, by the node that replaced it)."""
         args: list[str | int] = [self.prefix, new_epoch(), floor, known, int(rewritten), EPOCH_GAP]
-        epoch, counter, top, renewed, after = await self.link.call("epoch", self._ensure(args=args))
+        reply = await self.link.call("epoch", self._ensure(args=args))
+        epoch, counter, top, renewed, after, server, here, before = reply
         self.epoch = to_str(epoch)
         self.last_seq = max(self.last_seq, int(after))
+        if int(renewed) == 3:
+            log.warning(
+                "another Redis server serves the history (run_id %s, recorded %s): it "
+                "restarted and loaded its data from disk, or failed over, so it may hold "
+                "less than was handed out (its seq counter is at %d, its stream ends at %s, "
+                "this node had seen seq %d); started epoch %s after %s with seqs above %d, "
+                "so every resume answers recovered: false and replays what is retained",
+                to_str(here),
+                to_str(server) or "none",
+                int(counter),
+                to_str(top),
+                floor,
+                self.epoch,
+                to_str(before),
+                int(after),
+                extra={"event": "redis_server_changed"},
+            )
         if int(renewed) == 2:
             log.error(
                 "Redis history went back (restarted from an older snapshot, or failed over "
@@ -214,14 +239,15 @@ class RedisStore(Store):
                     args += (topic, keep)
         try:
             reply = await self._append_and_wait(args)
-        except (EpochChanged, HistoryWentBack):
-            # Redis started over (empty), another node named a new history, or Redis came
-            # back older than this node saw it: learn or start the new epoch, retry once.
+        except (EpochChanged, HistoryWentBack, ServerChanged):
+            # Redis started over (empty), another node named a new history, Redis came
+            # back older than this node saw it, or another Redis server answers: learn or
+            # start the new epoch, retry once.
             await self._ensure_epoch(self.last_seq, self.epoch)
             args[1], args[7] = self.epoch, self.last_seq
             try:
                 reply = await self._append_and_wait(args)
-            except (EpochChanged, HistoryWentBack):
+            except (EpochChanged, HistoryWentBack, ServerChanged):
                 raise Unavailable("the cluster's history is changing; retry later") from None
         self.last_seq = max(self.last_seq, int(reply[0]))
         # The script skipped the publishes whose key it found; the others got consecutive

@@ -352,6 +352,11 @@ class CommitLog:
             raise
         self._size += written
 
+    @property
+    def current(self) -> tuple[int, int]:
+        """The current segment's number and how many bytes it holds."""
+        return self._number, self._size
+
     def sync(self) -> None:
         """Make the records of the current segment durable (``fdatasync``)."""
         if self._fd is not None:

@@ -30,7 +30,9 @@ CREATE INDEX IF NOT EXISTS messages_topic_seq ON messages (topic, seq);
 -- Retention by age searches by seq (see Database.first_kept); an index on ts cost a
 -- third of every insert. Databases from before drop it.
 DROP INDEX IF EXISTS messages_ts;
--- One row per topic ever published to: the highest seq removed by retention.
+-- One row per topic with messages (or recently so): the highest seq removed by
+-- retention. A topic that retention emptied loses its row; meta 'floor' (the highest
+-- mark of such rows) answers for it.
 CREATE TABLE IF NOT EXISTS topics (topic TEXT PRIMARY KEY, trimmed INTEGER NOT NULL);
 -- Idempotency keys (section 8 of docs/protocol.md): the seqs of the first publish with
 -- a key, written in the transaction of its messages; ts (ms) of that commit.
@@ -103,6 +105,13 @@ def check_database(path: Path) -> None:
         db.close()
 
 
+def floor(db: sqlite3.Connection) -> int:
+    """The highest trim mark of the topics whose rows retention removed (0: none): a
+    ``since`` below it is not ``recovered`` for any pattern."""
+    row = db.execute("SELECT value FROM meta WHERE key='floor'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
 class Database:
     """The writing side of the database: the writer's connection (commits, retention),
     the checkpointer's, the event loop's key lookups, and the WAL's descriptor (fsync).
@@ -124,6 +133,9 @@ class Database:
         self._wal_fd: int | None = None
         # topic -> number of retained messages, filled lazily; keeps trimming cheap.
         self._counts: dict[str, int] = {}
+        #: Bytes the database's pages in use take (pages less the free list), measured
+        #: after each apply and each retention pass.
+        self.used = 0
         #: Bytes applied since the WAL was last checkpointed into the database, and when.
         self.uncheckpointed = 0
         self._checkpointed_at = time.monotonic()
@@ -147,7 +159,7 @@ class Database:
         stored = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         top = db.execute("SELECT max(seq) FROM messages").fetchone()[0]
         trimmed = db.execute("SELECT max(trimmed) FROM topics").fetchone()[0]
-        return epoch, max(int(stored[0]) if stored else 0, top or 0, trimmed or 0)
+        return epoch, max(int(stored[0]) if stored else 0, top or 0, trimmed or 0, floor(db))
 
     def reserved(self) -> int:
         """The seq reservation SQLite holds (0: none)."""
@@ -290,6 +302,7 @@ class Database:
             if reserved:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('reserved', ?)", (str(reserved),))
             db.execute("COMMIT")
+            self.measure()
         except BaseException:
             # SQLite may have rolled back already (a full disk): a second ROLLBACK would
             # fail with "cannot rollback" and hide the real cause.
@@ -297,6 +310,17 @@ class Database:
                 db.execute("ROLLBACK")
             self._counts.clear()  # they counted rows that are not there
             raise
+
+    def measure(self) -> int:
+        """Bytes the database's pages in use take (``used``), measured now. The caller
+        holds ``write_lock``."""
+        db = self.wdb
+        assert db is not None
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        self.used = int((pages - free) * size)
+        return self.used
 
     def _trim_count(self, db: sqlite3.Connection, topic: str, added: int) -> None:
         count = self._counts.get(topic)
@@ -386,19 +410,36 @@ class Database:
                 ).fetchall()
                 db.execute("DELETE FROM messages WHERE seq<?", (first_kept,))
                 gone += self._trim_namespaces(db, now, retention)
+                emptied = 0
                 for topic, top, _ in gone:
-                    db.execute(
-                        "UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic)
-                    )
+                    left = db.execute(
+                        "SELECT 1 FROM messages WHERE topic=? LIMIT 1", (topic,)
+                    ).fetchone()
+                    if left is None:
+                        # No message left: the row goes (reads cost what lives, not
+                        # what ever lived); the floor answers for its mark.
+                        db.execute("DELETE FROM topics WHERE topic=?", (topic,))
+                        emptied = max(emptied, top)
+                    else:
+                        db.execute(
+                            "UPDATE topics SET trimmed=max(trimmed, ?) WHERE topic=?", (top, topic)
+                        )
+                if emptied > floor(db):
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('floor', ?)", (str(emptied),))
                 db.execute("DELETE FROM dedupe WHERE ts<?", (int((now - dedupe_window) * 1000),))
                 db.execute("COMMIT")
+                self.measure()
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
             for topic, _, count in gone:
                 if topic in self._counts:
-                    self._counts[topic] = max(0, self._counts[topic] - count)
+                    left = self._counts[topic] - count
+                    if left > 0:
+                        self._counts[topic] = left
+                    else:
+                        del self._counts[topic]
             return sum(count for _, _, count in gone)
 
     def _trim_namespaces(

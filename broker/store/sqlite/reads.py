@@ -1,12 +1,20 @@
 """History reads from SQLite: ``read_since``, ``read_last`` and replays a page at a time,
-all on the reader thread with its own connection, so that a replay never waits for a
-commit. Reads see what SQLite holds: the store applies the commit log first."""
+on reader threads with connections of their own, so that a replay never waits for a
+commit. Reads see what SQLite holds: the store applies the commit log first.
+
+Two readers, two lanes: reads of one topic (a client's ``sub`` with ``last`` on its own
+topic, an inbox) take one, pattern reads (which may cover many topics) the other. A read
+of one topic costs an index lookup; a pattern read can cost far more, and many of them
+queued by other clients must not make a one-topic read wait its turn behind them. Each
+connection has at most one read in flight (the server serves its requests one at a
+time), so within a lane the readers take turns."""
 
 from __future__ import annotations
 
 import asyncio
 import heapq
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,10 +22,25 @@ from typing import Any
 from broker.core.model import Message
 from broker.core.topics import is_pattern, matches
 from broker.store.base import Pages, Replay, Visible, chunks
-from broker.store.sqlite.database import connect
+from broker.store.sqlite.database import connect, floor
 
 # SQLite limits the number of bound parameters; stay well below it.
 _CHUNK = 500
+
+
+class _Current(threading.local):
+    """The connection of the reader thread this runs on."""
+
+    db: sqlite3.Connection | None = None
+
+
+_current = _Current()
+
+
+def _with_db(db: sqlite3.Connection | None, fn: Any, *args: Any) -> Any:
+    """On a reader thread: run ``fn`` with ``db`` as this thread's connection."""
+    _current.db = db
+    return fn(*args)
 
 
 def _row_message(row: tuple[Any, ...]) -> Message:
@@ -36,9 +59,11 @@ class SqlitePages(Pages):
         upto: int,
         size: int,
         max_bytes: int,
+        floor_at_start: int = 0,
     ) -> None:
         super().__init__(start, recovered)
         self._reads = reads
+        self._floor = floor_at_start
         self._topics = topics  # topic -> its trimmed mark when the replay began
         self._after = start
         self._upto = upto
@@ -48,7 +73,7 @@ class SqlitePages(Pages):
     async def next(self) -> list[Message]:
         while not self.gap and self._topics and self._after < self._upto:
             page, scanned, gap = await self._reads.page(
-                self._topics, self._after, self._upto, self._size, self._max_bytes
+                self._topics, self._after, self._upto, self._size, self._max_bytes, self._floor
             )
             self._after = scanned
             if gap:
@@ -64,20 +89,34 @@ class Reads:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-read")
-        self._db: sqlite3.Connection | None = None
+        # Lane -> its thread (a pool of one) and connection: True for one-topic reads.
+        self._pools = {
+            lane: ThreadPoolExecutor(1, thread_name_prefix=f"store-read-{name}")
+            for lane, name in ((False, "patterns"), (True, "topic"))
+        }
+        self._dbs: dict[bool, sqlite3.Connection] = {}
 
     def connect(self) -> None:
-        """Open the reader's connection (once the schema exists)."""
-        self._db = connect(self.path)
+        """Open the readers' connections (once the schema exists)."""
+        self._dbs = {lane: connect(self.path) for lane in self._pools}
 
-    async def _on(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    @property
+    def _db(self) -> sqlite3.Connection | None:
+        """The connection of the thread this runs on (a reader's), else None."""
+        return _current.db
+
+    async def _on(self, one_topic: bool, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the lane for one-topic reads (``one_topic``) or patterns."""
+        db = self._dbs.get(one_topic)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pools[one_topic], _with_db, db, fn, *args
+        )
 
     async def close(self) -> None:
-        """Close the connection on its thread, then the thread."""
-        await self._on(self._close_sync)
-        self._pool.shutdown()
+        """Close the connections on their threads, then the threads."""
+        for lane, pool in self._pools.items():
+            await self._on(lane, self._close_sync)
+            pool.shutdown()
 
     def _close_sync(self) -> None:
         if self._db is not None:
@@ -85,17 +124,23 @@ class Reads:
 
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
         """``Store.read_since`` on what SQLite holds."""
-        result: Replay = await self._on(self._read_since_sync, pattern, since, upto)
+        result: Replay = await self._on(
+            not is_pattern(pattern), self._read_since_sync, pattern, since, upto
+        )
         return result
 
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
         """``Store.read_last`` on what SQLite holds."""
-        result: list[Message] = await self._on(self._read_last_sync, pattern, n, upto)
+        result: list[Message] = await self._on(
+            not is_pattern(pattern), self._read_last_sync, pattern, n, upto
+        )
         return result
 
     async def latest(self, pattern: str, upto: int, limit: int, visible: Visible) -> list[Message]:
         """``Store.latest`` on what SQLite holds."""
-        result: list[Message] = await self._on(self._latest_sync, pattern, upto, limit, visible)
+        result: list[Message] = await self._on(
+            not is_pattern(pattern), self._latest_sync, pattern, upto, limit, visible
+        )
         return result
 
     def _latest_sync(self, pattern: str, upto: int, limit: int, visible: Visible) -> list[Message]:
@@ -133,16 +178,29 @@ class Reads:
     ) -> Pages:
         """``Store.replay`` on what SQLite holds."""
         pages: Pages = await self._on(
-            self._replay_sync, pattern, since, last, upto, page_size, page_bytes
+            not is_pattern(pattern),
+            self._replay_sync,
+            pattern,
+            since,
+            last,
+            upto,
+            page_size,
+            page_bytes,
         )
         return pages
 
     async def page(
-        self, topics: dict[str, int], after: int, upto: int, size: int, max_bytes: int
+        self,
+        topics: dict[str, int],
+        after: int,
+        upto: int,
+        size: int,
+        max_bytes: int,
+        floor_at_start: int = 0,
     ) -> tuple[list[Message], int, bool]:
         """One page of a replay (see ``_page_sync``)."""
         result: tuple[list[Message], int, bool] = await self._on(
-            self._page_sync, topics, after, upto, size, max_bytes
+            len(topics) <= 1, self._page_sync, topics, after, upto, size, max_bytes, floor_at_start
         )
         return result
 
@@ -154,6 +212,9 @@ class Reads:
                 "SELECT topic, trimmed FROM topics WHERE topic=?", (pattern,)
             ).fetchall()
         first = pattern.split("/", 1)[0]
+        if pattern == "#":  # every topic but the '$' ones: no match to run per topic
+            rows = db.execute("SELECT topic, trimmed FROM topics").fetchall()
+            return [(t, trimmed) for t, trimmed in rows if not t.startswith("$")]
         if first in ("+", "#"):
             rows = db.execute("SELECT topic, trimmed FROM topics").fetchall()
         else:
@@ -168,7 +229,7 @@ class Reads:
         db = self._db
         assert db is not None
         topics = self._topics_sync(pattern)
-        recovered = all(trimmed <= since for _, trimmed in topics)
+        recovered = since >= floor(db) and all(trimmed <= since for _, trimmed in topics)
         rows: list[tuple[Any, ...]] = []
         for chunk in chunks([t for t, _ in topics], _CHUNK):
             marks = ",".join("?" * len(chunk))
@@ -205,11 +266,14 @@ class Reads:
         page_bytes: int,
     ) -> Pages:
         topics = dict(self._topics_sync(pattern))
+        assert self._db is not None
+        mark = floor(self._db)
         if since is not None:
-            start, recovered = since, all(trimmed <= since for trimmed in topics.values())
+            recovered = since >= mark and all(t <= since for t in topics.values())
+            start = since
         else:
             start, recovered = self._nth_latest_sync(list(topics), last or 0, upto), True
-        return SqlitePages(self, topics, start, recovered, upto, page_size, page_bytes)
+        return SqlitePages(self, topics, start, recovered, upto, page_size, page_bytes, mark)
 
     def _nth_latest_sync(self, topics: list[str], n: int, upto: int) -> int:
         """The seq after which the latest ``n`` messages (``seq <= upto``) of ``topics``
@@ -219,6 +283,20 @@ class Reads:
         if n <= 0 or not topics:
             return upto
         n = min(n, 1 << 62)  # SQLite integers are 64-bit
+        if len(topics) > 2 * _CHUNK and n <= _CHUNK:
+            # Many topics, few messages wanted (`#` with last: 5): the newest messages in
+            # seq order, kept when of these topics, find them in a few rows when the
+            # topics are most of the history; a scan that finds too few falls back.
+            wanted = set(topics)
+            rows = db.execute(
+                "SELECT seq, topic FROM messages WHERE seq<=? ORDER BY seq DESC LIMIT ?",
+                (upto, 20 * n),
+            ).fetchall()
+            hits = [seq for seq, topic in rows if topic in wanted]
+            if len(hits) >= n:
+                return int(hits[n - 1]) - 1
+            if len(rows) < 20 * n:  # the whole history was read: fewer than n
+                return int(hits[-1]) - 1 if hits else upto
         runs = []
         for chunk in chunks(topics, _CHUNK):
             marks = ",".join("?" * len(chunk))
@@ -236,7 +314,13 @@ class Reads:
         return upto if nth is None else int(nth) - 1
 
     def _page_sync(
-        self, topics: dict[str, int], after: int, upto: int, size: int, max_bytes: int
+        self,
+        topics: dict[str, int],
+        after: int,
+        upto: int,
+        size: int,
+        max_bytes: int,
+        floor_at_start: int = 0,
     ) -> tuple[list[Message], int, bool]:
         """One page of a replay: messages of ``topics`` with ``after < seq <= upto``, at
         most ``size`` of them and ``max_bytes`` of data; the seq read up to; and whether
@@ -297,5 +381,10 @@ class Reads:
             ).fetchall()
         gap = any(trimmed > topics.get(topic, trimmed) for topic, trimmed in moved)
         if len(messages) < len(seqs):
+            gap = True
+        # A topic emptied by retention meanwhile lost its row (and its mark) with it: the
+        # floor moved past where the replay is.
+        mark = floor(db)
+        if mark > floor_at_start and mark > after:
             gap = True
         return messages, scanned, gap

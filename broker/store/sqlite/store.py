@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from broker.core.model import Draft, Message, now_ms
 from broker.core.namespaces import Namespaces
+from broker.core.units import format_size
 from broker.errors import Unavailable
 from broker.store.base import LATEST_LIMIT, PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store, Visible
 from broker.store.dedupe import encode_seqs, number
@@ -31,6 +32,8 @@ from broker.store.sqlite.reads import Reads
 from broker.store.sqlite.syncer import TAIL_MAX_BYTES, Syncer
 
 log = logging.getLogger("broker.store.sqlite")
+
+MiB = 1 << 20
 
 #: Seqs are reserved durably this many at a time (see Database.resume_sequence).
 SEQ_RESERVE = 10_000
@@ -69,9 +72,13 @@ class SqliteStore(Store):
         fsync_interval: float = 1.0,
         max_pages: int | None = None,
         boot_id: str | None = None,
+        max_disk: int | None = None,
     ) -> None:
         super().__init__(history, retention)
         self.path = path
+        #: Bytes the database and the commit log's tail may take together (None: no
+        #: bound); past it publishes are refused until retention frees room.
+        self.max_disk = max_disk
         if fsync not in ("interval", "always"):
             raise ValueError(f"unknown fsync policy {fsync!r}")
         #: Fsync before every commit counts (True), or every ``fsync_interval`` seconds.
@@ -140,6 +147,7 @@ class SqliteStore(Store):
         self._syncer.applied_seq = self.last_seq
         self._reads.connect()
         self._db.open_rest()
+        self._db.measure()
         self._write_mark(self.last_seq)
         self._syncer.on_applied = self._write_mark
         for damage in found.damage:
@@ -285,6 +293,11 @@ class SqliteStore(Store):
         it (``always``, ``Syncer.await_fsync``)."""
         self._file.check()
         self._lock.check()
+        if self.max_disk is not None and self._db.used + self._syncer.tail_bytes > self.max_disk:
+            raise Unavailable(
+                f"the store holds {self._db.used / MiB:.0f} MiB, its max_disk "
+                f"({format_size(self.max_disk)}): publishes wait for retention to free room"
+            )
         now = now_ms()
         numbered = number(drafts, self.last_seq + 1, lambda u, k: self._live_key(u, k, now))
         messages = numbered.fresh
@@ -307,6 +320,10 @@ class SqliteStore(Store):
         if reserved:
             self._reserved = reserved
         return numbered.results
+
+    async def known_key(self, user: str, key: str) -> bool:
+        # On the writer's thread, as append's own look-up: no disk on the event loop.
+        return await self._write(self._live_key, user, key, now_ms()) is not None
 
     def _live_key(self, user: str, key: str, now: int) -> tuple[int, ...] | None:
         """The seqs of ``user``'s publish with ``key`` within the dedupe window, wherever

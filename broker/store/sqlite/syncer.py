@@ -254,7 +254,12 @@ class Syncer:
                     reserved, self._tail_reserved = self._tail_reserved, 0
                     size, self.tail_bytes = self.tail_bytes, 0
                     self._applying_keys = keys
-                    finished = log_.rotate()
+                    number, written = log_.current
+                    # An empty current segment (the tail is in segments an earlier
+                    # attempt left, say on a full disk) is kept rather than rotated: a
+                    # failing store must not leave one more empty file per attempt.
+                    finished = log_.rotate() if written else None
+                    applied_upto = finished[0] if finished is not None else number - 1
             if idle:
                 if database.uncheckpointed:
                     database.sync()  # a checkpoint may be due by time
@@ -281,8 +286,7 @@ class Syncer:
                 if finished is not None:
                     os.close(finished[1])
             self._applying_keys = {}
-            if finished is not None:
-                log_.remove_upto(finished[0])
+            log_.remove_upto(applied_upto)
             if messages and self.on_applied is not None:
                 try:  # under the apply lock: one writer of the mark at a time, in order
                     self.on_applied(messages[-1].seq)

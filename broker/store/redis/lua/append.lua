@@ -12,6 +12,13 @@ local cur = redis.call('GET', P .. 'epoch')
 if cur ~= ARGV[2] then
   return redis.error_reply('EPOCH ' .. tostring(cur))
 end
+-- Another Redis server than the one that has been serving this epoch (recorded by
+-- ensure_epoch): a restart that loaded a snapshot or an AOF, or a failover. Its data may
+-- be older than what was handed out; the node runs ensure_epoch, which starts a new epoch.
+local here = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if redis.call('GET', P .. 'server') ~= here then
+  return redis.error_reply('SERVER ' .. here)
+end
 -- A counter below what this node already saw: Redis came back older (an earlier snapshot,
 -- a lagging replica). Handing out these seqs again would give two messages one name.
 local counter = tonumber(redis.call('GET', P .. 'seq') or '0')

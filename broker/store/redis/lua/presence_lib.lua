@@ -1,6 +1,9 @@
 -- Shared by the presence scripts: change one node's count for a user on a topic and
 -- publish join/leave when the user's cluster-wide total leaves or reaches zero.
 local P = ARGV[1]
+-- The join/leave this script published, returned to the node that ran it: that node alone
+-- reports them to the application's backend (hook events), so each goes out once.
+local CHANGES = {}
 local function set_count(node, topic, user, name, count)
   local pkey = P .. 'p:' .. topic
   local field = node .. '|' .. user
@@ -25,9 +28,11 @@ local function set_count(node, topic, user, name, count)
     redis.call('HDEL', P .. 'pn:' .. topic, user)
     if before > 0 then
       redis.call('PUBLISH', P .. 'events', cjson.encode({'leave', topic, user, shown}))
+      CHANGES[#CHANGES + 1] = {'leave', topic, user, shown}
     end
   elseif before <= 0 then
     redis.call('PUBLISH', P .. 'events', cjson.encode({'join', topic, user, name}))
+    CHANGES[#CHANGES + 1] = {'join', topic, user, name}
   end
 end
 local function sweep(node)
