@@ -10,7 +10,8 @@ Faults: node-kill (a cluster node kill -9, then restarted), redis-rdb / redis-ao
 from a snapshot taken a moment before), pause (SIGSTOP 5 s), oom (maxmemory 1 with
 noeviction for 2 s), lagging / lagging-wait (a failover behind a moving endpoint to a
 replica cut off for 0.5 s, without / with --redis-wait 1), sentinel / sentinel-wait (the
-primary killed under Sentinel). Each run is bounded: ``--duration`` (at most 600 s) plus
+primary killed under Sentinel); on one node with the SQLite store, sqlite-kill-interval /
+sqlite-kill-always (the node kill -9, then restarted, with --fsync interval / always). Each run is bounded: ``--duration`` (at most 600 s) plus
 the start and the final drain.
 """
 
@@ -30,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.checker import Checker  # noqa: E402
 from tests.redis_procs import Forwarder, Node, RedisProc, Sentinels  # noqa: E402
-from tests.support import free_port, wait_for  # noqa: E402
+from tests.support import BrokerProcess, free_port, wait_for  # noqa: E402
 
 HISTORY = ("--history", "1000000")
-Setup = tuple[list[Node], Callable[[], None]]
+Setup = tuple[list[BrokerProcess], Callable[[], None]]
 
 
 @contextlib.contextmanager
@@ -43,7 +44,17 @@ def scenario(name: str, home: Path) -> Iterator[Setup]:
     forwarder: Forwarder | None = None
     topology: Sentinels | None = None
     try:
-        if name.startswith("sentinel"):
+        nodes: list[BrokerProcess]
+        if name.startswith("sqlite-kill"):
+            fsync = name.removeprefix("sqlite-kill-")
+            nodes = [BrokerProcess(home / "n0", "--fsync", fsync, *HISTORY)]
+            single = nodes[0]
+
+            def fault() -> None:
+                single.kill()
+                single.start()
+
+        elif name.startswith("sentinel"):
             topology = Sentinels(home / "ha").start()
             extra = ("--redis-wait", "1") if name.endswith("wait") else ()
             nodes = [Node(home / f"n{i}", topology.url, *HISTORY, *extra) for i in range(2)]
@@ -127,7 +138,7 @@ async def run(name: str, duration: float, every: float) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp, scenario(name, Path(tmp)) as (nodes, fault):
         progress("processes up")
-        checker = Checker([n.url for n in nodes], nodes[1].token, give_up=30)
+        checker = Checker([n.url for n in nodes], nodes[-1].token, give_up=30)
         started = time.monotonic()
         faults = 0
         async with checker.running(publishers=2, subscribers=3):
@@ -157,6 +168,8 @@ FAULTS = [
     "lagging-wait",
     "sentinel",
     "sentinel-wait",
+    "sqlite-kill-interval",
+    "sqlite-kill-always",
 ]
 
 

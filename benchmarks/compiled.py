@@ -1,18 +1,17 @@
-"""Build a copy of the broker whose hot path is compiled with mypyc, to measure that lever.
+"""Build a copy of this tree with its per-message modules compiled, to measure both builds
+side by side with the same harness.
 
-The broker is not shipped compiled; this answers "what would compiling the per-publish
-path buy" with the same harness as every other figure. It copies ``broker/`` to
-``--out`` (default: a new temporary directory), compiles there the modules one chat
-publish runs through (frame parsing, request handling, codec, hub, session, journal and
-both stores' append paths) and prints how to start the compiled broker:
+A wheel (``pip install .``) is compiled already where a C compiler is present (setup.py;
+the modules are listed in pyproject.toml under ``[tool.broker] compiled``), and this tree's
+editable install is pure Python. This copies the tree to ``--out`` (default: a new
+temporary directory) and compiles it in place with the same build hook, so that every
+benchmark run from the copy measures the compiled build:
 
-    python benchmarks/compiled.py                 # ~2.5 minutes on one core
-    PYTHONPATH=<out> broker serve ...             # as printed; the CLI stays interpreted
+    python benchmarks/compiled.py --out /tmp/compiled     # ~2 minutes on one core
+    python /tmp/compiled/benchmarks/chat_path.py           # the benchmarks put their own
+    python benchmarks/chat_path.py                         # tree first on sys.path
 
-mypyc comes with mypy (the test extra). The source is unchanged, but the copy is for
-measuring, not for serving: mypyc turns mypy's unsound narrowings into runtime
-TypeErrors, and two tests of the suite fail against it (docs/performance.md, "The
-compiled hot path, measured").
+``MYPYC_OPT_LEVEL`` (default 3) is passed on. mypyc comes with mypy (the test extra).
 """
 
 from __future__ import annotations
@@ -26,45 +25,33 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-#: The modules of one publish's path, from the socket to the store (see
-#: docs/performance.md, "Chat rooms").
-HOT = [
-    "broker/core/auth.py",
-    "broker/core/frames.py",
-    "broker/core/hub.py",
-    "broker/core/model.py",
-    "broker/core/protocol.py",
-    "broker/core/topics.py",
-    "broker/server/app.py",
-    "broker/server/backpressure.py",
-    "broker/server/connection.py",
-    "broker/server/journal.py",
-    "broker/server/metrics.py",
-    "broker/server/session.py",
-    "broker/store/dedupe.py",
-    "broker/store/memory.py",
-    "broker/store/sqlite/commitlog.py",
-    "broker/store/sqlite/database.py",
-    "broker/store/sqlite/files.py",
-    "broker/store/sqlite/store.py",
-    "broker/store/sqlite/syncer.py",
-]
+COPY = ("broker", "cli", "benchmarks", "setup.py", "setup.cfg", "pyproject.toml", "README.md")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="directory for the compiled copy")
     args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="broker-mypyc-"))
-    shutil.copytree(ROOT / "broker", out / "broker", dirs_exist_ok=True)
-    shutil.copy(ROOT / "pyproject.toml", out / "pyproject.toml")
+    out = args.out or Path(tempfile.mkdtemp(prefix="broker-compiled-"))
+    out.mkdir(parents=True, exist_ok=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "node_modules", "peers")
+    for name in COPY:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, out / name, ignore=skip, dirs_exist_ok=True)
+        else:
+            shutil.copy(ROOT / name, out / name)
+    # The CLI installs as broker.cli; in a source tree it is cli/.
+    link = out / "broker" / "cli"
+    if not link.exists():
+        link.symlink_to(out / "cli", target_is_directory=True)
     done = subprocess.run(
-        [sys.executable, "-m", "mypyc", *HOT], cwd=out, env={**os.environ, "MYPYC_OPT_LEVEL": "3"}
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=out,
+        env={**os.environ, "BROKER_COMPILE": "1"},
     )
     if done.returncode:
         return done.returncode
-    print(f"compiled copy: {out}\nrun it with: PYTHONPATH={out} broker serve ...")
+    print(f"compiled copy: {out}\nrun a benchmark from it: python {out}/benchmarks/chat_path.py")
     return 0
 
 

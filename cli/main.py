@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from broker import __version__
+from broker import __version__, build
 
 from . import backup, bench, config, info, pub, serve, sub, token
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="broker")
+@click.version_option(__version__, prog_name="broker", message=f"%(prog)s %(version)s ({build()})")
 def cli() -> None:
     """broker: a real-time pub/sub topic broker over WebSocket.
 

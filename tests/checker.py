@@ -25,6 +25,11 @@ Use::
     history.check()                       # AssertionError listing every violation
     print(history.figures())              # what clients saw, what was lost, the outage
 
+A test that must control exactly what is published when (one commit-log record per
+publish, a kill after the Nth acknowledgement) runs subscribers only
+(``running(publishers=0)``), publishes itself and records each ``ok`` with
+``checker.acknowledged(key, seq, sent, epoch=...)``; ``finish`` and ``check`` are the same.
+
 ``finish`` reconnects each subscriber and resumes it with its ``since``/``epoch``, then reads
 until every acknowledged message arrived or ``drain`` seconds pass quietly; a fresh
 subscriber reads what history retains (``since: 0``). The figures:
@@ -58,7 +63,8 @@ RETRY_PAUSE = 0.05
 @dataclass
 class Ack:
     """One acknowledged publish: its key (also its data), the seq its ``ok`` named, when
-    it was first sent and when the ``ok`` came."""
+    it was first sent and when the ``ok`` came; the epoch it was acknowledged in, when the
+    publisher knew it ("" otherwise)."""
 
     key: str
     seq: int
@@ -66,6 +72,7 @@ class Ack:
     acked: float
     attempts: int
     duplicate: bool
+    epoch: str = ""
 
 
 @dataclass
@@ -205,9 +212,14 @@ class Subscriber:
         self.conn: _Conn | None = None
         self.resumes = 0
         self.keys: set[str] = set()
+        #: Set while the subscriber stays disconnected (``Checker.take_away``).
+        self.away = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self.away.is_set():
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
             try:
                 await self._session(stop)
             except Exception:  # any failure: a dropped connection, resume
@@ -228,9 +240,9 @@ class Subscriber:
             sub["epoch"] = self.epoch
         await self.conn.send(sub)
         self.resumes += 1
-        while not stop.is_set():
+        while not stop.is_set() and not self.away.is_set():
             try:
-                frame = await self.conn.recv(0.5)
+                frame = await self.conn.recv(0.1)
             except TimeoutError:
                 continue
             self._observe(frame, rid)
@@ -309,6 +321,14 @@ class History:
                 other = acked_seq.setdefault(a.seq, a.key)
                 if other != a.key:
                     out.append(f"seq {a.seq} acknowledged for {other} and {a.key} in one epoch")
+        acked_named: dict[tuple[str, int], str] = {}
+        for a in self.acks:
+            if a.epoch:  # the publisher knew the epoch: the proof needs no delivery
+                other = acked_named.setdefault((a.epoch, a.seq), a.key)
+                if other != a.key:
+                    out.append(
+                        f"(epoch {a.epoch}, seq {a.seq}) acknowledged for {other} and {a.key}"
+                    )
         for name, events in self.subscribers.items():
             last = 0
             told: list[float] = []  # when this subscriber heard recovered: false
@@ -424,6 +444,8 @@ class Checker:
         self.publishers: list[Publisher] = []
         self.subscribers: list[Subscriber] = []
         self.acked = 0
+        #: Acknowledgements of the caller's own publishes (``acknowledged``).
+        self.own_acks: list[Ack] = []
         self._stop_pub = asyncio.Event()
         self._stop_sub = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -453,6 +475,38 @@ class Checker:
                 if p.conn is not None:
                     await p.conn.close()
 
+    async def take_away(self, name: str, timeout: float = 5.0) -> None:
+        """Disconnect subscriber ``name`` and keep it away until ``come_back``: it then
+        resumes from what it saw, so it must get what it missed from history (or be told
+        ``recovered: false``), not live."""
+        sub = next(s for s in self.subscribers if s.name == name)
+        sub.away.set()
+        deadline = time.monotonic() + timeout
+        while sub.conn is not None:
+            assert time.monotonic() < deadline, f"{name} did not disconnect in {timeout} s"
+            await asyncio.sleep(0.01)
+
+    def come_back(self, name: str) -> None:
+        """Let subscriber ``name`` (``take_away``) resume."""
+        next(s for s in self.subscribers if s.name == name).away.clear()
+
+    def acknowledged(
+        self,
+        key: str,
+        seq: int,
+        sent: float,
+        *,
+        epoch: str = "",
+        attempts: int = 1,
+        duplicate: bool = False,
+    ) -> None:
+        """Record a publish of ``key`` (its data, on the checker's topic) that the caller
+        made itself, first sent at ``sent`` (``time.monotonic()``) and acknowledged now
+        with ``seq``, in ``epoch`` when known."""
+        now = time.monotonic()
+        self.own_acks.append(Ack(key, seq, sent, now, attempts, duplicate, epoch))
+        self.acked += 1
+
     async def wait_acks(self, n: int, timeout: float = 20.0) -> None:
         """Wait until ``n`` publishes in all were acknowledged."""
         deadline = time.monotonic() + timeout
@@ -465,7 +519,7 @@ class Checker:
         """Stop the subscribers, resume each one last time and drain it; the history."""
         self._stop_sub.set()
         await asyncio.wait_for(asyncio.gather(*self._tasks), 10)
-        acks = [a for p in self.publishers for a in p.acks]
+        acks = [*self.own_acks, *(a for p in self.publishers for a in p.acks)]
         keys = {a.key for a in acks}
         audit = Subscriber(self, "audit", 0)
         await asyncio.gather(*(s.finish(keys, drain) for s in [*self.subscribers, audit]))

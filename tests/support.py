@@ -32,9 +32,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+import broker
 from broker.core.auth import mint_token
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The broker under test is this source tree (not an installed build, such as the compiled
+#: wheel .ci/run also tests): subprocesses must then import it from here too.
+FROM_SOURCE = Path(broker.__file__).resolve().parent.parent == ROOT
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 SECRET_B = SECRET.encode()
 
@@ -51,7 +55,8 @@ def isolated_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["XDG_CONFIG_HOME"] = str(home / "config")
     env["XDG_DATA_HOME"] = str(home / "data")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if FROM_SOURCE:
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("BROKER_SECRET", None)
     env.pop("BROKER_TOKEN", None)
     env.pop("BROKER_URL", None)

@@ -1,7 +1,8 @@
 """The SQLite store's own safety, against real broker processes: one
 broker per data directory, a full disk answered ``unavailable`` and logged once per
 episode, foreign or corrupt files refused at start, a database deleted under a running
-broker noticed before anything more is acknowledged.
+broker noticed before anything more is acknowledged (``--fsync always``) or within one
+fsync interval.
 
 The full disk is SQLite's own ``max_page_count`` (set through the test-only environment
 variable ``BROKER_TEST_SQLITE_MAX_PAGES``): SQLite answers it exactly as it answers ENOSPC,
@@ -143,16 +144,46 @@ async def test_full_disk_is_unavailable_and_logged_once_per_episode(
     assert "Traceback" not in log
 
 
-async def test_a_deleted_database_is_noticed_before_acknowledging(broker: BrokerProcess) -> None:
-    peer = await Peer.open(broker.url, broker.token("p"))
-    assert (await publish(peer, "t", 1))["op"] == "ok"
+async def refused_soon(peer: Peer) -> None:
+    """Publish until one is refused as ``unavailable`` (bounded)."""
+    deadline = time.monotonic() + 10
+    reply = await publish(peer, "t", 0)
+    while reply["op"] == "ok" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        reply = await publish(peer, "t", 0)
+    assert reply.get("code") == "unavailable", reply
+
+
+def delete_database(broker: BrokerProcess) -> None:
     for name in ("broker.sqlite3", "broker.sqlite3-wal", "broker.sqlite3-shm"):
         (broker.data / name).unlink(missing_ok=True)
+
+
+async def test_a_deleted_database_is_noticed_before_acknowledging(make_broker: Any) -> None:
+    # --fsync always: nothing more is acknowledged once the file is gone.
+    broker = make_broker("--fsync", "always")
+    peer = await Peer.open(broker.url, broker.token("p"))
+    assert (await publish(peer, "t", 1))["op"] == "ok"
+    delete_database(broker)
     replies = [await publish(peer, "t", i) for i in range(5)]
     assert [r.get("code") for r in replies] == ["unavailable"] * 5, replies
     log = broker.log()
     assert log.count("was deleted or replaced") == 1, log
     assert "Traceback" not in log
+
+
+async def test_a_deleted_database_is_noticed_within_the_fsync_interval(make_broker: Any) -> None:
+    # The interval policy looks at the file once per interval (not per commit): what it
+    # acknowledges meanwhile is what a crash in that interval would lose anyway.
+    broker = make_broker("--fsync-interval", "0.5s")
+    peer = await Peer.open(broker.url, broker.token("p"))
+    assert (await publish(peer, "t", 1))["op"] == "ok"
+    delete_database(broker)
+    await refused_soon(peer)
+    replies = [await publish(peer, "t", i) for i in range(3)]
+    assert [r.get("code") for r in replies] == ["unavailable"] * 3, replies
+    # Found by the file's check or by the interval's apply, whichever looks first.
+    assert broker.log().count("store cannot record publishes") == 1, broker.log()
 
 
 async def test_a_replaced_database_is_noticed(broker: BrokerProcess, tmp_path: Path) -> None:
@@ -161,6 +192,5 @@ async def test_a_replaced_database_is_noticed(broker: BrokerProcess, tmp_path: P
     other = tmp_path / "other.sqlite3"
     sqlite3.connect(other).close()
     other.replace(broker.data / "broker.sqlite3")
-    reply = await publish(peer, "t", 2)
-    assert reply.get("code") == "unavailable", reply
+    await refused_soon(peer)
     assert "was deleted or replaced" in broker.log()

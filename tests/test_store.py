@@ -13,7 +13,7 @@ import pytest
 from broker.core.model import Draft, Message
 from broker.errors import BrokerError, Unavailable
 from broker.server.journal import Journal
-from broker.store.base import Store
+from broker.store.base import Replay, Store, Visible
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
 
@@ -136,13 +136,28 @@ async def test_sqlite_reopen_keeps_epoch_and_counter(tmp_path: Path) -> None:
     await again.close()
 
 
-class FailingStore(MemoryStore):
-    """A store whose disk is gone: every append fails."""
+class FailingStore(Store):
+    """A store whose disk is gone: every append fails. (On the interface, not on
+    MemoryStore: the compiled build's classes cannot be subclassed in Python.)"""
 
     def append_now(self, drafts: list[Draft]) -> list[Message] | None:
         return None  # not at once: through append, the path a task awaits
 
     async def append(self, drafts: list[Draft]) -> list[Message]:
+        raise OSError("disk I/O error")
+
+    async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
+        raise OSError("disk I/O error")
+
+    async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
+        raise OSError("disk I/O error")
+
+    async def trim(self, now: float) -> int:
+        return 0
+
+    async def latest(
+        self, pattern: str, upto: int, limit: int = 0, visible: Visible = None
+    ) -> list[Message]:
         raise OSError("disk I/O error")
 
 

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.http11 import Request, Response
@@ -236,7 +236,10 @@ class BrokerServer:
             backlog=_LISTEN_BACKLOG,
         )
         if self.config.port == 0:  # the port the system chose, for the logs and the banner
-            self.config.port = int(self._listener.sockets[0].getsockname()[1])
+            # Any: typeshed declares a tuple, uvloop hands a list, and the compiled build
+            # checks declared types.
+            sockets: Any = cast(Any, self._listener).sockets
+            self.config.port = int(sockets[0].getsockname()[1])
         self._spawn(self._summary_loop())
         self._spawn(self._trim_loop())
         if self.config.ping_interval > 0:
@@ -500,6 +503,7 @@ class BrokerServer:
         """A stream that asks the backend who it is (``connect``) or whether it may read
         its patterns (``subscribe``), before the ``200``."""
         assert self.hooks is not None
+        counted = False  # an anonymous stream's slot is taken: give it back if refused
         try:
             identity: Identity | None = None
             tokenless = not request.header("authorization") and ask.token is None
@@ -516,12 +520,17 @@ class BrokerServer:
                     raise Unauthorized(answer.message or "the application admitted no user")
             if identity is None:
                 identity = self._stream_identity(conn, request, ask)
+                counted = identity.anonymous
             for pattern in ask.patterns:
                 await self.check_subscribe(identity, pattern)
         except BrokerError as exc:
+            if counted:
+                self.anonymous.release(conn.peer)
             self._stream_refused(conn, request, exc, cors)
             return
         except Exception:
+            if counted:
+                self.anonymous.release(conn.peer)
             log.exception("the hooks of a stream failed")
             self._stream_refused(conn, request, BrokerError("internal error"), cors)
             return
@@ -559,7 +568,10 @@ class BrokerServer:
         cors: list[tuple[str, str]],
     ) -> None:
         transport = conn.transport
-        if transport is None or conn.closed.done():
+        if transport is None or not conn.start_stream():
+            # Gone, or half-closed while the stream was being decided: nothing to start.
+            if identity.anonymous:
+                self.anonymous.release(conn.peer)
             return
         head = [
             "HTTP/1.1 200 OK",
@@ -908,7 +920,9 @@ class BrokerServer:
 
     def _resume(self, session: Session) -> None:
         """Handle the frames that arrived while a request ran as a task, in order, until
-        one needs a task again."""
+        one needs a task again. (A function of its own: right after ``session.task = None``
+        mypy takes ``session.task`` to be None through the calls that set it, which the
+        compiled build would check at run time: a TypeError.)"""
         backlog = session.backlog
         if backlog is None:
             return

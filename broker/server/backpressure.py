@@ -22,14 +22,15 @@ then keep the queue, and the wait of everyone else's publishes, short.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from broker.core.model import Draft, Message
 from broker.errors import BrokerError
 
 if TYPE_CHECKING:
-    from broker.server.session import Session
+    from broker.server.session import Link
 
 Done = Callable[[Message | None, BrokerError | None], None]
 
@@ -38,6 +39,15 @@ Done = Callable[[Message | None, BrokerError | None], None]
 MAX_WAITING = 2000
 
 log = logging.getLogger("broker.server.backpressure")
+
+
+class Session(Protocol):
+    """What back-pressure needs of a session (``broker.server.session.Session``); a
+    protocol, so that the compiled build takes any object that has these."""
+
+    conn: Link
+    closing: bool
+    backlog: deque[str | bytes] | None
 
 
 class Backpressure:

@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from typing import Protocol as Interface
 
 import h11
@@ -125,6 +125,7 @@ class _Http:
         "body",
         "busy",
         "closing",
+        "eof",
         "head",
         "looping",
         "method",
@@ -132,6 +133,7 @@ class _Http:
         "paused",
         "queued",
         "request",
+        "streaming",
         "timeout",
     )
 
@@ -143,6 +145,10 @@ class _Http:
         self.body = bytearray()
         self.busy = False
         self.closing = False
+        #: The client half-closed (EOF read).
+        self.eof = False
+        #: The response is a server-sent event stream, ended only by the close.
+        self.streaming = False
         self.timeout = timeout
         # Bytes received while a request is being answered (pipelined), and whether
         # reading is paused because there are too many of them.
@@ -293,6 +299,11 @@ class Connection(asyncio.Protocol):
         if self._parser is not None:
             self._receive_frames(data)
         elif self.http is not None:
+            if self.http.streaming:
+                # A stream's client sends nothing after its request: bytes now mean it is
+                # not a stream reader (or is gone); the stream ends.
+                self.abort()
+                return
             self._receive_http(data)
         # Otherwise a refused handshake or a failed connection: nothing more is read.
 
@@ -444,7 +455,9 @@ class Connection(asyncio.Protocol):
                     self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
                     return
             elif isinstance(event, h11.Data):
-                http.body += event.data
+                # Any: h11 declares bytes but hands a bytearray, which the compiled build's
+                # check of declared types would refuse.
+                http.body += cast(Any, event).data
                 limit = self.max_size
                 if limit is not None and len(http.body) > limit:
                     self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
@@ -550,11 +563,30 @@ class Connection(asyncio.Protocol):
         elif self.transport is not None:
             self.transport.close()
 
+    def start_stream(self) -> bool:
+        """The answer being sent is a stream, written as it is until the connection
+        closes; False (and the connection closed) when the client already half-closed,
+        for a stream has no end it could still be waiting to read."""
+        http = self.http
+        if http is None or self.transport is None or self.closed.done():
+            return False
+        if http.eof:
+            self.transport.close()
+            return False
+        http.streaming = True
+        return True
+
     def eof_received(self) -> bool:
-        if self.http is not None:
+        http = self.http
+        if http is not None:
+            http.eof = True
+            if http.streaming:
+                # A stream's client never sends anything after its request, so EOF means
+                # it has gone: end the stream now, not at the next comment line's error.
+                return False
             # Half-closed after its request: keep the socket to send the response.
-            self.http.closing = True
-            return self.http.busy
+            http.closing = True
+            return http.busy
         return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:

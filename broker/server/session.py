@@ -62,6 +62,7 @@ class Flusher:
         self._dirty: list[Session] = []
         self._deferred: list[Callable[[], None]] = []
         self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: Bytes written to every connection's socket (metrics: broker_sent_bytes_total).
         self.bytes_out = 0
         #: Set while each frame sent is the only one its connection gets from the work at
@@ -72,16 +73,22 @@ class Flusher:
     def mark(self, session: Session) -> None:
         """Write ``session``'s queue at the end of this turn."""
         if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule()
         self._dirty.append(session)
 
     def defer(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` at the end of this turn, before the queued frames are written."""
         if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule()
         self._deferred.append(callback)
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            # Looked up once: on Python 3.11 each get_running_loop() is a getpid() call.
+            loop = self._loop = asyncio.get_running_loop()
+        loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         try:
@@ -103,8 +110,7 @@ class Flusher:
         finally:
             self._scheduled = False
             if self._deferred or self._dirty:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._schedule()
 
 
 class Session:

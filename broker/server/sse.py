@@ -107,29 +107,47 @@ class StreamSession(Session):
             self._check_queue()
 
 
-async def _merge(sources: list[Pages]) -> AsyncIterator[Message]:
-    """The pages of several replays merged in seq order, each seq once."""
-    pages: list[list[Message]] = [[] for _ in sources]
-    heap: list[tuple[int, int, int]] = []  # (seq, source, index in its page)
+class _Merge:
+    """The pages of several replays merged in seq order, each seq once (an async iterator
+    written out, not an async generator: mypyc compiles this module)."""
 
-    async def refill(i: int) -> None:
-        page = await sources[i].next()
-        pages[i] = page
+    def __init__(self, sources: list[Pages]) -> None:
+        self.sources = sources
+        self.pages: list[list[Message]] = [[] for _ in sources]
+        self.heap: list[tuple[int, int, int]] = []  # (seq, source, index in its page)
+        self.started = False
+        self.last = -1
+
+    def __aiter__(self) -> _Merge:
+        return self
+
+    async def _refill(self, i: int) -> None:
+        page = await self.sources[i].next()
+        self.pages[i] = page
         if page:
-            heapq.heappush(heap, (page[0].seq, i, 0))
+            heapq.heappush(self.heap, (page[0].seq, i, 0))
 
-    for i in range(len(sources)):
-        await refill(i)
-    last = -1
-    while heap:
-        seq, i, j = heapq.heappop(heap)
-        if seq != last:
-            last = seq
-            yield pages[i][j]
-        if j + 1 < len(pages[i]):
-            heapq.heappush(heap, (pages[i][j + 1].seq, i, j + 1))
-        else:
-            await refill(i)
+    async def __anext__(self) -> Message:
+        if not self.started:
+            self.started = True
+            for i in range(len(self.sources)):
+                await self._refill(i)
+        heap, pages = self.heap, self.pages
+        while heap:
+            seq, i, j = heapq.heappop(heap)
+            message = pages[i][j]
+            if j + 1 < len(pages[i]):
+                heapq.heappush(heap, (pages[i][j + 1].seq, i, j + 1))
+            else:
+                await self._refill(i)
+            if seq != self.last:
+                self.last = seq
+                return message
+        raise StopAsyncIteration
+
+
+def _merge(sources: list[Pages]) -> AsyncIterator[Message]:
+    return _Merge(sources)
 
 
 async def read_replay(

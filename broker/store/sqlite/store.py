@@ -88,7 +88,9 @@ class SqliteStore(Store):
         self._lock = DirectoryLock(path.parent)
         self._mark = MarkFile(path.with_name(f"{path.name}-mark"))
         self._seen = 0  # the mark's seq at open
-        self._file = FileWatch(path)
+        # Noticed before the next acknowledgement with ``always``, within an interval (the
+        # loss that policy accepts) with ``interval``.
+        self._file = FileWatch(path, every=0.0 if self.fsync_always else fsync_interval)
         self._db = Database(path, history, fsync_interval, max_pages)
         self._syncer = Syncer(self._db, fsync_interval, lambda cause: self._failing(cause, 0))
         self._reads = Reads(path)
@@ -291,7 +293,9 @@ class SqliteStore(Store):
         """Number a batch and append it to the commit log, on the event loop's thread:
         recorded once this returns (``interval``), or once the fsync thread has fsynced
         it (``always``, ``Syncer.await_fsync``)."""
-        self._file.check()
+        # While failing, look at the file before the first publish that would end the
+        # episode, not an interval later.
+        self._file.check(at_once=self._failure is not None)
         self._lock.check()
         if self.max_disk is not None and self._db.used + self._syncer.tail_bytes > self.max_disk:
             raise Unavailable(

@@ -59,7 +59,7 @@ class Syncer:
         self.applied_seq = 0
         self._tail_lock = threading.Lock()
         self._apply_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._fsync_thread: threading.Thread | None = None
         # The fsync thread waits on _syncing for: an fsync asked for (fsync = always:
         # _sync_asked records appended, _synced fsynced), an early apply, or the stop.
         self._syncing = threading.Condition()
@@ -97,17 +97,17 @@ class Syncer:
         """Start the fsync thread (once the log is open); ``loop`` is told of fsyncs."""
         self._loop = loop
         if self.log is not None:
-            self._thread = threading.Thread(target=self._run, name="store-fsync", daemon=True)
-            self._thread.start()
+            self._fsync_thread = threading.Thread(target=self._run, name="store-fsync", daemon=True)
+            self._fsync_thread.start()
 
     async def stop(self) -> None:
         """Stop the fsync thread (what the tail holds stays for ``apply``)."""
-        if self._thread is not None:
+        if self._fsync_thread is not None:
             with self._syncing:
                 self._stop = True
                 self._syncing.notify()
-            await asyncio.to_thread(self._thread.join, 30)
-            self._thread = None
+            await asyncio.to_thread(self._fsync_thread.join, 30)
+            self._fsync_thread = None
 
     def close_log(self) -> None:
         """Close the log and remove its segments: all applied, and the WAL fsynced."""
