@@ -119,18 +119,23 @@ class SettingsError(click.ClickException):
     exit_code = 2
 
 
-def effective_settings(
-    ctx: click.Context, config_file: Path | None, opts: dict[str, Any]
-) -> Effective:
-    """The settings from the flags given, the environment and the file; usage errors else."""
+def given_flags(ctx: click.Context, opts: dict[str, Any]) -> dict[str, Any]:
+    """The settings given as flags on the command line, by name (parsed)."""
     flags: dict[str, Any] = {}
     for row in SETTINGS:
         if ctx.get_parameter_source(row.name) is ParameterSource.COMMANDLINE:
             value = opts[row.name]
             # A repeated flag is a tuple of what each occurrence parsed to (a list each).
             flags[row.name] = [v for part in value for v in part] if row.kind.multiple else value
+    return flags
+
+
+def effective_settings(
+    ctx: click.Context, config_file: Path | None, opts: dict[str, Any]
+) -> Effective:
+    """The settings from the flags given, the environment and the file; usage errors else."""
     try:
-        return load_settings(flags, os.environ, config_file)
+        return load_settings(given_flags(ctx, opts), os.environ, config_file)
     except ConfigError as exc:
         raise SettingsError(exc.message) from None
 

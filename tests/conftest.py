@@ -1,40 +1,58 @@
-"""Shared fixtures: a running broker per test (memory or on-disk store), one redis-server
-per session."""
+"""Shared fixtures: a running broker per test, in this process (``broker``,
+``make_broker``) or as a ``broker serve`` process where the process is what is tested
+(``broker_process``, ``make_broker_process``); one redis-server per session."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from .harness import BrokerThread
 from .support import BrokerProcess, RedisServer
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    """A real broker on a free port with an on-disk store in ``tmp_path``."""
-    proc = BrokerProcess(tmp_path).start()
-    yield proc
-    proc.kill()
+def _host(request: pytest.FixtureRequest) -> type[BrokerThread] | type[BrokerProcess]:
+    """``BrokerProcess`` for tests marked ``process``, ``BrokerThread`` for the others."""
+    return BrokerProcess if request.node.get_closest_marker("process") else BrokerThread
 
 
 @pytest.fixture
-def make_broker(tmp_path: Path) -> Iterator[object]:
-    """Factory for brokers with extra ``serve`` arguments: ``make_broker("--history", "5")``."""
-    started: list[BrokerProcess] = []
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A broker on a free port with an on-disk store in ``tmp_path``: in this process
+    (``BrokerThread``), or a ``broker serve`` process for tests marked ``process``."""
+    server = _host(request)(tmp_path).start()
+    yield server
+    server.close()
 
-    def factory(*args: str, **kw: object) -> BrokerProcess:
-        home = kw.pop("home", None) or tmp_path / f"b{len(started)}"
-        proc = BrokerProcess(home, *args, **kw).start()  # type: ignore[arg-type]
-        started.append(proc)
-        return proc
+
+@pytest.fixture
+def make_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Factory for brokers with extra ``serve`` arguments, hosted as ``broker`` is:
+    ``make_broker("--history", "5", memory=True)``."""
+    host = _host(request)
+    started: list[BrokerThread | BrokerProcess] = []
+
+    def factory(*args: str, home: Path | None = None, **kw: Any) -> Any:
+        server = host(home or tmp_path / f"b{len(started)}", *args, **kw)
+        started.append(server)
+        return server.start()
 
     yield factory
-    for proc in started:
-        proc.kill()
+    for server in started:
+        server.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs a process or a browser is slow by nature: marked so, for
+    ``-m "not slow"`` to run the core, stores, protocol and in-process server tests."""
+    for item in items:
+        if item.get_closest_marker("process") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

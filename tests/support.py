@@ -7,19 +7,30 @@ as the ``broker`` console script) in a subprocess on a free port.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
+import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import broker
 from broker.core.auth import mint_token
@@ -29,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: wheel .ci/run also tests): subprocesses must then import it from here too.
 FROM_SOURCE = Path(broker.__file__).resolve().parent.parent == ROOT
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
+SECRET_B = SECRET.encode()
 
 
 def free_port() -> int:
@@ -136,6 +148,10 @@ class BrokerProcess:
             self.proc.kill()
             self.proc.wait()
             raise
+
+    def close(self) -> None:
+        """Teardown: ``kill -9``, nothing to wait for."""
+        self.kill()
 
     def kill(self) -> None:
         """``kill -9``: no cleanup of any kind."""
@@ -319,3 +335,193 @@ def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
     )
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+# -- hand-built tokens and raw clients ------------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def segment(part: dict[str, Any] | bytes) -> str:
+    raw = part if isinstance(part, bytes) else json.dumps(part, separators=(",", ":")).encode()
+    return b64(raw)
+
+
+def forge(
+    header: dict[str, Any] | bytes,
+    payload: dict[str, Any] | bytes,
+    key: bytes = SECRET_B,
+    digest: Any = hashlib.sha256,
+) -> str:
+    """A JWT with exactly this header and payload, HMAC-signed by hand with ``key``
+    (PyJWT would refuse to build most of the tokens below)."""
+    signing_input = segment(header) + "." + segment(payload)
+    mac = hmac.new(key, signing_input.encode(), digest).digest()
+    return signing_input + "." + b64(mac)
+
+
+def alg_none(alg: str, payload: dict[str, Any]) -> str:
+    return segment({"alg": alg, "typ": "JWT"}) + "." + segment(payload) + "."
+
+
+async def refusal(url: str, headers: Headers | dict[str, str], **kw: Any) -> tuple[int, str]:
+    """Status and body of a refused upgrade (fails if the upgrade succeeds)."""
+    with pytest.raises(InvalidStatus) as info:
+        ws = await connect(url, additional_headers=headers, open_timeout=5, **kw)
+        await ws.close()
+    response = info.value.response
+    return response.status_code, bytes(response.body or b"").decode(errors="replace")
+
+
+async def closed_with(
+    peer: Peer, timeout: float = 5.0
+) -> tuple[int | None, str | None, list[dict[str, Any]]]:
+    """Read until the connection closes; the close code, reason and the frames seen."""
+    frames: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            frames.append(await peer.recv(timeout=max(0.01, deadline - time.monotonic())))
+    return peer.ws.close_code, peer.ws.close_reason, frames
+
+
+def http_get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, b""  # port closed
+
+
+class RawClient:
+    """A WebSocket client written by hand on a plain blocking socket: it completes the
+    handshake (token in the Authorization header), can send masked text frames and parse
+    what comes back, and otherwise never reads, like a consumer that stopped reading."""
+
+    GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self, port: int, token: str, *, rcvbuf: int = 4096) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16))
+        request = (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        self.sock.sendall(request.encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(4096)
+            assert chunk, f"handshake cut short: {buf!r}"
+            buf += chunk
+        head, _, self.buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0].startswith("HTTP/1.1 101"), lines[0]
+        expected = base64.b64encode(hashlib.sha1(key + self.GUID).digest()).decode()
+        headers = {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
+        assert headers["sec-websocket-accept"] == expected
+        self.bytes_read = 0
+
+    def send_json(self, obj: Any) -> None:
+        payload = orjson.dumps(obj)
+        mask = os.urandom(4)
+        n = len(payload)
+        header = (
+            bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+        )
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
+    def _need(self, n: int) -> None:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError
+            self.bytes_read += len(chunk)
+            self.buf += chunk
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next frame (server frames are unmasked)."""
+        self._need(2)
+        opcode, n = self.buf[0] & 0x0F, self.buf[1] & 0x7F
+        offset = 2
+        if n == 126:
+            self._need(4)
+            n, offset = int.from_bytes(self.buf[2:4], "big"), 4
+        elif n == 127:
+            self._need(10)
+            n, offset = int.from_bytes(self.buf[2:10], "big"), 10
+        self._need(offset + n)
+        payload, self.buf = self.buf[offset : offset + n], self.buf[offset + n :]
+        return opcode, payload
+
+    def recv_json(self) -> dict[str, Any]:
+        opcode, payload = self.recv_frame()
+        assert opcode == 1, opcode
+        return orjson.loads(payload)
+
+    def drain_until_closed(self, timeout: float) -> tuple[bool, int | None]:
+        """Read everything until EOF or reset: (closed, close code if a close frame came)."""
+        self.sock.settimeout(timeout)
+        code = None
+        try:
+            while True:
+                opcode, payload = self.recv_frame()
+                if opcode == 8:
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            return True, code
+        except TimeoutError:
+            return False, code
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def overlapping_patterns(depth: int) -> list[str]:
+    """Every pattern of ``depth`` levels, each level ``a`` or ``+``: 2**depth of them,
+    all matching ``a/a/.../a``."""
+    return [
+        "/".join("+" if bits >> level & 1 else "a" for level in range(depth))
+        for bits in range(2**depth)
+    ]
+
+
+# -- what a broker reports: /metrics samples, JSON log events -----------------------------
+
+#: Prometheus samples by (name, labels).
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metrics(broker: Any) -> Samples:
+    """The samples of ``broker``'s /metrics (a BrokerThread or a BrokerProcess)."""
+    with urllib.request.urlopen(broker.http_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def limit_hits(broker: Any, limit: str) -> float:
+    """How often ``limit`` was reached, from the broker's /metrics."""
+    return metrics(broker)[("broker_limit_hits_total", frozenset({("limit", limit)}))]
+
+
+def log_events(broker: Any, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``broker`` (``--log-format json``) whose event is ``event``."""
+    entries = []
+    for line in broker.log().splitlines():
+        if line.startswith("{"):
+            entry = orjson.loads(line)
+            if entry.get("event") == event:
+                entries.append(entry)
+    return entries

@@ -1,7 +1,7 @@
-"""Memory bounded whatever one client does (issue 13, rows 3 and 8), against real broker
-processes: a publisher faster than the store stops being read rather than buffered;
-``--memory`` history bounded in bytes across topics; a replay streamed from the store in
-pages, so readers that never read cost a page each, not the whole history.
+"""Memory bounded whatever one client does, against real brokers: a publisher faster
+than the store stops being read rather than buffered; ``--memory`` history bounded in
+bytes across topics; a replay streamed from the store in pages, so readers that never
+read cost a page each, not the whole history.
 
 The broker's RSS is read with psutil; the bounds are generous (several times what the
 broker needs), and far below what the same attacks cost before these bounds existed.
@@ -28,6 +28,7 @@ from broker.store.base import Pages, Store
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
 
+from .harness import Broker
 from .support import BrokerProcess, Peer
 
 
@@ -39,7 +40,7 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def open(cls, broker: BrokerProcess, user: str, rcvbuf: int | None = None) -> RawClient:
+    async def open(cls, broker: Broker, user: str, rcvbuf: int | None = None) -> RawClient:
         sock = socket.socket()
         if rcvbuf is not None:  # a reader that never reads: keep the kernel's share small
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -91,14 +92,14 @@ class RawClient:
         self.writer.transport.abort()
 
 
-def rss(broker: BrokerProcess) -> int:
+def rss(broker: Broker) -> int:
     assert broker.proc is not None
     return int(psutil.Process(broker.proc.pid).memory_info().rss)
 
 
 @contextlib.asynccontextmanager
 async def flooding(
-    broker: BrokerProcess, clients: int = 1, size: int = 60_000
+    broker: Broker, clients: int = 1, size: int = 60_000
 ) -> AsyncIterator[list[RawClient]]:
     """``clients`` connections sending fire-and-forget ``size``-byte publishes as fast as
     the broker reads them, until the block ends."""
@@ -124,6 +125,7 @@ async def flooding(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@pytest.mark.process
 async def test_a_fire_and_forget_flood_is_paused_not_buffered(broker: BrokerProcess) -> None:
     other = await Peer.open(broker.url, broker.token("other"))
     base = rss(broker)
@@ -147,6 +149,7 @@ async def test_a_fire_and_forget_flood_is_paused_not_buffered(broker: BrokerProc
     flood.close()
 
 
+@pytest.mark.process
 async def test_the_global_bound_pauses_many_publishers(make_broker: Any) -> None:
     # Per connection: no practical bound; in all: 256 KiB waiting for the store.
     broker = make_broker(
@@ -172,6 +175,7 @@ async def test_the_global_bound_pauses_many_publishers(make_broker: Any) -> None
     assert "Traceback" not in broker.log()
 
 
+@pytest.mark.slow
 async def test_memory_history_is_bounded_in_bytes_oldest_first(make_broker: Any) -> None:
     broker = make_broker("--history-size", "100KiB", memory=True)
     peer = await Peer.open(broker.url, broker.token("p"))
@@ -214,6 +218,7 @@ async def publish_window(peer: Peer, items: list[tuple[str, Any]], window: int =
     return [seqs[i] for i in range(len(items))]
 
 
+@pytest.mark.process
 async def test_readers_that_never_read_cost_a_page_not_the_history(broker: BrokerProcess) -> None:
     pub = await Peer.open(broker.url, broker.token("p"))
     blob = "z" * 60_000
@@ -273,6 +278,7 @@ def drafts(topics: list[str], data: bytes = b"1") -> list[Draft]:
     return [Draft(t, data, "u", "u", now_ms()) for t in topics]
 
 
+@pytest.mark.slow
 async def test_pages_hold_what_whole_reads_hold(store: Store) -> None:
     # 1,200 topics (a pattern over them pages through seq order) and 7 busy ones.
     for i in range(0, 3000, 100):

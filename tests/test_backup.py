@@ -14,6 +14,9 @@ import pytest
 
 from .support import ROOT, BrokerProcess, Peer, isolated_env
 
+# Each test runs `broker backup` and `broker serve` processes.
+pytestmark = pytest.mark.slow
+
 
 def backup(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``broker backup ARGS`` in a subprocess (its XDG dirs under ``home``)."""

@@ -24,10 +24,10 @@ from click.testing import CliRunner, Result
 from broker.cli.main import cli
 from broker.core.auth import mint_token
 
+from .harness import Broker
 from .support import (
     ROOT,
     SECRET,
-    BrokerProcess,
     free_port,
     isolated_env,
     self_signed_cert,
@@ -59,7 +59,7 @@ def make_runner(url: str, config: Path) -> Run:
 
 
 @pytest.fixture
-def run(tmp_path: Path, broker: BrokerProcess) -> Run:
+def run(tmp_path: Path, broker: Broker) -> Run:
     """The CLI against a running broker."""
     return make_runner(broker.url, tmp_path / "config")
 
@@ -212,7 +212,7 @@ def test_token_decode_refused(offline: Run, make: Callable[[], str], reason: str
 # -- pub and sub -------------------------------------------------------------------------
 
 
-def test_pub_then_sub_last_default_output(run: Run, broker: BrokerProcess) -> None:
+def test_pub_then_sub_last_default_output(run: Run, broker: Broker) -> None:
     token = token_for("alice", name="Alice")
     assert run("pub", "football", "2-1", "--token", token).exit_code == 0
     assert (
@@ -334,7 +334,8 @@ def test_sub_timeout_and_usage_errors(run: Run) -> None:
     assert result.exit_code == 2
 
 
-def test_sub_live_with_pub_in_subprocess(run: Run, broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_sub_live_with_pub_in_subprocess(run: Run, broker: Broker, tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     env["BROKER_URL"] = broker.url
     env["BROKER_TOKEN"] = token_for("bob")
@@ -369,6 +370,7 @@ def test_sub_live_with_pub_in_subprocess(run: Run, broker: BrokerProcess, tmp_pa
     assert out.splitlines() == ["2-1", "hi"]
 
 
+@pytest.mark.slow
 def test_pub_stdin_thousands_all_acknowledged(make_broker: Any, tmp_path: Path) -> None:
     broker = make_broker("--history", "5000")
     token = token_for()
@@ -441,7 +443,7 @@ def test_tail_shows_last_n_rich(run: Run) -> None:
 # -- presence and stats ------------------------------------------------------------------------
 
 
-async def test_presence_table_and_json(broker: BrokerProcess, run: Run) -> None:
+async def test_presence_table_and_json(broker: Broker, run: Run) -> None:
     from broker.client import Client
 
     async def cli(
@@ -547,7 +549,7 @@ def test_local_secret_mints_for_login_user(run: Run, tmp_path: Path) -> None:
     assert orjson.loads(result.stdout)["from"]["id"] == getpass.getuser()
 
 
-def test_url_from_environment_and_flag(run: Run, broker: BrokerProcess) -> None:
+def test_url_from_environment_and_flag(run: Run, broker: Broker) -> None:
     dead = f"ws://127.0.0.1:{free_port()}/ws"
     token = token_for()
     result = run("pub", "u", "x", "--token", token, env={"BROKER_URL": dead})
@@ -604,7 +606,8 @@ def test_help_documents_exit_codes(run: Run) -> None:
         assert "3   broker unreachable" in result.stdout
 
 
-def test_expired_token_mid_session_exits_4(broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_expired_token_mid_session_exits_4(broker: Broker, tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     env.update(BROKER_URL=broker.url, BROKER_TOKEN=token_for(ttl=1))
     proc = subprocess.run(  # noqa: PLW1510 - the code is asserted
@@ -619,7 +622,8 @@ def test_expired_token_mid_session_exits_4(broker: BrokerProcess, tmp_path: Path
     assert proc.stderr.strip() == "Error: unauthorized: token expired"
 
 
-def test_ctrl_c_exits_130_quietly(broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_ctrl_c_exits_130_quietly(broker: Broker, tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     env.update(BROKER_URL=broker.url, BROKER_TOKEN=token_for())
     proc = subprocess.Popen(
@@ -638,7 +642,8 @@ def test_ctrl_c_exits_130_quietly(broker: BrokerProcess, tmp_path: Path) -> None
     assert out == "" and err == ""
 
 
-def test_sub_survives_broker_restart(broker: BrokerProcess, tmp_path: Path, run: Run) -> None:
+@pytest.mark.slow
+def test_sub_survives_broker_restart(broker: Broker, tmp_path: Path, run: Run) -> None:
     env = isolated_env(tmp_path)
     env.update(BROKER_URL=broker.url, BROKER_TOKEN=token_for("bob"))
     proc = subprocess.Popen(

@@ -26,7 +26,8 @@ from broker.errors import (
     Unavailable,
 )
 
-from .support import SECRET, BrokerProcess, async_wait_for, free_port
+from .harness import Broker
+from .support import SECRET, async_wait_for, free_port
 
 
 def tok(user: str = "alice", name: str | None = None, **kw: Any) -> str:
@@ -43,20 +44,20 @@ async def collect(client: Client, n: int, timeout: float = 5.0) -> list[Message]
 # -- basics ----------------------------------------------------------------------------
 
 
-async def test_hello_user_and_server(broker: BrokerProcess) -> None:
+async def test_hello_user_and_server(broker: Broker) -> None:
     async with Client(broker.url, tok("42", "John")) as c:
         assert c.user == User("42", "John")
         assert c.server is not None and c.server.startswith("broker/")
         assert c.connected
 
 
-async def test_bearer_header_auth(broker: BrokerProcess) -> None:
+async def test_bearer_header_auth(broker: Broker) -> None:
     async with Client(broker.url, tok("bob"), auth_header=True) as c:
         assert c.user == User("bob", "bob")
         assert await c.publish("t", 1) is not None
 
 
-async def test_publish_subscribe_fields(broker: BrokerProcess) -> None:
+async def test_publish_subscribe_fields(broker: Broker) -> None:
     async with (
         Client(broker.url, tok("alice", "Alice")) as pub,
         Client(broker.url, tok("bob")) as sub,
@@ -78,7 +79,7 @@ async def test_publish_subscribe_fields(broker: BrokerProcess) -> None:
             await sub.next_message(0.3)
 
 
-async def test_pipelined_publishes_matched_by_id(broker: BrokerProcess) -> None:
+async def test_pipelined_publishes_matched_by_id(broker: Broker) -> None:
     async with (
         Client(broker.url, tok("alice")) as pub,
         Client(broker.url, tok("bob")) as sub,
@@ -92,7 +93,7 @@ async def test_pipelined_publishes_matched_by_id(broker: BrokerProcess) -> None:
         assert len(set(seqs)) == 500
 
 
-async def test_publish_without_ack_and_echo(broker: BrokerProcess) -> None:
+async def test_publish_without_ack_and_echo(broker: Broker) -> None:
     async with Client(broker.url, tok("alice")) as c:
         await c.subscribe("room")
         assert isinstance(await c.publish("room", "not echoed"), int)
@@ -103,7 +104,7 @@ async def test_publish_without_ack_and_echo(broker: BrokerProcess) -> None:
         assert (msg.data, msg.seq) == ("echoed", seq)
 
 
-async def test_typed_errors(broker: BrokerProcess) -> None:
+async def test_typed_errors(broker: Broker) -> None:
     limited = tok("carol", pub=["scores/#"], sub=["scores/#"])
     async with Client(broker.url, tok("alice")) as c, Client(broker.url, limited) as lc:
         with pytest.raises(Forbidden) as info:
@@ -127,14 +128,14 @@ async def test_typed_errors(broker: BrokerProcess) -> None:
         assert await c.publish("ok", 1) is not None
 
 
-async def test_stats_needs_admin(broker: BrokerProcess) -> None:
+async def test_stats_needs_admin(broker: Broker) -> None:
     async with Client(broker.url, tok("root", admin=True)) as c:
         figures = await c.stats()
         assert "op" not in figures and "id" not in figures
         assert figures["connections"] >= 1
 
 
-async def test_presence_and_join_leave(broker: BrokerProcess) -> None:
+async def test_presence_and_join_leave(broker: Broker) -> None:
     async with Client(broker.url, tok("ann", "Ann")) as ann:
         await ann.subscribe("lobby", presence=True)
         async with Client(broker.url, tok("ben", "Ben")) as ben:
@@ -151,7 +152,7 @@ async def test_presence_and_join_leave(broker: BrokerProcess) -> None:
         assert event == PresenceEvent("leave", "lobby", User("ben", "Ben"))
 
 
-async def test_last_and_since(broker: BrokerProcess) -> None:
+async def test_last_and_since(broker: Broker) -> None:
     async with Client(broker.url, tok("alice")) as pub:
         seqs = [await pub.publish(f"h/{i % 2}", i) for i in range(6)]
     async with Client(broker.url, tok("bob")) as c:
@@ -168,7 +169,7 @@ async def test_last_and_since(broker: BrokerProcess) -> None:
         assert [m.data for m in await collect(c, 6)] == [0, 1, 2, 3, 4, 5]
 
 
-async def test_iteration_ends_on_close(broker: BrokerProcess) -> None:
+async def test_iteration_ends_on_close(broker: Broker) -> None:
     c = Client(broker.url, tok())
     await c.connect()
     await c.subscribe("x")
@@ -197,7 +198,7 @@ async def test_unreachable_fails_fast() -> None:
     assert "cannot connect" in info.value.message
 
 
-async def test_url_list_tried_in_turn(broker: BrokerProcess) -> None:
+async def test_url_list_tried_in_turn(broker: Broker) -> None:
     dead = f"ws://127.0.0.1:{free_port()}/ws"
     async with Client([dead, broker.url], tok()) as c:
         assert c.url == broker.url
@@ -211,7 +212,7 @@ def test_bad_arguments() -> None:
 
 
 @pytest.mark.parametrize("header", [False, True])
-async def test_refused_tokens(broker: BrokerProcess, header: bool) -> None:
+async def test_refused_tokens(broker: Broker, header: bool) -> None:
     with pytest.raises(Unauthorized) as info:
         await Client(
             broker.url,
@@ -223,7 +224,8 @@ async def test_refused_tokens(broker: BrokerProcess, header: bool) -> None:
         await Client(broker.url, tok(ttl=-10), auth_header=header).connect()
 
 
-async def test_expiry_without_provider_is_final(broker: BrokerProcess) -> None:
+@pytest.mark.slow
+async def test_expiry_without_provider_is_final(broker: Broker) -> None:
     async with Client(broker.url, tok(ttl=2), backoff_initial=0.01) as c:
         await c.subscribe("x")
         with pytest.raises(TokenExpired):
@@ -234,7 +236,8 @@ async def test_expiry_without_provider_is_final(broker: BrokerProcess) -> None:
             await c.publish("x", 1)
 
 
-async def test_token_provider_refreshes_in_place(broker: BrokerProcess) -> None:
+@pytest.mark.slow
+async def test_token_provider_refreshes_in_place(broker: Broker) -> None:
     calls = 0
 
     async def provider() -> str:
@@ -255,8 +258,9 @@ async def test_token_provider_refreshes_in_place(broker: BrokerProcess) -> None:
         assert c.reconnects == 0  # refreshed on the live connection, no 4003
 
 
+@pytest.mark.slow
 async def test_expiry_with_provider_reconnects_and_resumes(
-    broker: BrokerProcess,
+    broker: Broker,
 ) -> None:
     # refresh_at > 1: no refresh before exp, so the broker closes with 4003; the client
     # reconnects with a fresh token from the provider and resumes its subscription.
@@ -278,7 +282,8 @@ async def test_expiry_with_provider_reconnects_and_resumes(
         assert [m.data for m in await collect(c, 2)] == ["before", "after"]
 
 
-async def test_refused_provider_token_stops_reconnecting(broker: BrokerProcess) -> None:
+@pytest.mark.slow
+async def test_refused_provider_token_stops_reconnecting(broker: Broker) -> None:
     tokens = iter([tok("alice", ttl=2)])
 
     def provider() -> str:
@@ -294,7 +299,7 @@ async def test_refused_provider_token_stops_reconnecting(broker: BrokerProcess) 
 # -- reconnect and resume against a real broker -------------------------------------------
 
 
-async def test_no_loss_no_duplicates_across_restart(broker: BrokerProcess) -> None:
+async def test_no_loss_no_duplicates_across_restart(broker: Broker) -> None:
     received: list[Message] = []
     acked: list[int] = []
     states: list[str] = []
@@ -340,7 +345,7 @@ async def test_no_loss_no_duplicates_across_restart(broker: BrokerProcess) -> No
 
 @pytest.mark.timeout(30)
 async def test_send_on_a_just_closed_connection_waits_for_the_next_one(
-    broker: BrokerProcess,
+    broker: Broker,
 ) -> None:
     # The CI failure of 2026-11-24: a publish that found its connection closed
     # before the session task had noticed retried on the same dead socket in a
@@ -356,6 +361,7 @@ async def test_send_on_a_just_closed_connection_waits_for_the_next_one(
         assert isinstance(seq, int) and pub._ws is not dead and pub.reconnects == 1
 
 
+@pytest.mark.slow
 async def test_a_consumer_that_falls_behind_is_bounded_and_loses_nothing(
     make_broker: Any,
 ) -> None:

@@ -21,36 +21,54 @@ from broker.client import Client
 from broker.errors import Unavailable
 from broker.store.redis.store import Draft, decode_member, encode_tail
 
+from .harness import BrokerThread
 from .support import BrokerProcess, Peer, RedisServer, async_wait_for
 
 pytestmark = pytest.mark.redis
 
 
+def _without_data(cmd: list[str]) -> list[str]:
+    """A node keeps its history in Redis: no --data."""
+    i = cmd.index("--data")
+    return cmd[:i] + cmd[i + 2 :]
+
+
 class Node(BrokerProcess):
-    """A broker node in cluster mode: history in Redis, so no --memory/--data."""
+    """A broker node in cluster mode as a ``broker serve`` process."""
 
     def __init__(self, home: Path, redis_url: str, *args: str) -> None:
         super().__init__(home, "--redis", redis_url, *args)
 
     def command(self) -> list[str]:
-        cmd = super().command()
-        i = cmd.index("--data")
-        del cmd[i : i + 2]
-        return cmd
+        return _without_data(super().command())
 
 
-NodeFactory = Callable[..., list[Node]]
+class NodeThread(BrokerThread):
+    """A broker node in cluster mode in this process."""
+
+    def __init__(self, home: Path, redis_url: str, *args: str) -> None:
+        super().__init__(home, "--redis", redis_url, *args)
+
+    def command(self) -> list[str]:
+        return _without_data(super().command())
+
+
+NodeFactory = Callable[..., list[Any]]
 
 
 @pytest.fixture
-def nodes(redis_server: RedisServer, tmp_path: Path) -> Iterator[NodeFactory]:
-    """``nodes(3, "--history", "5")``: that many nodes on a freshly flushed Redis."""
+def nodes(
+    request: pytest.FixtureRequest, redis_server: RedisServer, tmp_path: Path
+) -> Iterator[NodeFactory]:
+    """``nodes(3, "--history", "5")``: that many nodes on a freshly flushed Redis, in this
+    process, or ``broker serve`` processes for tests marked ``process``."""
     redis_server.ensure_running()  # a previous test may have killed it
     redis_server.flush()
-    started: list[Node] = []
+    host = Node if request.node.get_closest_marker("process") else NodeThread
+    started: list[Node | NodeThread] = []
 
-    def factory(n: int, *args: str) -> list[Node]:
-        made = [Node(tmp_path / f"n{len(started) + i}", redis_server.url, *args) for i in range(n)]
+    def factory(n: int, *args: str) -> list[Any]:
+        made = [host(tmp_path / f"n{len(started) + i}", redis_server.url, *args) for i in range(n)]
         started.extend(made)
         for node in made:
             node.start()
@@ -58,7 +76,7 @@ def nodes(redis_server: RedisServer, tmp_path: Path) -> Iterator[NodeFactory]:
 
     yield factory
     for node in started:
-        node.kill()
+        node.close()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -188,6 +206,7 @@ async def test_inbox_privacy_across_nodes(nodes: NodeFactory) -> None:
     assert (await messages(own, 1))[0]["data"] == "hi"
 
 
+@pytest.mark.process
 async def test_presence_and_stats_cluster_wide_and_cleanup_after_kill(nodes: NodeFactory) -> None:
     a, b = nodes(2)
     watcher = await Peer.open(b.url, b.token("carol"))
@@ -234,6 +253,7 @@ async def test_presence_and_stats_cluster_wide_and_cleanup_after_kill(nodes: Nod
     assert [u["id"] for u in users] == ["bob", "carol"]
 
 
+@pytest.mark.process
 async def test_graceful_shutdown_drops_presence_at_once(nodes: NodeFactory) -> None:
     a, b = nodes(2)
     watcher = await Peer.open(b.url, b.token("carol"))
@@ -241,7 +261,7 @@ async def test_graceful_shutdown_drops_presence_at_once(nodes: NodeFactory) -> N
     alice = await Peer.open(a.url, a.token("alice"))
     await alice.request("sub", topic="room")
     assert (await watcher.recv())["op"] == "join"
-    assert a.stop() == 0
+    assert await asyncio.to_thread(a.stop) == 0
     frame = await watcher.recv(timeout=2)
     assert (frame["op"], frame["user"]["id"]) == ("leave", "alice")
 
@@ -279,6 +299,7 @@ async def test_redis_restarted_mid_stream(nodes: NodeFactory, redis_server: Redi
     assert a.log().count("unreachable") == 1  # once per outage, not per message
 
 
+@pytest.mark.process
 async def test_node_killed_client_resumes_on_another(nodes: NodeFactory) -> None:
     a, b = nodes(2)
     received: list[int] = []
@@ -308,6 +329,7 @@ async def test_node_killed_client_resumes_on_another(nodes: NodeFactory) -> None
     await client.close()
 
 
+@pytest.mark.process
 async def test_redis_wait_acknowledges_only_what_a_replica_has(
     redis_server: RedisServer, nodes: NodeFactory, tmp_path: Path
 ) -> None:

@@ -54,6 +54,7 @@ async def check_configured(broker: BrokerProcess, data_dir: Path) -> None:
     assert (data_dir / "broker.sqlite3").is_file()
 
 
+@pytest.mark.slow
 async def test_a_broker_configured_entirely_by_file(tmp_path: Path) -> None:
     port, data = free_port(), tmp_path / "filedata"
     config = tmp_path / "broker.toml"
@@ -71,6 +72,7 @@ async def test_a_broker_configured_entirely_by_file(tmp_path: Path) -> None:
         broker.kill()
 
 
+@pytest.mark.slow
 async def test_a_broker_configured_entirely_by_environment(tmp_path: Path) -> None:
     port, data = free_port(), tmp_path / "envdata"
     env = {
@@ -88,6 +90,7 @@ async def test_a_broker_configured_entirely_by_environment(tmp_path: Path) -> No
         broker.kill()
 
 
+@pytest.mark.slow
 def test_the_default_config_file_is_read(tmp_path: Path) -> None:
     """broker.toml in the user's config dir applies when no --config is given."""
     port = free_port()
@@ -286,6 +289,7 @@ def broker_script() -> Path:
     return script
 
 
+@pytest.mark.slow
 def test_bash_completion_script_and_completions(tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     source = subprocess.run(
@@ -331,6 +335,7 @@ def test_bash_completion_script_and_completions(tmp_path: Path) -> None:
     assert "plain,--max-queue" in options.stdout.splitlines()
 
 
+@pytest.mark.process
 def test_no_banner_when_stderr_is_not_a_terminal(broker: BrokerProcess) -> None:
     """In a pipe or a file the log is plain lines: no box-drawn banner first."""
     assert wait_for_log(broker, "listening on")
@@ -339,6 +344,7 @@ def test_no_banner_when_stderr_is_not_a_terminal(broker: BrokerProcess) -> None:
     assert log.splitlines()[0].split()[0][:4].isdigit()  # a timestamped log line first
 
 
+@pytest.mark.slow
 def test_root_has_no_top_level_cli_package() -> None:
     """cli/ installs as broker.cli: importing a top-level `cli` must not find ours."""
     found = subprocess.run(

@@ -17,7 +17,8 @@ from websockets.frames import Frame, Opcode
 
 from broker.core.auth import mint_token
 
-from .support import BrokerProcess, Peer, free_port
+from .harness import Broker
+from .support import Peer, free_port
 
 
 async def raw_upgrade(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -46,7 +47,7 @@ async def read_until_eof(reader: asyncio.StreamReader, timeout: float) -> bytes:
 
 
 async def test_silent_peer_is_dropped_and_a_live_one_is_kept(make_broker: Any) -> None:
-    broker: BrokerProcess = make_broker("--ping-interval", "0.3", memory=True)
+    broker: Broker = make_broker("--ping-interval", "0.3", memory=True)
     live = await Peer.open_with_header(broker.url, broker.token("live"))
     await live.recv()  # hello
     # The raw peer stops reading after the handshake, so it never answers a ping.
@@ -65,7 +66,7 @@ async def test_silent_peer_is_dropped_and_a_live_one_is_kept(make_broker: Any) -
     await live.close()
 
 
-async def test_pings_are_answered(broker: BrokerProcess) -> None:
+async def test_pings_are_answered(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("p"))
     pong = await peer.ws.ping(b"are you there")
     await asyncio.wait_for(pong, 5)
@@ -73,7 +74,7 @@ async def test_pings_are_answered(broker: BrokerProcess) -> None:
 
 
 async def test_connection_without_a_request_is_dropped(make_broker: Any) -> None:
-    broker: BrokerProcess = make_broker("--auth-timeout", "0.5", memory=True)
+    broker: Broker = make_broker("--auth-timeout", "0.5", memory=True)
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
     started = time.monotonic()
     assert await read_until_eof(reader, timeout=10) == b""
@@ -84,7 +85,7 @@ async def test_connection_without_a_request_is_dropped(make_broker: Any) -> None
     await peer.close()
 
 
-async def test_fragmented_message_is_reassembled(broker: BrokerProcess) -> None:
+async def test_fragmented_message_is_reassembled(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("f"))
     await peer.ws.send(['{"op":"pub","topic":"frag",', '"data":"\u00e9t\u00e9","id":7}'])
     reply = await peer.recv()
@@ -92,7 +93,7 @@ async def test_fragmented_message_is_reassembled(broker: BrokerProcess) -> None:
     await peer.close()
 
 
-async def test_character_split_across_fragments(broker: BrokerProcess) -> None:
+async def test_character_split_across_fragments(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("f"))
     text = orjson.dumps({"op": "pub", "topic": "frag", "data": "caf\u00e9", "id": 8})
     cut = text.index("\u00e9".encode()) + 1  # inside the two bytes of "\u00e9"
@@ -106,7 +107,7 @@ async def test_character_split_across_fragments(broker: BrokerProcess) -> None:
 
 
 async def test_fragments_over_the_size_limit_close_1009(make_broker: Any) -> None:
-    broker: BrokerProcess = make_broker("--max-message-size", "1000", memory=True)
+    broker: Broker = make_broker("--max-message-size", "1000", memory=True)
     async with connect(broker.url, max_size=None) as ws:
         await ws.send(orjson.dumps({"op": "auth", "token": broker.token("big")}).decode())
         await ws.recv()  # hello
@@ -117,7 +118,7 @@ async def test_fragments_over_the_size_limit_close_1009(make_broker: Any) -> Non
 
 
 async def test_frames_behind_a_waiting_request_are_handled_in_order(
-    broker: BrokerProcess,
+    broker: Broker,
 ) -> None:
     async with connect(broker.url) as setup:
         await setup.send(orjson.dumps({"op": "auth", "token": broker.token("w")}).decode())
@@ -166,7 +167,7 @@ async def acks(peer: Peer, n: int) -> list[int]:
     return sorted(got)
 
 
-async def test_frames_cut_at_every_byte(broker: BrokerProcess) -> None:
+async def test_frames_cut_at_every_byte(broker: Broker) -> None:
     # Frames with 7-bit, 16-bit and 64-bit lengths, written a few bytes at a time so that
     # headers, masks and payloads arrive cut anywhere.
     peer = await Peer.open(broker.url, broker.token("cut"))
@@ -181,14 +182,14 @@ async def test_frames_cut_at_every_byte(broker: BrokerProcess) -> None:
 
 
 async def test_large_frame_with_64_bit_length(make_broker: Any) -> None:
-    broker: BrokerProcess = make_broker("--max-message-size", "1MiB", memory=True)
+    broker: Broker = make_broker("--max-message-size", "1MiB", memory=True)
     peer = await Peer.open(broker.url, broker.token("big"))
     peer.ws.transport.write(pub_frame(1, size=200_000) + pub_frame(2))
     assert await acks(peer, 2) == [1, 2]
     await peer.close()
 
 
-async def test_ping_between_data_frames(broker: BrokerProcess) -> None:
+async def test_ping_between_data_frames(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("ctl"))
     ping = Frame(Opcode.PING, b"between").serialize(mask=True)
     peer.ws.transport.write(pub_frame(1) + ping + pub_frame(2))
@@ -196,7 +197,7 @@ async def test_ping_between_data_frames(broker: BrokerProcess) -> None:
     await peer.close()
 
 
-async def test_data_then_close_in_one_write(broker: BrokerProcess) -> None:
+async def test_data_then_close_in_one_write(broker: Broker) -> None:
     reader, writer = await raw_upgrade(broker.port, broker.token("bye"))
     close = Frame(Opcode.CLOSE, (1000).to_bytes(2, "big") + b"bye").serialize(mask=True)
     writer.write(pub_frame(1) + close)
@@ -231,14 +232,25 @@ async def test_data_then_close_in_one_write(broker: BrokerProcess) -> None:
         (b"\x89" + Frame(Opcode.TEXT, b"p" * 126).serialize(mask=True)[1:], 1002),
     ],
 )
-async def test_bad_frames_close_with_their_code(
-    broker: BrokerProcess, frame: bytes, code: int
-) -> None:
+async def test_bad_frames_close_with_their_code(broker: Broker, frame: bytes, code: int) -> None:
     reader, writer = await raw_upgrade(broker.port, broker.token("bad"))
     writer.write(frame)
     data = await read_until_eof(reader, timeout=5)
     writer.close()
     assert b"\x88" in data and code.to_bytes(2, "big") in data.split(b"\x88", 1)[1][:4]
+
+
+async def test_compression_not_negotiated_by_default(broker: Broker) -> None:
+    """No permessage-deflate unless the server is started with compression (docs/protocol.md):
+    nothing to inflate, so no decompression bombs."""
+    ws = await connect(
+        broker.url,
+        compression="deflate",
+        additional_headers={"Authorization": f"Bearer {broker.token('1')}"},
+    )
+    assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
+    assert orjson.loads(await ws.recv())["op"] == "hello"
+    await ws.close()
 
 
 async def test_compressed_messages_are_inflated_within_the_size_limit() -> None:
@@ -271,7 +283,7 @@ async def test_compressed_messages_are_inflated_within_the_size_limit() -> None:
         await server.shutdown()
 
 
-async def test_frames_in_the_same_write_as_the_handshake_are_read(broker: BrokerProcess) -> None:
+async def test_frames_in_the_same_write_as_the_handshake_are_read(broker: Broker) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
     key = base64.b64encode(os.urandom(16)).decode()
     request = (

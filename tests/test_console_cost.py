@@ -15,6 +15,9 @@ import pytest
 from .support import BrokerProcess, Peer
 from .test_console import CHROMIUM, async_playwright, message, open_console, run
 
+# A browser against a broker serve process, as in test_console.py.
+pytestmark = [pytest.mark.process, pytest.mark.browser]
+
 if async_playwright is not None:
     from playwright.async_api import Browser, expect
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from playwright.async_api import Browser, expect
 
 from .support import BrokerProcess, Peer
 from .test_console import _browser_available, message, open_console, run
+
+# Chromium against broker serve processes, as in test_console.py.
+pytestmark = [pytest.mark.process, pytest.mark.browser]
 
 __all__ = ["_browser_available"]  # the autouse fixture: skip (or fail in CI) without a browser
 

@@ -14,6 +14,8 @@ import pytest
 
 from tests.support import BrokerProcess, Peer, async_wait_for
 
+pytestmark = pytest.mark.process
+
 # With a one-hour interval nothing is fsynced while a test runs: what survives the kill
 # survives because it was written to the OS before its ok.
 MODES = {

@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from .support import ROOT, SECRET, BrokerProcess, isolated_env
+from .harness import Broker
+from .support import ROOT, SECRET, isolated_env
+
+# Each test runs example scripts as processes.
+pytestmark = pytest.mark.slow
 
 
-def run_example(name: str, broker: BrokerProcess, tmp_path: Path) -> list[str]:
+def run_example(name: str, broker: Broker, tmp_path: Path) -> list[str]:
     proc = subprocess.run(  # noqa: PLW1510 - the code is asserted
         [
             sys.executable,
@@ -33,14 +37,14 @@ def run_example(name: str, broker: BrokerProcess, tmp_path: Path) -> list[str]:
     return proc.stdout.splitlines()
 
 
-def test_chat_one_to_one(broker: BrokerProcess, tmp_path: Path) -> None:
+def test_chat_one_to_one(broker: Broker, tmp_path: Path) -> None:
     assert run_example("chat_one_to_one.py", broker, tmp_path) == [
         "Alice -> bob: Hi Bob, are you coming to the match?",
         "Bob -> alice: Yes Alice, see you at 3!",
     ]
 
 
-def test_group_channel(broker: BrokerProcess, tmp_path: Path) -> None:
+def test_group_channel(broker: Broker, tmp_path: Path) -> None:
     lines = run_example("group_channel.py", broker, tmp_path)
     users = ["ann", "ben", "cat"]
     expected = [
@@ -50,7 +54,7 @@ def test_group_channel(broker: BrokerProcess, tmp_path: Path) -> None:
     assert lines[-1] == "in the channel: Ann, Ben, Cat"
 
 
-def test_football_scores(broker: BrokerProcess, tmp_path: Path) -> None:
+def test_football_scores(broker: Broker, tmp_path: Path) -> None:
     lines = run_example("football_scores.py", broker, tmp_path)
     by_listener = {
         name: [line.split(": ", 1)[1] for line in lines if line.startswith(name + ":")]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from broker.cli.main import cli
@@ -30,6 +31,7 @@ def serve_print_config(tmp_path: Path, *args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+@pytest.mark.slow
 def test_stats_without_an_admin_token_says_how_to_get_one(tmp_path: Path) -> None:
     broker = BrokerProcess(tmp_path, memory=True).start()
     try:
@@ -49,6 +51,7 @@ def test_stats_without_an_admin_token_says_how_to_get_one(tmp_path: Path) -> Non
     assert "`broker token --id ops --admin`" in lines[0]
 
 
+@pytest.mark.slow
 def test_serve_logs_the_console_address_too(tmp_path: Path) -> None:
     broker = BrokerProcess(tmp_path, memory=True).start()
     try:
@@ -60,6 +63,7 @@ def test_serve_logs_the_console_address_too(tmp_path: Path) -> None:
     assert f"console: http://127.0.0.1:{broker.port}/" in line
 
 
+@pytest.mark.slow
 def test_serve_warns_about_a_short_secret_as_token_does(tmp_path: Path) -> None:
     token = subprocess.run(
         [sys.executable, "-m", "broker.cli", "token", "--id", "u", "--secret", "abc"],

@@ -5,12 +5,12 @@ mode."""
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from .harness import Broker
 from .support import BrokerProcess, Peer, async_wait_for
 
 
@@ -33,7 +33,7 @@ async def collect(peer: Peer, n: int, timeout: float = 10) -> list[dict[str, Any
     return [await peer.recv(timeout) for _ in range(n)]
 
 
-async def test_seq_increases_across_topics(broker: BrokerProcess) -> None:
+async def test_seq_increases_across_topics(broker: Broker) -> None:
     pub = await Peer.open(broker.url, broker.token("p"))
     seqs = await publish_many(pub, [(f"t{i % 7}/x", i) for i in range(60)])
     assert seqs == sorted(seqs) and len(set(seqs)) == 60
@@ -45,7 +45,7 @@ async def test_seq_increases_across_topics(broker: BrokerProcess) -> None:
     assert got == more and all(a < b for a, b in zip(got, got[1:]))
 
 
-async def test_last_and_since_exact_and_pattern(broker: BrokerProcess) -> None:
+async def test_last_and_since_exact_and_pattern(broker: Broker) -> None:
     pub = await Peer.open(broker.url, broker.token("p"))
     items = [("scores/uk", i) if i % 2 else ("scores/fr", i) for i in range(10)] + [("news", "n")]
     seqs = await publish_many(pub, items)
@@ -76,7 +76,7 @@ async def test_last_and_since_exact_and_pattern(broker: BrokerProcess) -> None:
     assert [m["seq"] for m in await collect(sub5, 11)] == seqs
 
 
-async def test_since_with_other_epoch_or_future_seq_replays_all(broker: BrokerProcess) -> None:
+async def test_since_with_other_epoch_or_future_seq_replays_all(broker: Broker) -> None:
     pub = await Peer.open(broker.url, broker.token("p"))
     seqs = await publish_many(pub, [("t", i) for i in range(3)])
     sub = await Peer.open(broker.url, broker.token("s"))
@@ -89,7 +89,7 @@ async def test_since_with_other_epoch_or_future_seq_replays_all(broker: BrokerPr
     assert [m["seq"] for m in await collect(sub2, 3)] == seqs
 
 
-async def test_replay_skips_messages_already_delivered(broker: BrokerProcess) -> None:
+async def test_replay_skips_messages_already_delivered(broker: Broker) -> None:
     pub = await Peer.open(broker.url, broker.token("p"))
     sub = await Peer.open(broker.url, broker.token("s"))
     await sub.request("sub", topic="a/b")
@@ -117,6 +117,7 @@ async def test_recovered_false_when_history_trimmed(make_broker) -> None:  # typ
     assert (await sub3.request("sub", topic="u", since=0))["recovered"] is True
 
 
+@pytest.mark.slow
 async def test_retention_age(make_broker) -> None:  # type: ignore[no-untyped-def]
     broker = make_broker("--retention", "1s")
     pub = await Peer.open(broker.url, broker.token("p"))
@@ -140,7 +141,7 @@ async def test_retention_age(make_broker) -> None:  # type: ignore[no-untyped-de
 
 
 @pytest.mark.slow
-async def test_subscribe_during_publishing_has_no_gap_or_duplicate(broker: BrokerProcess) -> None:
+async def test_subscribe_during_publishing_has_no_gap_or_duplicate(broker: Broker) -> None:
     pub = await Peer.open(broker.url, broker.token("p"))
     first = await publish_many(pub, [("live/a", i) for i in range(50)])
     since = first[24]
@@ -175,13 +176,14 @@ async def test_subscribe_during_publishing_has_no_gap_or_duplicate(broker: Broke
 
 
 @pytest.mark.slow
+@pytest.mark.process
 async def test_kill_9_loses_nothing_acknowledged(broker: BrokerProcess) -> None:
     pub = await Peer.open(broker.url, broker.token("p"))
     items = [(f"crash/{i % 4}", {"n": i}) for i in range(300)]
     seqs = await publish_many(pub, items)
     epoch = (await pub.request("sub", topic="nothing"))["epoch"]
     broker.kill()
-    broker.start()
+    await asyncio.to_thread(broker.start)
     sub = await Peer.open(broker.url, broker.token("s"))
     ok = await sub.request("sub", topic="crash/#", since=0, epoch=epoch)
     assert ok["epoch"] == epoch and ok["recovered"] is True and ok["seq"] == seqs[-1]
@@ -192,13 +194,14 @@ async def test_kill_9_loses_nothing_acknowledged(broker: BrokerProcess) -> None:
     assert more[0] > seqs[-1]
 
 
-async def test_graceful_shutdown_closes_1001_and_keeps_acked(broker: BrokerProcess) -> None:
+@pytest.mark.slow
+async def test_graceful_shutdown_closes_1001_and_keeps_acked(broker: Broker) -> None:
     sub = await Peer.open(broker.url, broker.token("s"))
     await sub.request("sub", topic="g")
     pub = await Peer.open(broker.url, broker.token("p"))
     for i in range(200):
         await pub.send({"op": "pub", "topic": "g", "data": i, "id": i})
-    rc = await asyncio.to_thread(broker.stop, signal.SIGTERM)
+    rc = await asyncio.to_thread(broker.stop)
     assert rc == 0
     acked: list[int] = []
     refused = 0
@@ -212,7 +215,7 @@ async def test_graceful_shutdown_closes_1001_and_keeps_acked(broker: BrokerProce
                 refused += 1
     assert pub.ws.close_code == 1001
     assert acked and len(acked) + refused <= 200
-    broker.start()
+    await asyncio.to_thread(broker.start)
     check = await Peer.open(broker.url, broker.token("c"))
     await check.request("sub", topic="g", since=0)
     stored = [m["seq"] for m in await collect(check, len(acked))] if acked else []
@@ -226,18 +229,18 @@ async def test_memory_mode_new_epoch_on_restart(make_broker) -> None:  # type: i
     sub = await Peer.open(broker.url, broker.token("s"))
     ok = await sub.request("sub", topic="m", last=2)
     assert [m["seq"] for m in await collect(sub, 2)] == seqs[3:]
-    broker.restart()
+    await asyncio.to_thread(broker.restart)
     again = await Peer.open(broker.url, broker.token("s"))
     ok2 = await again.request("sub", topic="m", since=seqs[-1], epoch=ok["epoch"])
     assert ok2["epoch"] != ok["epoch"] and ok2["recovered"] is False
     await again.expect_nothing()
 
 
-async def test_disk_mode_keeps_epoch_and_seq(broker: BrokerProcess) -> None:
+async def test_disk_mode_keeps_epoch_and_seq(broker: Broker) -> None:
     pub = await Peer.open(broker.url, broker.token("p"))
     seqs = await publish_many(pub, [("d", 1)])
     ok = await pub.request("sub", topic="d")
-    broker.restart()
+    await asyncio.to_thread(broker.restart)
     pub2 = await Peer.open(broker.url, broker.token("p"))
     ok2 = await pub2.request("sub", topic="d", since=seqs[0], epoch=ok["epoch"])
     assert ok2["epoch"] == ok["epoch"] and ok2["recovered"] is True and ok2["seq"] == seqs[0]

@@ -41,6 +41,7 @@ def api_publish(broker: BrokerProcess, token: str, body: dict[str, object]) -> R
     )
 
 
+@pytest.mark.slow
 async def test_refusal_rewrite_and_timeout_of_a_websocket_publish(
     broker: BrokerProcess,
 ) -> None:
@@ -66,6 +67,7 @@ async def test_refusal_rewrite_and_timeout_of_a_websocket_publish(
         await peer.close()
 
 
+@pytest.mark.slow
 async def test_refusal_rewrite_and_timeout_of_an_http_publish(broker: BrokerProcess) -> None:
     token = broker.token("alice")
     refused = api_publish(broker, token, {"topic": "chat/lobby", "data": "spam"})
@@ -127,6 +129,7 @@ async def test_a_subscription_the_backend_refuses(broker: BrokerProcess) -> None
     await admin.close()
 
 
+@pytest.mark.slow
 async def test_the_connect_hook_makes_a_cookie_the_user(
     broker: BrokerProcess, backend: Backend
 ) -> None:
@@ -166,6 +169,7 @@ async def test_the_connect_hook_makes_a_cookie_the_user(
     assert [e["code"] for e in alice("disconnect")] == [1000, 1000]
 
 
+@pytest.mark.slow
 async def test_a_slow_backend_stalls_only_the_connection_that_waits(
     broker: BrokerProcess,
 ) -> None:
@@ -195,6 +199,7 @@ def _per_user(events: list[dict[str, object]]) -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.slow
 async def test_events_survive_a_backend_restart_in_order(
     broker: BrokerProcess, backend: Backend
 ) -> None:
@@ -222,6 +227,7 @@ async def test_events_survive_a_backend_restart_in_order(
     assert {e["code"] for e in events if e["type"] == "disconnect"} == {1000}
 
 
+@pytest.mark.slow
 async def test_cluster_nodes_send_each_join_and_leave_once(
     tmp_path: Path, backend: Backend, redis_server: object
 ) -> None:
@@ -358,6 +364,7 @@ async def test_publishes_of_one_connection_are_recorded_in_the_order_sent(
     await alice.close()
 
 
+@pytest.mark.slow
 async def test_calls_past_the_bounds_are_unavailable_at_once(
     tmp_path: Path, backend: Backend
 ) -> None:

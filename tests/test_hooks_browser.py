@@ -31,6 +31,7 @@ def _browser_available() -> None:
         pytest.skip(reason)
 
 
+@pytest.mark.process
 def test_cookie_login_with_no_token_in_the_page(tmp_path: Path) -> None:
     port = free_port()
     backend = Backend(tmp_path / "app", broker_url=f"ws://127.0.0.1:{port}/ws").start()

@@ -21,13 +21,14 @@ from broker.client.http import HttpClient
 from broker.client.http import publish as publish_helper
 from broker.errors import BadRequest, Forbidden, Unauthorized
 
+from .harness import Broker
 from .support import BrokerProcess, Peer
 
 Answer = tuple[int, dict[str, str], Any]
 
 
 def call(
-    broker: BrokerProcess,
+    broker: Broker,
     method: str,
     path: str,
     body: Any = None,
@@ -71,18 +72,18 @@ def error_of(answer: Answer) -> tuple[int, str]:
     return status, body["error"]["code"]
 
 
-def publish(broker: BrokerProcess, body: Any, token: str | None = "") -> Answer:
+def publish(broker: Broker, body: Any, token: str | None = "") -> Answer:
     return call(broker, "POST", "/api/publish", body, token=token)
 
 
-def history(broker: BrokerProcess, query: str, token: str | None = "") -> Answer:
+def history(broker: Broker, query: str, token: str | None = "") -> Answer:
     return call(broker, "GET", "/api/history?" + query, token=token)
 
 
 # -- publish --------------------------------------------------------------------------------
 
 
-async def test_publish_reaches_subscribers_and_history(broker: BrokerProcess) -> None:
+async def test_publish_reaches_subscribers_and_history(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("2"))
     assert (await peer.request("sub", topic="scores/#"))["op"] == "ok"
     status, headers, body = publish(
@@ -99,7 +100,7 @@ async def test_publish_reaches_subscribers_and_history(broker: BrokerProcess) ->
     await peer.close()
 
 
-async def test_batch_publish_in_the_order_of_topics(broker: BrokerProcess) -> None:
+async def test_batch_publish_in_the_order_of_topics(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("2"))
     await peer.request("sub", topic="#")
     topics = [f"room/{i}" for i in (5, 3, 9, 1)]
@@ -112,7 +113,7 @@ async def test_batch_publish_in_the_order_of_topics(broker: BrokerProcess) -> No
     await peer.close()
 
 
-def test_a_batch_with_one_forbidden_topic_publishes_nothing(broker: BrokerProcess) -> None:
+def test_a_batch_with_one_forbidden_topic_publishes_nothing(broker: Broker) -> None:
     token = broker.token("svc", pub=["user/+"])
     answer = publish(broker, {"topics": ["user/1", "user/2", "news", "user/3"], "data": 1}, token)
     assert error_of(answer) == (403, "forbidden")
@@ -144,18 +145,18 @@ def test_a_batch_with_one_forbidden_topic_publishes_nothing(broker: BrokerProces
         ({"topic": "a", "data": 1, "key": "k" * 129}, "key too long"),
     ],
 )
-def test_malformed_publishes_are_bad_requests(broker: BrokerProcess, body: Any, why: str) -> None:
+def test_malformed_publishes_are_bad_requests(broker: Broker, body: Any, why: str) -> None:
     assert error_of(publish(broker, body)) == (400, "bad_request"), why
 
 
-def test_unknown_fields_are_ignored_and_100_topics_pass(broker: BrokerProcess) -> None:
+def test_unknown_fields_are_ignored_and_100_topics_pass(broker: Broker) -> None:
     status, _, body = publish(broker, {"topic": "a", "data": None, "extra": [1]})
     assert status == 200 and body["seq"] == 1
     status, _, body = publish(broker, {"topics": [f"t/{i}" for i in range(100)], "data": 0})
     assert status == 200 and body["seqs"] == list(range(2, 102))
 
 
-def test_body_must_be_json(broker: BrokerProcess) -> None:
+def test_body_must_be_json(broker: Broker) -> None:
     answer = call(
         broker, "POST", "/api/publish", raw=b"{nope", headers={"Content-Type": "application/json"}
     )
@@ -180,11 +181,11 @@ def test_body_must_be_json(broker: BrokerProcess) -> None:
     assert status == 200
 
 
-def test_reserved_topic_is_forbidden(broker: BrokerProcess) -> None:
+def test_reserved_topic_is_forbidden(broker: Broker) -> None:
     assert error_of(publish(broker, {"topic": "$sys/x", "data": 1})) == (403, "forbidden")
 
 
-def test_tokens_are_checked(broker: BrokerProcess) -> None:
+def test_tokens_are_checked(broker: Broker) -> None:
     body = {"topic": "a", "data": 1}
     assert error_of(publish(broker, body, token=None)) == (401, "unauthorized")
     assert error_of(publish(broker, body, token="not.a.jwt")) == (401, "unauthorized")
@@ -205,7 +206,7 @@ def test_body_over_the_max_message_size_is_413(make_broker: Any) -> None:
     assert publish(broker, {"topic": "a", "data": "x" * 500})[0] == 200
 
 
-def test_unknown_path_and_wrong_method(broker: BrokerProcess) -> None:
+def test_unknown_path_and_wrong_method(broker: Broker) -> None:
     assert error_of(call(broker, "GET", "/api/nothing")) == (404, "bad_request")
     answer = call(broker, "GET", "/api/publish")
     assert error_of(answer) == (405, "bad_request")
@@ -226,7 +227,7 @@ def test_rate_limit_per_user_one_unit_per_message(make_broker: Any) -> None:
     assert publish(broker, {"topic": "t", "data": 0}, broker.token("other"))[0] == 200
 
 
-def test_keep_alive_serves_many_requests_on_one_connection(broker: BrokerProcess) -> None:
+def test_keep_alive_serves_many_requests_on_one_connection(broker: Broker) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10)
     seqs = []
     for i in range(5):
@@ -242,6 +243,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(broker: BrokerProcess
     assert seqs == sorted(seqs)
 
 
+@pytest.mark.slow
 def test_a_slow_request_is_dropped_after_the_auth_timeout(make_broker: Any) -> None:
     broker = make_broker("--auth-timeout", "1s", memory=True)
     with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as s:
@@ -278,6 +280,7 @@ async def test_http_clients_count_in_max_connections(make_broker: Any) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.process
 def test_acknowledged_publish_survives_kill_9(broker: BrokerProcess) -> None:
     status, _, body = publish(broker, {"topics": ["a", "b"], "data": "kept"})
     assert status == 200
@@ -293,7 +296,7 @@ def test_acknowledged_publish_survives_kill_9(broker: BrokerProcess) -> None:
 # -- history --------------------------------------------------------------------------------
 
 
-def test_history_pages_over_more_than_1000_messages(broker: BrokerProcess) -> None:
+def test_history_pages_over_more_than_1000_messages(broker: Broker) -> None:
     token = broker.token("1")
     for batch in range(13):
         topics = [f"p/{batch}/{i}" for i in range(100)]
@@ -315,7 +318,7 @@ def test_history_pages_over_more_than_1000_messages(broker: BrokerProcess) -> No
     assert [m["topic"] for m in last["messages"]] == [f"p/{b}/3" for b in range(8, 13)]
 
 
-def test_history_fields_and_errors(broker: BrokerProcess) -> None:
+def test_history_fields_and_errors(broker: Broker) -> None:
     publish(broker, {"topic": "h/a", "data": {"x": 1}}, broker.token("7", "Seven"))
     _, _, page = history(broker, "topic=h/a")
     assert page["messages"] == [] and page["more"] is False  # neither: last 0
@@ -335,7 +338,7 @@ def test_history_fields_and_errors(broker: BrokerProcess) -> None:
     assert error_of(history(broker, "topic=h/a&last=1", token)) == (403, "forbidden")
 
 
-def test_history_keeps_inboxes_private(broker: BrokerProcess) -> None:
+def test_history_keeps_inboxes_private(broker: Broker) -> None:
     publish(broker, {"topics": ["user/1", "user/2", "user/1/x", "news"], "data": 0})
     _, _, page = history(broker, "topic=%23&last=10", broker.token("1"))
     assert [m["topic"] for m in page["messages"]] == ["user/1", "user/1/x", "news"]
@@ -347,7 +350,7 @@ def test_history_keeps_inboxes_private(broker: BrokerProcess) -> None:
 # -- presence and stats ---------------------------------------------------------------------
 
 
-async def test_presence_and_stats(broker: BrokerProcess) -> None:
+async def test_presence_and_stats(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("9", "Nine"))
     await peer.request("sub", topic="room/1")
     status, _, body = call(broker, "GET", "/api/presence?topic=" + quote("room/1", safe=""))
@@ -402,12 +405,12 @@ def test_the_brokers_own_origin_is_allowed_as_on_the_websocket(make_broker: Any)
     )
 
 
-def test_any_origin_when_none_is_configured(broker: BrokerProcess) -> None:
+def test_any_origin_when_none_is_configured(broker: Broker) -> None:
     status, headers, _ = publish_from(broker, "https://anything.example")
     assert status == 200 and headers["access-control-allow-origin"] == "https://anything.example"
 
 
-def publish_from(broker: BrokerProcess, origin: str) -> Answer:
+def publish_from(broker: Broker, origin: str) -> Answer:
     return call(
         broker, "POST", "/api/publish", {"topic": "a", "data": 1}, headers={"Origin": origin}
     )
@@ -416,7 +419,7 @@ def publish_from(broker: BrokerProcess, origin: str) -> Answer:
 # -- metrics and the helper -----------------------------------------------------------------
 
 
-def test_metrics_count_http_requests_by_path_and_status(broker: BrokerProcess) -> None:
+def test_metrics_count_http_requests_by_path_and_status(broker: Broker) -> None:
     publish(broker, {"topic": "a", "data": 1})
     call(broker, "GET", "/api/nothing")
     _, _, text = call(broker, "GET", "/metrics", token=None)
@@ -424,7 +427,7 @@ def test_metrics_count_http_requests_by_path_and_status(broker: BrokerProcess) -
     assert 'broker_http_requests_total{path="other",status="404"} 1.0' in text
 
 
-def test_pipelined_requests_are_answered_in_order(broker: BrokerProcess) -> None:
+def test_pipelined_requests_are_answered_in_order(broker: Broker) -> None:
     token = broker.token("1")
     wire = b""
     for i in range(5):
@@ -466,7 +469,7 @@ def test_pipelined_requests_are_answered_in_order(broker: BrokerProcess) -> None
     assert [m["data"] for m in page["messages"]] == [0, 1, 2, 3, 4]
 
 
-def test_sync_helper(broker: BrokerProcess) -> None:
+def test_sync_helper(broker: Broker) -> None:
     token = broker.token("1")
     assert publish_helper(broker.http_url, token, "a", {"n": 0}) == 1
     with HttpClient(broker.url, token) as client:  # a ws:// URL works too
@@ -484,6 +487,7 @@ def test_sync_helper(broker: BrokerProcess) -> None:
         client.publish("a", 1)
 
 
+@pytest.mark.slow
 def test_sync_helper_retries_on_a_stale_keep_alive_connection(make_broker: Any) -> None:
     broker = make_broker("--auth-timeout", "1s", memory=True)
     with HttpClient(broker.http_url, broker.token("1")) as client:

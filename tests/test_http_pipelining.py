@@ -7,6 +7,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from .support import BrokerProcess, wait_for
 
 
@@ -36,6 +38,7 @@ def test_hundreds_of_pipelined_requests_are_all_answered(broker: BrokerProcess) 
     assert "Traceback" not in log
 
 
+@pytest.mark.process
 def test_unread_pipelined_answers_are_bounded(broker: BrokerProcess) -> None:
     assert broker.proc is not None
     pid = broker.proc.pid

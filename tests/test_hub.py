@@ -342,3 +342,58 @@ def test_a_run_never_takes_a_message_already_fanned_out(hub: Hub) -> None:
     hub.fanout([third, second, first])
     assert conn.seqs() == [second[0].seq, third[0].seq]
     assert hub.last_seq == third[0].seq
+
+
+# -- cost: close in slices, de-duplication by lookup ----------------------------------------
+
+
+class Conn:
+    """A connection as the hub sees it; what it is sent does not matter here."""
+
+    def __init__(self, cid: int, user: str) -> None:
+        self.id = cid
+        self.identity = Identity(id=user, name=user)
+
+    def deliver(self, message: object) -> None:
+        pass
+
+    def deliver_run(self, run: object) -> None:
+        pass
+
+    def send(self, frame: bytes) -> None:
+        pass
+
+
+def test_detach_in_slices_leaves_others_and_announces_every_leave() -> None:
+    leaves: list[str] = []
+    hub = Hub(on_presence=lambda op, topic, user: leaves.append(topic) if op == "leave" else None)
+    big, other = Conn(1, "big"), Conn(2, "other")
+    for n in range(5000):
+        hub.subscribe(big, Subscription(f"t/{n}"))
+    hub.subscribe(other, Subscription("t/1"))
+    rounds = 0
+    while not hub.detach(big, 2000):
+        rounds += 1
+        assert len(hub.index) == 5001 - 2000 * rounds  # a slice at a time
+    assert rounds == 2 and len(hub.index) == 1
+    assert sorted(leaves) == sorted(f"t/{n}" for n in range(5000))
+    assert hub.index.match("t/1") == {other} and big not in hub.subscriptions
+    assert hub.index.pattern_count == 1
+
+
+def test_replay_filter_looks_up_a_topic_once() -> None:
+    hub = Hub()
+    conn = Conn(1, "u")
+    for n in range(1000):
+        hub.subscribe(conn, Subscription(f"t/{n}", covered_from=100))
+    hub.subscribe(conn, Subscription("a/+", covered_from=50))
+    hub.subscribe(conn, Subscription("a/#", covered_from=0))
+    covered = hub.replay_filter(conn, besides="a/#")
+    hub.index.visits = 0
+    assert [covered("a/x", seq) for seq in (10, 50, 51, 500)] == [False, False, True, True]
+    first = hub.index.visits
+    assert first <= 8, first  # the connection's own paths, not its 1,002 subscriptions
+    assert not covered("b/x", 10**6)
+    for seq in range(1000):
+        covered("a/x", seq)
+    assert hub.index.visits <= first + 8  # a/x was looked up once

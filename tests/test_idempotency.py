@@ -14,6 +14,7 @@ import pytest
 from broker.client import Client
 
 from . import test_cluster
+from .harness import Broker
 from .support import ROOT, BrokerProcess, Peer, isolated_env
 from .test_cluster import NodeFactory
 from .test_http_api import call, error_of, history, publish
@@ -26,7 +27,7 @@ async def pub(peer: Peer, topic: str, data: Any, key: Any) -> dict[str, Any]:
     return await peer.request("pub", topic=topic, data=data, key=key)
 
 
-async def test_a_repeated_key_is_delivered_once(broker: BrokerProcess) -> None:
+async def test_a_repeated_key_is_delivered_once(broker: Broker) -> None:
     sub = await Peer.open(broker.url, broker.token("2"))
     await sub.request("sub", topic="t")
     peer = await Peer.open(broker.url, broker.token("1"))
@@ -41,7 +42,7 @@ async def test_a_repeated_key_is_delivered_once(broker: BrokerProcess) -> None:
     await sub.close()
 
 
-async def test_same_key_in_flight_at_once_publishes_once(broker: BrokerProcess) -> None:
+async def test_same_key_in_flight_at_once_publishes_once(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     for i in range(10):  # pipelined: all in one journal batch or a few
         await peer.send({"op": "pub", "id": i, "topic": "t", "data": i, "key": "racy"})
@@ -53,7 +54,7 @@ async def test_same_key_in_flight_at_once_publishes_once(broker: BrokerProcess) 
 
 
 @pytest.mark.parametrize("key", [None, 5, "", "x" * 129, ["k"], True])
-async def test_key_must_be_a_short_string(broker: BrokerProcess, key: Any) -> None:
+async def test_key_must_be_a_short_string(broker: Broker, key: Any) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     reply = await pub(peer, "t", 1, key)
     assert reply["op"] == "error" and reply["code"] == "bad_request"
@@ -62,7 +63,7 @@ async def test_key_must_be_a_short_string(broker: BrokerProcess, key: Any) -> No
     await peer.close()
 
 
-async def test_keys_are_per_user(broker: BrokerProcess) -> None:
+async def test_keys_are_per_user(broker: Broker) -> None:
     one = await Peer.open(broker.url, broker.token("1"))
     two = await Peer.open(broker.url, broker.token("2"))
     assert (await pub(one, "t", 1, "k"))["seq"] == 1
@@ -72,7 +73,7 @@ async def test_keys_are_per_user(broker: BrokerProcess) -> None:
     await two.close()
 
 
-async def test_a_refused_publish_records_no_key(broker: BrokerProcess) -> None:
+async def test_a_refused_publish_records_no_key(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1", pub=["ok/#"]))
     assert (await pub(peer, "no", 1, "k"))["code"] == "forbidden"
     reply = await pub(peer, "ok/1", 1, "k")
@@ -80,7 +81,7 @@ async def test_a_refused_publish_records_no_key(broker: BrokerProcess) -> None:
     await peer.close()
 
 
-async def test_key_across_websocket_and_http(broker: BrokerProcess) -> None:
+async def test_key_across_websocket_and_http(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     first = await pub(peer, "t", 1, "shared")
     status, _, body = publish(broker, {"topic": "t", "data": 2, "key": "shared"}, broker.token("1"))
@@ -99,11 +100,12 @@ async def test_key_across_websocket_and_http(broker: BrokerProcess) -> None:
     await peer.close()
 
 
+@pytest.mark.process
 async def test_key_survives_kill_9_and_restart(broker: BrokerProcess) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     first = await pub(peer, "t", 1, "crash")
     broker.kill()
-    broker.start()
+    await asyncio.to_thread(broker.start)
     peer = await Peer.open(broker.url, broker.token("1"))
     assert await pub(peer, "t", 2, "crash") == {
         "op": "ok",
@@ -114,6 +116,7 @@ async def test_key_survives_kill_9_and_restart(broker: BrokerProcess) -> None:
     await peer.close()
 
 
+@pytest.mark.slow
 async def test_the_window_expires(make_broker: Any) -> None:
     for store in ({"memory": True}, {}):
         broker = make_broker("--dedupe-window", "1s", **store)
@@ -131,6 +134,7 @@ async def test_the_window_expires(make_broker: Any) -> None:
         await peer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 async def test_key_across_cluster_nodes(nodes: NodeFactory) -> None:
     a, b = nodes(2)
@@ -146,6 +150,7 @@ async def test_key_across_cluster_nodes(nodes: NodeFactory) -> None:
     await other.close()
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 async def test_cluster_window_expires(nodes: NodeFactory) -> None:
     (a,) = nodes(1, "--dedupe-window", "1s")
@@ -159,7 +164,7 @@ async def test_cluster_window_expires(nodes: NodeFactory) -> None:
     await peer.close()
 
 
-def test_http_duplicate_keeps_its_status(broker: BrokerProcess) -> None:
+def test_http_duplicate_keeps_its_status(broker: Broker) -> None:
     token = broker.token("1")
     assert publish(broker, {"topic": "t", "data": 1, "key": "h"}, token)[2] == {"seq": 1}
     assert publish(broker, {"topic": "t", "data": 1, "key": "h"}, token)[2] == {
@@ -179,7 +184,7 @@ def test_http_duplicate_keeps_its_status(broker: BrokerProcess) -> None:
 # -- the client and `broker pub` retry with their keys --------------------------------------
 
 
-def all_data(broker: BrokerProcess, topic: str) -> list[Any]:
+def all_data(broker: Broker, topic: str) -> list[Any]:
     """Every retained message of ``topic`` in seq order, over as many pages as it takes."""
     out: list[Any] = []
     since = 0
@@ -191,6 +196,7 @@ def all_data(broker: BrokerProcess, topic: str) -> list[Any]:
         since = page["messages"][-1]["seq"]
 
 
+@pytest.mark.process
 async def test_client_publishes_survive_a_broker_restart_exactly_once(
     broker: BrokerProcess,
 ) -> None:
@@ -218,6 +224,7 @@ async def test_client_publishes_survive_a_broker_restart_exactly_once(
     assert sorted(data) == list(range(n)), "a message was lost or published twice"
 
 
+@pytest.mark.process
 def test_broker_pub_from_stdin_survives_a_restart(broker: BrokerProcess) -> None:
     env = isolated_env(broker.home)
     env["BROKER_TOKEN"] = broker.token("1")

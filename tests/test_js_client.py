@@ -35,6 +35,9 @@ from websockets.typing import Origin
 from .support import ROOT, BrokerProcess, Peer, free_port
 from .test_console import CHROMIUM, async_playwright, run
 
+# Node and browsers against broker serve processes.
+pytestmark = pytest.mark.process
+
 if async_playwright is not None:
     from playwright.async_api import Browser, Page, expect
 

@@ -40,6 +40,7 @@ def _b64(value: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
 
 
+@pytest.mark.slow
 def test_expiry_is_read_from_codes_and_claims_not_from_the_reason(broker: BrokerProcess) -> None:
     # Refused for its algorithm, with a reason that quotes it: "invalid algorithm 'expired' ...".
     header = _b64({"alg": "expired", "typ": "JWT"})

@@ -41,6 +41,7 @@ def _tools() -> str:
     return node
 
 
+@pytest.mark.slow
 def test_broker_js_has_no_type_errors_under_strict_settings() -> None:
     _tools()
     config = json.loads((JS / "tsconfig.broker.json").read_text())
@@ -58,6 +59,7 @@ def test_broker_js_has_no_type_errors_under_strict_settings() -> None:
     assert proc.returncode == 0, f"tsc found type errors in broker.js:\n{proc.stdout}{proc.stderr}"
 
 
+@pytest.mark.slow
 def test_broker_d_ts_is_what_broker_js_declares() -> None:
     node = _tools()
     proc = subprocess.run(

@@ -146,6 +146,7 @@ async def test_http_history_latest(broker: BrokerProcess) -> None:
     assert status == 400
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 async def test_latest_across_two_cluster_nodes(redis_server: RedisServer, tmp_path: Path) -> None:
     from .test_cluster import Node

@@ -260,6 +260,7 @@ def test_the_contract_catches_a_violation(tmp_path: Path) -> None:
     assert "asyncio" in eager_imports("broker.core.bad", bad)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(30)
 def test_a_single_node_never_imports_redis(tmp_path: Path) -> None:
     code = (

@@ -19,6 +19,8 @@ from broker.server.logs import REDACTED, JsonFormatter, RedactTokens, setup_logg
 
 from .support import BrokerProcess, Peer, async_wait_for
 
+pytestmark = pytest.mark.process
+
 PAYLOAD = "payload-marker-7f3a9c"
 
 

@@ -9,6 +9,8 @@ import gc
 import time
 import tracemalloc
 
+import pytest
+
 from broker.core.model import Draft
 from broker.store.dedupe import Duplicate
 from broker.store.memory import KEY_SLICE, MemoryStore
@@ -52,6 +54,7 @@ def _held(limit: int, topics: int, count: int, keyed: bool = False) -> tuple[int
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_tiny_messages_on_few_topics_stay_within_the_factor() -> None:
     limit = 2 << 20
     held, store = _held(limit, 100, 50_000)
@@ -69,6 +72,7 @@ def test_one_message_per_topic_stays_within_the_factor() -> None:
     assert replay.recovered is False and replay.messages == []
 
 
+@pytest.mark.slow
 def test_keys_count_and_take_at_most_a_quarter() -> None:
     limit = 2 << 20
     held, store = _held(limit, 100, 30_000, keyed=True)
@@ -76,6 +80,7 @@ def test_keys_count_and_take_at_most_a_quarter() -> None:
     assert held <= FACTOR * limit, f"{held / limit:.2f} x history_size"
 
 
+@pytest.mark.slow
 def test_expired_keys_go_a_slice_at_a_time() -> None:
     store = MemoryStore(history=10)
     store.dedupe_window = 3.0  # longer than the appends below take

@@ -33,7 +33,8 @@ from broker.server.metrics import (
     TopTopics,
 )
 
-from .support import BrokerProcess, Peer
+from .harness import Broker
+from .support import Peer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -76,7 +77,7 @@ def counting(tally: Tally) -> type[CountingPeer]:
     return type("Counted", (CountingPeer,), {"tally": tally})
 
 
-def scrape(broker: BrokerProcess) -> tuple[str, str]:
+def scrape(broker: Broker) -> tuple[str, str]:
     with urllib.request.urlopen(broker.http_url + "/metrics", timeout=5) as response:
         return response.headers["Content-Type"], response.read().decode()
 
@@ -94,7 +95,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 async def test_metrics_and_stats_after_a_known_workload(
-    make_broker: Callable[..., BrokerProcess],
+    make_broker: Callable[..., Broker],
 ) -> None:
     broker = make_broker("--rate-limit", "10", "--allowed-origin", GOOD_ORIGIN, memory=True)
     tally = Tally()
@@ -214,7 +215,7 @@ async def test_metrics_and_stats_after_a_known_workload(
 
 
 async def test_slow_consumer_and_first_frame_refusals_are_counted(
-    make_broker: Callable[..., BrokerProcess],
+    make_broker: Callable[..., Broker],
 ) -> None:
     broker = make_broker("--max-queue", "1KiB", memory=True)
     slow = await Peer.open(broker.url, broker.token("slow"))
@@ -249,7 +250,7 @@ async def test_slow_consumer_and_first_frame_refusals_are_counted(
     assert value(m, "broker_connections") == 1
 
 
-async def test_over_capacity_is_counted(make_broker: Callable[..., BrokerProcess]) -> None:
+async def test_over_capacity_is_counted(make_broker: Callable[..., Broker]) -> None:
     broker = make_broker("--max-connections", "1", memory=True)
     first = await Peer.open(broker.url, broker.token("a"))
     with pytest.raises(InvalidStatus) as refused:

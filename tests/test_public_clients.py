@@ -67,6 +67,7 @@ async def test_the_python_client_reads_latest_anonymously(make_broker: Any, tmp_
         await Client(broker.url, anonymous=True).subscribe("a", last=1, latest=True)
 
 
+@pytest.mark.slow
 def test_broker_sub_latest_anonymous(make_broker: Any, tmp_path: Path) -> None:
     broker = public_broker(make_broker, tmp_path)
     asyncio.run(publish_scores(broker))

@@ -6,12 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .support import BrokerProcess
 from .test_js_client import run_node
 
 PUBLIC = '[[namespace]]\npattern = "scores/#"\npublic = true\n'
 
 
+@pytest.mark.slow
 def test_latest_and_anonymous_in_node(make_broker: Any, tmp_path: Path) -> None:
     path = tmp_path / "public.toml"
     path.write_text(PUBLIC)

@@ -152,6 +152,7 @@ async def test_anonymous_caps_refuse_with_1013_and_count(make_broker: Any, tmp_p
     assert "limit reached: max_anonymous_per_address" in broker.log()
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 async def test_anonymous_across_two_cluster_nodes(
     redis_server: RedisServer, tmp_path: Path

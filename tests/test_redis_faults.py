@@ -19,7 +19,8 @@ from .checker import Checker, History
 from .redis_procs import Forwarder, Node, RedisProc, Sentinels, need_redis
 from .support import free_port, wait_for
 
-pytestmark = pytest.mark.redis
+# Faults injected into redis-server processes (kills, snapshots, replicas).
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 #: Enough history that no acknowledged message of a run is trimmed by the count limit.
 HISTORY = ("--history", "100000")

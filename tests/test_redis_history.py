@@ -51,6 +51,7 @@ def rdb(tmp_path: Path) -> Any:
     server.kill()
 
 
+@pytest.mark.slow
 async def test_restart_from_an_older_snapshot_starts_a_new_epoch(
     rdb: RedisProc, tmp_path: Path
 ) -> None:
@@ -84,6 +85,7 @@ async def test_restart_from_an_older_snapshot_starts_a_new_epoch(
         node.kill()
 
 
+@pytest.mark.slow
 async def test_an_idle_node_notices_by_itself(rdb: RedisProc, tmp_path: Path) -> None:
     """The follower of a node that publishes nothing finds the counter behind it and
     starts the new epoch; the other node's next publish lands in it."""
@@ -114,6 +116,7 @@ async def test_an_idle_node_notices_by_itself(rdb: RedisProc, tmp_path: Path) ->
         busy.kill()
 
 
+@pytest.mark.slow
 async def test_a_stream_rewritten_under_a_paused_node(tmp_path: Path) -> None:
     """A node that was not looking (paused) while Redis went back and another node handed
     the same seqs out again finds another entry at its position: new epoch, logged with

@@ -47,6 +47,7 @@ def test_logs_never_show_the_password() -> None:
     assert "secret" not in link.health.label
 
 
+@pytest.mark.slow
 def test_serve_accepts_sentinel_urls_and_refuses_others() -> None:
     run = [sys.executable, "-m", "broker.cli", "serve", "--print-config", "--redis"]
     ok = subprocess.run(
@@ -64,6 +65,7 @@ def test_serve_accepts_sentinel_urls_and_refuses_others() -> None:
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 async def test_an_endpoint_that_moves_is_resolved_again(tmp_path: Path) -> None:
     """Connections still open to the old primary (now a replica) get READONLY: the link
     closes its pool, and the next command reaches the new primary through the endpoint."""

@@ -55,6 +55,7 @@ async def checked(nodes: list[Node], fault: Callable[[], Any]) -> History:
     return history
 
 
+@pytest.mark.slow
 async def test_a_node_started_after_redis_came_back_older(
     redis_server: Callable[[str], RedisProc], tmp_path: Path
 ) -> None:
@@ -83,6 +84,7 @@ async def test_a_node_started_after_redis_came_back_older(
     assert fresh.log().count(SERVER_CHANGED) == 1
 
 
+@pytest.mark.slow
 async def test_every_node_restarted_after_redis_came_back_older(
     redis_server: Callable[[str], RedisProc], tmp_path: Path
 ) -> None:
@@ -141,6 +143,7 @@ async def test_a_restart_that_lost_nothing_starts_a_new_epoch(
         node.kill()
 
 
+@pytest.mark.slow
 async def test_a_node_restarted_on_the_same_redis_keeps_the_epoch(
     redis_server: Callable[[str], RedisProc], tmp_path: Path
 ) -> None:

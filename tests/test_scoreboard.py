@@ -23,6 +23,9 @@ from broker.client.http import publish
 from .support import ROOT, BrokerProcess, free_port, isolated_env
 from .test_console import _browser_available, run
 
+# Chromium against broker serve processes, as in test_console.py.
+pytestmark = [pytest.mark.process, pytest.mark.browser]
+
 __all__ = ["_browser_available"]  # the autouse fixture: skip (or fail in CI) without a browser
 
 EXAMPLE = ROOT / "examples" / "scoreboard"

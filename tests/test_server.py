@@ -10,7 +10,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .support import SECRET, BrokerProcess, Peer
+from .harness import Broker
+from .support import SECRET, Peer
 
 
 async def refused_status(url: str, header: str) -> tuple[int, str]:
@@ -23,7 +24,7 @@ async def refused_status(url: str, header: str) -> tuple[int, str]:
 # -- authentication --------------------------------------------------------------------
 
 
-async def test_header_token(broker: BrokerProcess) -> None:
+async def test_header_token(broker: Broker) -> None:
     peer = await Peer.open_with_header(broker.url, broker.token("123", "John"))
     assert await peer.recv() == {
         "op": "hello",
@@ -32,7 +33,7 @@ async def test_header_token(broker: BrokerProcess) -> None:
     }
 
 
-async def test_first_frame_token_with_id_claim(broker: BrokerProcess) -> None:
+async def test_first_frame_token_with_id_claim(broker: Broker) -> None:
     token = jwt.encode({"id": 123, "name": "John"}, SECRET, algorithm="HS256")
     peer = await Peer.open(broker.url)
     await peer.send({"op": "auth", "token": token, "id": 9})
@@ -60,7 +61,7 @@ async def test_first_frame_token_with_id_claim(broker: BrokerProcess) -> None:
     ],
 )
 async def test_bad_header_token_is_401_with_reason(
-    broker: BrokerProcess, make_header, reason: str
+    broker: Broker, make_header, reason: str
 ) -> None:  # type: ignore[no-untyped-def]
     status, body = await refused_status(broker.url, make_header(broker))
     assert status == 401
@@ -82,7 +83,7 @@ async def test_bad_header_token_is_401_with_reason(
     ],
 )
 async def test_bad_first_frame_closes_4001(
-    broker: BrokerProcess, first: object, reason: str, rid: object
+    broker: Broker, first: object, reason: str, rid: object
 ) -> None:
     peer = await Peer.open(broker.url)
     await peer.send(first)  # type: ignore[arg-type]
@@ -108,7 +109,7 @@ async def test_auth_timeout(make_broker) -> None:  # type: ignore[no-untyped-def
 # -- frames ----------------------------------------------------------------------------
 
 
-async def test_malformed_frames_keep_the_connection(broker: BrokerProcess) -> None:
+async def test_malformed_frames_keep_the_connection(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     for bad in ["{", "[]", b"bin", '{"op":"nope","id":7}', '{"op":"sub","id":{},"topic":"a"}']:
         await peer.send(bad)
@@ -121,7 +122,7 @@ async def test_malformed_frames_keep_the_connection(broker: BrokerProcess) -> No
     assert reply["op"] == "ok" and reply["recovered"] is True
 
 
-async def test_errors_by_code(broker: BrokerProcess) -> None:
+async def test_errors_by_code(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1", pub=["chat/#"], sub=["chat/#"]))
     cases = [
         ({"op": "pub", "topic": "a/+", "data": 1}, "bad_request"),
@@ -144,7 +145,7 @@ async def test_errors_by_code(broker: BrokerProcess) -> None:
     assert error["code"] == "forbidden" and "id" not in error
 
 
-async def test_unsub_is_ok_without_subscription(broker: BrokerProcess) -> None:
+async def test_unsub_is_ok_without_subscription(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     assert (await peer.request("unsub", topic="never"))["op"] == "ok"
 
@@ -174,7 +175,7 @@ async def test_rate_limit(make_broker) -> None:  # type: ignore[no-untyped-def]
 # -- delivery --------------------------------------------------------------------------
 
 
-async def test_fanout_many_subscribers_and_stamps(broker: BrokerProcess) -> None:
+async def test_fanout_many_subscribers_and_stamps(broker: Broker) -> None:
     subs = [await Peer.open(broker.url, broker.token(f"u{i}")) for i in range(50)]
     for s in subs:
         assert (await s.request("sub", topic="football"))["op"] == "ok"
@@ -189,7 +190,7 @@ async def test_fanout_many_subscribers_and_stamps(broker: BrokerProcess) -> None
         assert before - 1000 <= msg["ts"] <= int(time.time() * 1000) + 1000
 
 
-async def test_from_cannot_be_forged(broker: BrokerProcess) -> None:
+async def test_from_cannot_be_forged(broker: Broker) -> None:
     a = await Peer.open(broker.url, broker.token("a"))
     await a.request("sub", topic="t")
     b = await Peer.open(broker.url, broker.token("b", "Bee"))
@@ -198,7 +199,7 @@ async def test_from_cannot_be_forged(broker: BrokerProcess) -> None:
     assert msg["from"] == {"id": "b", "name": "Bee"} and msg["ts"] > 1
 
 
-async def test_sender_excluded_unless_echo(broker: BrokerProcess) -> None:
+async def test_sender_excluded_unless_echo(broker: Broker) -> None:
     me = await Peer.open(broker.url, broker.token("1"))
     other = await Peer.open(broker.url, broker.token("1"))  # same user, other connection
     for p in (me, other):
@@ -212,7 +213,7 @@ async def test_sender_excluded_unless_echo(broker: BrokerProcess) -> None:
     assert next(f for f in frames if f["op"] == "msg")["data"] == "loud"
 
 
-async def test_one_delivery_per_connection(broker: BrokerProcess) -> None:
+async def test_one_delivery_per_connection(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     for pattern in ["a/b", "a/+", "a/#", "#", "+/b"]:
         await peer.request("sub", topic=pattern)
@@ -229,7 +230,7 @@ async def test_one_delivery_per_connection(broker: BrokerProcess) -> None:
     await peer.expect_nothing()
 
 
-async def test_patterns_and_dollar_topics(broker: BrokerProcess) -> None:
+async def test_patterns_and_dollar_topics(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1"))
     await peer.request("sub", topic="scores/+")
     pub = await Peer.open(broker.url, broker.token("2"))
@@ -239,7 +240,7 @@ async def test_patterns_and_dollar_topics(broker: BrokerProcess) -> None:
     await peer.expect_nothing()
 
 
-async def test_inbox_privacy(broker: BrokerProcess) -> None:
+async def test_inbox_privacy(broker: Broker) -> None:
     alice = await Peer.open(broker.url, broker.token("alice"))
     eve = await Peer.open(broker.url, broker.token("eve"))
     assert (await alice.request("sub", topic="user/alice"))["op"] == "ok"
@@ -263,7 +264,7 @@ async def test_inbox_privacy(broker: BrokerProcess) -> None:
     await late.expect_nothing()
 
 
-async def test_acl_enforced(broker: BrokerProcess) -> None:
+async def test_acl_enforced(broker: Broker) -> None:
     peer = await Peer.open(broker.url, broker.token("1", pub=["scores/#"], sub=["scores/#"]))
     assert (await peer.request("sub", topic="scores/+"))["op"] == "ok"
     assert (await peer.request("sub", topic="#"))["code"] == "forbidden"
@@ -277,7 +278,7 @@ async def test_acl_enforced(broker: BrokerProcess) -> None:
     assert (await nothing.request("sub", topic="a"))["code"] == "forbidden"
 
 
-async def test_stats_for_admin(broker: BrokerProcess) -> None:
+async def test_stats_for_admin(broker: Broker) -> None:
     admin = await Peer.open(broker.url, broker.token("root", admin=True))
     await admin.request("sub", topic="x")
     await admin.request("pub", topic="x", data=1)
@@ -290,7 +291,7 @@ async def test_stats_for_admin(broker: BrokerProcess) -> None:
 # -- presence --------------------------------------------------------------------------
 
 
-async def test_presence_and_join_leave(broker: BrokerProcess) -> None:
+async def test_presence_and_join_leave(broker: Broker) -> None:
     watcher = await Peer.open(broker.url, broker.token("w", "Watcher"))
     await watcher.request("sub", topic="room", presence=True)
     a1 = await Peer.open(broker.url, broker.token("a", "Ann"))
@@ -325,7 +326,7 @@ async def test_presence_and_join_leave(broker: BrokerProcess) -> None:
     await watcher.expect_nothing()
 
 
-async def test_healthz_and_404(broker: BrokerProcess) -> None:
+async def test_healthz_and_404(broker: Broker) -> None:
     import urllib.error
     import urllib.request
 

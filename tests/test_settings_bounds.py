@@ -156,6 +156,7 @@ def test_a_config_file_that_is_not_toml_text_is_one_line(tmp_path: Path) -> None
     refused(print_config(tmp_path, "--config", str(binary)), "not valid TOML", "UTF-8")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(30)
 def test_serve_refuses_before_it_starts(tmp_path: Path) -> None:
     # The real command line: exit 2 with no traceback, before anything listens.

@@ -301,6 +301,7 @@ async def test_inbox_privacy_on_a_stream(broker: BrokerProcess) -> None:
     stream.close()
 
 
+@pytest.mark.slow
 async def test_token_parameter_and_expiry_end_the_stream(broker: BrokerProcess) -> None:
     token = broker.token("alice", ttl=2)
     stream = await open_stream(broker, {"topic": "a", "token": token}, {})
@@ -357,6 +358,7 @@ async def test_a_stream_that_does_not_read_is_closed_as_a_slow_consumer(make_bro
     stream.close()
 
 
+@pytest.mark.process
 async def test_shutdown_ends_streams_cleanly(make_broker: Any) -> None:
     broker: BrokerProcess = make_broker()
     stream = await open_stream(broker, {"topic": "a"}, auth(broker.token("a")))
@@ -367,6 +369,7 @@ async def test_shutdown_ends_streams_cleanly(make_broker: Any) -> None:
     assert broker.proc.wait(timeout=15) == 0
 
 
+@pytest.mark.slow
 async def test_a_quiet_stream_gets_comment_lines(broker: BrokerProcess) -> None:
     stream = await open_stream(broker, {"topic": "quiet"}, auth(broker.token("a")))
     await stream.event()
@@ -391,6 +394,7 @@ def _require(binary: str) -> str:
     return path
 
 
+@pytest.mark.slow
 async def test_curl_reads_a_stream(make_broker: Any, tmp_path: Path) -> None:
     curl = _require("curl")
     broker = public_broker(make_broker, tmp_path)
@@ -445,6 +449,7 @@ process.exit(0);
 """
 
 
+@pytest.mark.slow
 async def test_node_fetch_reads_a_stream(make_broker: Any, tmp_path: Path) -> None:
     node = _require("node")
     broker = public_broker(make_broker, tmp_path)
@@ -470,6 +475,7 @@ async def test_node_fetch_reads_a_stream(make_broker: Any, tmp_path: Path) -> No
             await proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 async def test_streams_across_two_cluster_nodes(redis_server: RedisServer, tmp_path: Path) -> None:
     from .test_cluster import Node

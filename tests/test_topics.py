@@ -21,6 +21,8 @@ from broker.core.topics import (
 )
 from broker.errors import BadRequest
 
+from .support import overlapping_patterns
+
 VALID_TOPICS = [
     "football",
     "scores/uk/premier",
@@ -239,3 +241,63 @@ def test_index_equals_brute_force_after_removals(
         expected = {w for p, w in held if matches(p, topic)}
         assert index.match(topic) == expected
         assert len(index) == len(held)
+
+
+# -- the index's cost: bounded by the subscribers found, not the patterns held ---------------
+
+
+# -- the index, in process --------------------------------------------------------------
+
+
+def test_overlapping_patterns_of_one_subscriber_cost_one_path() -> None:
+    index: TopicIndex[str] = TopicIndex()
+    for pattern in overlapping_patterns(14):
+        index.add(pattern, "attacker")
+    index.add("a/#", "victim")
+    topic = "/".join(["a"] * 14)
+    index.visits = 0
+    assert index.match(topic) == {"attacker", "victim"}
+    # A walk of every matching pattern would enter 2**15 nodes.
+    assert index.visits <= 4 * 15, index.visits
+    index.visits = 0
+    assert index.match("a/b") == {"victim"}
+    assert index.visits <= 8, index.visits
+
+
+def test_visits_grow_with_subscribers_found_not_patterns_held() -> None:
+    index: TopicIndex[int] = TopicIndex()
+    for sub in range(50):
+        for pattern in overlapping_patterns(8):
+            index.add(pattern, sub)
+    index.visits = 0
+    assert index.match("a/a/a/a/a/a/a/a") == set(range(50))
+    assert index.visits <= 2 * 9 + 9, index.visits  # the paths down, not 50 * 2**9
+
+
+def test_pattern_count_is_kept_up_to_date() -> None:
+    index: TopicIndex[int] = TopicIndex()
+    for sub in (1, 2):
+        for pattern in ("a", "a/+", "a/#", "b"):
+            index.add(pattern, sub)
+    assert index.pattern_count == 4 and len(index) == 8
+    index.remove("a/#", 1)
+    assert index.pattern_count == 4
+    index.remove("a/#", 2)
+    index.remove("a/#", 2)  # absent: no-op
+    assert index.pattern_count == 3 and len(index) == 6
+    assert index.pattern_count == len(list(index.patterns()))
+
+
+def test_matching_patterns_walks_one_subscribers_paths() -> None:
+    index: TopicIndex[int] = TopicIndex()
+    mine = ["a/+", "a/#", "+/b", "#", "a/b", "x/y"]
+    for pattern in mine:
+        index.add(pattern, 1)
+    for n in range(1000):
+        index.add(f"a/{n}", 2)  # someone else's, under the same node
+    found = index.matching_patterns("a/b", 1)
+    assert sorted(found) == sorted(p for p in mine if matches(p, "a/b"))
+    index.visits = 0
+    index.matching_patterns("a/7", 1)
+    assert index.visits <= 8, index.visits
+    assert index.matching_patterns("$sys/b", 1) == []  # wildcards never match '$' topics

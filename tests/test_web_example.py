@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from playwright.async_api import Browser, Page, expect
 
 from .support import ROOT, BrokerProcess, Peer
 from .test_console import _browser_available, run
 from .test_js_client import static_site
+
+# Chromium against broker serve processes, as in test_console.py.
+pytestmark = [pytest.mark.process, pytest.mark.browser]
 
 __all__ = ["_browser_available"]  # the autouse fixture: skip (or fail in CI) without a browser
 

@@ -17,7 +17,7 @@ import logging
 import re
 import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -184,21 +184,20 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def setup_logging(level: str = "info", fmt: str = "rich") -> None:
-    """Configure the root logger for the server process.
-
-    ``fmt`` is ``"json"`` (one object per line on stderr) or ``"rich"`` (rich's coloured
-    console on a terminal; on a pipe or a file, plain timestamped lines, never wrapped).
-    """
+def log_handler(fmt: str = "rich", stream: IO[str] | None = None) -> logging.Handler:
+    """A handler writing the server's records to ``stream`` (stderr by default) in ``fmt``:
+    ``"json"`` (one object per line) or ``"rich"`` (rich's coloured console on a terminal;
+    on a pipe or a file, plain timestamped lines, never wrapped). Tokens are redacted."""
+    out = stream if stream is not None else sys.stderr
     handler: logging.Handler
     if fmt == "json":
-        handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(out)
         handler.setFormatter(JsonFormatter())
     else:
         from rich.console import Console
         from rich.logging import RichHandler
 
-        console = Console(stderr=True)
+        console = Console(file=out)
         if console.is_terminal:
             handler = RichHandler(
                 console=console,
@@ -209,13 +208,18 @@ def setup_logging(level: str = "info", fmt: str = "rich") -> None:
             )
         else:
             # A pipe, a file or journald: one unpadded, unwrapped line per record.
-            handler = logging.StreamHandler(sys.stderr)
+            handler = logging.StreamHandler(out)
             handler.setFormatter(
                 logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
             )
     handler.addFilter(RedactTokens())
+    return handler
+
+
+def setup_logging(level: str = "info", fmt: str = "rich") -> None:
+    """Configure the root logger for the server process: ``log_handler(fmt)`` on stderr."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler(fmt)]
     root.setLevel(level.upper())
     # websockets logs every failed handshake at info; ours are clearer.
     logging.getLogger("websockets").setLevel(max(root.level, logging.WARNING))

@@ -24,6 +24,8 @@ log = logging.getLogger("broker.store.redis")
 #: Seconds between heartbeats; a node whose heartbeat key expired is swept.
 HEARTBEAT_INTERVAL = 1.5
 HEARTBEAT_TTL_MS = 5000
+#: How long shutdown waits for the presence loops to stop (seconds).
+CLOSE_WAIT = 2.0
 #: Figures of ``stats`` that are summed over the nodes.
 SUMMED = ("connections", "subscriptions", "messages_in", "messages_out", "bytes_in", "bytes_out")
 
@@ -91,11 +93,18 @@ class Cluster:
         # redis-py's PubSub.get_message can swallow a cancellation and return None: the
         # events loop also stops on this flag, within its 1 s read timeout.
         self._closing = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # redis-py can swallow a cancellation in the middle of a command, and the task then
+        # goes on to its next await: the loops also stop on the flag, and shutdown waits for
+        # them a bounded time rather than forever.
+        done, pending = await asyncio.wait(self._tasks, timeout=CLOSE_WAIT)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: a loop that failed while stopping says nothing
+        for task in pending:
+            task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._sweep(args=[self.prefix, self.node_id]), 2.0)
 
@@ -126,7 +135,7 @@ class Cluster:
         self._sync()
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             try:
                 await self._heartbeat()
@@ -162,7 +171,7 @@ class Cluster:
 
     async def _writer_loop(self) -> None:
         backoff = Backoff(0.1, 2.0, jitter=False)
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             try:

@@ -1,4 +1,4 @@
-"""The SQLite store's own safety (issue 13, row 9), against real broker processes: one
+"""The SQLite store's own safety, against real broker processes: one
 broker per data directory, a full disk answered ``unavailable`` and logged once per
 episode, foreign or corrupt files refused at start, a database deleted under a running
 broker noticed before anything more is acknowledged (``--fsync always``) or within one
@@ -23,6 +23,8 @@ import pytest
 from broker.server.factory import SQLITE_MAX_PAGES_ENV
 
 from .support import BrokerProcess, Peer, isolated_env
+
+pytestmark = pytest.mark.process
 
 
 def run_second(first: BrokerProcess, home: Path) -> subprocess.CompletedProcess[str]:

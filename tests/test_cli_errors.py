@@ -1,4 +1,6 @@
-"""The CLI defects of issue 16, each against a real broker where one is involved."""
+"""What the CLI says when something is off (a bad option, an unreachable or refusing
+broker, a terminal where a pipe was expected): one clear line and a documented exit code,
+each against a real broker where one is involved."""
 
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from broker.cli.main import cli
 
-from .support import ROOT, SECRET, BrokerProcess, free_port, isolated_env
+from .harness import Broker
+from .support import ROOT, SECRET, free_port, isolated_env
 
 
 def invoke(tmp_path: Path, *args: str) -> Result:
@@ -63,6 +67,7 @@ def test_token_empty_id_is_refused(tmp_path: Path) -> None:
     assert "--id" in result.output and "must not be empty" in result.output
 
 
+@pytest.mark.slow
 def test_bench_unreachable_exits_3(tmp_path: Path) -> None:
     url = f"ws://127.0.0.1:{free_port()}/ws"
     result = run_cli(tmp_path, "bench", "--url", url, "--secret", SECRET, "--msgs", "10")
@@ -70,14 +75,16 @@ def test_bench_unreachable_exits_3(tmp_path: Path) -> None:
     assert url in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bench_refused_token_exits_4(broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_bench_refused_token_exits_4(broker: Broker, tmp_path: Path) -> None:
     wrong = "another-secret-0123456789-abcdefghijklmnop"
     result = run_cli(tmp_path, "bench", "--url", broker.url, "--secret", wrong, "--msgs", "10")
     assert result.returncode == 4, result.stderr
     assert "token refused" in result.stderr
 
 
-def test_bench_duration_takes_a_duration(broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_bench_duration_takes_a_duration(broker: Broker, tmp_path: Path) -> None:
     bad = invoke(tmp_path, "bench", "--url", broker.url, "--duration", "soon")
     assert bad.exit_code == 2 and "is not a duration" in bad.output
     started = time.monotonic()
@@ -104,7 +111,8 @@ def test_bench_duration_takes_a_duration(broker: BrokerProcess, tmp_path: Path) 
     assert time.monotonic() - started < 30
 
 
-def test_pub_on_a_terminal_says_it_reads_stdin(broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_pub_on_a_terminal_says_it_reads_stdin(broker: Broker, tmp_path: Path) -> None:
     """``broker pub TOPIC`` with a terminal for stdin: a hint on stderr, Ctrl-D ends it."""
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
@@ -165,7 +173,8 @@ def on_terminal(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], in
     return proc, controller
 
 
-def test_readme_three_terminals_output(broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_readme_three_terminals_output(broker: Broker, tmp_path: Path) -> None:
     """What the README says terminals 2 and 3 show."""
     sub, sub_out = on_terminal(
         tmp_path, "sub", "football", "--count", "1", "--url", broker.url, "-v"
@@ -193,7 +202,8 @@ def test_readme_three_terminals_output(broker: BrokerProcess, tmp_path: Path) ->
     assert piped.stdout == "2-1\n"
 
 
-def test_wss_to_a_plain_broker_is_one_clear_line(broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_wss_to_a_plain_broker_is_one_clear_line(broker: Broker, tmp_path: Path) -> None:
     result = run_cli(tmp_path, "pub", "t", "x", "--url", f"wss://127.0.0.1:{broker.port}/ws")
     assert result.returncode == 3
     lines = result.stderr.strip().splitlines()
@@ -202,7 +212,8 @@ def test_wss_to_a_plain_broker_is_one_clear_line(broker: BrokerProcess, tmp_path
     assert "ConnectionResetError" not in lines[0]
 
 
-def test_a_wrong_path_hints_at_ws(broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_a_wrong_path_hints_at_ws(broker: Broker, tmp_path: Path) -> None:
     for command in ("pub", "sub"):
         result = run_cli(tmp_path, command, "t", "x", "--url", f"ws://127.0.0.1:{broker.port}/")
         assert result.returncode == 3
@@ -210,8 +221,9 @@ def test_a_wrong_path_hints_at_ws(broker: BrokerProcess, tmp_path: Path) -> None
         assert f"ws://127.0.0.1:{broker.port}/ws" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_a_message_over_the_size_limit_says_it_was_refused(
-    make_broker: Callable[..., BrokerProcess], tmp_path: Path
+    make_broker: Callable[..., Broker], tmp_path: Path
 ) -> None:
     small = make_broker("--max-message-size", "1KiB")
     result = run_cli(tmp_path, "pub", "big", "x" * 2000, "--url", small.url)
