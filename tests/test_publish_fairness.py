@@ -82,17 +82,3 @@ def test_one_connection_alone_keeps_its_own_bound() -> None:
     for _ in range(999):
         bp.recorded(cast(Any, one), 10)
     assert one.reading
-
-
-def test_a_paused_connection_is_held_until_its_publishes_are_recorded() -> None:
-    bp = _bp()
-    floods = [FakeSession() for _ in range(4)]
-    for _ in range(100):
-        for f in floods:
-            bp.accepted(cast(Any, f), 100)
-    assert all(bp.holds(cast(Any, f)) for f in floods)
-    for f in floods:
-        for _ in range(100):
-            bp.recorded(cast(Any, f), 100)
-    assert not any(bp.holds(cast(Any, f)) for f in floods)
-    assert all(f.reading for f in floods)

@@ -959,11 +959,7 @@ class BrokerServer:
         if not backlog or session.closing:
             session.backlog = None
         if was_full and not session.closing and session.conn.transport is not None:
-            # A connection paused for its publishes waiting for the store is resumed
-            # there (a flood resumes once a turn here otherwise: see _TURN_SLICE).
-            if (
-                session.backlog is None or len(session.backlog) < _BACKLOG_PAUSE
-            ) and not self.backpressure.holds(session):
+            if session.backlog is None or len(session.backlog) < _BACKLOG_PAUSE:
                 session.conn.transport.resume_reading()
 
     def _request_failed(self, session: Session, frame: Frame | None, exc: Exception) -> None:

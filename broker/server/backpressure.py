@@ -184,10 +184,6 @@ class Backpressure:
         if transport is not None and (backlog is None or len(backlog) < self.backlog_pause):
             transport.resume_reading()
 
-    def holds(self, session: Session) -> bool:
-        """``session`` is paused here: only ``recorded`` may resume it."""
-        return session in self._paused
-
     def forget(self, session: Session) -> None:
         """``session`` closed: it will not be resumed (its publishes still count)."""
         self._paused.discard(session)
