@@ -40,6 +40,17 @@ _CHECKED_ELSEWHERE = ("aud", "iss", "jti")
 _PLAIN_HEADER = frozenset({"alg", "typ"})
 
 
+#: Claim times the fast path compares itself: ints a float holds exactly. A larger one
+#: (10**400) would overflow the comparison with the float clock in the compiled build, and
+#: goes to PyJWT, which refuses it.
+_TIME_LIMIT = 2**53
+
+
+def _is_time(value: object) -> bool:
+    """Whether ``value`` is an integer claim time the fast path may compare."""
+    return type(value) is int and -_TIME_LIMIT < value < _TIME_LIMIT
+
+
 def _b64(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
@@ -246,13 +257,13 @@ class TokenVerifier:
         leeway = self.leeway
         for name in ("iat", "nbf"):
             value = claims.get(name, 0)
-            if type(value) is not int or value > now + leeway:
+            if not _is_time(value) or value > now + leeway:
                 return None
         exp = claims.get("exp")
         if exp is None:
             if self.require_exp or "exp" in claims:
                 return None
-        elif type(exp) is not int or exp <= now - leeway:
+        elif not _is_time(exp) or exp <= now - leeway:
             return None
         return identity_from_claims(claims)
 
