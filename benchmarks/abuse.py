@@ -997,54 +997,54 @@ async def attack_http_history(ctx: Ctx) -> None:
     ctx.notes["history"] = f"{answers} answers in {rounds} rounds, ~{biggest >> 10} KiB each"
 
 
-async def attack_memory_tiny(ctx: Ctx) -> None:
-    """Row 108 (--memory): up to 1,000,000 tiny messages on 1,000 topics, 8 publishers."""
+async def windowed_publishers(
+    ctx: Ctx, name: str, limit: int, frame: Callable[[int, int], str], publishers: int = 8
+) -> int:
+    """``publishers`` connections each send up to ``limit`` frames ``frame(n, i)``, at most
+    500 unanswered at a time, until the attack is over; how many were acknowledged."""
     done = 0
 
     async def one(n: int) -> None:
         nonlocal done
-        ws = await open_ws(ctx.url, f"tiny{n}")
+        ws = await open_ws(ctx.url, f"{name}{n}")
         r = Replies(ws)
         i = 0
         try:
-            while not ctx.over() and i < 125_000:
+            while not ctx.over() and i < limit:
                 if i - r.answered > 500:
                     await asyncio.sleep(0.002)
                     continue
-                await ws.send(f'{{"op":"pub","id":{i},"topic":"tiny/{i % 1000}","data":1}}')
+                await ws.send(frame(n, i))
                 i += 1
         except ConnectionClosed:
             pass
         done += r.ok
         await r.close()
 
-    await asyncio.gather(*(one(n) for n in range(8)))
+    await asyncio.gather(*(one(n) for n in range(publishers)))
+    return done
+
+
+async def attack_memory_tiny(ctx: Ctx) -> None:
+    """Row 108 (--memory): up to 1,000,000 tiny messages on 1,000 topics, 8 publishers."""
+    done = await windowed_publishers(
+        ctx,
+        "tiny",
+        125_000,
+        lambda n, i: f'{{"op":"pub","id":{i},"topic":"tiny/{i % 1000}","data":1}}',
+    )
     ctx.notes["published"] = f"{done} acked"
 
 
 async def attack_memory_keys(ctx: Ctx) -> None:
     """Row 109 (--memory): publishes with a fresh idempotency key each, 8 publishers, as
     fast as acks come (2.1 million keys in 60 s in the issue)."""
-    done = 0
-
-    async def one(n: int) -> None:
-        nonlocal done
-        ws = await open_ws(ctx.url, f"keys{n}")
-        r = Replies(ws)
-        i = 0
-        try:
-            while not ctx.over() and i < 1_000_000:
-                if i - r.answered > 500:
-                    await asyncio.sleep(0.002)
-                    continue
-                await ws.send(f'{{"op":"pub","id":{i},"topic":"k/{n}","data":1,"key":"k{n}-{i}"}}')
-                i += 1
-        except ConnectionClosed:
-            pass
-        done += r.ok
-        await r.close()
-
-    await asyncio.gather(*(one(n) for n in range(8)))
+    done = await windowed_publishers(
+        ctx,
+        "keys",
+        1_000_000,
+        lambda n, i: f'{{"op":"pub","id":{i},"topic":"k/{n}","data":1,"key":"k{n}-{i}"}}',
+    )
     ctx.notes["published"] = f"{done} keyed publishes acked"
 
 
