@@ -102,12 +102,17 @@ def encode(
     return head + mask + apply_mask(payload, mask)
 
 
+#: The 2-byte heads of unmasked final text frames of up to 125 bytes (acks, most
+#: messages), made once: ``bytes((0x81, n))`` per frame builds a tuple first.
+_TEXT_HEADS = [bytes((0x81, n)) for n in range(126)]
+
+
 def text_frame(payload: bytes) -> bytes:
     """An unmasked, final text frame: what the server writes, the same bytes to every
     subscriber."""
     n = len(payload)
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return _TEXT_HEADS[n] + payload
     if n < 1 << 16:
         return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
     return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload

@@ -25,6 +25,12 @@ def _check_text(value: object, what: str) -> str:
         raise BadRequest(f"{what} must be a string")
     if not value:
         raise BadRequest(f"{what} must not be empty")
+    if value.isascii() and value.isprintable():
+        # The usual topic: one byte a character, all of them from space to '~' (none of
+        # the forbidden ones), found by two scans in C instead of a set lookup a character.
+        if len(value) > MAX_TOPIC_BYTES:
+            raise BadRequest(f"{what} is longer than {MAX_TOPIC_BYTES} bytes")
+        return value
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:

@@ -27,6 +27,20 @@ class Duplicate(Message):
 
     seqs: tuple[int, ...] = field(default=(), compare=False)
 
+    # Written out, as Message's is (broker.core.model); mypyc needs the subclass's too.
+    def __init__(
+        self,
+        seq: int,
+        topic: str,
+        payload: bytes,
+        sender_id: str,
+        sender_name: str,
+        ts: int,
+        seqs: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__(seq, topic, payload, sender_id, sender_name, ts)
+        self.seqs = seqs
+
 
 @dataclass
 class Numbered:
@@ -38,6 +52,13 @@ class Numbered:
     fresh: list[Message]
     #: Keys to record with the messages: (user, key) -> seqs.
     keys: dict[KeyId, tuple[int, ...]]
+
+    def __init__(
+        self, results: list[Message], fresh: list[Message], keys: dict[KeyId, tuple[int, ...]]
+    ) -> None:
+        self.results = results
+        self.fresh = fresh
+        self.keys = keys
 
 
 def number(
