@@ -96,6 +96,36 @@ def test_message_frame_is_encoded_once_and_valid_json() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("topic", "sender_id", "name"),
+    [("a/b", "u1", "U"), ('q"\\\x01é/😀', 'i"d\n', "N\\a\u2028me"), ("t", "", "")],
+)
+@pytest.mark.parametrize("size", [0, 60, 123, 124, 125, 126, 65535, 65536])
+def test_message_frame_is_orjsons_encoding(
+    topic: str, sender_id: str, name: str, size: int
+) -> None:
+    """The frame put together from cached pieces is byte for byte orjson's encoding of the
+    whole ``msg`` object, and the wire is that frame with its head, whichever comes first."""
+    payload = b'"' + b"x" * size + b'"'
+    for seq, ts in ((7, 1733000000000), (2**63 - 1, -5)):
+        expected = orjson.dumps(
+            {
+                "op": "msg",
+                "topic": topic,
+                "seq": seq,
+                "data": orjson.Fragment(payload),
+                "from": {"id": sender_id, "name": name},
+                "ts": ts,
+            }
+        )
+        first = Message(seq, topic, payload, sender_id, name, ts)
+        assert first.frame == expected and first.wire == text_frame(expected)
+        wire_first = Message(seq, topic, payload, sender_id, name, ts)
+        assert wire_first.wire == text_frame(expected) and wire_first.frame == expected
+    renamed = Message(1, topic, payload, sender_id, name + "2", 0)  # the same sender renamed
+    assert orjson.loads(renamed.frame)["from"] == {"id": sender_id, "name": name + "2"}
+
+
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
 def test_text_frame_header(size: int) -> None:
     from websockets.frames import Frame, Opcode

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Final
 
 #: Opcodes (RFC 6455 5.2).
 CONT = 0x0
@@ -102,9 +103,20 @@ def encode(
     return head + mask + apply_mask(payload, mask)
 
 
-#: The 2-byte heads of unmasked final text frames of up to 125 bytes (acks, most
+#: The 2-byte heads of unmasked final text frames of up to 125 bytes (acks, small
 #: messages), made once: ``bytes((0x81, n))`` per frame builds a tuple first.
-_TEXT_HEADS = [bytes((0x81, n)) for n in range(126)]
+_TEXT_HEADS: Final = [bytes((0x81, n)) for n in range(126)]
+_TEXT_HEAD_16: Final = bytes((0x81, 126))
+_TEXT_HEAD_64: Final = bytes((0x81, 127))
+
+
+def text_head(n: int) -> bytes:
+    """The head of an unmasked, final text frame of ``n`` payload bytes."""
+    if n < 126:
+        return _TEXT_HEADS[n]
+    if n < 1 << 16:
+        return _TEXT_HEAD_16 + n.to_bytes(2, "big")
+    return _TEXT_HEAD_64 + n.to_bytes(8, "big")
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -113,9 +125,7 @@ def text_frame(payload: bytes) -> bytes:
     n = len(payload)
     if n < 126:
         return _TEXT_HEADS[n] + payload
-    if n < 1 << 16:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+    return text_head(n) + payload
 
 
 def close_payload(code: int, reason: str = "") -> bytes:

@@ -179,15 +179,27 @@ def _has_float(value: Any) -> bool:
     if type(value) is not dict and type(value) is not list:
         return False
     # Only containers go on the stack: a scalar is looked at once, where it is found.
-    stack = [value]
+    stack: list[Any] = [value]
     while stack:
         item = stack.pop()
-        for child in item.values() if type(item) is dict else item:
-            kind = type(child)
-            if kind is float:
-                return True
-            if kind is dict or kind is list:
-                stack.append(child)
+        # Two loops, each over a declared type, which mypyc iterates without the generic
+        # iterator protocol.
+        if type(item) is dict:
+            values: dict[str, Any] = item
+            for child in values.values():
+                kind = type(child)
+                if kind is float:
+                    return True
+                if kind is dict or kind is list:
+                    stack.append(child)
+        else:
+            items: list[Any] = item
+            for child in items:
+                kind = type(child)
+                if kind is float:
+                    return True
+                if kind is dict or kind is list:
+                    stack.append(child)
     return False
 
 

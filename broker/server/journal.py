@@ -190,6 +190,13 @@ class Journal:
         try:
             # Acks first: they are small and their latency is what publishers wait on;
             # the fan-out of a large batch to many subscribers would otherwise delay them.
+            if len(batch) == 1:  # a publish alone (a chat room's): no lists to zip
+                done = batch[0][1]
+                msg = messages[0]
+                if done is not None:
+                    done(msg, None)
+                self.on_committed([] if type(msg) is Duplicate else [(msg, drafts[0])])
+                return
             for (_, done), msg in zip(batch, messages):
                 if done is not None:
                     done(msg, None)
