@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from broker.core.auth import TokenVerifier
     from broker.core.hub import Hub
     from broker.server.config import ServerConfig
-    from broker.server.connection import HttpRequest
+    from broker.server.http11 import HttpRequest
     from broker.server.metrics import Metrics
     from broker.store.base import Store
     from broker.store.redis import Cluster

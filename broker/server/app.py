@@ -68,9 +68,10 @@ from broker.server.admission import (
 from broker.server.api import HttpApi, Reply, error_reply
 from broker.server.backpressure import Backpressure
 from broker.server.config import ServerConfig
-from broker.server.connection import CLOSE_INTERNAL, DEFERRED, Connection, HttpRequest
+from broker.server.connection import CLOSE_INTERNAL, DEFERRED, Connection
 from broker.server.hooks import Hooks
 from broker.server.http import Routes, origin_allowed
+from broker.server.http11 import HttpRequest
 from broker.server.journal import Journal
 from broker.server.logs import Repeats
 from broker.server.memory import release_memory
