@@ -76,6 +76,7 @@ class RequestReader:
         "_body",
         "_fields",
         "_in_head",
+        "_length",
         "_offset",
         "_parser",
         "_pending",
@@ -111,6 +112,7 @@ class RequestReader:
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
+        self._length = 0
         self._in_head = False
         self._began = False
         self._seen = 0
@@ -201,6 +203,7 @@ class RequestReader:
     def on_message_begin(self) -> None:
         self._url = b""
         self._fields = []
+        self._length = 0
         self._in_head = True
         self._began = True
         self._seen = 0
@@ -211,7 +214,10 @@ class RequestReader:
     def on_header(self, name: bytes, value: bytes) -> None:
         if value and value[-1] in (9, 32):
             value = value.rstrip(b" \t")
-        self._fields.append((name.lower(), value))
+        name = name.lower()
+        if name == b"content-length":
+            self._length = int(value)  # llhttp checked it: digits, and given once
+        self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -224,11 +230,9 @@ class RequestReader:
                 raise _Stopped
             self.head = None
         limit = self.max_size
-        if limit is not None:
-            length = next((v for n, v in self._fields if n == b"content-length"), b"0")
-            if int(length) > limit:
-                self._stop(413, f"body larger than the max message size ({limit} bytes)")
-                raise _Stopped
+        if limit is not None and self._length > limit:
+            self._stop(413, f"body larger than the max message size ({limit} bytes)")
+            raise _Stopped
 
     def on_body(self, body: bytes) -> None:
         self._body += body
