@@ -64,6 +64,18 @@ def isolated_env(home: Path) -> dict[str, str]:
     return env
 
 
+def run_cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``broker ARGS`` in a subprocess with its XDG dirs under ``home``; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        cwd=ROOT,
+        env=isolated_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 class BrokerProcess:
     """A ``broker serve`` subprocess; ``start()`` waits until it accepts connections."""
 
