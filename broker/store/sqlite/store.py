@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,8 +37,6 @@ MiB = 1 << 20
 
 #: Seqs are reserved durably this many at a time (see Database.resume_sequence).
 SEQ_RESERVE = 10_000
-#: The GIL switch interval (seconds) while a SQLite store is open (see ``open``).
-SWITCH_INTERVAL = 0.0005
 #: Bytes a small batch may still add to the commit log's tail past TAIL_MAX_BYTES, so
 #: that other clients' small publishes do not wait while a large one waits for SQLite
 #: to take the tail (issue 27, row 10: 6 MB HTTP batches made everyone wait for it).
@@ -117,10 +114,6 @@ class SqliteStore(Store):
     # -- open and close (the writer thread) -------------------------------------------
 
     async def open(self) -> None:
-        # The store's threads run Python (row building, matching) while the event loop
-        # waits for the GIL once per callback: at the default 5 ms switch interval 32
-        # history readers made each turn wait that long several times (issue 27, row 6).
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         await self._write(self._open_sync)
         self._syncer.start(asyncio.get_running_loop())
 
