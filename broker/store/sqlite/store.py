@@ -152,6 +152,7 @@ class SqliteStore(Store):
             self.last_seq, booted, torn=found.torn > 0
         )
         told = self._new_epoch(went_back, found) if went_back else None
+        self._syncer.durable_reserved = self._reserved
         self._syncer.applied_seq = self.last_seq
         self._reads.connect()
         self._db.open_rest()
@@ -325,10 +326,14 @@ class SqliteStore(Store):
         if not messages:
             return numbered.results  # duplicates only: nothing to record
         last = messages[-1].seq
-        # Seqs are reserved durably ahead of use (see Database.resume_sequence): the
-        # record that crosses the reservation carries the next one and is fsynced before
-        # any ok.
-        reserved = last + SEQ_RESERVE if last > self._reserved else 0
+        # Seqs are reserved durably ahead of use (see Database.resume_sequence). The next
+        # reservation rides on the record that passes half of the current one, and the
+        # fsync thread makes it durable meanwhile; only a record whose seqs pass the
+        # durable reservation (the first after a start, or a burst faster than an fsync)
+        # is fsynced here, on the loop, before any ok.
+        reserved = 0
+        if last > self._reserved - SEQ_RESERVE // 2:
+            reserved = max(last, self._reserved) + SEQ_RESERVE
         record = encode(
             Batch(
                 messages,
@@ -336,7 +341,7 @@ class SqliteStore(Store):
                 reserved,
             )
         )
-        self._syncer.add(record, messages, numbered.keys, now, reserved)
+        self._syncer.add(record, messages, numbered.keys, now, reserved, last)
         self.last_seq = last
         if reserved:
             self._reserved = reserved
