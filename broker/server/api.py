@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from typing import Protocol as Interface
 from urllib.parse import parse_qs
@@ -69,18 +68,33 @@ MAX_BUCKETS = 10_000
 JSON = "application/json"
 
 
-@dataclass
 class Reply:
     """One HTTP response."""
 
-    status: int
-    body: bytes = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    content_type: str | None = JSON
-    #: The error code of an error reply (counted in the metrics), None for a success.
-    code: str | None = None
-    #: Who sent the request, when its token was valid: the connection has authenticated.
-    identity: Identity | None = None
+    # Not a dataclass: in the compiled build a dataclass's generated __init__ stays
+    # interpreted Python, and every request makes a Reply.
+    __slots__ = ("body", "code", "content_type", "headers", "identity", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: list[tuple[str, str]] | None = None,
+        content_type: str | None = JSON,
+        code: str | None = None,
+        identity: Identity | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers: list[tuple[str, str]] = [] if headers is None else headers
+        self.content_type = content_type
+        #: The error code of an error reply (counted in the metrics), None for a success.
+        self.code = code
+        #: Who sent the request, when its token was valid: the connection has authenticated.
+        self.identity = identity
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {self.body!r}, code={self.code!r})"
 
 
 def error_reply(error: BrokerError, status: int | None = None) -> Reply:
