@@ -231,6 +231,17 @@ async def test_data_then_close_in_one_write(broker: Broker) -> None:
         # A ping over 125 bytes.
         (b"\x89" + Frame(Opcode.TEXT, b"p" * 126).serialize(mask=True)[1:], 1002),
     ],
+    # Stable names: the masks are random, and parallel workers must collect the same tests.
+    ids=[
+        "text-not-utf8",
+        "unmasked",
+        "rsv1-without-deflate",
+        "reserved-opcode",
+        "lone-continuation",
+        "close-code-1005",
+        "close-reason-not-utf8",
+        "ping-over-125",
+    ],
 )
 async def test_bad_frames_close_with_their_code(broker: Broker, frame: bytes, code: int) -> None:
     reader, writer = await raw_upgrade(broker.port, broker.token("bad"))

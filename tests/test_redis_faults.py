@@ -2,7 +2,7 @@
 with idempotency keys and resuming subscribers run while a node or Redis is killed,
 restarted older, paused or made to refuse writes. Every acknowledged message reaches every
 subscriber exactly once in seq order, or the subscriber hears ``recovered: false``; no
-(epoch, seq) names two messages. Each test prints the checker's figures (``pytest -s``);
+(epoch, seq) names two messages. Each test prints the checker's figures (``pytest -n 0 -s``);
 docs/operations.md ("Faults and what they cost") gives them."""
 
 from __future__ import annotations
