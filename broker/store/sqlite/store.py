@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,8 +39,6 @@ MiB = 1 << 20
 
 #: Seqs are reserved durably this many at a time (see Database.resume_sequence).
 SEQ_RESERVE = 10_000
-#: The GIL switch interval (seconds) while a SQLite store is open (see ``open``).
-SWITCH_INTERVAL = 0.0005
 #: Bytes a small batch may still add to the commit log's tail past TAIL_MAX_BYTES, so
 #: that other clients' small publishes do not wait while a large one waits for SQLite
 #: to take the tail (issue 27, row 10: 6 MB HTTP batches made everyone wait for it).
@@ -124,10 +121,6 @@ class SqliteStore(Store):
     # -- open and close (the writer thread) -------------------------------------------
 
     async def open(self) -> None:
-        # The store's threads run Python (row building, matching) while the event loop
-        # waits for the GIL once per callback: at the default 5 ms switch interval 32
-        # history readers made each turn wait that long several times (issue 27, row 6).
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         await self._write(self._open_sync)
         self._syncer.start(asyncio.get_running_loop())
 
@@ -166,6 +159,7 @@ class SqliteStore(Store):
             self.last_seq, booted, torn=found.torn > 0
         )
         told = self._new_epoch(went_back, found) if went_back else None
+        self._syncer.durable_reserved = self._reserved
         self._syncer.applied_seq = self.last_seq
         self._reads.connect()
         self._db.open_rest()
@@ -339,10 +333,14 @@ class SqliteStore(Store):
         if not messages:
             return numbered.results  # duplicates only: nothing to record
         last = messages[-1].seq
-        # Seqs are reserved durably ahead of use (see Database.resume_sequence): the
-        # record that crosses the reservation carries the next one and is fsynced before
-        # any ok.
-        reserved = last + SEQ_RESERVE if last > self._reserved else 0
+        # Seqs are reserved durably ahead of use (see Database.resume_sequence). The next
+        # reservation rides on the record that passes half of the current one, and the
+        # fsync thread makes it durable meanwhile; only a record whose seqs pass the
+        # durable reservation (the first after a start, or a burst faster than an fsync)
+        # is fsynced here, on the loop, before any ok.
+        reserved = 0
+        if last > self._reserved - SEQ_RESERVE // 2:
+            reserved = max(last, self._reserved) + SEQ_RESERVE
         record = encode(
             Batch(
                 messages,
@@ -350,7 +348,7 @@ class SqliteStore(Store):
                 reserved,
             )
         )
-        self._syncer.add(record, messages, numbered.keys, now, reserved)
+        self._syncer.add(record, messages, numbered.keys, now, reserved, last)
         self._unapplied.add(messages, self._syncer.applied_seq)
         self.last_seq = last
         if reserved:
