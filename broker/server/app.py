@@ -68,9 +68,10 @@ from broker.server.admission import (
 from broker.server.api import HttpApi, Reply, error_reply
 from broker.server.backpressure import Backpressure
 from broker.server.config import ServerConfig
-from broker.server.connection import CLOSE_INTERNAL, DEFERRED, Connection, HttpRequest
+from broker.server.connection import CLOSE_INTERNAL, DEFERRED, Connection
 from broker.server.hooks import Hooks
 from broker.server.http import Routes, origin_allowed
+from broker.server.http11 import HttpRequest
 from broker.server.journal import Journal
 from broker.server.logs import Repeats
 from broker.server.memory import release_memory
@@ -446,7 +447,8 @@ class BrokerServer:
             status, reason = request.error
             self._reply(conn, request, error_reply(BadRequest(reason), status), True)
         elif request.path.startswith("/api/"):
-            self._spawn(self._api(conn, request))
+            if not self._api_now(conn, request):
+                self._spawn(self._api(conn, request))
         elif request.path == "/sse":
             self._stream(conn, request)
         else:
@@ -648,12 +650,26 @@ class BrokerServer:
         finally:
             session.task = None
 
+    def _api_now(self, conn: Connection, request: HttpRequest) -> bool:
+        """Answer a publish without a task when the API can (most): False otherwise."""
+        try:
+            return self.api.publish_now(request, lambda reply: self._answered(conn, request, reply))
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path)
+            self._answered(conn, request, error_reply(BrokerError("internal error")))
+            return True
+
     async def _api(self, conn: Connection, request: HttpRequest) -> None:
         try:
             reply = await self.api.handle(request)
         except Exception:
             log.exception("internal error answering %s %s", request.method, request.path)
             reply = error_reply(BrokerError("internal error"))
+        self._answered(conn, request, reply)
+
+    def _answered(self, conn: Connection, request: HttpRequest, reply: Reply) -> None:
+        """Send the reply to an ``/api/`` request; a request with a valid token settles
+        its connection."""
         if reply.identity is not None:
             self.admission.settle(conn)
         self._reply(conn, request, reply)
@@ -1234,6 +1250,14 @@ class BrokerServer:
             session.send(encode_ok(frame.id, exp=int(identity.exp) if identity.exp else None))
 
     # -- hooks (section 12) --------------------------------------------------------------
+
+    def publish_hooked(self, topics: list[str]) -> bool:
+        """Whether a publish to any of ``topics`` may ask the ``publish`` hook."""
+        return (
+            self._publish_hook
+            and self.hooks is not None
+            and any(self.namespaces.publish_hook(t) for t in topics)
+        )
 
     async def check_publish(
         self, identity: Identity, topics: list[str], data: bytes, key: str | None
