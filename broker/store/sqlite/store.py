@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from broker.core.model import Draft, Message, now_ms
 from broker.core.namespaces import Namespaces
+from broker.core.topics import is_pattern
 from broker.core.units import format_size
 from broker.errors import Unavailable
 from broker.store.base import LATEST_LIMIT, PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store, Visible
@@ -30,6 +31,7 @@ from broker.store.sqlite.files import (
 )
 from broker.store.sqlite.reads import Reads
 from broker.store.sqlite.syncer import TAIL_MAX_BYTES, Syncer
+from broker.store.sqlite.unapplied import Unapplied
 
 log = logging.getLogger("broker.store.sqlite")
 
@@ -107,6 +109,11 @@ class SqliteStore(Store):
         self._failure: str | None = None
         self._refused = 0
         self._trim_failure: str | None = None
+        # The writer's apply that reads wait for (None: none running): one apply for all
+        # the reads that need the commit log in SQLite, not one queued per read.
+        self._applying: asyncio.Task[bool] | None = None
+        # The topics of what the commit log holds that SQLite may not yet.
+        self._unapplied = Unapplied()
 
     async def _write(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
@@ -342,6 +349,7 @@ class SqliteStore(Store):
             )
         )
         self._syncer.add(record, messages, numbered.keys, now, reserved, last)
+        self._unapplied.add(messages, self._syncer.applied_seq)
         self.last_seq = last
         if reserved:
             self._reserved = reserved
@@ -380,28 +388,50 @@ class SqliteStore(Store):
 
     # -- reads (the reader thread, after the writer applied what they need) -----------
 
-    async def _visible(self, upto: int) -> None:
-        """Apply the commit log if SQLite does not hold every message up to ``upto`` yet.
-        When it cannot (the store is failing), reads go on without the log's tail."""
-        if self._syncer.applied_seq >= upto or self._syncer.log is None:
-            return
+    async def _visible(self, upto: int, pattern: str = "#") -> None:
+        """Apply the commit log if SQLite does not hold every message up to ``upto`` yet
+        (of the topic ``pattern`` when it names one: a quiet topic's read does not wait
+        for the others' messages). When it cannot (the store is failing), reads go on
+        without the log's tail.
+
+        Concurrent reads share one apply: each one queued its own behind the writer's
+        commits (an apply fsyncs several times), and a one-topic read waited for the
+        applies of 32 history readers (issue 27, row 6). An apply already running may
+        have begun before ``upto`` was logged: then the next one, begun after, covers it."""
+        if not is_pattern(pattern):
+            upto = self._unapplied.needed(pattern, upto, self._syncer.applied_seq)
+        for _ in range(2):
+            if self._syncer.applied_seq >= upto or self._syncer.log is None:
+                return
+            fresh = self._applying is None
+            if self._applying is None:
+                self._applying = asyncio.ensure_future(self._apply_for_reads())
+            if not await asyncio.shield(self._applying) or fresh:
+                return
+
+    async def _apply_for_reads(self) -> bool:
+        """Apply the commit log on the writer thread; False when the store failed to."""
         try:
             await self._write(self._syncer.apply)
+            return True
         except (sqlite3.Error, OSError) as exc:
             self._failing(describe(exc), 0)
+            return False
+        finally:
+            self._applying = None
 
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
-        await self._visible(upto)
+        await self._visible(upto, pattern)
         return await self._reads.read_since(pattern, since, upto)
 
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
-        await self._visible(upto)
+        await self._visible(upto, pattern)
         return await self._reads.read_last(pattern, n, upto)
 
     async def latest(
         self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
     ) -> list[Message]:
-        await self._visible(upto)
+        await self._visible(upto, pattern)
         return await self._reads.latest(pattern, upto, limit, visible)
 
     @property
@@ -423,7 +453,7 @@ class SqliteStore(Store):
         page_size: int = PAGE_SIZE,
         page_bytes: int = PAGE_BYTES,
     ) -> Pages:
-        await self._visible(upto)
+        await self._visible(upto, pattern)
         return await self._reads.replay(pattern, since, last, upto, page_size, page_bytes)
 
     # -- retention (the writer thread) ------------------------------------------------
