@@ -1165,8 +1165,11 @@ async def attack_many_readers(ctx: Ctx) -> None:
     done = await asyncio.gather(*readers)
     reads = [t for got in done for t in got]
     ctx.notes["readers"] = f"{len(reads)} `#` reads, slowest {max(reads, default=0):.2f} s"
+    ranked = sorted(victim)
+    p99 = ranked[min(len(ranked) - 1, int(len(ranked) * 0.99))] if ranked else 0
     ctx.notes["victim"] = (
-        f"{len(victim)} own-topic subs, slowest {max(victim, default=0) * 1000:.0f} ms"
+        f"{len(victim)} own-topic subs, p99 {p99 * 1000:.0f} ms, "
+        f"slowest {max(victim, default=0) * 1000:.0f} ms"
     )
 
 

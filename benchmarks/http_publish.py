@@ -143,14 +143,15 @@ def main() -> None:
     extra = ["--memory"] if args.memory else []
     results: dict[str, list[tuple[float, float]]] = {"http": [], "websocket": []}
     cpu: dict[str, list[float]] = {"http": [], "websocket": []}
+    split: dict[str, list[tuple[float, float]]] = {"http": [], "websocket": []}
     with Broker([*extra, "--max-queue", "64MiB"]) as broker:
         server = psutil.Process(broker.pid)
         port, url = broker.port, broker.url
         token = broker.token("bench")
 
-        def server_cpu() -> float:
+        def server_cpu() -> tuple[float, float]:
             times = server.cpu_times()
-            return float(times.user + times.system)
+            return float(times.user), float(times.system)
 
         for _ in range(args.runs):
             before = server_cpu()
@@ -161,18 +162,33 @@ def main() -> None:
             results["websocket"].append(
                 asyncio.run(ws_run(url, token, args.msgs, args.concurrency, args.keyed))
             )
-            cpu["http"].append((middle - before) / args.msgs * 1e6)
-            cpu["websocket"].append((server_cpu() - middle) / args.msgs * 1e6)
+            after = server_cpu()
+            for name, start, end in (("http", before, middle), ("websocket", middle, after)):
+                user, system = ((end[i] - start[i]) / args.msgs * 1e6 for i in (0, 1))
+                cpu[name].append(user + system)
+                split[name].append((user, system))
     store = "memory" if args.memory else "sqlite"
     keys = "on" if args.keyed else "off"
     print(
         f"store {store}, {args.msgs} publishes per run, {args.concurrency} in flight, keys {keys}"
     )
-    print(f"{'transport':10} {'publishes/s':>12} {'p99 ms':>8} {'server CPU us/publish':>22}")
+    print(
+        f"{'transport':10} {'publishes/s':>12} {'p99 ms':>8} {'server CPU us/publish':>22}"
+        f" {'user + system':>14}"
+    )
     for name, runs in results.items():
         rate = statistics.median(r for r, _ in runs)
         tail = statistics.median(t for _, t in runs)
-        print(f"{name:10} {rate:>12,.0f} {tail:>8.2f} {statistics.median(cpu[name]):>22.0f}")
+        user = statistics.median(u for u, _ in split[name])
+        system = statistics.median(s for _, s in split[name])
+        print(
+            f"{name:10} {rate:>12,.0f} {tail:>8.2f} {statistics.median(cpu[name]):>22.0f}"
+            f" {user:>7.0f} + {system:<4.0f}"
+        )
+    print(
+        "server CPU per run, us/publish: "
+        + ", ".join(f"{n} {' '.join(f'{c:.0f}' for c in cpu[n])}" for n in cpu)
+    )
 
 
 if __name__ == "__main__":

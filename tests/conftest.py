@@ -21,12 +21,31 @@ def _host(request: pytest.FixtureRequest) -> type[BrokerThread] | type[BrokerPro
     return BrokerProcess if request.node.get_closest_marker("process") else BrokerThread
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test item, for fixtures to see a failure."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+def _show_logs_if_failed(request: pytest.FixtureRequest, servers: list[Any]) -> None:
+    """After a failed test, print the end of each broker's log: shown in the failure's
+    report (its "Captured stdout teardown"), since the log goes with the test's files."""
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for server in servers:
+            print(f"--- the end of the log of the broker on port {server.port} ---")
+            print(server.log()[-6000:])
+
+
 @pytest.fixture
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """A broker on a free port with an on-disk store in ``tmp_path``: in this process
     (``BrokerThread``), or a ``broker serve`` process for tests marked ``process``."""
     server = _host(request)(tmp_path).start()
     yield server
+    _show_logs_if_failed(request, [server])
     server.close()
 
 
@@ -43,6 +62,7 @@ def make_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Call
         return server.start()
 
     yield factory
+    _show_logs_if_failed(request, started)
     for server in started:
         server.close()
 

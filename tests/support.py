@@ -64,6 +64,30 @@ def isolated_env(home: Path) -> dict[str, str]:
     return env
 
 
+#: A configuration with the ``scores/#`` topics public: readable without a token.
+PUBLIC_SCORES = '[[namespace]]\npattern = "scores/#"\npublic = true\n'
+
+
+def public_broker(make_broker: Callable[..., Any], home: Path, *args: str) -> Any:
+    """A broker from the ``make_broker`` fixture whose ``scores/#`` topics are public,
+    with extra ``serve`` ARGS."""
+    path = home / "public.toml"
+    path.write_text(PUBLIC_SCORES)
+    return make_broker("--config", str(path), *args)
+
+
+def run_cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``broker ARGS`` in a subprocess with its XDG dirs under ``home``; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        cwd=ROOT,
+        env=isolated_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 class BrokerProcess:
     """A ``broker serve`` subprocess; ``start()`` waits until it accepts connections."""
 

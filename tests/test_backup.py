@@ -12,22 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from .support import ROOT, BrokerProcess, Peer, isolated_env
+from .support import ROOT, BrokerProcess, Peer, isolated_env, run_cli
 
 # Each test runs `broker backup` and `broker serve` processes.
 pytestmark = pytest.mark.slow
-
-
-def backup(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``broker backup ARGS`` in a subprocess (its XDG dirs under ``home``)."""
-    return subprocess.run(
-        [sys.executable, "-m", "broker.cli", "backup", *args],
-        cwd=ROOT,
-        env=isolated_env(home),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.mark.slow
@@ -40,7 +28,7 @@ async def test_backup_while_running_holds_every_acknowledged_message(tmp_path: P
             (await pub.request("pub", topic="scores", data=f"goal {i}"))["seq"] for i in range(5)
         ]
         copy = tmp_path / "backup.sqlite3"
-        result = backup(tmp_path / "live", str(copy), "--data", str(live.data))
+        result = run_cli(tmp_path / "live", "backup", str(copy), "--data", str(live.data))
         assert result.returncode == 0, result.stderr
         assert f"last seq {seqs[-1]}, 5 messages (5 from the commit log)" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1  # one line says what it did
@@ -65,7 +53,9 @@ async def test_no_target_in_the_data_directory_and_no_replaced_lock_lets_a_secon
     live = BrokerProcess(tmp_path / "live").start()
     try:
         lock = live.data / "lock"
-        refused = backup(tmp_path / "live", "--force", str(lock), "--data", str(live.data))
+        refused = run_cli(
+            tmp_path / "live", "backup", "--force", str(lock), "--data", str(live.data)
+        )
         assert refused.returncode == 1 and "inside the data directory" in refused.stderr
         assert lock.read_text().strip() == str(live.proc.pid if live.proc else "")
         # Replaced by hand: the lock is the directory's, which no file replacement swaps.
@@ -84,10 +74,12 @@ async def test_no_target_in_the_data_directory_and_no_replaced_lock_lets_a_secon
 def test_backup_refuses_to_overwrite_and_reports_a_missing_store(tmp_path: Path) -> None:
     target = tmp_path / "exists.sqlite3"
     target.write_text("keep me")
-    missing = backup(tmp_path, str(tmp_path / "out.sqlite3"), "--data", str(tmp_path / "none"))
+    missing = run_cli(
+        tmp_path, "backup", str(tmp_path / "out.sqlite3"), "--data", str(tmp_path / "none")
+    )
     assert missing.returncode == 1
     assert "no store at" in missing.stderr and "Traceback" not in missing.stderr
-    refused = backup(tmp_path, str(target), "--data", str(tmp_path / "none"))
+    refused = run_cli(tmp_path, "backup", str(target), "--data", str(tmp_path / "none"))
     assert refused.returncode == 1 and "--force" in refused.stderr
     assert target.read_text() == "keep me"
 
@@ -135,7 +127,9 @@ async def test_a_backup_under_load_holds_everything_acknowledged_before_it_start
             await asyncio.sleep(0.01)
         before = max(acked)
         copy = tmp_path / "copy.sqlite3"
-        result = await asyncio.to_thread(backup, tmp_path, str(copy), "--data", str(live.data))
+        result = await asyncio.to_thread(
+            run_cli, tmp_path, "backup", str(copy), "--data", str(live.data)
+        )
         stop.set()
         await asyncio.wait_for(task, 10)
         await pub.close()

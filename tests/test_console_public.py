@@ -9,22 +9,13 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, expect
 
-from .support import BrokerProcess, Peer
+from .support import BrokerProcess, Peer, public_broker
 from .test_console import _browser_available, message, open_console, run
 
 # Chromium against broker serve processes, as in test_console.py.
 pytestmark = [pytest.mark.process, pytest.mark.browser]
 
 __all__ = ["_browser_available"]  # the autouse fixture: skip (or fail in CI) without a browser
-
-PUBLIC = '[[namespace]]\npattern = "scores/#"\npublic = true\n'
-
-
-def public_broker(make_broker: Any, tmp_path: Path) -> BrokerProcess:
-    path = tmp_path / "public.toml"
-    path.write_text(PUBLIC)
-    broker: BrokerProcess = make_broker("--config", str(path))
-    return broker
 
 
 def test_a_visitor_without_a_token_watches_public_topics_at_once(

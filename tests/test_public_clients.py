@@ -15,16 +15,7 @@ from broker.client import Client
 from broker.client.state import ClientState, SubState
 from broker.errors import Forbidden
 
-from .support import ROOT, BrokerProcess, Peer, isolated_env
-
-PUBLIC = '[[namespace]]\npattern = "scores/#"\npublic = true\n'
-
-
-def public_broker(make_broker: Any, tmp_path: Path) -> BrokerProcess:
-    path = tmp_path / "public.toml"
-    path.write_text(PUBLIC)
-    broker: BrokerProcess = make_broker("--config", str(path))
-    return broker
+from .support import ROOT, BrokerProcess, Peer, isolated_env, public_broker
 
 
 async def publish_scores(broker: BrokerProcess) -> list[int]:

@@ -8,16 +8,14 @@ from typing import Any
 
 import pytest
 
-from .support import BrokerProcess
+from .support import PUBLIC_SCORES, BrokerProcess
 from .test_js_client import run_node
-
-PUBLIC = '[[namespace]]\npattern = "scores/#"\npublic = true\n'
 
 
 @pytest.mark.slow
 def test_latest_and_anonymous_in_node(make_broker: Any, tmp_path: Path) -> None:
     path = tmp_path / "public.toml"
-    path.write_text(PUBLIC)
+    path.write_text(PUBLIC_SCORES)
     broker: BrokerProcess = make_broker("--config", str(path))
     out = run_node("public.mjs", broker.url, broker.token("p"))
     assert out["user"] == {"id": "", "name": ""}

@@ -16,12 +16,10 @@ from broker.core.protocol import Auth, encode_request, parse_request
 from broker.errors import Forbidden
 from broker.server.admission import AnonymousCaps
 
-from .support import BrokerProcess, Peer, RedisServer, async_wait_for
-
-PUBLIC = '[[namespace]]\npattern = "scores/#"\npublic = true\n'
+from .support import PUBLIC_SCORES, BrokerProcess, Peer, RedisServer, async_wait_for
 
 
-def public_config(tmp_path: Path, text: str = PUBLIC) -> str:
+def public_config(tmp_path: Path, text: str = PUBLIC_SCORES) -> str:
     path = tmp_path / "public.toml"
     path.write_text(text)
     return str(path)

@@ -21,19 +21,7 @@ import pytest
 from broker.core.model import Draft
 from broker.store.sqlite import SqliteStore
 
-from .support import ROOT, BrokerProcess, Peer, isolated_env
-
-
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``broker ARGS`` in a subprocess (its XDG dirs under ``home``)."""
-    return subprocess.run(
-        [sys.executable, "-m", "broker.cli", *args],
-        cwd=ROOT,
-        env=isolated_env(home),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from .support import ROOT, BrokerProcess, Peer, isolated_env, run_cli
 
 
 def recipe() -> list[str]:
@@ -61,7 +49,7 @@ async def test_the_documented_recipe_restores_an_older_backup_in_a_new_epoch(
         pub = await Peer.open(broker.url, broker.token("pub"))
         a = [(await pub.request("pub", topic="t", data=f"a{i}"))["seq"] for i in range(5)]
         backup = tmp_path / "backup.sqlite3"
-        made = cli(home, "backup", str(backup), "--data", str(broker.data))
+        made = run_cli(home, "backup", str(backup), "--data", str(broker.data))
         assert made.returncode == 0, made.stderr
         b = [(await pub.request("pub", topic="t", data=f"b{i}"))["seq"] for i in range(5)]
         assert a + b == list(range(1, 11))
@@ -71,7 +59,7 @@ async def test_the_documented_recipe_restores_an_older_backup_in_a_new_epoch(
         await sub.close()
 
         assert broker.stop(signal.SIGTERM) == 0  # 1. stop the broker
-        restored = cli(home, "restore", "--data", str(broker.data), str(backup))  # 2.
+        restored = run_cli(home, "restore", "--data", str(broker.data), str(backup))  # 2.
         assert restored.returncode == 0, restored.stderr
         [line] = restored.stderr.strip().splitlines()
         assert "last seq 5, 5 messages" in line and "the next start begins a new epoch" in line
@@ -106,8 +94,8 @@ async def test_restore_refuses_while_a_broker_holds_the_data_directory(tmp_path:
         await pub.request("pub", topic="t", data=1)
         await pub.close()
         backup = tmp_path / "backup.sqlite3"
-        assert cli(home, "backup", str(backup), "--data", str(broker.data)).returncode == 0
-        refused = cli(home, "restore", "--data", str(broker.data), str(backup))
+        assert run_cli(home, "backup", str(backup), "--data", str(broker.data)).returncode == 0
+        refused = run_cli(home, "restore", "--data", str(broker.data), str(backup))
         assert refused.returncode == 1
         assert "in use by another broker" in refused.stderr and "restore refused" in refused.stderr
         assert "Traceback" not in refused.stderr
@@ -145,7 +133,7 @@ def test_restore_refuses_a_file_that_is_not_a_sound_broker_database(tmp_path: Pa
         (other, "another program's database"),
         (corrupt, "corrupt"),
     ):
-        refused = cli(tmp_path, "restore", "--data", str(data), str(bad))
+        refused = run_cli(tmp_path, "restore", "--data", str(data), str(bad))
         assert refused.returncode == 1, refused.stderr
         assert "restore refused" in refused.stderr and says in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from .checker import Checker, History
-from .support import ROOT, BrokerProcess, Peer, isolated_env
+from .support import BrokerProcess, Peer, run_cli
 
 TOPIC = "chk"
 SUBSCRIBERS = 2
@@ -108,17 +106,6 @@ async def publish(
 
 def acked_seqs(history: History) -> dict[str, int]:
     return {a.key: a.seq for a in history.acks}
-
-
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker.cli", *args],
-        cwd=ROOT,
-        env=isolated_env(home),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.mark.slow
@@ -235,11 +222,13 @@ async def test_a_restored_older_backup_starts_a_new_epoch_clients_are_told(
         async with checker.running(publishers=0, subscribers=SUBSCRIBERS):
             assert await publish(broker, checker, [f"a{i}" for i in range(5)]) == []
             backup = tmp_path / "backup.sqlite3"
-            assert cli(tmp_path, "backup", str(backup), "--data", str(broker.data)).returncode == 0
+            assert (
+                run_cli(tmp_path, "backup", str(backup), "--data", str(broker.data)).returncode == 0
+            )
             assert await publish(broker, checker, [f"b{i}" for i in range(5)]) == []
             assert broker.stop(signal.SIGTERM) == 0
             stopped_at = time.monotonic()
-            done = cli(tmp_path, "restore", "--data", str(broker.data), str(backup))
+            done = run_cli(tmp_path, "restore", "--data", str(broker.data), str(backup))
             assert done.returncode == 0, done.stderr
             broker.start()
             back = time.monotonic() - stopped_at

@@ -23,9 +23,7 @@ import pytest
 from broker.core.sse import parse_last_event_id, parse_stream
 from broker.errors import BadRequest
 
-from .support import BrokerProcess, Peer, RedisServer, async_wait_for
-
-PUBLIC = '[[namespace]]\npattern = "scores/#"\npublic = true\n'
+from .support import BrokerProcess, Peer, RedisServer, async_wait_for, public_broker
 
 
 @dataclass
@@ -123,13 +121,6 @@ async def publish(peer: Peer, topic: str, data: Any) -> int:
     reply = await peer.request("pub", topic=topic, data=data)
     assert reply["op"] == "ok", reply
     return int(reply["seq"])
-
-
-def public_broker(make_broker: Any, tmp_path: Path, *args: str) -> BrokerProcess:
-    path = tmp_path / "public.toml"
-    path.write_text(PUBLIC)
-    broker: BrokerProcess = make_broker("--config", str(path), *args)
-    return broker
 
 
 def test_the_query_and_last_event_id() -> None:

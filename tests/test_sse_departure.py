@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 
 from .hooks_support import HOOK_SECRET, Backend, hooked_broker
-from .support import BrokerProcess, wait_for
+from .support import PUBLIC_SCORES, BrokerProcess, wait_for
 
-PUBLIC = '[[namespace]]\npattern = "scores/#"\npublic = true\n'
 #: Well under the 10 s between comment lines, the only other way a departure is noticed.
 GONE_WITHIN = 2.0
 
@@ -71,7 +70,7 @@ def ended(sock: socket.socket) -> bool:
 @pytest.fixture
 def public_broker(make_broker: Any, tmp_path: Path) -> BrokerProcess:
     path = tmp_path / "public.toml"
-    path.write_text(PUBLIC)
+    path.write_text(PUBLIC_SCORES)
     broker: BrokerProcess = make_broker(
         "--config", str(path), "--max-anonymous", "1", "--max-connections", "2"
     )

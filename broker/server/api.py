@@ -1,20 +1,20 @@
 """The HTTP API for application backends: ``/api/publish``, ``/api/history``,
 ``/api/presence``, ``/api/stats`` (section 7 of docs/protocol.md).
 
-Requests arrive whole from ``Connection`` (parsed by h11); this module turns one into one
-``Reply``. Authentication, ACL and inbox rules are those of a WebSocket connection with
-the same token (``TokenVerifier`` and ``Identity``), and publishes take the same path as
-an acknowledged ``pub``: ``BrokerServer.submit`` and the journal, answered once recorded.
+Requests arrive whole from ``Connection`` (``broker.server.http11``); this module turns one
+into one ``Reply``: a publish that no hook asks about without a task (``publish_now``, the
+common case), anything else in a coroutine (``handle``). Authentication, ACL and inbox
+rules are those of a WebSocket connection with the same token (``TokenVerifier`` and
+``Identity``), and publishes take the same path as an acknowledged ``pub``:
+``BrokerServer.submit`` and the journal, answered once recorded.
 Errors are ``broker.errors`` classes, answered with their class's ``http_status``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from typing import Protocol as Interface
 from urllib.parse import parse_qs
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from broker.core.auth import TokenVerifier
     from broker.core.hub import Hub
     from broker.server.config import ServerConfig
-    from broker.server.connection import HttpRequest
+    from broker.server.http11 import HttpRequest
     from broker.server.metrics import Metrics
     from broker.store.base import Store
     from broker.store.redis import Cluster
@@ -65,23 +65,36 @@ PAGE_BYTES = 1 << 20
 READ_PAGE = 256
 #: Per-user rate buckets kept at once (the least recently used go first).
 MAX_BUCKETS = 10_000
-#: Verified tokens remembered at once (the least recently used go first).
-MAX_IDENTITIES = 1_000
 JSON = "application/json"
 
 
-@dataclass
 class Reply:
     """One HTTP response."""
 
-    status: int
-    body: bytes = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    content_type: str | None = JSON
-    #: The error code of an error reply (counted in the metrics), None for a success.
-    code: str | None = None
-    #: Who sent the request, when its token was valid: the connection has authenticated.
-    identity: Identity | None = None
+    # Not a dataclass: in the compiled build a dataclass's generated __init__ stays
+    # interpreted Python, and every request makes a Reply.
+    __slots__ = ("body", "code", "content_type", "headers", "identity", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: list[tuple[str, str]] | None = None,
+        content_type: str | None = JSON,
+        code: str | None = None,
+        identity: Identity | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers: list[tuple[str, str]] = [] if headers is None else headers
+        self.content_type = content_type
+        #: The error code of an error reply (counted in the metrics), None for a success.
+        self.code = code
+        #: Who sent the request, when its token was valid: the connection has authenticated.
+        self.identity = identity
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {self.body!r}, code={self.code!r})"
 
 
 def error_reply(error: BrokerError, status: int | None = None) -> Reply:
@@ -126,6 +139,9 @@ class Server(Interface):
     def cluster(self) -> Cluster | None:
         """In cluster mode, presence and stats of every node."""
 
+    def publish_hooked(self, topics: list[str]) -> bool:
+        """Whether a publish to any of ``topics`` may ask the ``publish`` hook."""
+
     def submit(
         self,
         identity: Identity,
@@ -159,7 +175,6 @@ class HttpApi:
     def __init__(self, server: Server) -> None:
         self.server = server
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-        self._identities: OrderedDict[str, Identity] = OrderedDict()
 
     # -- entry points ------------------------------------------------------------------
 
@@ -186,8 +201,47 @@ class HttpApi:
                 reply = await self._route(request)
             except BrokerError as exc:
                 reply = error_reply(exc)
-            if origin is not None:
-                reply.headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return self._finished(reply, allowed, origin)
+
+    def publish_now(self, request: HttpRequest, finish: Callable[[Reply], None]) -> bool:
+        """Answer a ``POST /api/publish`` that no hook asks about without a task:
+        ``finish(reply)`` once it is recorded or refused. False (nothing done) for any
+        other request, which ``handle`` answers."""
+        if request.path != "/api/publish" or request.method != "POST":
+            return False
+        allowed, origin = self.origin_allowed(request)
+        identity: Identity | None = None
+        try:
+            if not allowed:
+                raise Forbidden("origin not allowed")
+            identity = self._authenticate(request)
+            topics, batch, data, key = self._publish_body(request)
+            server = self.server
+            if server.publish_hooked(topics):
+                return False
+            self._may_publish(identity, topics)
+        except BrokerError as exc:
+            reply = error_reply(exc)
+            reply.identity = identity
+            finish(self._finished(reply, allowed, origin))
+            return True
+        sender = identity
+
+        def done(seqs: tuple[int, ...] | None, duplicate: bool, error: BrokerError | None) -> None:
+            if error is not None or seqs is None:
+                reply = error_reply(error or Unavailable("not recorded"))
+            else:
+                reply = _published(seqs, duplicate, batch)
+            reply.identity = sender
+            finish(self._finished(reply, allowed, origin))
+
+        server.submit(identity, topics, data, key, done)
+        return True
+
+    def _finished(self, reply: Reply, allowed: bool, origin: str | None) -> Reply:
+        """``reply`` with its CORS headers, its error counted."""
+        if allowed and origin is not None:
+            reply.headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         if reply.code is not None:
             self.server.metrics.error(reply.code)
         return reply
@@ -240,19 +294,9 @@ class HttpApi:
             raise Unauthorized("an 'Authorization: Bearer <token>' header is required")
         if len(values) > 1:
             raise Unauthorized("more than one Authorization header")
-        token = parse_bearer(values[0])
-        # A backend sends the same token with every request: verifying its signature
-        # each time was most of a publish's cost. A verified token is remembered until
-        # its exp (checked on every use); anything else is verified afresh.
-        cached = self._identities.get(token)
-        if cached is not None and (cached.exp is None or cached.exp > time.time()):
-            self._identities.move_to_end(token)
-            return cached
-        identity = self.server.verifier.verify(token)
-        self._identities[token] = identity
-        if len(self._identities) > MAX_IDENTITIES:
-            self._identities.popitem(last=False)
-        return identity
+        # The verifier remembers a verified token until its exp, for WebSocket handshakes
+        # and requests alike: a backend sends the same token with every request.
+        return self.server.verifier.verify(parse_bearer(values[0]))
 
     @staticmethod
     def _query(request: HttpRequest) -> dict[str, str]:
@@ -331,14 +375,18 @@ class HttpApi:
         key = parse_key(body)
         return topics, "topics" in body, kept_bytes(orjson.dumps(body["data"])), key
 
-    async def _publish(self, identity: Identity, request: HttpRequest) -> Reply:
-        topics, batch, data, key = self._publish_body(request)
-        server = self.server
-        if server.draining:
+    def _may_publish(self, identity: Identity, topics: list[str]) -> None:
+        """Raise why ``identity`` may not publish to ``topics`` now, if it may not."""
+        if self.server.draining:
             raise Unavailable("the broker is shutting down")
         for topic in topics:  # the whole batch first: nothing is published on a refusal
             identity.check_publish(topic)
         self._rate(identity, len(topics))
+
+    async def _publish(self, identity: Identity, request: HttpRequest) -> Reply:
+        topics, batch, data, key = self._publish_body(request)
+        server = self.server
+        self._may_publish(identity, topics)
         rewritten = await server.check_publish(identity, topics, data, key)
         answer: asyncio.Future[tuple[tuple[int, ...], bool]] = (
             asyncio.get_running_loop().create_future()
@@ -355,12 +403,7 @@ class HttpApi:
 
         server.submit(identity, topics, data, key, done, rewritten)
         seqs, duplicate = await answer
-        # A retry gets the shape of its own request; a key reused for a publish of another
-        # size gets the first publish's seqs as they were.
-        out: dict[str, Any] = {"seqs": list(seqs)} if batch or len(seqs) > 1 else {"seq": seqs[0]}
-        if duplicate:
-            out["duplicate"] = True
-        return Reply(200, orjson.dumps(out))
+        return _published(seqs, duplicate, batch)
 
     async def _history(self, identity: Identity, query: dict[str, str]) -> Reply:
         pattern = validate_pattern(query.get("topic"))
@@ -453,6 +496,18 @@ class HttpApi:
         if server.cluster is not None:
             figures = await server.cluster.stats(figures)
         return Reply(200, orjson.dumps(figures))
+
+
+def _published(seqs: tuple[int, ...], duplicate: bool, batch: bool) -> Reply:
+    """The answer to a recorded publish. A retry gets the shape of its own request; a key
+    reused for a publish of another size gets the first publish's seqs as they were."""
+    if not batch and len(seqs) == 1:
+        body = b'{"seq":%d,"duplicate":true}' if duplicate else b'{"seq":%d}'
+        return Reply(200, body % seqs[0])
+    out: dict[str, Any] = {"seqs": list(seqs)}
+    if duplicate:
+        out["duplicate"] = True
+    return Reply(200, orjson.dumps(out))
 
 
 def _message_json(msg: Message) -> bytes:

@@ -3,7 +3,8 @@
 A WebSocket upgrade whose head arrives whole in the first read, well-formed and asking
 for nothing to negotiate (nearly every client), is parsed once and answered by
 ``broker.server.handshake`` (the checks, the 101 from a template). Everything else goes
-the general way: h11 reads plain HTTP requests, and websockets' sans-I/O ``ServerProtocol``
+the general way: ``broker.server.http11`` reads plain HTTP requests (httptools) and writes
+their responses, and websockets' sans-I/O ``ServerProtocol``
 answers other upgrades and every refused handshake (validation, extension negotiation,
 the response), created only for them and dropped once the handshake is done.
 From then on the core's frame codec (``broker.core.frames``) parses incoming frames
@@ -22,11 +23,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 from typing import Protocol as Interface
 
-import h11
 from websockets.datastructures import Headers
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.http11 import Request, Response
@@ -49,14 +48,15 @@ from broker.core.frames import (
     encode,
     parse_close,
 )
+from broker.server import http11
 from broker.server.handshake import ResponseTemplate, parse_upgrade, upgrade_ok
+from broker.server.http11 import HttpRequest, RequestReader
 
 if TYPE_CHECKING:
     from broker.server.session import Session
 
 log = logging.getLogger("broker.server.connection")
 
-_STATUSES = {int(status) for status in HTTPStatus}
 #: Bytes a plain HTTP client may pipeline while its request is answered; past this, the
 #: connection is not read until the answer is sent.
 _MAX_QUEUED = 256 * 1024
@@ -88,83 +88,44 @@ _APPLY_MASK = _fast_mask()
 _TEMPLATES: dict[str, ResponseTemplate] = {}
 
 
-class HttpRequest:
-    """A whole plain HTTP request (not a WebSocket upgrade), as h11 parsed it; or, with
-    ``error`` set, a request that could not be read (status, reason): the server answers
-    it and the connection closes."""
-
-    __slots__ = ("body", "error", "headers", "method", "path", "query", "target")
-
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes = b"",
-        error: tuple[int, str] | None = None,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.path, _, self.query = target.partition("?")
-        self.headers = headers
-        self.body = body
-        self.error = error
-
-    def header(self, name: str) -> list[str]:
-        """The values of header ``name`` (lower case), in order."""
-        key = name.encode()
-        return [value.decode("latin-1") for field, value in self.headers if field == key]
-
-
 class _Http:
-    """A connection's HTTP/1.1 state while it is not a WebSocket: the h11 parser, the
-    raw bytes of the first request (its head handed to websockets if it is an upgrade), the
-    request being read and whether one is being answered."""
+    """A connection's HTTP/1.1 state while it is not a WebSocket: its requests' reader,
+    and the request being answered."""
 
     __slots__ = (
-        "body",
         "busy",
         "closing",
+        "draining",
         "eof",
-        "head",
+        "head_only",
         "looping",
-        "method",
-        "parser",
         "paused",
-        "queued",
-        "request",
+        "reader",
         "streaming",
         "timeout",
     )
 
-    def __init__(self, timeout: float) -> None:
-        self.parser = h11.Connection(h11.SERVER)
-        self.head: bytearray | None = bytearray()
-        self.request: h11.Request | None = None
-        self.method = b""
-        self.body = bytearray()
+    def __init__(self, timeout: float, max_size: int | None) -> None:
+        self.reader = RequestReader(max_size)
+        #: A request is being answered.
         self.busy = False
+        #: The connection closes after the answer being sent.
         self.closing = False
+        #: The request being answered is a HEAD: its response has no body.
+        self.head_only = False
+        #: Answered, and waiting until the answers not yet sent drain.
+        self.draining = False
         #: The client half-closed (EOF read).
         self.eof = False
         #: The response is a server-sent event stream, ended only by the close.
         self.streaming = False
         self.timeout = timeout
-        # Bytes received while a request is being answered (pipelined), and whether
-        # reading is paused because there are too many of them.
-        self.queued = 0
+        #: Reading is paused: too many bytes received and not yet parsed, or too many of
+        #: the answers not yet sent.
         self.paused = False
         # True while ``_http_events`` runs: an answer given meanwhile does not start
         # another loop (pipelined requests are a loop, never a recursion).
         self.looping = False
-
-
-def _is_upgrade(request: h11.Request) -> bool:
-    """Whether websockets' handshake should take this (first) request: ``/ws``, or any
-    request asking to upgrade (websockets answers those as before)."""
-    if request.target.split(b"?", 1)[0] == b"/ws":
-        return True
-    return any(name == b"upgrade" for name, _ in request.headers)
 
 
 class Handler(Interface):
@@ -256,9 +217,9 @@ class Connection(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._paused = False
-        #: Plain HTTP/1.1 (h11) until the first request turns out to be a WebSocket
-        #: upgrade; then None, so that a WebSocket keeps no HTTP state.
-        self.http: _Http | None = _Http(open_timeout)
+        #: Plain HTTP/1.1 until the first request turns out to be a WebSocket upgrade;
+        #: then None, so that a WebSocket keeps no HTTP state.
+        self.http: _Http | None = _Http(open_timeout, max_size)
 
     def __repr__(self) -> str:
         return f"<Connection {self.peer} {_STATE_NAMES[self._state]}>"
@@ -370,7 +331,6 @@ class Connection(asyncio.Protocol):
         """The first request asks for a WebSocket: websockets answers its head; what
         came after it is the first frames."""
         end = raw.find(b"\r\n\r\n")
-        # h11 also reads bare LF line ends, which websockets refuses (400): give it all.
         end = len(raw) if end < 0 else end + 4
         protocol = self.protocol
         protocol.receive_data(raw[:end])
@@ -394,29 +354,25 @@ class Connection(asyncio.Protocol):
         elif end < len(raw):
             self._receive_frames(raw[end:])
 
-    # -- plain HTTP (h11) ------------------------------------------------------------------
+    # -- plain HTTP -------------------------------------------------------------------------
 
     def _receive_http(self, data: bytes) -> None:
         http = self.http
         assert http is not None
-        if http.head is not None:
-            if not http.head and data.startswith(b"GET /ws") and self._fast_upgrade(data):
-                return
-            http.head += data
-        if http.busy:
-            http.queued += len(data)
-            if http.queued > _MAX_QUEUED and not http.paused and self.transport is not None:
-                http.paused = True
-                self.transport.pause_reading()
-        try:
-            http.parser.receive_data(data)
-        except h11.RemoteProtocolError:
-            self.abort()
+        reader = http.reader
+        if reader.fresh and data.startswith(b"GET /ws") and self._fast_upgrade(data):
             return
+        reader.receive(data)
+        if reader.buffered() > _MAX_QUEUED and not http.paused and self.transport is not None:
+            # A client pipelining faster than it is answered: read no more until the
+            # requests received are answered.
+            http.paused = True
+            self.transport.pause_reading()
         self._http_events()
 
     def _http_events(self) -> None:
-        """Act on what h11 parsed, until it needs more bytes or a request is being answered.
+        """Handle the requests received, until more bytes are needed or a request is
+        being answered.
 
         Pipelined requests answered at once are handled by this loop, one after another:
         ``respond`` does not call back in while it runs."""
@@ -430,72 +386,28 @@ class Connection(asyncio.Protocol):
             http.looping = False
 
     def _http_loop(self, http: _Http) -> None:
+        reader = http.reader
         while self.http is http and not http.busy and not self.closed.done():
-            try:
-                event = http.parser.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._http_failed(exc.error_status_hint, str(exc) or "malformed HTTP request")
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                if http.head is not None:
-                    raw, http.head = bytes(http.head), None
-                    if _is_upgrade(event):
-                        # websockets parses this request again and does the handshake.
-                        self.http = None
-                        self._upgrade(raw)
-                        return
-                http.request = event
-                http.method = event.method
-                http.body = bytearray()
-                length = next((v for n, v in event.headers if n == b"content-length"), b"0")
-                limit = self.max_size
-                if limit is not None and int(length) > limit:
-                    self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
+            request = reader.next_request()
+            if request is None:
+                if reader.upgrade:
+                    # websockets parses this request again and does the handshake.
+                    self.http = None
+                    head = reader.head
+                    self._upgrade(bytes(head) if head is not None else b"")
                     return
-            elif isinstance(event, h11.Data):
-                # Any: h11 declares bytes but hands a bytearray, which the compiled build's
-                # check of declared types would refuse.
-                http.body += cast(Any, event).data
-                limit = self.max_size
-                if limit is not None and len(http.body) > limit:
-                    self._http_failed(413, f"body larger than the max message size ({limit} bytes)")
-                    return
-            elif isinstance(event, h11.EndOfMessage):
-                request, http.request = http.request, None
-                assert request is not None
-                if self.timer is not None:
-                    self.timer.cancel()
-                    self.timer = None
-                http.busy = True
-                body, http.body = bytes(http.body), bytearray()
-                self.handler.http(
-                    self,
-                    HttpRequest(
-                        request.method.decode("ascii", "replace"),
-                        request.target.decode("ascii", "replace"),
-                        list(request.headers),
-                        body,
-                    ),
-                )
-            elif isinstance(event, h11.ConnectionClosed):
-                if self.transport is not None:
-                    self.transport.close()
+                if http.paused and self.transport is not None:
+                    http.paused = False
+                    self.transport.resume_reading()
                 return
-
-    def _http_failed(self, status: int, reason: str) -> None:
-        """A request that cannot be read: the server answers it, then the connection closes."""
-        http = self.http
-        assert http is not None
-        http.head = None
-        http.busy = True
-        http.closing = True
-        request = http.request
-        method = request.method.decode("ascii", "replace") if request else ""
-        target = request.target.decode("ascii", "replace") if request else ""
-        headers = list(request.headers) if request else []
-        self.handler.http(self, HttpRequest(method, target, headers, error=(status, reason)))
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            http.busy = True
+            http.head_only = request.method == "HEAD"
+            if not request.keep_alive:
+                http.closing = True
+            self.handler.http(self, request)
 
     def respond(
         self, status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool = False
@@ -506,34 +418,21 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if http is None or transport is None or self.closed.done():
             return
-        parser = http.parser
         close = close or http.closing
-        fields = [("Server", self.server_header), *headers]
-        head_only = http.method == b"HEAD"
-        fields.append(("Content-Length", str(len(body))))
+        transport.write(
+            http11.response(
+                status, self.server_header, headers, body, head_only=http.head_only, close=close
+            )
+        )
         if close:
-            fields.append(("Connection", "close"))
-        try:
-            reason = HTTPStatus(status).phrase.encode() if status in _STATUSES else b""
-            out = parser.send(h11.Response(status_code=status, headers=fields, reason=reason))
-            if body and not head_only:
-                out += parser.send(h11.Data(data=body))
-            out += parser.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            log.exception("cannot send the HTTP response to %s", self.peer)
-            self.abort()
-            return
-        transport.write(out)
-        if close or parser.our_state is not h11.DONE or parser.their_state is not h11.DONE:
-            # Closing, or the client is still sending a body we refused: end here.
             transport.close()
             return
-        parser.start_next_cycle()
         # The next request (or an idle keep-alive connection) has the same time bound.
         self.timer = self.loop.call_later(http.timeout, self.abort)
         if transport.get_write_buffer_size() > _MAX_UNSENT:
             # A client that does not read its answers: stay busy (not reading, the next
             # request not parsed) until they drain (``resume_writing``).
+            http.draining = True
             if not http.paused:
                 http.paused = True
                 transport.pause_reading()
@@ -541,14 +440,14 @@ class Connection(asyncio.Protocol):
         self._http_next()
 
     def _http_next(self) -> None:
-        """The answer is out: read and handle the next pipelined request, if any."""
+        """The answer is out: handle the next pipelined request, if any."""
         http = self.http
         transport = self.transport
         if http is None or transport is None:
             return
         http.busy = False
-        http.queued = 0
-        if http.paused:
+        http.draining = False
+        if http.paused and http.reader.buffered() <= _MAX_QUEUED:
             http.paused = False
             transport.resume_reading()
         self._http_events()
@@ -610,11 +509,9 @@ class Connection(asyncio.Protocol):
         http = self.http
         if (
             http is not None
-            and http.busy
-            and http.request is None
+            and http.draining
             and self.transport is not None
             and self.transport.get_write_buffer_size() <= _MAX_UNSENT
-            and http.parser.our_state is h11.IDLE
         ):
             self._http_next()
         if self._drain_waiter is not None and not self._drain_waiter.done():

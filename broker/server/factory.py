@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,6 +102,21 @@ def build_store(config: ServerConfig) -> Store:
     )
 
 
+#: The GIL switch interval (seconds) a broker runs with (see shorten_switch_interval).
+SWITCH_INTERVAL = 0.0005
+
+
+def shorten_switch_interval() -> None:
+    """Let the event loop take the GIL back within ``SWITCH_INTERVAL``, whatever the store.
+
+    Threads besides the loop run Python (the SQLite store's readers build and match rows,
+    its fsync thread binds them; a hook's or Redis client's work) while the loop waits for
+    the GIL once per callback: at the interpreter's 5 ms, 32 history readers made each
+    turn wait that long several times (issue 27, row 6). A process-wide setting, so made
+    here at start-up, not by whichever part happens to start a thread."""
+    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+
+
 def create_server(config: ServerConfig, store: Store | None = None) -> BrokerServer:
     """A broker for ``config`` (not started), with ``store`` or the one it asks for."""
     store = store if store is not None else build_store(config)
@@ -123,6 +139,7 @@ async def run(config: ServerConfig, on_ready: Callable[[BrokerServer], None] | N
     # young generation less often (fan-out allocates many short-lived frames).
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    shorten_switch_interval()
     if on_ready is not None:
         on_ready(server)
     log.info(

@@ -22,7 +22,8 @@ from broker.server.metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from broker.server.config import ServerConfig
-    from broker.server.connection import Connection, HttpRequest
+    from broker.server.connection import Connection
+    from broker.server.http11 import HttpRequest
     from broker.server.metrics import Metrics
 
 #: Path -> (file in broker/static, content type).

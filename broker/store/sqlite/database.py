@@ -34,6 +34,9 @@ DROP INDEX IF EXISTS messages_ts;
 -- retention. A topic that retention emptied loses its row; meta 'floor' (the highest
 -- mark of such rows) answers for it.
 CREATE TABLE IF NOT EXISTS topics (topic TEXT PRIMARY KEY, trimmed INTEGER NOT NULL);
+-- A replay over many topics asks which were trimmed past where it is, at its start and
+-- at each page: without this index, a scan of every topic each time.
+CREATE INDEX IF NOT EXISTS topics_trimmed ON topics (trimmed);
 -- Idempotency keys (section 8 of docs/protocol.md): the seqs of the first publish with
 -- a key, written in the transaction of its messages; ts (ms) of that commit.
 CREATE TABLE IF NOT EXISTS dedupe (

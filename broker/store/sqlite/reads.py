@@ -7,7 +7,14 @@ topic, an inbox) take one, pattern reads (which may cover many topics) the other
 of one topic costs an index lookup; a pattern read can cost far more, and many of them
 queued by other clients must not make a one-topic read wait its turn behind them. Each
 connection has at most one read in flight (the server serves its requests one at a
-time), so within a lane the readers take turns."""
+time), so within a lane the readers take turns.
+
+A replay of a pattern over more than ``_MANY`` topics (``#`` over 100,000 topics) is
+known by its pattern, not by a list of its topics: it walks the messages in seq order and
+keeps those its pattern matches, and remembers only what tells a gap (the topics trimmed
+past its start). Its cost is what it reads, not how many topics exist: listing them for
+each such replay held the GIL long enough to stall the event loop and the one-topic lane
+(issue 27, row 6)."""
 
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ from broker.store.sqlite.database import connect, floor
 
 # SQLite limits the number of bound parameters; stay well below it.
 _CHUNK = 500
+# A replay over more topics than this walks the messages in seq order (``_Wide``).
+_MANY = 2 * _CHUNK
 
 
 class _Current(threading.local):
@@ -47,13 +56,53 @@ def _row_message(row: tuple[Any, ...]) -> Message:
     return Message(row[0], row[1], bytes(row[2]), row[3], row[4], row[5])
 
 
+def _glob_level(level: str) -> str:
+    """A topic level as GLOB text: ``+`` any text, the rest literal."""
+    if level == "+":
+        return "*"
+    return "".join(f"[{c}]" if c in "*?[" else c for c in level)
+
+
+def _candidates(pattern: str) -> tuple[str, tuple[str, ...]]:
+    """A WHERE clause (and its parameters) on ``topics`` that holds every topic
+    ``pattern`` matches and, in SQLite's C code, leaves out most of the others;
+    ``matches`` decides (GLOB's ``*`` also crosses levels)."""
+    levels = pattern.split("/")
+    if pattern == "#":  # every topic but the '$' ones
+        return "(topic<'$' OR topic>='%')", ()
+    if levels[-1] == "#":
+        glob = "/".join(_glob_level(level) for level in levels[:-1])
+        where = "(topic GLOB ? OR topic GLOB ?)"
+        params: tuple[str, ...] = (glob, glob + "/*")
+    else:
+        where, params = "topic GLOB ?", ("/".join(_glob_level(level) for level in levels),)
+    first = levels[0]
+    if first not in ("+", "#"):
+        # Topics whose first level is `first`: `first` itself or `first/...` (the index).
+        where += " AND (topic=? OR (topic>=? AND topic<?))"
+        params += (first, first + "/", first + "0")
+    return where, params
+
+
+class _Wide:
+    """The topics of a replay over more than ``_MANY`` of them, by its ``pattern``; what
+    tells a gap: ``marks``, the topics already trimmed past the replay's start (their
+    marks then), and ``rowid``, the highest of the topics rows when it began (a topic
+    created since holds only messages past the replay)."""
+
+    def __init__(self, pattern: str, marks: dict[str, int], rowid: int) -> None:
+        self.pattern = pattern
+        self.marks = marks
+        self.rowid = rowid
+
+
 class SqlitePages(Pages):
     """A replay read from SQLite a page at a time, on the reader thread."""
 
     def __init__(
         self,
         reads: Reads,
-        topics: dict[str, int],
+        topics: dict[str, int] | _Wide,
         start: int,
         recovered: bool,
         upto: int,
@@ -64,7 +113,8 @@ class SqlitePages(Pages):
         super().__init__(start, recovered)
         self._reads = reads
         self._floor = floor_at_start
-        self._topics = topics  # topic -> its trimmed mark when the replay began
+        # Topic -> its trimmed mark when the replay began; or the pattern of a wide one.
+        self._topics = topics
         self._after = start
         self._upto = upto
         self._size = size
@@ -191,7 +241,7 @@ class Reads:
 
     async def page(
         self,
-        topics: dict[str, int],
+        topics: dict[str, int] | _Wide,
         after: int,
         upto: int,
         size: int,
@@ -200,30 +250,36 @@ class Reads:
     ) -> tuple[list[Message], int, bool]:
         """One page of a replay (see ``_page_sync``)."""
         result: tuple[list[Message], int, bool] = await self._on(
-            len(topics) <= 1, self._page_sync, topics, after, upto, size, max_bytes, floor_at_start
+            isinstance(topics, dict) and len(topics) <= 1,
+            self._page_sync,
+            topics,
+            after,
+            upto,
+            size,
+            max_bytes,
+            floor_at_start,
         )
         return result
 
-    def _topics_sync(self, pattern: str) -> list[tuple[str, int]]:
+    def _topics_sync(self, pattern: str, limit: int | None = None) -> list[tuple[str, int]]:
+        """The topics ``pattern`` matches and their marks; ``limit``: stop past that many."""
         db = self._db
         assert db is not None
         if not is_pattern(pattern):
             return db.execute(
                 "SELECT topic, trimmed FROM topics WHERE topic=?", (pattern,)
             ).fetchall()
-        first = pattern.split("/", 1)[0]
-        if pattern == "#":  # every topic but the '$' ones: no match to run per topic
-            rows = db.execute("SELECT topic, trimmed FROM topics").fetchall()
-            return [(t, trimmed) for t, trimmed in rows if not t.startswith("$")]
-        if first in ("+", "#"):
-            rows = db.execute("SELECT topic, trimmed FROM topics").fetchall()
-        else:
-            # Topics whose first level is `first`: `first` itself or `first/...`.
-            rows = db.execute(
-                "SELECT topic, trimmed FROM topics WHERE topic=? OR (topic>=? AND topic<?)",
-                (first, first + "/", first + "0"),
-            ).fetchall()
-        return [(t, trimmed) for t, trimmed in rows if matches(pattern, t)]
+        where, params = _candidates(pattern)
+        cursor = db.execute(f"SELECT topic, trimmed FROM topics WHERE {where}", params)
+        if pattern == "#":
+            return cursor.fetchall() if limit is None else cursor.fetchmany(limit + 1)
+        found: list[tuple[str, int]] = []
+        for topic, trimmed in cursor:
+            if matches(pattern, topic):
+                found.append((topic, trimmed))
+                if limit is not None and len(found) > limit:
+                    break
+        return found
 
     def _read_since_sync(self, pattern: str, since: int, upto: int) -> Replay:
         db = self._db
@@ -265,15 +321,69 @@ class Reads:
         page_size: int,
         page_bytes: int,
     ) -> Pages:
-        topics = dict(self._topics_sync(pattern))
-        assert self._db is not None
-        mark = floor(self._db)
+        db = self._db
+        assert db is not None
+        mark = floor(db)
+        few = self._topics_sync(pattern, _MANY)
+        if len(few) > _MANY:
+            return self._wide_sync(pattern, since, last, upto, page_size, page_bytes, mark)
+        topics = dict(few)
         if since is not None:
             recovered = since >= mark and all(t <= since for t in topics.values())
             start = since
         else:
             start, recovered = self._nth_latest_sync(list(topics), last or 0, upto), True
         return SqlitePages(self, topics, start, recovered, upto, page_size, page_bytes, mark)
+
+    def _wide_sync(
+        self,
+        pattern: str,
+        since: int | None,
+        last: int | None,
+        upto: int,
+        page_size: int,
+        page_bytes: int,
+        mark: int,
+    ) -> Pages:
+        """``_replay_sync`` for a pattern over more than ``_MANY`` topics."""
+        db = self._db
+        assert db is not None
+        start = since if since is not None else self._nth_latest_wide_sync(pattern, last, upto)
+        # The topics trimmed past the start: the only marks a page compares (the others'
+        # were at most the start, so any trim past where the replay is is a gap).
+        marks = {
+            topic: trimmed
+            for topic, trimmed in db.execute(
+                "SELECT topic, trimmed FROM topics WHERE trimmed>?", (start,)
+            )
+            if matches(pattern, topic)
+        }
+        recovered = since is None or (since >= mark and not marks)
+        rowid = db.execute("SELECT max(rowid) FROM topics").fetchone()[0] or 0
+        wide = _Wide(pattern, marks, rowid)
+        return SqlitePages(self, wide, start, recovered, upto, page_size, page_bytes, mark)
+
+    def _nth_latest_wide_sync(self, pattern: str, last: int | None, upto: int) -> int:
+        """``_nth_latest_sync`` for a pattern over more than ``_MANY`` topics."""
+        db = self._db
+        assert db is not None
+        n = last or 0
+        if n <= 0:
+            return upto
+        if n <= _CHUNK:
+            # Few messages wanted (`#` with last: 5): the newest messages in seq order,
+            # kept when the pattern matches, find them in a few rows when its topics are
+            # most of the history; a scan that finds too few falls back.
+            rows = db.execute(
+                "SELECT seq, topic FROM messages WHERE seq<=? ORDER BY seq DESC LIMIT ?",
+                (upto, 20 * n),
+            ).fetchall()
+            hits = [seq for seq, topic in rows if matches(pattern, topic)]
+            if len(hits) >= n:
+                return int(hits[n - 1]) - 1
+            if len(rows) < 20 * n:  # the whole history was read: fewer than n
+                return int(hits[-1]) - 1 if hits else upto
+        return self._nth_latest_sync([t for t, _ in self._topics_sync(pattern)], n, upto)
 
     def _nth_latest_sync(self, topics: list[str], n: int, upto: int) -> int:
         """The seq after which the latest ``n`` messages (``seq <= upto``) of ``topics``
@@ -283,20 +393,6 @@ class Reads:
         if n <= 0 or not topics:
             return upto
         n = min(n, 1 << 62)  # SQLite integers are 64-bit
-        if len(topics) > 2 * _CHUNK and n <= _CHUNK:
-            # Many topics, few messages wanted (`#` with last: 5): the newest messages in
-            # seq order, kept when of these topics, find them in a few rows when the
-            # topics are most of the history; a scan that finds too few falls back.
-            wanted = set(topics)
-            rows = db.execute(
-                "SELECT seq, topic FROM messages WHERE seq<=? ORDER BY seq DESC LIMIT ?",
-                (upto, 20 * n),
-            ).fetchall()
-            hits = [seq for seq, topic in rows if topic in wanted]
-            if len(hits) >= n:
-                return int(hits[n - 1]) - 1
-            if len(rows) < 20 * n:  # the whole history was read: fewer than n
-                return int(hits[-1]) - 1 if hits else upto
         runs = []
         for chunk in chunks(topics, _CHUNK):
             marks = ",".join("?" * len(chunk))
@@ -315,7 +411,7 @@ class Reads:
 
     def _page_sync(
         self,
-        topics: dict[str, int],
+        topics: dict[str, int] | _Wide,
         after: int,
         upto: int,
         size: int,
@@ -327,8 +423,8 @@ class Reads:
         a message of the replay was removed before it could be read (a gap)."""
         db = self._db
         assert db is not None
-        names = list(topics)
-        if len(names) <= 2 * _CHUNK:
+        if isinstance(topics, dict):
+            names = list(topics)
             # Few topics: their (topic, seq) index finds the next messages.
             found: list[tuple[int, int]] = []
             for chunk in chunks(names, _CHUNK):
@@ -341,13 +437,14 @@ class Reads:
             found.sort()
             scanned = upto if len(found) < size else found[size - 1][0]
         else:
-            # Many topics: walk the messages in seq order, keep those of these topics.
+            # Many topics: walk the messages in seq order, keep those the pattern matches.
+            pattern = topics.pattern
             rows = db.execute(
                 "SELECT seq, topic, length(data) FROM messages WHERE seq>? AND seq<=? "
                 "ORDER BY seq LIMIT ?",
                 (after, upto, 4 * size),
             ).fetchall()
-            found = [(seq, length) for seq, topic, length in rows if topic in topics]
+            found = [(seq, length) for seq, topic, length in rows if matches(pattern, topic)]
             scanned = upto if len(rows) < 4 * size else rows[-1][0]
         seqs: list[int] = []
         total = 0
@@ -367,19 +464,17 @@ class Reads:
             messages = [_row_message(r) for r in rows]
         # A message of the replay removed before it was read (retention, the per-topic
         # count) moved its topic's mark past `after` since the replay began.
-        if len(names) <= 2 * _CHUNK:
+        if isinstance(topics, dict):
             moved: list[tuple[str, int]] = []
-            for chunk in chunks(names, _CHUNK):
+            for chunk in chunks(list(topics), _CHUNK):
                 marks = ",".join("?" * len(chunk))
                 moved += db.execute(
                     f"SELECT topic, trimmed FROM topics WHERE topic IN ({marks}) AND trimmed>?",
                     (*chunk, after),
                 ).fetchall()
+            gap = any(trimmed > topics.get(topic, trimmed) for topic, trimmed in moved)
         else:
-            moved = db.execute(
-                "SELECT topic, trimmed FROM topics WHERE trimmed>?", (after,)
-            ).fetchall()
-        gap = any(trimmed > topics.get(topic, trimmed) for topic, trimmed in moved)
+            gap = self._wide_moved_sync(topics, after)
         if len(messages) < len(seqs):
             gap = True
         # A topic emptied by retention meanwhile lost its row (and its mark) with it: the
@@ -388,3 +483,25 @@ class Reads:
         if mark > floor_at_start and mark > after:
             gap = True
         return messages, scanned, gap
+
+    def _wide_moved_sync(self, wide: _Wide, after: int) -> bool:
+        """Whether a topic of the wide replay ``wide`` was trimmed past ``after`` since it
+        began (the gap test of ``_page_sync``)."""
+        db = self._db
+        assert db is not None
+        moved = [
+            (topic, trimmed, rowid)
+            for topic, trimmed, rowid in db.execute(
+                "SELECT topic, trimmed, rowid FROM topics WHERE trimmed>?", (after,)
+            )
+            if matches(wide.pattern, topic)
+        ]
+        # The other topics' marks were at most the start: a trim past `after` is a gap,
+        # unless the topic is newer than the replay (its messages all come after it).
+        # SQLite gives a new row the highest rowid plus one: a row past `wide.rowid` is
+        # such a topic. (When every row from some rowid up was removed meanwhile, a new
+        # topic may take a lower one and count as old: a gap too many, never one missed.)
+        return any(
+            trimmed > wide.marks[topic] if topic in wide.marks else rowid <= wide.rowid
+            for topic, trimmed, rowid in moved
+        )

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, NoReturn
 
 from broker.core.model import Draft, Message, now_ms
 from broker.core.namespaces import Namespaces
+from broker.core.topics import is_pattern
 from broker.core.units import format_size
 from broker.errors import Unavailable
 from broker.store.base import LATEST_LIMIT, PAGE_BYTES, PAGE_SIZE, Pages, Replay, Store, Visible
@@ -31,6 +31,7 @@ from broker.store.sqlite.files import (
 )
 from broker.store.sqlite.reads import Reads
 from broker.store.sqlite.syncer import TAIL_MAX_BYTES, Syncer
+from broker.store.sqlite.unapplied import Unapplied
 
 log = logging.getLogger("broker.store.sqlite")
 
@@ -38,8 +39,6 @@ MiB = 1 << 20
 
 #: Seqs are reserved durably this many at a time (see Database.resume_sequence).
 SEQ_RESERVE = 10_000
-#: The GIL switch interval (seconds) while a SQLite store is open (see ``open``).
-SWITCH_INTERVAL = 0.0005
 #: Bytes a small batch may still add to the commit log's tail past TAIL_MAX_BYTES, so
 #: that other clients' small publishes do not wait while a large one waits for SQLite
 #: to take the tail (issue 27, row 10: 6 MB HTTP batches made everyone wait for it).
@@ -110,6 +109,11 @@ class SqliteStore(Store):
         self._failure: str | None = None
         self._refused = 0
         self._trim_failure: str | None = None
+        # The writer's apply that reads wait for (None: none running): one apply for all
+        # the reads that need the commit log in SQLite, not one queued per read.
+        self._applying: asyncio.Task[bool] | None = None
+        # The topics of what the commit log holds that SQLite may not yet.
+        self._unapplied = Unapplied()
 
     async def _write(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
@@ -117,10 +121,6 @@ class SqliteStore(Store):
     # -- open and close (the writer thread) -------------------------------------------
 
     async def open(self) -> None:
-        # The store's threads run Python (row building, matching) while the event loop
-        # waits for the GIL once per callback: at the default 5 ms switch interval 32
-        # history readers made each turn wait that long several times (issue 27, row 6).
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         await self._write(self._open_sync)
         self._syncer.start(asyncio.get_running_loop())
 
@@ -159,6 +159,7 @@ class SqliteStore(Store):
             self.last_seq, booted, torn=found.torn > 0
         )
         told = self._new_epoch(went_back, found) if went_back else None
+        self._syncer.durable_reserved = self._reserved
         self._syncer.applied_seq = self.last_seq
         self._reads.connect()
         self._db.open_rest()
@@ -332,10 +333,14 @@ class SqliteStore(Store):
         if not messages:
             return numbered.results  # duplicates only: nothing to record
         last = messages[-1].seq
-        # Seqs are reserved durably ahead of use (see Database.resume_sequence): the
-        # record that crosses the reservation carries the next one and is fsynced before
-        # any ok.
-        reserved = last + SEQ_RESERVE if last > self._reserved else 0
+        # Seqs are reserved durably ahead of use (see Database.resume_sequence). The next
+        # reservation rides on the record that passes half of the current one, and the
+        # fsync thread makes it durable meanwhile; only a record whose seqs pass the
+        # durable reservation (the first after a start, or a burst faster than an fsync)
+        # is fsynced here, on the loop, before any ok.
+        reserved = 0
+        if last > self._reserved - SEQ_RESERVE // 2:
+            reserved = max(last, self._reserved) + SEQ_RESERVE
         record = encode(
             Batch(
                 messages,
@@ -343,7 +348,8 @@ class SqliteStore(Store):
                 reserved,
             )
         )
-        self._syncer.add(record, messages, numbered.keys, now, reserved)
+        self._syncer.add(record, messages, numbered.keys, now, reserved, last)
+        self._unapplied.add(messages, self._syncer.applied_seq)
         self.last_seq = last
         if reserved:
             self._reserved = reserved
@@ -382,28 +388,50 @@ class SqliteStore(Store):
 
     # -- reads (the reader thread, after the writer applied what they need) -----------
 
-    async def _visible(self, upto: int) -> None:
-        """Apply the commit log if SQLite does not hold every message up to ``upto`` yet.
-        When it cannot (the store is failing), reads go on without the log's tail."""
-        if self._syncer.applied_seq >= upto or self._syncer.log is None:
-            return
+    async def _visible(self, upto: int, pattern: str = "#") -> None:
+        """Apply the commit log if SQLite does not hold every message up to ``upto`` yet
+        (of the topic ``pattern`` when it names one: a quiet topic's read does not wait
+        for the others' messages). When it cannot (the store is failing), reads go on
+        without the log's tail.
+
+        Concurrent reads share one apply: each one queued its own behind the writer's
+        commits (an apply fsyncs several times), and a one-topic read waited for the
+        applies of 32 history readers (issue 27, row 6). An apply already running may
+        have begun before ``upto`` was logged: then the next one, begun after, covers it."""
+        if not is_pattern(pattern):
+            upto = self._unapplied.needed(pattern, upto, self._syncer.applied_seq)
+        for _ in range(2):
+            if self._syncer.applied_seq >= upto or self._syncer.log is None:
+                return
+            fresh = self._applying is None
+            if self._applying is None:
+                self._applying = asyncio.ensure_future(self._apply_for_reads())
+            if not await asyncio.shield(self._applying) or fresh:
+                return
+
+    async def _apply_for_reads(self) -> bool:
+        """Apply the commit log on the writer thread; False when the store failed to."""
         try:
             await self._write(self._syncer.apply)
+            return True
         except (sqlite3.Error, OSError) as exc:
             self._failing(describe(exc), 0)
+            return False
+        finally:
+            self._applying = None
 
     async def read_since(self, pattern: str, since: int, upto: int) -> Replay:
-        await self._visible(upto)
+        await self._visible(upto, pattern)
         return await self._reads.read_since(pattern, since, upto)
 
     async def read_last(self, pattern: str, n: int, upto: int) -> list[Message]:
-        await self._visible(upto)
+        await self._visible(upto, pattern)
         return await self._reads.read_last(pattern, n, upto)
 
     async def latest(
         self, pattern: str, upto: int, limit: int = LATEST_LIMIT, visible: Visible = None
     ) -> list[Message]:
-        await self._visible(upto)
+        await self._visible(upto, pattern)
         return await self._reads.latest(pattern, upto, limit, visible)
 
     @property
@@ -425,7 +453,7 @@ class SqliteStore(Store):
         page_size: int = PAGE_SIZE,
         page_bytes: int = PAGE_BYTES,
     ) -> Pages:
-        await self._visible(upto)
+        await self._visible(upto, pattern)
         return await self._reads.replay(pattern, since, last, upto, page_size, page_bytes)
 
     # -- retention (the writer thread) ------------------------------------------------

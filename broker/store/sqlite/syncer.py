@@ -53,6 +53,13 @@ class Syncer:
         self._tail_keys: dict[KeyId, tuple[tuple[int, ...], int]] = {}
         self._tail_reserved = 0
         self.tail_bytes = 0
+        #: Seqs up to this one are reserved in a record known to be fsynced; a record
+        #: carrying seqs past it is fsynced by ``add`` itself. ``_reserving``: the highest
+        #: reservation appended, durable or not.
+        self.durable_reserved = 0
+        self._reserving = 0
+        #: How many records ``add`` fsynced on the event loop (tests read it).
+        self.loop_fsyncs = 0
         #: Keys taken from the tail by an apply that has not committed yet: still live.
         self._applying_keys: dict[KeyId, tuple[tuple[int, ...], int]] = {}
         #: The highest seq SQLite holds (what reads see without applying the log first).
@@ -123,17 +130,27 @@ class Syncer:
         keys: dict[KeyId, tuple[int, ...]],
         now: int,
         reserved: int,
+        last: int,
     ) -> int:
-        """On the event loop: append ``record`` (its ``messages``, ``keys`` at ``now``,
-        a reservation or 0) to the log and the tail; the tail's bytes after it. A record
-        that makes a reservation is fsynced before this returns."""
+        """On the event loop: append ``record`` (its ``messages`` up to seq ``last``,
+        ``keys`` at ``now``, a reservation or 0) to the log and the tail; the tail's bytes
+        after it. A new reservation is made durable by the fsync thread, soon; a record
+        whose seqs pass the durable reservation is fsynced before this returns."""
         log_ = self.log
         assert log_ is not None
         with self._tail_lock:
             log_.append(record)
             if reserved:
-                log_.sync()
                 self._tail_reserved = reserved
+                self._reserving = max(self._reserving, reserved)
+            if last > self.durable_reserved:
+                log_.sync()
+                self.loop_fsyncs += 1
+                self.durable_reserved = self._reserving
+            elif reserved:
+                with self._syncing:
+                    self._sync_asked += 1
+                    self._syncing.notify()
             self._tail += messages
             for kid, seqs in keys.items():
                 self._tail_keys[kid] = (seqs, now)
@@ -172,8 +189,9 @@ class Syncer:
             self._syncing.notify()
 
     def _run(self) -> None:
-        """The fsync thread: fsync the log when asked (fsync = always), and apply it to
-        SQLite every ``fsync_interval`` or sooner when its tail grows large. A thread of
+        """The fsync thread: fsync the log when asked (fsync = always, or a new seq
+        reservation), and apply it to SQLite every ``fsync_interval`` or sooner when its
+        tail grows large. A thread of
         its own, so that the fsyncs keep their pace whatever the event loop does; and not
         a pool's, whose hand-off costs more than the fsync (see await_fsync)."""
         # Below the event loop's priority: its fsyncs and SQLite work give way to the
@@ -206,11 +224,12 @@ class Syncer:
                     self._on_failure(describe(exc))
 
     def _fsync_log(self, asked: int) -> None:
-        """fsync = always: make the records up to number ``asked`` durable and tell the
-        event loop. Under the apply lock: an apply (on any thread) fsyncs the segment it
-        rotates away from before it lets go, so the records are either there or in the
-        current segment, which is the one fsynced here."""
+        """Make the records up to number ``asked`` durable (fsync = always, or a new
+        seq reservation) and tell the event loop. Under the apply lock: an apply (on any
+        thread) fsyncs the segment it rotates away from before it lets go, so the records
+        are either there or in the current segment, which is the one fsynced here."""
         error: OSError | None = None
+        reserving = self._reserving  # appended before this fsync starts: covered by it
         try:
             assert self.log is not None
             with self._apply_lock:
@@ -219,6 +238,8 @@ class Syncer:
             error = exc
         else:
             self._synced = asked
+            # A race with add's own fsync can only leave this lower: one more fsync there.
+            self.durable_reserved = max(self.durable_reserved, reserving)
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 self._loop.call_soon_threadsafe(self._fsynced, asked, error)
