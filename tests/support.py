@@ -421,6 +421,24 @@ def http_get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, byte
         return 0, b""  # port closed
 
 
+async def raw_upgrade(
+    port: int, token: str, timeout: float = 5
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP client that completes the WebSocket handshake, then does nothing by itself."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
 class RawClient:
     """A WebSocket client written by hand on a plain blocking socket: it completes the
     handshake (token in the Authorization header), can send masked text frames and parse

@@ -124,16 +124,8 @@ def test_pub_on_a_terminal_says_it_reads_stdin(broker: Broker, tmp_path: Path) -
         stderr=terminal,
     )
     os.close(terminal)
-    seen = b""
     try:
-        deadline = time.monotonic() + 15
-        while b"Ctrl-D" not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([controller], [], [], 0.2)
-            if ready:
-                try:
-                    seen += os.read(controller, 4096)
-                except OSError:
-                    break
+        seen = read_terminal(controller, b"Ctrl-D")
         assert b"from stdin, one per line" in seen and b"Ctrl-D" in seen, seen
         os.write(controller, b"goal\n\x04")
         assert proc.wait(15) == 0

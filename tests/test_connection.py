@@ -18,23 +18,7 @@ from websockets.frames import Frame, Opcode
 from broker.core.auth import mint_token
 
 from .harness import Broker
-from .support import Peer, free_port
-
-
-async def raw_upgrade(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A TCP client that completes the WebSocket handshake, then does nothing by itself."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return reader, writer
+from .support import Peer, free_port, raw_upgrade
 
 
 async def read_until_eof(reader: asyncio.StreamReader, timeout: float) -> bytes:

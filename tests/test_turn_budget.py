@@ -7,41 +7,25 @@ all land, each connection's in the order sent (in-process broker, real sockets).
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 from typing import Any
 
 import orjson
 
+from broker.core.frames import encode
 from broker.server.app import _TURN_BUDGET, _TURN_SLICE
 
-from .support import Peer
+from .support import Peer, raw_upgrade
+
+#: A client's masking key of zeros: the frames carry the JSON as it is.
+ZERO_KEY = bytes(4)
 
 FLOODS = 24
 EACH = 400
 
 
-def _frame(payload: dict[str, object]) -> bytes:
-    """A masked (zero key) client text frame."""
-    data = orjson.dumps(payload)
-    n = len(data)
-    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + n.to_bytes(2, "big")
-    return head + b"\0\0\0\0" + data
-
-
 async def _flood(broker: Any, n: int) -> asyncio.StreamWriter:
-    """A raw WebSocket connection that has sent EACH publishes in one write."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {broker.token(f'flood{n}')}\r\n\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert b" 101 " in head.split(b"\r\n", 1)[0], head
+    """A raw WebSocket connection, to send EACH publishes in one write."""
+    _, writer = await raw_upgrade(broker.port, broker.token(f"flood{n}"), timeout=10)
     return writer
 
 
@@ -53,7 +37,10 @@ async def test_backlogs_share_one_budget_per_turn(broker: Any) -> None:
     assert (await sub.request("sub", topic="budget/#"))["op"] == "ok"
     writers = await asyncio.gather(*(_flood(broker, n) for n in range(FLOODS)))
     frames = [
-        b"".join(_frame({"op": "pub", "topic": f"budget/{n}", "data": i}) for i in range(EACH))
+        b"".join(
+            encode(orjson.dumps({"op": "pub", "topic": f"budget/{n}", "data": i}), mask=ZERO_KEY)
+            for i in range(EACH)
+        )
         for n in range(FLOODS)
     ]
     for writer, data in zip(writers, frames):  # one write each, all before any drains

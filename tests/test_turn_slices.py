@@ -5,27 +5,20 @@ The publishes still all land, in the order sent."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import os
 import re
 import urllib.request
 
 import orjson
 
+from broker.core.frames import encode
 from broker.server.app import _TURN_SLICE
 
-from .support import BrokerProcess, Peer
+from .support import BrokerProcess, Peer, raw_upgrade
+
+#: A client's masking key of zeros: the frames carry the JSON as it is.
+ZERO_KEY = bytes(4)
 
 COUNT = 600
-
-
-def _frame(payload: dict[str, object]) -> bytes:
-    """A masked (zero key) client text frame."""
-    data = orjson.dumps(payload)
-    n = len(data)
-    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + n.to_bytes(2, "big")
-    return head + b"\0\0\0\0" + data
 
 
 def _commit_batches(broker: BrokerProcess) -> dict[str, float]:
@@ -41,19 +34,12 @@ async def test_a_read_of_hundreds_of_publishes_is_committed_in_slices(
 ) -> None:
     sub = await Peer.open(broker.url, broker.token("reader"))
     assert (await sub.request("sub", topic="slices"))["op"] == "ok"
-    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {broker.token('flood')}\r\n\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert b" 101 " in head.split(b"\r\n", 1)[0], head
+    _, writer = await raw_upgrade(broker.port, broker.token("flood"), timeout=10)
     # All in one write (~20 KB): the broker reads it in one or a few reads.
-    frames = b"".join(_frame({"op": "pub", "topic": "slices", "data": i}) for i in range(COUNT))
+    frames = b"".join(
+        encode(orjson.dumps({"op": "pub", "topic": "slices", "data": i}), mask=ZERO_KEY)
+        for i in range(COUNT)
+    )
     writer.write(frames)
     await writer.drain()
     got = []
