@@ -1253,11 +1253,7 @@ class BrokerServer:
 
     def publish_hooked(self, topics: list[str]) -> bool:
         """Whether a publish to any of ``topics`` may ask the ``publish`` hook."""
-        return (
-            self._publish_hook
-            and self.hooks is not None
-            and any(self.namespaces.publish_hook(t) for t in topics)
-        )
+        return self._publish_hook and any(self.namespaces.publish_hook(t) for t in topics)
 
     async def check_publish(
         self, identity: Identity, topics: list[str], data: bytes, key: str | None

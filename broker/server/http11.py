@@ -229,15 +229,17 @@ class RequestReader:
                 self._stop()
                 raise _Stopped
             self.head = None
-        limit = self.max_size
-        if limit is not None and self._length > limit:
-            self._stop(413, f"body larger than the max message size ({limit} bytes)")
-            raise _Stopped
+        self._bound_body(self._length)
 
     def on_body(self, body: bytes) -> None:
         self._body += body
+        self._bound_body(len(self._body))
+
+    def _bound_body(self, size: int) -> None:
+        """Refuse the request (413) and end the feed when its body, ``size`` bytes
+        announced or read, is over ``max_size``."""
         limit = self.max_size
-        if limit is not None and len(self._body) > limit:
+        if limit is not None and size > limit:
             self._stop(413, f"body larger than the max message size ({limit} bytes)")
             raise _Stopped
 
